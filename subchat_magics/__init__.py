@@ -1,0 +1,53 @@
+"""subchat-magics: chat with LLMs as a tree of conversations, right in the IPython kernel.
+
+``%load_ext subchat_magics`` registers ``%%subchat``, ``%subchat``, ``%load_vllm`` and
+``%unload_vllm``. Loading is instant: backends and their SDKs are imported when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first use, so %load_ext stays instant)
+_LAZY = {
+    "ChatTree": "subchat_magics.tree",
+    "Chat": "subchat_magics.tree",
+    "Message": "subchat_magics.tree",
+    "open_tree": "subchat_magics.tree",
+    "Turn": "subchat_magics.turn",
+    "Session": "subchat_magics.session",
+    "default_session": "subchat_magics.session",
+    "SimpleLLMClient": "subchat_magics.client",
+    "Backend": "subchat_magics.backends.base",
+    "Finish": "subchat_magics.backends.base",
+    "GenerationOptions": "subchat_magics.backends.base",
+    "SubchatError": "subchat_magics.errors",
+    "register_vllm": "subchat_magics.backends.vllm",
+    "VLLMClient": "subchat_magics.backends.vllm",
+}
+
+__all__ = ["__version__", "load_ipython_extension", "unload_ipython_extension", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'subchat_magics' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    from .magics import load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    from .magics import unload
+
+    unload(ipython)

@@ -1,0 +1,155 @@
+"""The backend protocol.
+
+A backend takes plain ``[{"role", "content"}]`` messages and generation options and
+streams text deltas. It knows nothing of the chat tree or of IPython.
+
+To add one, subclass :class:`Backend`, implement :meth:`Backend.stream` (a generator
+that yields ``str`` deltas and, last, one :class:`Finish`), and register the class
+under the ``subchat_magics.backends`` entry-point group. Closing the generator
+(``gen.close()``, or an exception such as ``KeyboardInterrupt`` raised inside it)
+must stop the generation: close the HTTP stream, abort the engine request.
+"""
+
+from __future__ import annotations
+
+import threading
+import queue
+from dataclasses import dataclass, field, asdict
+from typing import Any, ClassVar, Iterable, Iterator, Sequence
+
+Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
+
+
+@dataclass
+class GenerationOptions:
+    """What to generate. ``None`` means "the backend's own default"."""
+
+    max_tokens: int = 1000
+    temperature: float = 0.0
+    top_p: float = 0.9
+    stop: list[str] | None = None
+    seed: int | None = None
+    model: str | None = None
+    think: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Finish:
+    """The last item of a stream: why it ended and what it cost."""
+
+    reason: str = "stop"  # "stop" | "length" | anything the backend reports
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v not in (None, {})}
+
+
+@dataclass
+class Availability:
+    ok: bool
+    reason: str
+
+
+BatchEvent = tuple  # (index, str | Finish | BaseException)
+
+
+class Backend:
+    """Base class of every backend. Subclasses set ``id`` and implement ``stream``."""
+
+    id: ClassVar[str] = ""
+    #: the optional extra that installs this backend's SDK (``pip install subchat-magics[extra]``)
+    extra: ClassVar[str | None] = None
+
+    def available(self) -> Availability:
+        """Whether ``auto`` selection may use this backend now, and why (not)."""
+        return Availability(True, "ready")
+
+    def default_model(self) -> str | None:
+        return None
+
+    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[str | Finish]:
+        raise NotImplementedError
+
+    def stream_batch(
+        self, requests: Sequence[tuple[Sequence[Message], GenerationOptions]]
+    ) -> Iterator[BatchEvent]:
+        """Several requests at once. Yields ``(index, item)`` where item is a delta,
+        the request's :class:`Finish`, or the exception that ended it.
+
+        The default runs the requests concurrently on threads (remote servers
+        batch on their side); backends with native batching override it."""
+        yield from run_concurrently(self, requests)
+
+    def close(self) -> None:
+        """Release clients, sockets, engines."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} id={self.id!r}>"
+
+
+_DONE = object()
+
+
+def run_concurrently(
+    backend: Backend,
+    requests: Sequence[tuple[Sequence[Message], GenerationOptions]],
+    max_workers: int = 8,
+) -> Iterator[BatchEvent]:
+    """Fan ``requests`` out over threads and merge their streams in arrival order.
+    Closing the returned generator closes every request's stream."""
+    events: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    pending = list(enumerate(requests))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while not stop.is_set():
+            with lock:
+                if not pending:
+                    break
+                index, (messages, options) = pending.pop(0)
+            gen = backend.stream(messages, options)
+            try:
+                for item in gen:
+                    if stop.is_set():
+                        break
+                    events.put((index, item))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                events.put((index, exc))
+            finally:
+                gen.close()
+        events.put(_DONE)
+
+    n = max(1, min(max_workers, len(requests)))
+    threads = [threading.Thread(target=worker, daemon=True, name=f"subchat-batch-{i}") for i in range(n)]
+    for t in threads:
+        t.start()
+    done = 0
+    try:
+        while done < n:
+            ev = events.get()
+            if ev is _DONE:
+                done += 1
+                continue
+            yield ev
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=5)
+
+
+def collect(items: Iterable[str | Finish]) -> tuple[str, Finish]:
+    """Drain a stream into ``(text, finish)`` (for tests and simple callers)."""
+    parts: list[str] = []
+    finish = Finish()
+    for item in items:
+        if isinstance(item, Finish):
+            finish = item
+        else:
+            parts.append(item)
+    return "".join(parts), finish

@@ -1,0 +1,49 @@
+"""The offline echo backend: deterministic, streams word by word, and shows what it
+was given, so that context inheritance is visible.
+
+Its reply is exactly ``echo (N messages): <last user message>`` where N counts the
+messages it received, system prompt included. ``max_tokens`` counts words.
+``SUBCHAT_ECHO_DELAY`` (seconds per word, default 0) slows it down for demos."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import Iterator, Sequence
+
+from .base import Backend, Finish, GenerationOptions, Message
+
+_WORDS = re.compile(r"\S+\s*|\s+")
+
+
+class EchoBackend(Backend):
+    id = "echo"
+
+    def __init__(self, delay: float | None = None):
+        if delay is None:
+            try:
+                delay = float(os.environ.get("SUBCHAT_ECHO_DELAY", "0") or 0)
+            except ValueError:
+                delay = 0.0
+        self.delay = max(0.0, delay)
+
+    def default_model(self) -> str:
+        return "echo"
+
+    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[str | Finish]:
+        last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        text = f"echo ({len(messages)} messages): {last_user}"
+        tokens = _WORDS.findall(text)
+        limit = options.max_tokens if options.max_tokens and options.max_tokens > 0 else len(tokens)
+        prompt_tokens = sum(len(m["content"].split()) for m in messages)
+        for tok in tokens[:limit]:
+            if self.delay:
+                time.sleep(self.delay)
+            yield tok
+        yield Finish(
+            reason="stop" if len(tokens) <= limit else "length",
+            model="echo",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=min(len(tokens), limit),
+        )

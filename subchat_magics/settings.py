@@ -1,0 +1,49 @@
+"""Where settings come from: the process environment first, then a ``.env`` file in the
+working directory (as in local development with python-dotenv). Values are read when
+needed, never copied into ``os.environ``, so a key in ``.env`` stays out of child
+processes and ``%env`` output."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_cache: dict[str, tuple[float, dict[str, str | None]]] = {}
+
+
+def dotenv_values_here() -> dict[str, str | None]:
+    path = Path.cwd() / ".env"
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return {}
+    key = str(path)
+    hit = _cache.get(key)
+    if hit and hit[0] == mtime:
+        return hit[1]
+    from dotenv import dotenv_values
+
+    values = dict(dotenv_values(path))
+    _cache[key] = (mtime, values)
+    return values
+
+
+def getenv(name: str, default: str | None = None) -> str | None:
+    """``os.environ[name]``, else the ``.env`` file's value, else ``default``.
+    Empty values count as unset."""
+    value = os.environ.get(name)
+    if value:
+        return value
+    value = dotenv_values_here().get(name)
+    if value:
+        return value
+    return default
+
+
+def where(name: str) -> str | None:
+    """Where a setting comes from: ``"environment"``, ``".env"`` or ``None``."""
+    if os.environ.get(name):
+        return "environment"
+    if dotenv_values_here().get(name):
+        return ".env"
+    return None

@@ -1,0 +1,325 @@
+"""The chat tree on disk: one SQLite file (stdlib ``sqlite3``).
+
+- ``PRAGMA application_id`` marks the file as ours; ``PRAGMA user_version`` is the schema
+  version, upgraded by :data:`MIGRATIONS` after a backup copy is made.
+- WAL journal and a busy timeout, so two kernels can share one tree.
+- Every write is one transaction; a file that is not a store is never written to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .errors import StoreError
+
+APPLICATION_ID = 0x53554243  # "SUBC"
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 10_000
+
+SCHEMA_V1 = """
+CREATE TABLE chats (
+    id            INTEGER PRIMARY KEY,
+    parent_id     INTEGER REFERENCES chats(id) ON DELETE CASCADE,
+    name          TEXT NOT NULL,
+    system_prompt TEXT,
+    fork_seq      INTEGER NOT NULL DEFAULT 0,
+    created_at    REAL NOT NULL,
+    UNIQUE (parent_id, name)
+);
+CREATE UNIQUE INDEX chats_one_root ON chats(name) WHERE parent_id IS NULL;
+CREATE TABLE messages (
+    id          INTEGER PRIMARY KEY,
+    chat_id     INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+    seq         INTEGER NOT NULL,
+    role        TEXT NOT NULL CHECK (role IN ('user', 'assistant', 'system')),
+    content     TEXT NOT NULL,
+    status      TEXT NOT NULL DEFAULT 'complete',
+    provenance  TEXT,
+    created_at  REAL NOT NULL,
+    UNIQUE (chat_id, seq)
+);
+"""
+
+# version N -> function upgrading a connection from N to N+1 (inside one transaction)
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+
+
+@dataclass
+class ChatRow:
+    id: int
+    parent_id: int | None
+    name: str
+    system_prompt: str | None
+    fork_seq: int
+    created_at: float
+
+
+@dataclass
+class MessageRow:
+    id: int
+    chat_id: int
+    seq: int
+    role: str
+    content: str
+    status: str
+    provenance: dict[str, Any]
+    created_at: float
+
+
+def _fix_hint(path: Path) -> str:
+    return (
+        "choose another file with the SUBCHAT_STORE environment variable or "
+        f"%config SubchatMagics.store_path = '...'; {path.name} was left untouched"
+    )
+
+
+class Store:
+    """A connection to one store file. Not shared across threads: use one per thread
+    (``Store(path)`` is cheap once the file exists)."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path).expanduser().resolve()
+        self._check_location()
+        # one connection may serve the kernel's thread and generation threads
+        self._lock = threading.RLock()
+        try:
+            self.conn = sqlite3.connect(
+                str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open chat store {self.path}: {exc}; {_fix_hint(self.path)}") from None
+        try:
+            self._prepare()
+        except StoreError:
+            self.conn.close()
+            raise
+        except sqlite3.DatabaseError as exc:
+            self.conn.close()
+            raise StoreError(
+                f"{self.path} is not a subchat-magics chat store ({exc}); {_fix_hint(self.path)}"
+            ) from None
+
+    # -- opening ------------------------------------------------------------------------
+    def _check_location(self) -> None:
+        p = self.path
+        if p.is_dir():
+            raise StoreError(f"chat store path {p} is a folder; give a file name, e.g. {p / 'subchats.db'}")
+        if p.exists():
+            if not os.access(p, os.R_OK):
+                raise StoreError(f"chat store {p} cannot be read (permissions); {_fix_hint(p)}")
+            if not os.access(p, os.W_OK) or not os.access(p.parent, os.W_OK):
+                raise StoreError(
+                    f"chat store {p} is read-only (the file or its folder cannot be written); "
+                    f"{_fix_hint(p)}"
+                )
+            return
+        if not p.parent.exists():
+            raise StoreError(f"folder {p.parent} for the chat store does not exist; create it or {_fix_hint(p)}")
+        if not os.access(p.parent, os.W_OK):
+            raise StoreError(
+                f"cannot create the chat store {p}: folder {p.parent} is read-only; "
+                "set SUBCHAT_STORE or %config SubchatMagics.store_path to a writable file"
+            )
+
+    def _prepare(self) -> None:
+        c = self.conn
+        c.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        app_id = c.execute("PRAGMA application_id").fetchone()[0]
+        version = c.execute("PRAGMA user_version").fetchone()[0]
+        tables = [r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        if app_id == 0 and not tables:
+            self._create()
+        elif app_id != APPLICATION_ID:
+            raise StoreError(
+                f"{self.path} is an SQLite file of another program (tables: "
+                f"{', '.join(tables[:5]) or 'none'}), not a subchat-magics chat store; {_fix_hint(self.path)}"
+            )
+        elif version > SCHEMA_VERSION:
+            raise StoreError(
+                f"chat store {self.path} has schema version {version}, newer than this "
+                f"subchat-magics understands ({SCHEMA_VERSION}); upgrade with "
+                "pip install -U subchat-magics, or use another store file"
+            )
+        elif version < SCHEMA_VERSION:
+            self._migrate(version)
+        c.execute("PRAGMA foreign_keys = ON")
+        mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":  # e.g. a file system without shared memory
+            c.execute("PRAGMA journal_mode = DELETE")
+        c.execute("PRAGMA synchronous = NORMAL")
+
+    def _create(self) -> None:
+        with self.transaction() as c:
+            # Re-check inside the write lock: another kernel may have created it meanwhile.
+            if c.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID:
+                return
+            for stmt in SCHEMA_V1.split(";"):
+                if stmt.strip():
+                    c.execute(stmt)
+            c.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _migrate(self, version: int) -> None:
+        backup = self.path.with_name(f"{self.path.name}.bak-v{version}")
+        try:
+            dst = sqlite3.connect(str(backup))
+            with dst:
+                self.conn.backup(dst)
+            dst.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot back up {self.path} to {backup} before upgrading it: {exc}") from None
+        with self.transaction() as c:
+            while version < SCHEMA_VERSION:
+                step = MIGRATIONS.get(version)
+                if step is None:
+                    raise StoreError(f"no migration from schema version {version} of {self.path}")
+                step(c)
+                version += 1
+                c.execute(f"PRAGMA user_version = {version}")
+
+    # -- transactions ----------------------------------------------------------------------
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT``; rolled back on any exception."""
+        with self._lock:
+            yield from self._transaction()
+
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        c = self.conn
+        for attempt in range(5):
+            try:
+                c.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc) or attempt == 4:
+                    raise self._wrap(exc) from None
+                time.sleep(0.05 * (attempt + 1))
+        try:
+            yield c
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        else:
+            try:
+                c.execute("COMMIT")
+            except sqlite3.Error as exc:
+                c.execute("ROLLBACK")
+                raise self._wrap(exc) from None
+
+    def _wrap(self, exc: sqlite3.Error) -> StoreError:
+        msg = str(exc)
+        if "readonly" in msg or "read-only" in msg:
+            return StoreError(f"chat store {self.path} is read-only; {_fix_hint(self.path)}")
+        if "full" in msg:
+            return StoreError(f"the disk holding {self.path} is full; free space or {_fix_hint(self.path)}")
+        return StoreError(f"chat store {self.path}: {msg}")
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits (PRAGMA data_version)."""
+        return self._read("PRAGMA data_version")[0][0]
+
+    # -- chats -------------------------------------------------------------------------------
+    def _read(self, sql: str, args: tuple | list = ()) -> list[tuple]:
+        with self._lock:
+            try:
+                return self.conn.execute(sql, args).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise self._wrap(exc) from None
+
+    def load_chats(self) -> list[ChatRow]:
+        rows = self._read(
+            "SELECT id, parent_id, name, system_prompt, fork_seq, created_at FROM chats ORDER BY id"
+        )
+        return [ChatRow(*r) for r in rows]
+
+    def message_counts(self) -> dict[int, int]:
+        return dict(self._read("SELECT chat_id, COUNT(*) FROM messages GROUP BY chat_id"))
+
+    def insert_chat(self, parent_id: int | None, name: str, system_prompt: str | None,
+                    fork_seq: int) -> ChatRow:
+        now = time.time()
+        try:
+            with self.transaction() as c:
+                cur = c.execute(
+                    "INSERT INTO chats (parent_id, name, system_prompt, fork_seq, created_at) VALUES (?,?,?,?,?)",
+                    (parent_id, name, system_prompt, fork_seq, now),
+                )
+                return ChatRow(cur.lastrowid, parent_id, name, system_prompt, fork_seq, now)
+        except sqlite3.IntegrityError:
+            rows = self._read(
+                "SELECT id, parent_id, name, system_prompt, fork_seq, created_at FROM chats "
+                "WHERE name = ? AND parent_id IS ?", (name, parent_id))
+            if not rows:
+                raise
+            return ChatRow(*rows[0])
+
+    def update_chat(self, chat_id: int, **fields: Any) -> None:
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        with self.transaction() as c:
+            c.execute(f"UPDATE chats SET {cols} WHERE id = ?", (*fields.values(), chat_id))
+
+    def delete_chat(self, chat_id: int) -> None:
+        with self.transaction() as c:
+            c.execute("DELETE FROM chats WHERE id = ?", (chat_id,))
+
+    # -- messages ----------------------------------------------------------------------------
+    def append_message(self, chat_id: int, role: str, content: str, status: str = "complete",
+                       provenance: dict[str, Any] | None = None) -> MessageRow:
+        now = time.time()
+        prov = json.dumps(provenance, sort_keys=True) if provenance else None
+        with self.transaction() as c:
+            seq = c.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE chat_id = ?",
+                            (chat_id,)).fetchone()[0]
+            cur = c.execute(
+                "INSERT INTO messages (chat_id, seq, role, content, status, provenance, created_at) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (chat_id, seq, role, content, status, prov, now),
+            )
+        return MessageRow(cur.lastrowid, chat_id, seq, role, content, status, provenance or {}, now)
+
+    def messages(self, chat_id: int, limit: int | None = None) -> list[MessageRow]:
+        sql = ("SELECT id, chat_id, seq, role, content, status, provenance, created_at FROM messages "
+               "WHERE chat_id = ? ")
+        args: tuple = (chat_id,)
+        if limit is not None:
+            sql += "AND seq < ? "
+            args = (chat_id, limit)
+        sql += "ORDER BY seq"
+        return [self._msg(r) for r in self._read(sql, args)]
+
+    def messages_of(self, chat_ids: list[int]) -> dict[int, list[MessageRow]]:
+        """Messages of several chats in one query (context assembly)."""
+        out: dict[int, list[MessageRow]] = {i: [] for i in chat_ids}
+        for start in range(0, len(chat_ids), 500):
+            part = chat_ids[start:start + 500]
+            marks = ",".join("?" * len(part))
+            for r in self._read(
+                "SELECT id, chat_id, seq, role, content, status, provenance, created_at FROM messages "
+                f"WHERE chat_id IN ({marks}) ORDER BY chat_id, seq", part):
+                out[r[1]].append(self._msg(r))
+        return out
+
+    def message_count(self, chat_id: int) -> int:
+        return self._read("SELECT COUNT(*) FROM messages WHERE chat_id = ?", (chat_id,))[0][0]
+
+    @staticmethod
+    def _msg(r: tuple) -> MessageRow:
+        return MessageRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else {}, r[7])
+
+    def integrity_ok(self) -> bool:
+        return self._read("PRAGMA integrity_check")[0][0] == "ok"
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except sqlite3.Error:
+            pass

@@ -1,0 +1,416 @@
+"""The chat tree: chats addressed by path (``root``, ``root/physics``, ``root/physics/units``),
+their messages, and the context a backend sees. No IPython, no widgets in here.
+
+A subchat branches from its parent at the parent's message count when it was made
+(``fork_seq``) and inherits the path's messages from the root down to that point. Its
+context is: the nearest system prompt on the path (a chat's own replaces its
+ancestors'), then those inherited messages, then the chat's own messages.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .errors import ChatNotFound, InvalidInput
+from .store import ChatRow, MessageRow, Store
+
+ROOT = "root"
+_SEGMENT = re.compile(r"^[\w.\-]{1,100}$")
+DEFAULT_STORE = "subchats.db"
+
+
+def default_store_path() -> Path:
+    """``$SUBCHAT_STORE``, else ``./subchats.db`` in the working directory."""
+    from .settings import getenv
+
+    return Path(getenv("SUBCHAT_STORE") or DEFAULT_STORE).expanduser()
+
+
+def normalize_path(path: str | None) -> str:
+    """``root/a/b`` stays; ``a/b`` and ``/a/b`` mean ``root/a/b``. Segments are letters,
+    digits, ``_``, ``-`` and ``.``."""
+    if path is None:
+        raise InvalidInput("no chat path given")
+    p = str(path).strip().strip("/")
+    if not p or p == ROOT:
+        return ROOT
+    parts = p.split("/")
+    if parts[0] != ROOT:
+        parts.insert(0, ROOT)
+    for seg in parts[1:]:
+        if not _SEGMENT.match(seg) or seg in (".", ".."):
+            raise InvalidInput(
+                f"bad chat path {str(path)[:80]!r}: each part must be 1-100 letters, digits, "
+                "'_', '-' or '.', separated by '/', e.g. root/physics/units"
+            )
+    return "/".join(parts)
+
+
+@dataclass
+class Message:
+    """One stored message. ``status`` is ``complete``, ``interrupted`` or ``error``;
+    ``provenance`` holds backend, model, token counts, ttft, duration, finish_reason."""
+
+    role: str
+    content: str
+    status: str = "complete"
+    provenance: dict[str, Any] = field(default_factory=dict)
+    seq: int = 0
+    id: int | None = None
+    created_at: float | None = None
+
+    @classmethod
+    def from_row(cls, r: MessageRow) -> "Message":
+        return cls(r.role, r.content, r.status, r.provenance, r.seq, r.id, r.created_at)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.provenance.get("finish_reason")
+
+    def as_chat(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+class Chat:
+    """A handle on one chat of a :class:`ChatTree`."""
+
+    def __init__(self, tree: "ChatTree", row: ChatRow, path: str):
+        self.tree = tree
+        self.id = row.id
+        self.path = path
+        self._row = row
+
+    @property
+    def name(self) -> str:
+        return self._row.name
+
+    @property
+    def system_prompt(self) -> str | None:
+        return self._row.system_prompt
+
+    @property
+    def fork_seq(self) -> int:
+        return self._row.fork_seq
+
+    @property
+    def parent(self) -> "Chat | None":
+        return self.tree._by_id.get(self._row.parent_id) if self._row.parent_id else None
+
+    @property
+    def children(self) -> list["Chat"]:
+        return self.tree.children(self)
+
+    @property
+    def messages(self) -> list[Message]:
+        """This chat's own messages (not the inherited ones)."""
+        return [Message.from_row(r) for r in self.tree.store.messages(self.id)]
+
+    def context(self) -> list[dict[str, str]]:
+        return self.tree.context(self)
+
+    def send(self, text: str, **kwargs: Any):
+        return self.tree.send(self, text, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Chat {self.path}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Chat) and other.id == self.id and other.tree is self.tree
+
+    def __hash__(self) -> int:
+        return hash((id(self.tree), self.id))
+
+
+Listener = Callable[[str, dict[str, Any]], None]
+
+
+class ChatTree:
+    """The whole tree, backed by a :class:`Store`. Chats are indexed in memory (a few MB
+    for 10,000 chats); messages are read from the store when needed. Changes made by
+    another process are picked up when the store's data version moves."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None):
+        self.path = Path(path).expanduser() if path is not None else default_store_path()
+        self.store = Store(self.path)
+        self._lock = threading.RLock()
+        self._listeners: list[Listener] = []
+        self._version = -1
+        self._by_id: dict[int, Chat] = {}
+        self._by_path: dict[str, Chat] = {}
+        self._children: dict[int | None, list[int]] = {}
+        self.refresh(force=True)
+        if ROOT not in self._by_path:
+            self.store.insert_chat(None, ROOT, None, 0)
+            self.refresh(force=True)
+
+    # -- index -------------------------------------------------------------------------------
+    def refresh(self, force: bool = False) -> bool:
+        """Reload the chat index if another connection changed the store. True if reloaded."""
+        with self._lock:
+            version = self.store.data_version()
+            if not force and version == self._version:
+                return False
+            rows = self.store.load_chats()
+            by_id: dict[int, ChatRow] = {r.id: r for r in rows}
+            children: dict[int | None, list[int]] = {}
+            for r in rows:
+                children.setdefault(r.parent_id, []).append(r.id)
+            paths: dict[int, str] = {}
+
+            def path_of(cid: int) -> str:
+                chain = []
+                cur: int | None = cid
+                while cur is not None and cur not in paths:
+                    chain.append(cur)
+                    cur = by_id[cur].parent_id
+                base = paths[cur] if cur is not None else None
+                for c in reversed(chain):
+                    base = by_id[c].name if base is None else f"{base}/{by_id[c].name}"
+                    paths[c] = base
+                return paths[cid]
+
+            old = self._by_id
+            self._by_id, self._by_path = {}, {}
+            for r in rows:
+                p = path_of(r.id)
+                chat = old.get(r.id)
+                if chat is None:
+                    chat = Chat(self, r, p)
+                else:
+                    chat._row, chat.path = r, p
+                self._by_id[r.id] = chat
+                self._by_path[p] = chat
+            self._children = children
+            self._version = version
+            return True
+
+    def _maybe_refresh(self) -> None:
+        if self.store.data_version() != self._version:
+            self.refresh()
+
+    def _after_write(self) -> None:
+        # our own commits do not move data_version for our connection; re-read the index
+        self.refresh(force=True)
+
+    # -- listeners (the live widget) --------------------------------------------------------
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener(event, data)`` on ``chat-created``, ``chat-deleted``,
+        ``chat-renamed``, ``message``, ``reply-start``, ``reply-delta``, ``reply-end``.
+        Returns the unsubscribe function."""
+        with self._lock:
+            self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def emit(self, event: str, **data: Any) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event, data)
+            except Exception:  # noqa: BLE001 - a broken view must not break a reply
+                pass
+
+    # -- chats -------------------------------------------------------------------------------
+    @property
+    def root(self) -> Chat:
+        return self.get(ROOT)
+
+    def __contains__(self, path: str) -> bool:
+        try:
+            self.get(path)
+            return True
+        except (ChatNotFound, InvalidInput):
+            return False
+
+    def get(self, path: "str | Chat") -> Chat:
+        """The chat at ``path``; :class:`ChatNotFound` if there is none."""
+        if isinstance(path, Chat):
+            return path
+        p = normalize_path(path)
+        with self._lock:
+            self._maybe_refresh()
+            chat = self._by_path.get(p)
+        if chat is None:
+            raise ChatNotFound(f"no chat {p!r}; create it with %%subchat {p} (its parent must exist)")
+        return chat
+
+    def chats(self) -> list[Chat]:
+        """All chats, parents before children, siblings in creation order."""
+        with self._lock:
+            self._maybe_refresh()
+            out: list[Chat] = []
+            stack = [self._by_path[ROOT].id] if ROOT in self._by_path else []
+            while stack:
+                cid = stack.pop()
+                out.append(self._by_id[cid])
+                stack.extend(reversed(self._children.get(cid, [])))
+            return out
+
+    def children(self, chat: "str | Chat") -> list[Chat]:
+        chat = self.get(chat)
+        with self._lock:
+            return [self._by_id[c] for c in self._children.get(chat.id, [])]
+
+    def create(self, path: str, system_prompt: str | None = None) -> Chat:
+        """Create the chat at ``path`` as a child of its parent path, branching at the
+        parent's current last message. Its parent must exist."""
+        p = normalize_path(path)
+        if p == ROOT:
+            raise InvalidInput("'root' always exists; name a subchat, e.g. root/topic")
+        parent_path, _, name = p.rpartition("/")
+        with self._lock:
+            if p in self._by_path:
+                raise InvalidInput(f"chat {p!r} already exists")
+            try:
+                parent = self.get(parent_path)
+            except ChatNotFound:
+                raise ChatNotFound(
+                    f"cannot create {p!r}: its parent {parent_path!r} does not exist; "
+                    f"create the parent first (%%subchat {parent_path}) or branch from an existing chat"
+                ) from None
+            fork = self.store.message_count(parent.id)
+            row = self.store.insert_chat(parent.id, name, system_prompt, fork)
+            self._after_write()
+            chat = self._by_id[row.id]
+        self.emit("chat-created", path=chat.path)
+        return chat
+
+    def ensure(self, path: str, system_prompt: str | None = None) -> Chat:
+        """The chat at ``path``, created (under an existing parent) if missing."""
+        try:
+            return self.get(path)
+        except ChatNotFound:
+            return self.create(path, system_prompt)
+
+    def set_system_prompt(self, chat: "str | Chat", system_prompt: str | None) -> None:
+        chat = self.get(chat)
+        self.store.update_chat(chat.id, system_prompt=system_prompt or None)
+        self._after_write()
+
+    def rename(self, chat: "str | Chat", new_name: str) -> Chat:
+        chat = self.get(chat)
+        if chat.path == ROOT:
+            raise InvalidInput("the root chat cannot be renamed")
+        new_path = normalize_path(f"{chat.path.rpartition('/')[0]}/{new_name}")
+        if new_path.count("/") != chat.path.count("/"):
+            raise InvalidInput(f"a new name is one path part, not {new_name!r}")
+        if new_path in self:
+            raise InvalidInput(f"chat {new_path!r} already exists")
+        old = chat.path
+        self.store.update_chat(chat.id, name=new_path.rpartition("/")[2])
+        self._after_write()
+        self.emit("chat-renamed", old=old, path=new_path)
+        return self._by_id[chat.id]
+
+    def delete(self, chat: "str | Chat", force: bool = False) -> list[str]:
+        """Delete a chat; one with subchats needs ``force=True``. Deleting ``root`` with
+        ``force`` empties the tree. Returns the deleted paths."""
+        chat = self.get(chat)
+        gone = [c.path for c in self.subtree(chat)]
+        if len(gone) > 1 and not force:
+            raise InvalidInput(
+                f"chat {chat.path!r} has {len(gone) - 1} subchat(s); "
+                f"%subchat delete {chat.path} --force deletes them all"
+            )
+        self.store.delete_chat(chat.id)
+        if chat.path == ROOT:
+            self.store.insert_chat(None, ROOT, None, 0)
+        self._after_write()
+        self.emit("chat-deleted", paths=gone)
+        return gone
+
+    def subtree(self, chat: "str | Chat") -> list[Chat]:
+        chat = self.get(chat)
+        out, stack = [], [chat.id]
+        with self._lock:
+            while stack:
+                cid = stack.pop()
+                out.append(self._by_id[cid])
+                stack.extend(reversed(self._children.get(cid, [])))
+        return out
+
+    def lineage(self, chat: "str | Chat") -> list[Chat]:
+        """Chats from the root down to ``chat``."""
+        chat = self.get(chat)
+        chain = [chat]
+        while chain[-1].parent is not None:
+            chain.append(chain[-1].parent)
+        return chain[::-1]
+
+    # -- messages ----------------------------------------------------------------------------
+    def system_prompt_for(self, chat: "str | Chat") -> str | None:
+        for c in reversed(self.lineage(chat)):
+            if c.system_prompt:
+                return c.system_prompt
+        return None
+
+    def history(self, chat: "str | Chat") -> list[Message]:
+        """The messages on the path from the root to ``chat``: each ancestor's up to the
+        point where the next chat down branched off, then the chat's own."""
+        chain = self.lineage(chat)
+        rows = self.store.messages_of([c.id for c in chain])
+        out: list[Message] = []
+        for i, c in enumerate(chain):
+            limit = chain[i + 1].fork_seq if i + 1 < len(chain) else None
+            for r in rows[c.id]:
+                if limit is not None and r.seq >= limit:
+                    break
+                out.append(Message.from_row(r))
+        return out
+
+    def context(self, chat: "str | Chat", new_user_message: str | None = None) -> list[dict[str, str]]:
+        """The messages a backend is sent for ``chat``: system prompt first, then the
+        inherited and own messages (empty cut replies left out), then the new message."""
+        msgs: list[dict[str, str]] = []
+        system = self.system_prompt_for(chat)
+        if system:
+            msgs.append({"role": "system", "content": system})
+        hist = self.history(chat)
+        for i, m in enumerate(hist):
+            if m.role == "assistant" and not m.content:
+                continue  # a reply that failed or was stopped before its first token
+            if m.role == "user" and i + 1 < len(hist):
+                nxt = hist[i + 1]
+                if nxt.role == "assistant" and not nxt.content and nxt.status != "complete":
+                    continue  # ...and the prompt it never answered (retried later)
+            msgs.append(m.as_chat())
+        if new_user_message is not None:
+            msgs.append({"role": "user", "content": new_user_message})
+        return msgs
+
+    def append(self, chat: "str | Chat", role: str, content: str, status: str = "complete",
+               provenance: dict[str, Any] | None = None) -> Message:
+        chat = self.get(chat)
+        row = self.store.append_message(chat.id, role, content, status, provenance)
+        msg = Message.from_row(row)
+        self.emit("message", path=chat.path, message=msg)
+        return msg
+
+    # -- sending -----------------------------------------------------------------------------
+    def send(self, chat: "str | Chat", text: str, **kwargs: Any):
+        """Start a turn: ``for delta in tree.send("root", "hi"): ...``; then
+        ``turn.reply`` is the stored reply. See :class:`subchat_magics.turn.Turn`."""
+        from .turn import Turn
+
+        return Turn(self, self.ensure(chat) if isinstance(chat, str) else chat, text, **kwargs)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __repr__(self) -> str:
+        return f"<ChatTree {self.path} ({len(self._by_id)} chats)>"
+
+
+def open_tree(path: str | os.PathLike[str] | None = None) -> ChatTree:
+    """Open (or create) the chat tree stored at ``path`` (default: ``$SUBCHAT_STORE``
+    or ``./subchats.db``)."""
+    return ChatTree(path)

@@ -1,0 +1,200 @@
+"""One exchange: a user message sent into a chat and the reply streamed back.
+
+``Turn`` is an iterator of text deltas. The user message and the reply are committed to
+the store; a reply that is cut (interrupt, error, closed early) is kept with what
+arrived and marked. Under ``auto`` a backend that fails before its first token is
+passed over for the next one, and the reply's provenance says so."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, Iterator
+
+from .backends.base import Backend, Finish, GenerationOptions
+from .backends.registry import Selection, registry
+from .errors import BackendError, InvalidInput, SubchatError
+from .secrets import redact
+
+if TYPE_CHECKING:
+    from .tree import Chat, ChatTree, Message
+
+
+def _options(options: GenerationOptions | None, overrides: dict[str, Any]) -> GenerationOptions:
+    opts = GenerationOptions(**asdict(options)) if options else GenerationOptions()
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if not hasattr(opts, k):
+            raise TypeError(f"unknown generation option {k!r}")
+        setattr(opts, k, v)
+    validate_options(opts)
+    return opts
+
+
+def validate_options(opts: GenerationOptions) -> None:
+    if not isinstance(opts.max_tokens, int) or opts.max_tokens < 1:
+        raise InvalidInput(f"max tokens must be a whole number >= 1, not {opts.max_tokens!r}")
+    if not (0.0 <= float(opts.temperature) <= 2.0):
+        raise InvalidInput(f"temperature must be between 0 and 2, not {opts.temperature!r}")
+    if not (0.0 < float(opts.top_p) <= 1.0):
+        raise InvalidInput(f"top_p must be in (0, 1], not {opts.top_p!r}")
+
+
+def select(backend: "str | Backend | Selection | None") -> Selection:
+    if isinstance(backend, Selection):
+        return backend
+    if isinstance(backend, Backend):
+        return Selection(backend.id, [backend])
+    return registry().select(backend or "auto")
+
+
+class Turn:
+    """Iterate to stream the reply's deltas; afterwards ``reply`` is the stored
+    :class:`~subchat_magics.tree.Message` and ``text`` its content.
+
+    ``backend`` is a backend id (``"auto"`` by default), a :class:`Backend`, or a
+    prepared :class:`Selection`. Other keyword arguments are generation options
+    (``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``, ``model``, ``think``)."""
+
+    def __init__(self, tree: "ChatTree", chat: "Chat", text: str, *,
+                 backend: "str | Backend | Selection | None" = None,
+                 options: GenerationOptions | None = None, **overrides: Any):
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidInput("the message is empty; write the prompt in the cell body")
+        self.tree = tree
+        self.chat = chat
+        self.prompt = text
+        self.options = _options(options, overrides)
+        self.selection = select(backend)
+        self.messages = tree.context(chat, text)
+        self.parts: list[str] = []
+        self.notes: list[str] = []
+        self.reply: "Message | None" = None
+        self.user_message: "Message | None" = None
+        self.error: BaseException | None = None
+        self.backend: Backend | None = None
+        self.finish: Finish | None = None
+        self._cancel = threading.Event()
+        self._started = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    @property
+    def done(self) -> bool:
+        return self.reply is not None
+
+    def cancel(self) -> None:
+        """Ask the streaming thread to stop at the next delta (the widget's Stop)."""
+        self._cancel.set()
+
+    def run(self) -> "Message":
+        """Stream to the end without looking at the deltas."""
+        for _ in self:
+            pass
+        assert self.reply is not None
+        return self.reply
+
+    def __iter__(self) -> Iterator[str]:
+        if self._started:
+            raise SubchatError("a turn can be iterated only once")
+        self._started = True
+        return self._stream()
+
+    def _open(self) -> tuple[Iterator, Any, float]:
+        """Start the first candidate backend that yields something (under ``auto``)."""
+        candidates = list(self.selection.candidates)
+        last_exc: BaseException | None = None
+        for i, backend in enumerate(candidates):
+            self.backend = backend
+            t0 = time.perf_counter()
+            gen = backend.stream(self.messages, self.options)
+            try:
+                first = next(gen)
+            except StopIteration:
+                return iter(()), None, t0
+            except BackendError as exc:
+                gen.close()
+                last_exc = exc
+                if self.selection.explicit or i == len(candidates) - 1:
+                    raise
+                nxt = candidates[i + 1].id
+                self.notes.append(f"{backend.id} failed before its first token ({redact(str(exc))}); used {nxt}")
+                continue
+            return gen, first, t0
+        raise last_exc or BackendError("no backend is available")
+
+    def _stream(self) -> Iterator[str]:
+        tree, chat = self.tree, self.chat
+        self.user_message = tree.append(chat, "user", self.prompt)
+        tree.emit("reply-start", path=chat.path, turn=self)
+        status, finish_reason = "complete", "stop"
+        ttft: float | None = None
+        t0 = time.perf_counter()
+        gen = None
+        try:
+            gen, first, t0 = self._open()
+            item = first
+            while item is not None:
+                if isinstance(item, Finish):
+                    self.finish = item
+                elif item:
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    self.parts.append(item)
+                    tree.emit("reply-delta", path=chat.path, turn=self, delta=item)
+                    yield item
+                if self._cancel.is_set():
+                    raise KeyboardInterrupt
+                item = next(gen, None)
+            if self.finish is not None:
+                finish_reason = self.finish.reason or "stop"
+        except (KeyboardInterrupt, GeneratorExit) as exc:
+            status, finish_reason = "interrupted", "interrupted"
+            self.error = exc
+            raise
+        except BackendError as exc:
+            status = "error"
+            finish_reason = f"error: {getattr(exc, 'reason', 'backend')}"
+            self.error = exc
+            raise BackendError(redact(str(exc)), reason=exc.reason) from None
+        except SubchatError as exc:
+            status, finish_reason = "error", f"error: {type(exc).__name__}"
+            self.error = exc
+            raise
+        except Exception as exc:  # a backend bug or an SDK error it did not map
+            status, finish_reason = "error", f"error: {type(exc).__name__}"
+            self.error = exc
+            name = self.backend.id if self.backend else "backend"
+            raise BackendError(
+                redact(f"{name} failed: {type(exc).__name__}: {exc}"), reason="backend"
+            ) from None
+        finally:
+            if gen is not None:
+                gen.close()
+            self._store(status, finish_reason, ttft, time.perf_counter() - t0)
+
+    def _store(self, status: str, finish_reason: str, ttft: float | None, duration: float) -> None:
+        f = self.finish or Finish()
+        prov: dict[str, Any] = {
+            "backend": self.backend.id if self.backend else None,
+            "model": f.model or (self.backend.default_model() if self.backend else None),
+            "prompt_tokens": f.prompt_tokens,
+            "completion_tokens": f.completion_tokens,
+            "cached_tokens": f.cached_tokens,
+            "ttft_s": round(ttft, 6) if ttft is not None else None,
+            "duration_s": round(duration, 6),
+            "finish_reason": finish_reason,
+        }
+        if status == "error" and self.error is not None:
+            prov["error"] = redact(str(self.error))[:500]
+        if self.notes:
+            prov["notes"] = list(self.notes)
+        if f.extra:
+            prov.update({k: v for k, v in f.extra.items() if k not in prov})
+        prov = {k: v for k, v in prov.items() if v is not None}
+        self.reply = self.tree.append(self.chat, "assistant", self.text, status, prov)
+        self.tree.emit("reply-end", path=self.chat.path, turn=self, message=self.reply)
