@@ -9,6 +9,13 @@ import os
 from pathlib import Path
 
 _cache: dict[str, tuple[float, dict[str, str | None]]] = {}
+# keys entered with %subchat key: this process only, never in os.environ (so %env,
+# child processes and saved notebooks never see them)
+_secrets: dict[str, str] = {}
+
+
+def set_secret(name: str, value: str) -> None:
+    _secrets[name] = value
 
 
 def dotenv_values_here() -> dict[str, str | None]:
@@ -30,7 +37,9 @@ def dotenv_values_here() -> dict[str, str | None]:
 
 def getenv(name: str, default: str | None = None) -> str | None:
     """``os.environ[name]``, else the ``.env`` file's value, else ``default``.
-    Empty values count as unset."""
+    Empty values count as unset. Keys entered with ``%subchat key`` come first."""
+    if name in _secrets:
+        return _secrets[name]
     value = os.environ.get(name)
     if value:
         return value
@@ -41,7 +50,9 @@ def getenv(name: str, default: str | None = None) -> str | None:
 
 
 def where(name: str) -> str | None:
-    """Where a setting comes from: ``"environment"``, ``".env"`` or ``None``."""
+    """Where a setting comes from: ``"%subchat key"``, ``"environment"``, ``".env"`` or ``None``."""
+    if name in _secrets:
+        return "%subchat key"
     if os.environ.get(name):
         return "environment"
     if dotenv_values_here().get(name):

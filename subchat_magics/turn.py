@@ -60,7 +60,8 @@ class Turn:
 
     def __init__(self, tree: "ChatTree", chat: "Chat", text: str, *,
                  backend: "str | Backend | Selection | None" = None,
-                 options: GenerationOptions | None = None, **overrides: Any):
+                 options: GenerationOptions | None = None, default_system: str | None = None,
+                 **overrides: Any):
         if not isinstance(text, str) or not text.strip():
             raise InvalidInput("the message is empty; write the prompt in the cell body")
         self.tree = tree
@@ -69,6 +70,8 @@ class Turn:
         self.options = _options(options, overrides)
         self.selection = select(backend)
         self.messages = tree.context(chat, text)
+        if default_system and self.messages[0]["role"] != "system":
+            self.messages.insert(0, {"role": "system", "content": default_system})
         self.parts: list[str] = []
         self.notes: list[str] = []
         self.reply: "Message | None" = None
@@ -127,57 +130,70 @@ class Turn:
             return gen, first, t0
         raise last_exc or BackendError("no backend is available")
 
+    def _begin(self) -> None:
+        self.user_message = self.tree.append(self.chat, "user", self.prompt)
+        self.tree.emit("reply-start", path=self.chat.path, turn=self)
+        self._t0 = time.perf_counter()
+        self._ttft: float | None = None
+
+    def _feed(self, item: "str | Finish") -> str | None:
+        """Take one item of the backend's stream; returns the delta to show, if any."""
+        if isinstance(item, Finish):
+            self.finish = item
+            self.notes.extend(item.extra.get("notes", ()))
+            return None
+        if not item:
+            return None
+        if self._ttft is None:
+            self._ttft = time.perf_counter() - self._t0
+        self.parts.append(item)
+        self.tree.emit("reply-delta", path=self.chat.path, turn=self, delta=item)
+        return item
+
+    def _fail(self, exc: BaseException) -> tuple[str, str, BaseException]:
+        """Status, finish reason and the exception to raise for ``exc``."""
+        self.error = exc
+        if isinstance(exc, (KeyboardInterrupt, GeneratorExit)):
+            return "interrupted", "interrupted", exc
+        if isinstance(exc, BackendError):
+            return "error", f"error: {exc.reason}", BackendError(redact(str(exc)), reason=exc.reason)
+        if isinstance(exc, SubchatError):
+            return "error", f"error: {type(exc).__name__}", exc
+        name = self.backend.id if self.backend else "backend"
+        return "error", f"error: {type(exc).__name__}", BackendError(
+            redact(f"{name} failed: {type(exc).__name__}: {exc}"), reason="backend")
+
+    def _end(self, status: str = "complete", finish_reason: str | None = None) -> None:
+        if finish_reason is None:
+            finish_reason = (self.finish.reason if self.finish else None) or "stop"
+        self._store(status, finish_reason, self._ttft, time.perf_counter() - self._t0)
+
     def _stream(self) -> Iterator[str]:
-        tree, chat = self.tree, self.chat
-        self.user_message = tree.append(chat, "user", self.prompt)
-        tree.emit("reply-start", path=chat.path, turn=self)
-        status, finish_reason = "complete", "stop"
-        ttft: float | None = None
-        t0 = time.perf_counter()
+        self._begin()
         gen = None
+        status, reason = "complete", None
         try:
-            gen, first, t0 = self._open()
-            item = first
+            gen, item, self._t0 = self._open()
             while item is not None:
-                if isinstance(item, Finish):
-                    self.finish = item
-                elif item:
-                    if ttft is None:
-                        ttft = time.perf_counter() - t0
-                    self.parts.append(item)
-                    tree.emit("reply-delta", path=chat.path, turn=self, delta=item)
-                    yield item
+                delta = self._feed(item)
+                if delta:
+                    yield delta
                 if self._cancel.is_set():
                     raise KeyboardInterrupt
                 item = next(gen, None)
-            if self.finish is not None:
-                finish_reason = self.finish.reason or "stop"
-        except (KeyboardInterrupt, GeneratorExit) as exc:
-            status, finish_reason = "interrupted", "interrupted"
-            self.error = exc
-            raise
-        except BackendError as exc:
-            status = "error"
-            finish_reason = f"error: {getattr(exc, 'reason', 'backend')}"
-            self.error = exc
-            raise BackendError(redact(str(exc)), reason=exc.reason) from None
-        except SubchatError as exc:
-            status, finish_reason = "error", f"error: {type(exc).__name__}"
-            self.error = exc
-            raise
-        except Exception as exc:  # a backend bug or an SDK error it did not map
-            status, finish_reason = "error", f"error: {type(exc).__name__}"
-            self.error = exc
-            name = self.backend.id if self.backend else "backend"
-            raise BackendError(
-                redact(f"{name} failed: {type(exc).__name__}: {exc}"), reason="backend"
-            ) from None
+        except BaseException as exc:
+            status, reason, to_raise = self._fail(exc)
+            if to_raise is exc:
+                raise
+            raise to_raise from None
         finally:
             if gen is not None:
                 gen.close()
-            self._store(status, finish_reason, ttft, time.perf_counter() - t0)
+            self._end(status, reason)
 
     def _store(self, status: str, finish_reason: str, ttft: float | None, duration: float) -> None:
+        if self.reply is not None:
+            return
         f = self.finish or Finish()
         prov: dict[str, Any] = {
             "backend": self.backend.id if self.backend else None,
@@ -198,3 +214,75 @@ class Turn:
         prov = {k: v for k, v in prov.items() if v is not None}
         self.reply = self.tree.append(self.chat, "assistant", self.text, status, prov)
         self.tree.emit("reply-end", path=self.chat.path, turn=self, message=self.reply)
+
+
+class Fanout:
+    """The same message sent into several sibling chats at once, through the backend's
+    batch entry point (vLLM batches them natively; others run concurrently).
+
+    Iterate for ``(index, delta)`` events; ``turns[i]`` holds each sibling's reply."""
+
+    def __init__(self, turns: list[Turn]):
+        if not turns:
+            raise InvalidInput("fan-out needs at least one subchat")
+        self.turns = turns
+        self.selection = turns[0].selection
+        self.backend: Backend | None = None
+        self._cancel = threading.Event()
+        self._started = False
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def run(self) -> list["Message"]:
+        for _ in self:
+            pass
+        return [t.reply for t in self.turns]  # type: ignore[misc]
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        if self._started:
+            raise SubchatError("a fan-out can be iterated only once")
+        self._started = True
+        return self._stream()
+
+    def _stream(self) -> Iterator[tuple[int, str]]:
+        backend = self.selection.candidates[0] if self.selection.candidates else None
+        if backend is None:
+            raise BackendError("no backend is available")
+        self.backend = backend
+        for t in self.turns:
+            t.backend = backend
+            t._started = True
+            t._begin()
+        open_ = set(range(len(self.turns)))
+        gen = backend.stream_batch([(t.messages, t.options) for t in self.turns])
+        first_error: BaseException | None = None
+        try:
+            for index, item in gen:
+                turn = self.turns[index]
+                if isinstance(item, BaseException):
+                    status, reason, to_raise = turn._fail(item)
+                    turn._end(status, reason)
+                    open_.discard(index)
+                    first_error = first_error or to_raise
+                    continue
+                delta = turn._feed(item)
+                if isinstance(item, Finish):
+                    turn._end()
+                    open_.discard(index)
+                elif delta:
+                    yield index, delta
+                if self._cancel.is_set():
+                    raise KeyboardInterrupt
+        except BaseException as exc:
+            for i in sorted(open_):
+                status, reason, _ = self.turns[i]._fail(exc)
+                self.turns[i]._end(status, reason)
+            open_.clear()
+            raise
+        finally:
+            gen.close()
+            for i in sorted(open_):  # a stream that ended without its Finish
+                self.turns[i]._end()
+        if first_error is not None:
+            raise first_error

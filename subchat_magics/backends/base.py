@@ -12,9 +12,9 @@ must stop the generation: close the HTTP stream, abort the engine request.
 
 from __future__ import annotations
 
-import threading
 import queue
-from dataclasses import dataclass, field, asdict
+import threading
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Iterable, Iterator, Sequence
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}

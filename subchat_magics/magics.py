@@ -1,0 +1,564 @@
+"""The IPython layer: ``%%subchat`` and ``%subchat``. Parse arguments, call the core,
+display. Every :class:`SubchatError` becomes a one-line ``UsageError``."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import (
+    MagicArgumentParser,
+    argument,
+    magic_arguments,
+)
+from traitlets import Bool, Enum, Float, Int, TraitError, Unicode, observe, validate
+
+from . import render
+from .errors import BackendError, SubchatError
+from .secrets import redact
+from .session import BACKEND_NAMES, Session, check_backend_name, default_session
+from .streaming import Coalescer
+
+_NAME = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def interpolate(text: str, namespace: dict[str, Any]) -> str:
+    """``{name}`` becomes ``str(namespace[name])`` when ``name`` is a simple name in the
+    namespace; any other text in braces (code, JSON, set literals) stays as written.
+    ``{{`` … ``}}`` are escaped braces: each ``{{`` gives ``{`` and the ``}}`` that
+    closes it gives ``}``; a ``}}`` with no ``{{`` before it (nested JSON) stays."""
+    out: list[str] = []
+    open_escapes = 0
+    pos = 0
+    for m in _NAME.finditer(text):
+        out.append(text[pos:m.start()])
+        tok = m.group(0)
+        if tok == "{{":
+            out.append("{")
+            open_escapes += 1
+        elif tok == "}}":
+            if open_escapes:
+                out.append("}")
+                open_escapes -= 1
+            else:
+                out.append("}}")
+        else:
+            name = m.group(1)
+            out.append(str(namespace[name]) if name in namespace else tok)
+        pos = m.end()
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _trim(cell: str) -> str:
+    """The cell body without leading blank lines and trailing whitespace."""
+    return re.sub(r"\A(?:[ \t]*\r?\n)+", "", cell).rstrip()
+
+
+def parse_line(magic_func: Callable, line: str) -> Any:
+    """Parse a magic's line shell-style (quotes removed, unlike ``parse_argstring``)."""
+    try:
+        argv = shlex.split(line)
+    except ValueError as exc:
+        raise UsageError(f"cannot parse the options ({exc}); close your quotes") from None
+    return magic_func.parser.parse_args(argv)
+
+
+def _usage(magic: str) -> Callable:
+    """Turn our errors and argument errors into one-line UsageErrors naming the magic."""
+
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(self: "SubchatMagics", *args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(self, *args, **kwargs)
+            except SubchatError as exc:
+                raise UsageError(f"{magic}: {redact(str(exc))}") from None
+            except UsageError as exc:
+                msg = str(exc)
+                if not msg.startswith(magic):
+                    msg = f"{magic}: {msg} (see {magic}? for the options)"
+                raise UsageError(msg) from None
+
+        return wrapper
+
+    return deco
+
+
+def _in_kernel(shell: Any) -> bool:
+    return getattr(shell, "kernel", None) is not None
+
+
+class ReplyView:
+    """Shows one streaming reply: in a kernel, one display updated in place (coalesced,
+    Markdown when done, text/plain fallback); in a terminal, deltas written as they come."""
+
+    def __init__(self, shell: Any, fmt: str = "markdown", interval: float = 0.05):
+        self.kernel = _in_kernel(shell)
+        self.fmt = fmt
+        self.coalescer = Coalescer(interval)
+        self.text = ""
+        self.handle = None
+        self._written = 0
+
+    def start(self) -> None:
+        if self.kernel:
+            from IPython.display import display
+
+            self.handle = display({"text/plain": "…"}, raw=True, display_id=True)
+
+    def delta(self, d: str) -> None:
+        self.text += d
+        if self.coalescer.tick():
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        if self.kernel:
+            if final:
+                bundle = {"text/plain": self.text or "(empty reply)"}
+                if self.fmt == "markdown":
+                    bundle["text/markdown"] = render.reply_markdown(self.text)
+            else:
+                bundle = {"text/plain": self.text + " ▌"}
+            self.handle.update(bundle, raw=True)
+        else:
+            sys.stdout.write(self.text[self._written:])
+            self._written = len(self.text)
+            if final:
+                sys.stdout.write("\n")
+            sys.stdout.flush()
+
+    def finish(self, tag: str | None = None) -> None:
+        if tag:
+            self.text += f"\n[{tag}]"
+        self.coalescer.final()
+        self._flush(final=True)
+
+
+class FanoutView:
+    """Several replies side by side in one display (an HTML table), coalesced."""
+
+    def __init__(self, shell: Any, paths: list[str], interval: float = 0.05):
+        self.kernel = _in_kernel(shell)
+        self.paths = paths
+        self.texts = ["" for _ in paths]
+        self.coalescer = Coalescer(interval)
+        self.handle = None
+
+    def start(self) -> None:
+        if self.kernel:
+            from IPython.display import display
+
+            self.handle = display(self._bundle(), raw=True, display_id=True)
+
+    def delta(self, i: int, d: str) -> None:
+        self.texts[i] += d
+        if self.kernel and self.coalescer.tick():
+            self.handle.update(self._bundle(), raw=True)
+
+    def _plain(self) -> str:
+        return "\n".join(f"── {p} ──\n{t}" for p, t in zip(self.paths, self.texts))
+
+    def _bundle(self) -> dict[str, str]:
+        import html
+
+        cells = "".join(
+            f"<td style='vertical-align:top;padding:4px 8px'><b>{html.escape(p)}</b>"
+            f"<div style='white-space:pre-wrap'>{html.escape(t)}</div></td>"
+            for p, t in zip(self.paths, self.texts))
+        return {"text/plain": self._plain(), "text/html": f"<table><tr>{cells}</tr></table>"}
+
+    def finish(self, tags: list[str | None]) -> None:
+        for i, tag in enumerate(tags):
+            if tag:
+                self.texts[i] += f"\n[{tag}]"
+        if self.kernel:
+            self.handle.update(self._bundle(), raw=True)
+        else:
+            print(self._plain())
+
+
+@magics_class
+class SubchatMagics(Magics):
+    """Chat with LLMs as a tree of conversations. Defaults: ``%config SubchatMagics``."""
+
+    backend = Unicode("", help="Backend when none is asked for: auto, vllm, ollama, groq, openai, "
+                      "echo ('' = LLM_BACKEND from the environment or .env, else auto).").tag(config=True)
+    max_tokens = Int(1000, help="Default maximum reply length in tokens.").tag(config=True)
+    temperature = Float(0.0, help="Default sampling temperature (0-2).").tag(config=True)
+    top_p = Float(0.9, help="Default nucleus sampling top_p (0-1].").tag(config=True)
+    model = Unicode("", help="Default model name for the backend ('' = backend default).").tag(config=True)
+    think = Bool(False, help="Let thinking models (Qwen3) think; shown collapsed.").tag(config=True)
+    system_prompt = Unicode("", help="System prompt used when no chat on the path sets one.").tag(config=True)
+    store_path = Unicode("", help="Chat store file ('' = $SUBCHAT_STORE, else ./subchats.db).").tag(config=True)
+    format = Enum(["markdown", "text"], "markdown", help="How finished replies are shown.").tag(config=True)
+    update_interval = Float(0.05, help="Seconds between display updates while streaming.").tag(config=True)
+
+    def __init__(self, shell: Any = None, session: Session | None = None, **kwargs: Any):
+        super().__init__(shell=shell, **kwargs)
+        self.session = session or default_session()
+        self._sync_defaults()
+
+    # -- configuration -----------------------------------------------------------------------
+    @validate("max_tokens")
+    def _check_max_tokens(self, proposal: Any) -> int:
+        if proposal["value"] < 1:
+            raise TraitError("SubchatMagics.max_tokens must be >= 1")
+        return proposal["value"]
+
+    @validate("temperature")
+    def _check_temperature(self, proposal: Any) -> float:
+        if not 0.0 <= proposal["value"] <= 2.0:
+            raise TraitError("SubchatMagics.temperature must be between 0 and 2")
+        return proposal["value"]
+
+    @validate("top_p")
+    def _check_top_p(self, proposal: Any) -> float:
+        if not 0.0 < proposal["value"] <= 1.0:
+            raise TraitError("SubchatMagics.top_p must be in (0, 1]")
+        return proposal["value"]
+
+    @validate("backend")
+    def _check_backend(self, proposal: Any) -> str:
+        value = proposal["value"].strip().lower()
+        if value and value not in BACKEND_NAMES:
+            try:
+                check_backend_name(value, "SubchatMagics.backend")
+            except SubchatError as exc:
+                raise TraitError(str(exc)) from None
+        return value
+
+    @observe("backend", "max_tokens", "temperature", "top_p", "model", "think", "system_prompt",
+             "store_path", "format")
+    def _on_config(self, change: Any) -> None:
+        self._sync_defaults()
+
+    def _sync_defaults(self) -> None:
+        d = self.session.defaults
+        d.backend = self.backend or None
+        d.max_tokens, d.temperature, d.top_p = self.max_tokens, self.temperature, self.top_p
+        d.model = self.model or None
+        d.think = self.think
+        d.system_prompt = self.system_prompt or None
+        d.store_path = self.store_path or None
+        d.format = self.format
+
+    # -- %%subchat ---------------------------------------------------------------------------
+    @magic_arguments()
+    @argument("path", nargs="?", default=None,
+              help="Chat path, e.g. root/physics (a path without 'root/' is under root). "
+                   "A new path is created under its parent. Default: the current chat.")
+    @argument("-b", "--backend", default=None, help="auto, vllm, ollama, groq, openai or echo.")
+    @argument("-m", "--model", default=None, help="Model name for the backend.")
+    @argument("-s", "--system", default=None, help="Set this chat's system prompt (inherited by its subchats).")
+    @argument("-n", "--max-tokens", type=int, default=None, help="Maximum reply length in tokens.")
+    @argument("-t", "--temperature", type=float, default=None, help="Sampling temperature, 0 to 2.")
+    @argument("--top-p", type=float, default=None, help="Nucleus sampling top_p, in (0, 1].")
+    @argument("--seed", type=int, default=None, help="Sampling seed (where the backend supports it).")
+    @argument("--think", action="store_true", default=None, help="Let thinking models think.")
+    @argument("--no-think", dest="think", action="store_false", help="Turn thinking off.")
+    @argument("-f", "--format", choices=["markdown", "text"], default=None,
+              help="Show the finished reply as Markdown or plain text.")
+    @argument("-o", "--var", default=None,
+              help="Store the reply text in this variable of the notebook namespace.")
+    @argument("--fanout", type=int, default=None,
+              help="Send the message into N new sibling subchats of PATH at once (batched).")
+    @argument("--children", default=None,
+              help="Comma-separated names of the subchats of PATH to fan out to, e.g. a,b,c.")
+    @argument("--temperatures", default=None,
+              help="With --fanout/--children: comma-separated temperatures, one per subchat.")
+    @cell_magic
+    @_usage("%%subchat")
+    def subchat(self, line: str, cell: str) -> None:
+        """Send the cell as a message into a chat of the tree and stream the reply.
+
+        ``{name}`` in the cell is replaced by ``name`` from the notebook namespace; other
+        braces stay as written; ``{{``/``}}`` are literal braces. The chat used becomes
+        the current one. ``--var NAME`` stores the reply in ``NAME``.
+
+        Examples::
+
+            %%subchat root --system "You are a physics tutor."
+            What is a newton?
+
+            %%subchat root/units
+            And a joule?
+
+            %%subchat root --fanout 3 --var answers
+            Name a colour.
+        """
+        args = parse_line(self.subchat, line)
+        if args.var is not None and not args.var.isidentifier():
+            raise UsageError(f"%%subchat: --var needs a Python name, not {args.var!r}")
+        text = interpolate(_trim(cell or ""), self.shell.user_ns)
+        opts = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                    seed=args.seed, model=args.model, think=args.think)
+        if args.fanout is not None or args.children is not None:
+            return self._fanout(args, text, opts)
+        if args.temperatures is not None:
+            raise UsageError("%%subchat: --temperatures goes with --fanout N or --children a,b")
+        turn = self.session.send(args.path, text, backend=args.backend, system=args.system, **opts)
+        view = ReplyView(self.shell, args.format or self.format, self.update_interval)
+        view.start()
+        try:
+            for delta in turn:
+                view.delta(delta)
+        except KeyboardInterrupt:
+            view.finish("interrupted: partial reply kept")
+            raise
+        except BackendError as exc:
+            view.finish(f"error: partial reply kept in {turn.chat.path}" if turn.text else None)
+            raise UsageError(f"%%subchat: {redact(str(exc))}") from None
+        view.finish("stopped at max tokens" if turn.finish and turn.finish.reason == "length" else None)
+        for note in turn.notes:
+            print(f"note: {note}")
+        if args.var:
+            self.shell.user_ns[args.var] = turn.text
+
+    def _fanout(self, args: Any, text: str, opts: dict[str, Any]) -> None:
+        names = args.children.split(",") if args.children is not None else None
+        temps = None
+        if args.temperatures:
+            try:
+                temps = [float(x) for x in args.temperatures.split(",")]
+            except ValueError:
+                raise UsageError("%%subchat: --temperatures takes numbers, e.g. 0,0.7,1.0") from None
+        fan = self.session.fanout(args.path, text, n=args.fanout, names=names, backend=args.backend,
+                                  system=args.system, temperatures=temps, **opts)
+        view = FanoutView(self.shell, [t.chat.path for t in fan.turns], self.update_interval)
+        view.start()
+        error: BaseException | None = None
+        try:
+            for i, delta in fan:
+                view.delta(i, delta)
+        except KeyboardInterrupt:
+            view.finish(["interrupted"] * len(fan.turns))
+            raise
+        except BackendError as exc:
+            error = exc
+        view.finish([None if (t.reply and t.reply.status == "complete") else
+                     (t.reply.provenance.get("finish_reason") if t.reply else "error")
+                     for t in fan.turns])
+        if args.var:
+            self.shell.user_ns[args.var] = [t.text for t in fan.turns]
+        if error is not None:
+            raise UsageError(f"%%subchat: {redact(str(error))}")
+
+    # -- %subchat ----------------------------------------------------------------------------
+    @line_magic("subchat")
+    @_usage("%subchat")
+    def subchat_line(self, line: str = "") -> Any:
+        """Manage the chat tree. Subcommands:
+
+        tree [--text]                  the tree (a live view in a notebook)
+        show [PATH] [-p] [--own]       a chat's transcript (-p: provenance of replies)
+        use PATH                       make PATH the current chat
+        status                         store, current chat, active backend and why
+        backend [NAME]                 show or set this session's backend
+        backends                       every backend: available or not, and why
+        key NAME                       enter an API key for groq/openai with getpass
+        export PATH [--format md|json] [--out FILE]
+        import FILE [--into PATH]      add chats from a JSON export
+        rename PATH NEW_NAME           rename a chat
+        system PATH [TEXT]             show or set a chat's system prompt ('' to clear)
+        delete PATH [--force]          delete a chat (--force when it has subchats)
+        help                           this help
+        """
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            raise UsageError(f"%subchat: cannot parse {line!r}: {exc}") from None
+        if not words or words[0] in ("help", "-h", "--help"):
+            print(self.subchat_line.__doc__.replace("        ", "  "))
+            return None
+        cmd, rest = words[0], words[1:]
+        handler = getattr(self, f"_cmd_{cmd}", None)
+        if handler is None:
+            raise UsageError(
+                f"%subchat: unknown subcommand {cmd!r}; one of: {', '.join(SUBCOMMANDS)} "
+                "(%subchat help explains them)")
+        return handler(rest)
+
+    def _parser(self, cmd: str, *specs: tuple[tuple[str, ...], dict[str, Any]]) -> MagicArgumentParser:
+        p = MagicArgumentParser(prog=f"%subchat {cmd}", add_help=False)
+        for names, kw in specs:
+            p.add_argument(*names, **kw)
+        return p
+
+    def _parse(self, cmd: str, rest: list[str], *specs: tuple[tuple[str, ...], dict[str, Any]]) -> Any:
+        try:
+            return self._parser(cmd, *specs).parse_args(rest)
+        except UsageError as exc:
+            raise UsageError(f"%subchat {cmd}: {exc}; see %subchat help") from None
+
+    def _show(self, text: str, markdown: str | None = None) -> None:
+        if _in_kernel(self.shell) and markdown is not None:
+            from IPython.display import display
+
+            display({"text/plain": text, "text/markdown": markdown}, raw=True)
+        else:
+            print(text)
+
+    def _cmd_tree(self, rest: list[str]) -> Any:
+        a = self._parse("tree", rest, (("--text",), dict(action="store_true")))
+        tree = self.session.tree
+        if not a.text and _in_kernel(self.shell):
+            try:
+                from .widget import TreeView
+            except ImportError:
+                TreeView = None  # noqa: N806
+            if TreeView is not None:
+                return TreeView(tree, session=self.session)
+        print(render.tree_text(tree, self.session.current))
+        return None
+
+    def _cmd_show(self, rest: list[str]) -> None:
+        a = self._parse("show", rest, (("path",), dict(nargs="?")),
+                        (("-p", "--provenance"), dict(action="store_true")),
+                        (("--own",), dict(action="store_true")))
+        tree = self.session.tree
+        chat = tree.get(a.path or self.session.current)
+        self._show(render.transcript(tree, chat, a.provenance, not a.own),
+                   render.transcript(tree, chat, a.provenance, not a.own, markdown=True))
+
+    def _cmd_use(self, rest: list[str]) -> None:
+        a = self._parse("use", rest, (("path",), {}))
+        print(f"current chat: {self.session.use(a.path)}")
+
+    def _cmd_status(self, rest: list[str]) -> None:
+        self._parse("status", rest)
+        st = self.session.status()
+        tree = self.session.tree
+        counts = tree.store.message_counts()
+        lines = [
+            f"store:    {st['store']} ({len(tree.chats())} chats, {sum(counts.values())} messages)",
+            f"current:  {st['current']}",
+            f"backend:  {st['active'] or 'none'} (asked for {st['requested']!r} by {st['requested_from']})",
+        ]
+        if st["requested"] == "auto":
+            lines.append(f"auto order: {' -> '.join(st['auto_order'])}")
+            for name, reason in st["passed_over"]:
+                lines.append(f"  passed over {name}: {redact(reason)}")
+        d = self.session.defaults
+        lines.append(f"defaults: max_tokens={d.max_tokens} temperature={d.temperature} "
+                     f"top_p={d.top_p} format={d.format}" + (f" model={d.model}" if d.model else ""))
+        print("\n".join(lines))
+
+    def _cmd_backend(self, rest: list[str]) -> None:
+        a = self._parse("backend", rest, (("name",), dict(nargs="?")))
+        if a.name:
+            self.session.backend_override = check_backend_name(a.name, "%subchat backend")
+        name, source = self.session.requested_backend()
+        sel = self.session.select()
+        active = sel.candidates[0].id if sel.candidates else "none"
+        print(f"backend: {name} (from {source}); active: {active}")
+
+    def _cmd_backends(self, rest: list[str]) -> None:
+        self._parse("backends", rest)
+        from .backends.registry import registry
+
+        reg = registry()
+        for name in reg.names():
+            av = reg.availability(name)
+            print(f"{name:8} {'available' if av.ok else 'not available'}: {redact(av.reason)}")
+
+    def _cmd_key(self, rest: list[str]) -> None:
+        a = self._parse("key", rest, (("name",), dict(choices=["groq", "openai", "ollama"])))
+        import getpass
+
+        from .secrets import register_secret
+        from .settings import set_secret
+
+        var = f"{a.name.upper()}_API_KEY"
+        value = getpass.getpass(f"{var} (input hidden): ").strip()
+        if not value:
+            raise UsageError(f"%subchat key: no key entered; {var} unchanged")
+        register_secret(value)
+        set_secret(var, value)
+        print(f"{var} set for this kernel (not saved anywhere)")
+
+    def _cmd_export(self, rest: list[str]) -> None:
+        a = self._parse("export", rest, (("path",), dict(nargs="?")),
+                        (("--format",), dict(choices=["md", "json"], default=None)),
+                        (("--out",), dict(default=None)))
+        tree = self.session.tree
+        chat = tree.get(a.path or self.session.current)
+        fmt = a.format or ("json" if a.out and a.out.endswith(".json") else "md")
+        text = render.export_json(tree, chat) if fmt == "json" else render.export_markdown(tree, chat)
+        text = redact(text)
+        if a.out:
+            out = Path(a.out).expanduser()
+            try:
+                out.write_text(text, encoding="utf-8")
+            except OSError as exc:
+                raise UsageError(f"%subchat export: cannot write {out}: {exc.strerror}") from None
+            print(f"exported {len(tree.subtree(chat))} chat(s) from {chat.path} to {out} ({fmt})")
+        else:
+            print(text)
+
+    def _cmd_import(self, rest: list[str]) -> None:
+        a = self._parse("import", rest, (("file",), {}), (("--into",), dict(default=None)))
+        path = Path(a.file).expanduser()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise UsageError(f"%subchat import: cannot read {path}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise UsageError(f"%subchat import: {path} is not JSON ({exc})") from None
+        made = render.import_data(self.session.tree, data, a.into)
+        print(f"imported {len(made)} chat(s): {', '.join(made[:5])}{' …' if len(made) > 5 else ''}")
+
+    def _cmd_rename(self, rest: list[str]) -> None:
+        a = self._parse("rename", rest, (("path",), {}), (("new_name",), {}))
+        chat = self.session.tree.rename(a.path, a.new_name)
+        if self.session.current.startswith(a.path):
+            self.session.current = chat.path
+        print(f"renamed to {chat.path}")
+
+    def _cmd_system(self, rest: list[str]) -> None:
+        a = self._parse("system", rest, (("path",), {}), (("text",), dict(nargs="?")))
+        tree = self.session.tree
+        chat = tree.get(a.path)
+        if a.text is not None:
+            tree.set_system_prompt(chat, a.text)
+        own = tree.get(chat.path).system_prompt
+        print(f"system prompt of {chat.path}: {own!r}" if own else
+              f"{chat.path} inherits the system prompt {tree.system_prompt_for(chat)!r}")
+
+    def _cmd_delete(self, rest: list[str]) -> None:
+        a = self._parse("delete", rest, (("path",), {}), (("--force",), dict(action="store_true")))
+        gone = self.session.tree.delete(a.path, force=a.force)
+        if self.session.current in gone:
+            self.session.current = "root"
+        print(f"deleted {len(gone)} chat(s): {', '.join(gone[:5])}{' …' if len(gone) > 5 else ''}")
+
+
+SUBCOMMANDS = sorted(n[5:] for n in dir(SubchatMagics) if n.startswith("_cmd_")) + ["help"]
+
+
+def load(ipython: Any) -> None:
+    magics = SubchatMagics(ipython)
+    ipython.register_magics(magics)
+    try:
+        from .vllm_magics import VLLMMagics
+    except ImportError:
+        VLLMMagics = None  # noqa: N806 - the vLLM magics are not built yet
+    if VLLMMagics is not None:
+        ipython.register_magics(VLLMMagics)
+
+
+def unload(ipython: Any) -> None:
+    mm = ipython.magics_manager
+    for kind, names in (("cell", ("subchat",)), ("line", ("subchat", "load_vllm", "unload_vllm"))):
+        for name in names:
+            mm.magics[kind].pop(name, None)
+    for key in [k for k, v in mm.registry.items() if type(v).__module__.startswith("subchat_magics")]:
+        mm.registry.pop(key, None)
+    default_session().close()

@@ -1,0 +1,202 @@
+"""Text, Markdown and JSON views of the tree: ``%subchat tree``/``show``/``export``."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import time
+from typing import Any
+
+from .errors import InvalidInput
+from .tree import Chat, ChatTree, Message
+
+EXPORT_FORMAT = "subchat-magics/1"
+_THINK = re.compile(r"^\s*<think>(.*?)(</think>|$)", re.S)
+
+
+def split_thinking(text: str) -> tuple[str | None, str]:
+    """``("thinking", "answer")`` for a reply that starts with a ``<think>`` block."""
+    m = _THINK.match(text or "")
+    if not m:
+        return None, text
+    return m.group(1).strip(), text[m.end():].lstrip()
+
+
+def reply_markdown(text: str) -> str:
+    """A reply as Markdown, its thinking (if any) collapsed."""
+    thinking, answer = split_thinking(text)
+    if not thinking:
+        return answer
+    return (f"<details><summary>thinking</summary>\n\n{html.escape(thinking)}\n\n</details>\n\n"
+            f"{answer}")
+
+
+def provenance_line(m: Message) -> str:
+    p = m.provenance
+    if not p:
+        return ""
+    bits = [p.get("backend") or "?"]
+    if p.get("model") and p.get("model") != p.get("backend"):
+        bits.append(str(p["model"]))
+    toks = []
+    if p.get("prompt_tokens") is not None:
+        toks.append(f"{p['prompt_tokens']} in")
+    if p.get("completion_tokens") is not None:
+        toks.append(f"{p['completion_tokens']} out")
+    if p.get("cached_tokens") is not None:
+        toks.append(f"{p['cached_tokens']} cached")
+    if toks:
+        bits.append(" / ".join(toks) + " tokens")
+    if p.get("ttft_s") is not None:
+        bits.append(f"first token {p['ttft_s'] * 1000:.0f} ms")
+    if p.get("duration_s") is not None:
+        bits.append(f"{p['duration_s']:.2f} s")
+    bits.append(str(p.get("finish_reason", "")))
+    line = " · ".join(b for b in bits if b)
+    for note in p.get("notes", ()):
+        line += f"\n  note: {note}"
+    return line
+
+
+def _status_tag(m: Message) -> str:
+    if m.status == "complete":
+        return ""
+    reason = m.provenance.get("finish_reason", m.status)
+    return f" [{reason}]"
+
+
+def tree_text(tree: ChatTree, current: str | None = None) -> str:
+    """The tree as indented text: name, message count, last reply's backend/model."""
+    counts = tree.store.message_counts()
+    lines = []
+    for chat in tree.chats():
+        depth = chat.path.count("/")
+        n = counts.get(chat.id, 0)
+        mark = "*" if chat.path == current else " "
+        info = f"{n} message{'s' if n != 1 else ''}"
+        last = _last_reply(chat) if n else None
+        if last is not None and last.provenance.get("backend"):
+            info += f", {last.provenance['backend']}"
+            model = last.provenance.get("model")
+            if model and model != last.provenance["backend"]:
+                info += f"/{model}"
+            info += _status_tag(last)
+        lines.append(f"{mark} {'  ' * depth}{chat.name}  ({info})")
+    return "\n".join(lines)
+
+
+def _last_reply(chat: Chat) -> Message | None:
+    rows = chat.tree.store.messages(chat.id)
+    for r in reversed(rows):
+        if r.role == "assistant":
+            return Message.from_row(r)
+    return None
+
+
+def transcript(tree: ChatTree, chat: Chat, provenance: bool = False, inherited: bool = True,
+               markdown: bool = False) -> str:
+    """A chat's conversation: the inherited context (if asked), then its own messages."""
+    out: list[str] = [f"## {chat.path}" if markdown else f"== {chat.path} =="]
+    system = tree.system_prompt_for(chat)
+    if system:
+        out.append(f"*system*: {system}" if markdown else f"[system] {system}")
+    own = chat.messages
+    if inherited:
+        hist = tree.history(chat)
+        inherited_msgs = hist[: len(hist) - len(own)]
+        if inherited_msgs:
+            out.append(f"--- inherited from {chat.parent.path if chat.parent else 'root'} "
+                       f"({len(inherited_msgs)} messages) ---")
+            out.extend(_message_lines(inherited_msgs, provenance, markdown))
+            out.append("--- this chat ---")
+    if not own:
+        out.append("(no messages yet)")
+    out.extend(_message_lines(own, provenance, markdown))
+    return "\n\n".join(out) if markdown else "\n".join(out)
+
+
+def _message_lines(msgs: list[Message], provenance: bool, markdown: bool) -> list[str]:
+    out = []
+    for m in msgs:
+        tag = _status_tag(m)
+        if markdown:
+            body = reply_markdown(m.content) if m.role == "assistant" else m.content
+            out.append(f"**{m.role}**{tag}:\n\n{body}")
+        else:
+            out.append(f"[{m.role}]{tag} {m.content}")
+        if provenance and m.role == "assistant":
+            line = provenance_line(m)
+            if line:
+                out.append(f"> {line}" if markdown else f"    ({line})")
+    return out
+
+
+# -- export / import ---------------------------------------------------------------------------
+def export_data(tree: ChatTree, chat: Chat) -> dict[str, Any]:
+    chats = []
+    for c in tree.subtree(chat):
+        chats.append({
+            "path": c.path,
+            "system_prompt": c.system_prompt,
+            "fork_seq": c.fork_seq,
+            "messages": [
+                {"role": m.role, "content": m.content, "status": m.status,
+                 "provenance": m.provenance, "created_at": m.created_at}
+                for m in c.messages
+            ],
+        })
+    return {"format": EXPORT_FORMAT, "exported_at": time.time(), "root": chat.path, "chats": chats}
+
+
+def export_json(tree: ChatTree, chat: Chat) -> str:
+    return json.dumps(export_data(tree, chat), indent=2, ensure_ascii=False)
+
+
+def export_markdown(tree: ChatTree, chat: Chat) -> str:
+    parts = [f"# Chat tree export: {chat.path}"]
+    for c in tree.subtree(chat):
+        parts.append(transcript(tree, c, provenance=True, inherited=False, markdown=True)
+                     .replace("## ", "#" * (2 + c.path.count("/") - chat.path.count("/")) + " ", 1))
+    return "\n\n".join(parts) + "\n"
+
+
+def import_data(tree: ChatTree, data: dict[str, Any], into: str | None = None) -> list[str]:
+    """Recreate exported chats. They keep their paths, or move under ``into`` (the new
+    parent of the exported top chat). An existing chat is filled only if it is empty."""
+    if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+        raise InvalidInput(f"not a subchat-magics export (expected format {EXPORT_FORMAT!r})")
+    chats = data.get("chats") or []
+    top = data.get("root") or (chats[0]["path"] if chats else None)
+    if not top:
+        return []
+    prefix_old = top.rpartition("/")[0]
+    made = []
+
+    def target(path: str) -> str:
+        if into is None:
+            return path
+        rel = path[len(prefix_old) + 1:] if prefix_old else path
+        return f"{into.rstrip('/')}/{rel}"
+
+    for c in chats:
+        p = target(c["path"])
+        if p in tree:
+            existing = tree.get(p)
+            if existing.messages:
+                raise InvalidInput(
+                    f"chat {existing.path!r} already exists with messages; import with "
+                    "--into PATH to put the chats somewhere else")
+            if c.get("system_prompt"):
+                tree.set_system_prompt(existing, c["system_prompt"])
+            chat = existing
+        else:
+            chat = tree.create(p, system_prompt=c.get("system_prompt"))
+        if chat.path != "root" and chat.fork_seq != c.get("fork_seq", chat.fork_seq):
+            tree.store.update_chat(chat.id, fork_seq=int(c["fork_seq"]))
+            tree.refresh(force=True)
+        for m in c.get("messages", []):
+            tree.append(chat, m["role"], m["content"], m.get("status", "complete"),
+                        m.get("provenance") or None)
+        made.append(chat.path)
+    return made
