@@ -1,0 +1,88 @@
+"""Shared fixtures: a real IPython InteractiveShell with the extension loaded, working in
+a fresh folder (so ``./subchats.db`` is a new store) with no backend settings from the
+machine leaking in."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+from subchat_magics.session import reset_default_session
+
+BACKEND_VARS = ("LLM_BACKEND", "SUBCHAT_STORE", "OLLAMA_HOST", "OLLAMA_MODEL", "GROQ_API_KEY",
+                "GROQ_MODEL", "OPENAI_BASE_URL", "OPENAI_API_KEY", "OPENAI_MODEL",
+                "SUBCHAT_ECHO_DELAY")
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A fresh working folder with no backend settings in the environment. Ollama is
+    pointed at a closed loopback port so that ``auto`` never finds a real server."""
+    for var in BACKEND_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OLLAMA_HOST", "http://127.0.0.1:9")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+class Shell:
+    """A thin helper over a real InteractiveShell: run cells, capture what they show."""
+
+    def __init__(self, ip: InteractiveShell):
+        self.ip = ip
+
+    @property
+    def ns(self) -> dict:
+        return self.ip.user_ns
+
+    def run(self, source: str):
+        """Run a cell; return (result, captured output)."""
+        with capture_output(display=True) as cap:
+            result = self.ip.run_cell(source, store_history=False)
+        return result, cap
+
+    def ok(self, source: str) -> str:
+        """Run a cell that must succeed; return its stdout."""
+        result, cap = self.run(source)
+        if not result.success:
+            raise AssertionError(f"cell failed: {source!r}\n{cap.stdout}\n{cap.stderr}\n"
+                                 f"{result.error_before_exec or result.error_in_exec!r}")
+        return cap.stdout
+
+    def fails(self, source: str) -> str:
+        """Run a cell that must fail with a UsageError; return the error message."""
+        from IPython.core.error import UsageError
+
+        result, cap = self.run(source)
+        err = result.error_before_exec or result.error_in_exec
+        assert isinstance(err, UsageError), f"expected UsageError, got {err!r}\n{cap.stdout}"
+        return str(err)
+
+
+@pytest.fixture
+def shell(workdir):
+    """A real InteractiveShell with ``%load_ext subchat_magics`` done, in a fresh folder."""
+    reset_default_session()
+    ip = InteractiveShell.instance()
+    ip.run_cell("%load_ext subchat_magics", store_history=False)
+    sh = Shell(ip)
+    yield sh
+    ip.run_cell("%unload_ext subchat_magics", store_history=False)
+    for name in [k for k in ip.user_ns if not k.startswith("_")]:
+        if name not in ("In", "Out", "exit", "quit", "get_ipython"):
+            ip.user_ns.pop(name, None)
+    reset_default_session()
+
+
+def store_rows(path: os.PathLike | str, sql: str, args: tuple = ()) -> list[tuple]:
+    """Read the store file directly, with sqlite3, as another process would."""
+    import sqlite3
+
+    conn = sqlite3.connect(str(path))
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
