@@ -202,8 +202,9 @@ class SubchatMagics(Magics):
     update_interval = Float(0.05, help="Seconds between display updates while streaming.").tag(config=True)
 
     def __init__(self, shell: Any = None, session: Session | None = None, **kwargs: Any):
-        super().__init__(shell=shell, **kwargs)
+        # set before the traits load the shell's config (their observers use it)
         self.session = session or default_session()
+        super().__init__(shell=shell, **kwargs)
         self._sync_defaults()
 
     # -- configuration -----------------------------------------------------------------------

@@ -67,6 +67,7 @@ def shell(workdir):
     """A real InteractiveShell with ``%load_ext subchat_magics`` done, in a fresh folder."""
     reset_default_session()
     ip = InteractiveShell.instance()
+    ip.config.pop("SubchatMagics", None)  # %config from an earlier test
     ip.run_cell("%load_ext subchat_magics", store_history=False)
     sh = Shell(ip)
     yield sh
