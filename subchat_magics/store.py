@@ -296,16 +296,25 @@ class Store:
         sql += "ORDER BY seq"
         return [self._msg(r) for r in self._read(sql, args)]
 
-    def messages_of(self, chat_ids: list[int]) -> dict[int, list[MessageRow]]:
-        """Messages of several chats in one query (context assembly)."""
-        out: dict[int, list[MessageRow]] = {i: [] for i in chat_ids}
-        for start in range(0, len(chat_ids), 500):
-            part = chat_ids[start:start + 500]
-            marks = ",".join("?" * len(part))
-            for r in self._read(
-                "SELECT id, chat_id, seq, role, content, status, provenance, created_at FROM messages "
-                f"WHERE chat_id IN ({marks}) ORDER BY chat_id, seq", part):
-                out[r[1]].append(self._msg(r))
+    def path_messages(self, limits: list[tuple[int, int | None]], full: bool = False) -> list[tuple]:
+        """Messages of a path in one query: ``limits`` is ``[(chat_id, seq_limit), ...]``
+        from the root down (``None``: all). Rows are ``(chat_id, seq, role, content,
+        status)`` in path order, or full message rows with ``full=True``."""
+        if not limits:
+            return []
+        cols = ("m.id, m.chat_id, m.seq, m.role, m.content, m.status, m.provenance, m.created_at"
+                if full else "m.chat_id, m.seq, m.role, m.content, m.status")
+        out: list[tuple] = []
+        for start in range(0, len(limits), 400):
+            part = limits[start:start + 400]
+            values = ",".join("(?,?,?)" for _ in part)
+            args: list = []
+            for i, (cid, lim) in enumerate(part):
+                args += [start + i, cid, -1 if lim is None else lim]
+            out += self._read(
+                f"WITH want(pos, cid, lim) AS (VALUES {values}) "
+                f"SELECT {cols} FROM want JOIN messages m ON m.chat_id = want.cid "
+                "AND (want.lim < 0 OR m.seq < want.lim) ORDER BY want.pos, m.seq", args)
         return out
 
     def message_count(self, chat_id: int) -> int:

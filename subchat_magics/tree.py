@@ -353,19 +353,16 @@ class ChatTree:
                 return c.system_prompt
         return None
 
+    def _limits(self, chat: "str | Chat") -> list[tuple[int, int | None]]:
+        chain = self.lineage(chat)
+        return [(c.id, chain[i + 1].fork_seq if i + 1 < len(chain) else None)
+                for i, c in enumerate(chain)]
+
     def history(self, chat: "str | Chat") -> list[Message]:
         """The messages on the path from the root to ``chat``: each ancestor's up to the
         point where the next chat down branched off, then the chat's own."""
-        chain = self.lineage(chat)
-        rows = self.store.messages_of([c.id for c in chain])
-        out: list[Message] = []
-        for i, c in enumerate(chain):
-            limit = chain[i + 1].fork_seq if i + 1 < len(chain) else None
-            for r in rows[c.id]:
-                if limit is not None and r.seq >= limit:
-                    break
-                out.append(Message.from_row(r))
-        return out
+        rows = self.store.path_messages(self._limits(chat), full=True)
+        return [Message.from_row(Store._msg(r)) for r in rows]
 
     def context(self, chat: "str | Chat", new_user_message: str | None = None) -> list[dict[str, str]]:
         """The messages a backend is sent for ``chat``: system prompt first, then the
@@ -374,15 +371,16 @@ class ChatTree:
         system = self.system_prompt_for(chat)
         if system:
             msgs.append({"role": "system", "content": system})
-        hist = self.history(chat)
-        for i, m in enumerate(hist):
-            if m.role == "assistant" and not m.content:
+        # (chat_id, seq, role, content, status) rows: no provenance parsing on this path
+        hist = self.store.path_messages(self._limits(chat))
+        for i, (_, _, role, content, _) in enumerate(hist):
+            if role == "assistant" and not content:
                 continue  # a reply that failed or was stopped before its first token
-            if m.role == "user" and i + 1 < len(hist):
+            if role == "user" and i + 1 < len(hist):
                 nxt = hist[i + 1]
-                if nxt.role == "assistant" and not nxt.content and nxt.status != "complete":
+                if nxt[2] == "assistant" and not nxt[3] and nxt[4] != "complete":
                     continue  # ...and the prompt it never answered (retried later)
-            msgs.append(m.as_chat())
+            msgs.append({"role": role, "content": content})
         if new_user_message is not None:
             msgs.append({"role": "user", "content": new_user_message})
         return msgs
