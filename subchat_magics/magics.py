@@ -96,6 +96,16 @@ def _in_kernel(shell: Any) -> bool:
     return getattr(shell, "kernel", None) is not None
 
 
+def _show_final(handle: Any, bundle: dict[str, str]) -> None:
+    """Empty the live display and show the final form as a new display_data. The live
+    display starts and ends empty, so the saved notebook holds the same outputs as a
+    consumer that ignores update_display_data (nbval) computes."""
+    from IPython.display import display
+
+    handle.update({"text/plain": ""}, raw=True)
+    display(bundle, raw=True)
+
+
 class ReplyView:
     """Shows one streaming reply: in a kernel, one display updated in place (coalesced,
     Markdown when done, text/plain fallback); in a terminal, deltas written as they come."""
@@ -112,7 +122,7 @@ class ReplyView:
         if self.kernel:
             from IPython.display import display
 
-            self.handle = display({"text/plain": "…"}, raw=True, display_id=True)
+            self.handle = display({"text/plain": ""}, raw=True, display_id=True)
 
     def delta(self, d: str) -> None:
         self.text += d
@@ -125,9 +135,9 @@ class ReplyView:
                 bundle = {"text/plain": self.text or "(empty reply)"}
                 if self.fmt == "markdown":
                     bundle["text/markdown"] = render.reply_markdown(self.text)
+                _show_final(self.handle, bundle)
             else:
-                bundle = {"text/plain": self.text + " ▌"}
-            self.handle.update(bundle, raw=True)
+                self.handle.update({"text/plain": self.text + " ▌"}, raw=True)
         else:
             sys.stdout.write(self.text[self._written:])
             self._written = len(self.text)
@@ -156,7 +166,7 @@ class FanoutView:
         if self.kernel:
             from IPython.display import display
 
-            self.handle = display(self._bundle(), raw=True, display_id=True)
+            self.handle = display({"text/plain": ""}, raw=True, display_id=True)
 
     def delta(self, i: int, d: str) -> None:
         self.texts[i] += d
@@ -180,7 +190,7 @@ class FanoutView:
             if tag:
                 self.texts[i] += f"\n[{tag}]"
         if self.kernel:
-            self.handle.update(self._bundle(), raw=True)
+            _show_final(self.handle, self._bundle())
         else:
             print(self._plain())
 
