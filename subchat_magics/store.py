@@ -23,6 +23,11 @@ from .errors import StoreError
 APPLICATION_ID = 0x53554243  # "SUBC"
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 10_000
+# Opening checks the file's b-trees (PRAGMA quick_check, linear in the file size: ~0.3 s
+# for 128 MB here). Above this size only the chats table is checked, so that opening
+# stays well under a second; damage in a message page is then reported when it is read.
+FULL_CHECK_MAX_BYTES = 32 << 20
+RETRIES = 5  # extra tries on SQLITE_BUSY after the busy timeout (e.g. during WAL recovery)
 
 SCHEMA_V1 = """
 CREATE TABLE chats (
@@ -81,6 +86,20 @@ def _fix_hint(path: Path) -> str:
     )
 
 
+def _damaged(path: Path, detail: str) -> StoreError:
+    detail = " ".join(detail.replace("*** in database main ***", "").split())  # one line
+    return StoreError(
+        f"chat store {path} is damaged ({detail[:200]}); it was left untouched: keep a copy, "
+        f"salvage what is readable with the sqlite3 tool (sqlite3 {path.name} .recover), "
+        f"or {_fix_hint(path).partition('; ')[0]}"
+    )
+
+
+def _busy(exc: BaseException) -> bool:
+    msg = str(exc)
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in msg or "busy" in msg)
+
+
 class Store:
     """A connection to one store file. Not shared across threads: use one per thread
     (``Store(path)`` is cheap once the file exists)."""
@@ -104,9 +123,12 @@ class Store:
             raise
         except sqlite3.DatabaseError as exc:
             self.conn.close()
-            raise StoreError(
-                f"{self.path} is not a subchat-magics chat store ({exc}); {_fix_hint(self.path)}"
-            ) from None
+            if "not a database" in str(exc):
+                raise StoreError(
+                    f"{self.path} is not a subchat-magics chat store (not an SQLite file); "
+                    f"{_fix_hint(self.path)}"
+                ) from None
+            raise self._wrap(exc) from None
 
     # -- opening ------------------------------------------------------------------------
     def _check_location(self) -> None:
@@ -133,10 +155,12 @@ class Store:
     def _prepare(self) -> None:
         c = self.conn
         c.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        app_id = c.execute("PRAGMA application_id").fetchone()[0]
+        app_id = self._retry(lambda: c.execute("PRAGMA application_id").fetchone()[0])
         version = c.execute("PRAGMA user_version").fetchone()[0]
-        tables = [r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        if app_id == 0 and not tables:
+        objects = c.execute("SELECT type, name FROM sqlite_master").fetchall()
+        tables = [name for kind, name in objects if kind == "table"]
+        if app_id == 0 and version == 0 and not objects:
+            # an empty file (or one just made by another kernel: _create re-checks)
             self._create()
         elif app_id != APPLICATION_ID:
             raise StoreError(
@@ -149,13 +173,31 @@ class Store:
                 f"subchat-magics understands ({SCHEMA_VERSION}); upgrade with "
                 "pip install -U subchat-magics, or use another store file"
             )
-        elif version < SCHEMA_VERSION:
-            self._migrate(version)
+        else:
+            self._check_damage(tables if version == SCHEMA_VERSION else None)
+            if version < SCHEMA_VERSION:
+                self._migrate(version)
         c.execute("PRAGMA foreign_keys = ON")
-        mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = self._retry(lambda: c.execute("PRAGMA journal_mode = WAL").fetchone()[0])
         if str(mode).lower() != "wal":  # e.g. a file system without shared memory
             c.execute("PRAGMA journal_mode = DELETE")
         c.execute("PRAGMA synchronous = NORMAL")
+
+    def _check_damage(self, tables: list[str] | None) -> None:
+        """Refuse a store whose structure is damaged (a truncated copy, bytes overwritten)
+        before anything is written to it. ``tables``: those found, when the schema is ours."""
+        missing = {"chats", "messages"} - set(tables) if tables is not None else ()
+        if missing:
+            raise _damaged(self.path, f"table {', '.join(sorted(missing))} missing")
+        if self.path.stat().st_size <= FULL_CHECK_MAX_BYTES:
+            pragma = "PRAGMA quick_check"
+        elif sqlite3.sqlite_version_info >= (3, 33):  # a check of one table came in 3.33
+            pragma = "PRAGMA quick_check(chats)"
+        else:
+            return
+        rows = self._retry(lambda: self.conn.execute(pragma).fetchall())
+        if [r[0] for r in rows] != ["ok"]:
+            raise _damaged(self.path, f"quick_check: {rows[0][0]}")
 
     def _create(self) -> None:
         with self.transaction() as c:
@@ -168,8 +210,17 @@ class Store:
             c.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
+    def backup_path(self, version: int) -> Path:
+        """A file name for the copy made before upgrading from ``version`` that no
+        existing file has (an earlier backup is never overwritten)."""
+        base = self.path.with_name(f"{self.path.name}.bak-v{version}")
+        backup, n = base, 1
+        while backup.exists() or backup.is_symlink():
+            backup, n = base.with_name(f"{base.name}.{n}"), n + 1
+        return backup
+
     def _migrate(self, version: int) -> None:
-        backup = self.path.with_name(f"{self.path.name}.bak-v{version}")
+        backup = self.backup_path(version)
         try:
             dst = sqlite3.connect(str(backup))
             with dst:
@@ -178,6 +229,8 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot back up {self.path} to {backup} before upgrading it: {exc}") from None
         with self.transaction() as c:
+            # another kernel may have upgraded it while we made the copy
+            version = c.execute("PRAGMA user_version").fetchone()[0]
             while version < SCHEMA_VERSION:
                 step = MIGRATIONS.get(version)
                 if step is None:
@@ -195,33 +248,69 @@ class Store:
 
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         c = self.conn
-        for attempt in range(5):
-            try:
-                c.execute("BEGIN IMMEDIATE")
-                break
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc) or attempt == 4:
-                    raise self._wrap(exc) from None
-                time.sleep(0.05 * (attempt + 1))
+        try:
+            self._retry(lambda: c.execute("BEGIN IMMEDIATE"))
+        except sqlite3.Error as exc:
+            raise self._wrap(exc) from None
         try:
             yield c
+        except (sqlite3.Error, UnicodeEncodeError) as exc:
+            self._rollback()
+            raise self._wrap(exc) from None
         except BaseException:
-            c.execute("ROLLBACK")
+            self._rollback()
             raise
         else:
             try:
                 c.execute("COMMIT")
             except sqlite3.Error as exc:
-                c.execute("ROLLBACK")
+                self._rollback()
                 raise self._wrap(exc) from None
 
-    def _wrap(self, exc: sqlite3.Error) -> StoreError:
+    def _rollback(self) -> None:
+        # SQLite rolls back by itself after some errors (a full disk, an I/O error)
+        if self.conn.in_transaction:
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+
+    @staticmethod
+    def _retry(fn: Callable[[], Any]) -> Any:
+        """``fn()``, tried again while the store stays busy after the busy timeout."""
+        for attempt in range(RETRIES + 1):
+            try:
+                return fn()
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc) or attempt == RETRIES:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+
+    def _wrap(self, exc: BaseException) -> StoreError:
         msg = str(exc)
+        if isinstance(exc, UnicodeEncodeError):
+            return StoreError(
+                f"cannot save text holding {exc.object[exc.start:exc.end]!a} (an unpaired surrogate, "
+                "not valid Unicode) in the chat store; remove that character and run the cell again")
+        if isinstance(exc, sqlite3.IntegrityError):
+            return StoreError(
+                f"chat store {self.path} refused the change ({msg}); another kernel may have "
+                "changed the tree meanwhile: %subchat tree shows it as it is now")
         if "readonly" in msg or "read-only" in msg:
             return StoreError(f"chat store {self.path} is read-only; {_fix_hint(self.path)}")
         if "full" in msg:
             return StoreError(f"the disk holding {self.path} is full; free space or {_fix_hint(self.path)}")
-        return StoreError(f"chat store {self.path}: {msg}")
+        if "malformed" in msg or "corrupt" in msg or "Could not decode" in msg:
+            return _damaged(self.path, msg.partition(" with text ")[0])
+        if _busy(exc):
+            return StoreError(
+                f"chat store {self.path} stayed locked by another kernel for more than "
+                f"{BUSY_TIMEOUT_MS // 1000} s; run the cell again")
+        if "disk I/O error" in msg or "unable to open" in msg:
+            return StoreError(
+                f"cannot read or write the chat store {self.path} ({msg}): is the disk full or gone, "
+                f"or was the file moved? {_fix_hint(self.path)}")
+        return StoreError(f"chat store {self.path}: {msg[:300]}")
 
     def data_version(self) -> int:
         """Changes whenever another connection commits (PRAGMA data_version)."""
@@ -231,7 +320,7 @@ class Store:
     def _read(self, sql: str, args: tuple | list = ()) -> list[tuple]:
         with self._lock:
             try:
-                return self.conn.execute(sql, args).fetchall()
+                return self._retry(lambda: self.conn.execute(sql, args).fetchall())
             except sqlite3.DatabaseError as exc:
                 raise self._wrap(exc) from None
 
@@ -247,20 +336,21 @@ class Store:
     def insert_chat(self, parent_id: int | None, name: str, system_prompt: str | None,
                     fork_seq: int) -> ChatRow:
         now = time.time()
-        try:
-            with self.transaction() as c:
+        with self.transaction() as c:
+            try:
                 cur = c.execute(
                     "INSERT INTO chats (parent_id, name, system_prompt, fork_seq, created_at) VALUES (?,?,?,?,?)",
                     (parent_id, name, system_prompt, fork_seq, now),
                 )
-                return ChatRow(cur.lastrowid, parent_id, name, system_prompt, fork_seq, now)
-        except sqlite3.IntegrityError:
-            rows = self._read(
-                "SELECT id, parent_id, name, system_prompt, fork_seq, created_at FROM chats "
-                "WHERE name = ? AND parent_id IS ?", (name, parent_id))
-            if not rows:
-                raise
-            return ChatRow(*rows[0])
+            except sqlite3.IntegrityError:
+                # another kernel made the same chat first: use theirs
+                rows = c.execute(
+                    "SELECT id, parent_id, name, system_prompt, fork_seq, created_at FROM chats "
+                    "WHERE name = ? AND parent_id IS ?", (name, parent_id)).fetchall()
+                if not rows:
+                    raise
+                return ChatRow(*rows[0])
+            return ChatRow(cur.lastrowid, parent_id, name, system_prompt, fork_seq, now)
 
     def update_chat(self, chat_id: int, **fields: Any) -> None:
         cols = ", ".join(f"{k} = ?" for k in fields)
