@@ -79,6 +79,16 @@ class MessageRow:
     created_at: float
 
 
+def _opens_for_writing(path: Path) -> bool:
+    """Whether the file can really be opened for writing (``os.access`` says yes to root
+    even for an immutable file). Opening with r+ changes nothing."""
+    try:
+        with open(path, "r+b"):
+            return True
+    except OSError:
+        return False
+
+
 def _fix_hint(path: Path) -> str:
     return (
         "choose another file with the SUBCHAT_STORE environment variable or "
@@ -138,7 +148,7 @@ class Store:
         if p.exists():
             if not os.access(p, os.R_OK):
                 raise StoreError(f"chat store {p} cannot be read (permissions); {_fix_hint(p)}")
-            if not os.access(p, os.W_OK) or not os.access(p.parent, os.W_OK):
+            if not os.access(p, os.W_OK) or not os.access(p.parent, os.W_OK) or not _opens_for_writing(p):
                 raise StoreError(
                     f"chat store {p} is read-only (the file or its folder cannot be written); "
                     f"{_fix_hint(p)}"

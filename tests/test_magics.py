@@ -204,20 +204,45 @@ def test_a_file_that_is_not_a_store_is_named_and_never_overwritten(shell, workdi
     assert bad.read_bytes() == before
 
 
-def test_a_read_only_store_location_is_a_clear_error(shell, workdir):
+def _make_read_only(path):
+    """Read-only even for root: the immutable attribute where we can set it (CI runs as
+    root, who ignores permission bits), else permission bits."""
     import os
+    import subprocess
 
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0:
+        return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
+    mode = path.stat().st_mode
+    os.chmod(path, 0o555 if path.is_dir() else 0o444)
+    return lambda: os.chmod(path, mode)
+
+
+def test_a_read_only_store_location_is_a_clear_error(shell, workdir):
     ro = workdir / "ro"
     ro.mkdir()
-    os.chmod(ro, 0o555)
+    undo = _make_read_only(ro)
     try:
         shell.ok(f"%config SubchatMagics.store_path = '{ro / 'x.db'}'")
-        if os.access(ro, os.W_OK):  # root ignores permissions; check the message path anyway
-            return
         msg = shell.fails("%%subchat\nhi")
-        assert "read-only" in msg and str(ro) in msg
+        assert "read-only" in msg and str(ro) in msg and "SUBCHAT_STORE" in msg
+        assert not (ro / "x.db").exists()
     finally:
-        os.chmod(ro, 0o755)
+        undo()
+
+
+def test_a_read_only_store_file_is_a_clear_error_and_kept(shell, workdir):
+    shell.ok("%%subchat\nbefore")
+    store = workdir / "subchats.db"
+    shell.ok("%config SubchatMagics.store_path = 'other.db'")  # closes the first store
+    undo = _make_read_only(store)
+    try:
+        before = store.read_bytes()
+        shell.ok(f"%config SubchatMagics.store_path = '{store}'")
+        msg = shell.fails("%%subchat\nafter")
+        assert "read-only" in msg and str(store) in msg
+        assert store.read_bytes() == before
+    finally:
+        undo()
 
 
 def test_config_sets_defaults(shell):
