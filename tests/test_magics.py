@@ -233,7 +233,8 @@ def test_a_read_only_store_location_is_a_clear_error(shell, workdir):
 def test_a_read_only_store_file_is_a_clear_error_and_kept(shell, workdir):
     shell.ok("%%subchat\nbefore")
     store = workdir / "subchats.db"
-    shell.ok("%config SubchatMagics.store_path = 'other.db'")  # closes the first store
+    shell.ok("%config SubchatMagics.store_path = 'other.db'")
+    shell.ok("%subchat status")  # the session moves to other.db, closing the first store
     undo = _make_read_only(store)
     try:
         before = store.read_bytes()
