@@ -42,19 +42,24 @@ class Session:
         self.current = ROOT
         self.backend_override: str | None = None  # %subchat backend NAME
         self._tree: ChatTree | None = None
+        self._resolved: dict[str, Path] = {}
         self._lock = threading.RLock()
 
     # -- the tree ----------------------------------------------------------------------------
     def store_path(self) -> Path:
-        if self.defaults.store_path:
-            return Path(self.defaults.store_path).expanduser()
-        return default_store_path()
+        """The store file, absolute. A relative setting is taken from the working folder
+        the first time it is seen, so a later ``%cd`` does not switch trees."""
+        raw = self.defaults.store_path or str(default_store_path())
+        path = self._resolved.get(raw)
+        if path is None:
+            path = self._resolved[raw] = Path(raw).expanduser().resolve()
+        return path
 
     @property
     def tree(self) -> ChatTree:
         """The tree at the configured store path, (re)opened when the path changes."""
         with self._lock:
-            want = self.store_path().resolve()
+            want = self.store_path()
             if self._tree is None or self._tree.store.path != want:
                 old, self._tree = self._tree, ChatTree(want)
                 if old is not None:

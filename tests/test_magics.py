@@ -281,3 +281,12 @@ def test_load_ext_imports_no_backend_sdk():
             " 'ipywidgets', 'httpx') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_changing_folder_keeps_the_same_tree(shell, workdir):
+    shell.ok("%%subchat\nfirst")
+    (workdir / "sub").mkdir()
+    shell.ok(f"%cd {workdir / 'sub'}")
+    out = shell.ok("%%subchat\nsecond")
+    assert out.strip().endswith("echo (3 messages): second")
+    assert not (workdir / "sub" / "subchats.db").exists()
