@@ -1,0 +1,79 @@
+"""What a notebook receives while %%subchat streams, read off a real kernel's iopub channel."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+
+import pytest
+from jupyter_client.manager import start_new_kernel
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("kernel")
+    env = {**os.environ, "LLM_BACKEND": "echo", "OLLAMA_HOST": "http://127.0.0.1:9"}
+    env.pop("SUBCHAT_STORE", None)
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(cwd), env=env,
+                              extra_arguments=[], startup_timeout=60)
+    _run(kc, "%load_ext subchat_magics")
+    yield kc
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)
+
+
+def _run(kc, code: str, timeout: float = 60) -> list[dict]:
+    msg_id = kc.execute(code)
+    msgs = []
+    while True:
+        msg = kc.get_iopub_msg(timeout=timeout)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        msgs.append(msg)
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return msgs
+
+
+def _stamp(msg) -> float:
+    d = msg["header"]["date"]
+    return (d if isinstance(d, datetime) else datetime.fromisoformat(d)).timestamp()
+
+
+def test_a_reply_streams_into_one_display_then_shows_markdown(kernel):
+    _run(kernel, "import os; os.environ['SUBCHAT_ECHO_DELAY'] = '0.01'\n"
+                 "from subchat_magics.backends.registry import registry\n"
+                 "registry()._instances.pop('echo', None)")
+    words = " ".join(f"w{i}" for i in range(120))
+    msgs = _run(kernel, f"%%subchat root\n{words}")
+    updates = [m for m in msgs if m["msg_type"] == "update_display_data"]
+    texts = [m["content"]["data"]["text/plain"] for m in updates]
+    partial = [t for t in texts if t and t.startswith("echo")]
+    assert len(set(partial)) >= 3, "several intermediate states should be shown"
+    assert all(len(a) <= len(b) for a, b in zip(partial, partial[1:], strict=False))
+    final = [m for m in msgs if m["msg_type"] == "display_data"][-1]["content"]["data"]
+    assert final["text/plain"] == f"echo (1 messages): {words}"
+    assert final["text/markdown"] == f"echo (1 messages): {words}"
+    assert texts[-1] == ""  # the live display ends empty: the final display replaces it
+
+
+def test_updates_are_coalesced_whatever_the_token_rate(kernel):
+    _run(kernel, "import os; os.environ['SUBCHAT_ECHO_DELAY'] = '0'\n"
+                 "from subchat_magics.backends.registry import registry\n"
+                 "registry()._instances.pop('echo', None)")
+    words = " ".join(f"w{i}" for i in range(3000))
+    msgs = _run(kernel, f"%%subchat root/fast\n{words}")
+    updates = [m for m in msgs if m["msg_type"] == "update_display_data"]
+    shows = [m for m in msgs if m["msg_type"] in ("display_data", "update_display_data")]
+    streaming_s = _stamp(shows[-1]) - _stamp(shows[0])
+    # 3,000 deltas; at most one update per 50 ms of streaming, plus the first and last
+    assert len(updates) <= streaming_s / 0.05 + 3, (len(updates), streaming_s)
+    assert len(updates) < 3000 / 10
+
+
+def test_errors_are_one_line_usage_errors_in_the_kernel(kernel):
+    msgs = _run(kernel, "%%subchat root/no/such\nhi")
+    errors = [m for m in msgs if m["msg_type"] == "error"]
+    streams = "".join(m["content"].get("text", "") for m in msgs if m["msg_type"] == "stream")
+    assert not errors or errors[0]["content"]["ename"] == "UsageError"
+    text = streams + "".join(e["content"]["evalue"] for e in errors)
+    assert "root/no" in text and "Traceback" not in text
