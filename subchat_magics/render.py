@@ -69,29 +69,22 @@ def _status_tag(m: Message) -> str:
 def tree_text(tree: ChatTree, current: str | None = None) -> str:
     """The tree as indented text: name, message count, last reply's backend/model."""
     counts = tree.store.message_counts()
+    last = tree.store.last_replies()
     lines = []
     for chat in tree.chats():
         depth = chat.path.count("/")
         n = counts.get(chat.id, 0)
         mark = "*" if chat.path == current else " "
         info = f"{n} message{'s' if n != 1 else ''}"
-        last = _last_reply(chat) if n else None
-        if last is not None and last.provenance.get("backend"):
-            info += f", {last.provenance['backend']}"
-            model = last.provenance.get("model")
-            if model and model != last.provenance["backend"]:
-                info += f"/{model}"
-            info += _status_tag(last)
+        status, prov = last.get(chat.id, ("complete", {}))
+        if prov.get("backend"):
+            info += f", {prov['backend']}"
+            if prov.get("model") and prov["model"] != prov["backend"]:
+                info += f"/{prov['model']}"
+            if status != "complete":
+                info += f" [{prov.get('finish_reason', status)}]"
         lines.append(f"{mark} {'  ' * depth}{chat.name}  ({info})")
     return "\n".join(lines)
-
-
-def _last_reply(chat: Chat) -> Message | None:
-    rows = chat.tree.store.messages(chat.id)
-    for r in reversed(rows):
-        if r.role == "assistant":
-            return Message.from_row(r)
-    return None
 
 
 def transcript(tree: ChatTree, chat: Chat, provenance: bool = False, inherited: bool = True,

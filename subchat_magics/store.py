@@ -417,6 +417,13 @@ class Store:
                 "AND (want.lim < 0 OR m.seq < want.lim) ORDER BY want.pos, m.seq", args)
         return out
 
+    def last_replies(self) -> dict[int, tuple[str, dict[str, Any]]]:
+        """Each chat's last assistant message: ``{chat_id: (status, provenance)}``."""
+        rows = self._read(
+            "SELECT chat_id, status, provenance FROM messages WHERE id IN "
+            "(SELECT MAX(id) FROM messages WHERE role = 'assistant' GROUP BY chat_id)")
+        return {r[0]: (r[1], json.loads(r[2]) if r[2] else {}) for r in rows}
+
     def message_count(self, chat_id: int) -> int:
         return self._read("SELECT COUNT(*) FROM messages WHERE chat_id = ?", (chat_id,))[0][0]
 
