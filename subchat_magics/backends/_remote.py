@@ -1,0 +1,482 @@
+"""What the HTTP backends (Ollama, Groq, OpenAI-compatible) share: timeouts, the
+rate-limit retry budget, one cached SDK client per configuration, and the wording of
+their errors. No SDK is imported here."""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import importlib
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
+
+from ..errors import BackendError, BackendUnavailable
+from ..secrets import mask, redact, register_secret
+from ..settings import getenv
+from .base import Backend, Finish, GenerationOptions, Message
+
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 60.0  # between two chunks (or before the first one)
+RATE_LIMIT_RETRIES = 2
+RATE_LIMIT_BUDGET_S = 10.0  # the most we wait, in all, for a rate limit to lift
+RATE_LIMIT_DEFAULT_WAIT_S = 1.0  # when the server says nothing about when
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float
+    read: float
+
+
+def _seconds(name: str, default: float) -> float:
+    raw = getenv(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or math.isinf(value):
+        raise BackendError(f"{name} must be a number of seconds above 0, not {raw!r}",
+                           reason="config")
+    return value
+
+
+def timeouts() -> Timeouts:
+    """``SUBCHAT_CONNECT_TIMEOUT`` (default 5 s) and ``SUBCHAT_TIMEOUT``: how long a
+    server may stay silent before the first chunk or between two (default 60 s)."""
+    return Timeouts(_seconds("SUBCHAT_CONNECT_TIMEOUT", CONNECT_TIMEOUT_S),
+                    _seconds("SUBCHAT_TIMEOUT", READ_TIMEOUT_S))
+
+
+def secret_digest(value: str | None) -> str:
+    """A stand-in for a key in cache keys, so a key is never kept in our own structures."""
+    return hashlib.sha256(value.encode()).hexdigest()[:16] if value else ""
+
+
+class ClientCache:
+    """One SDK client per configuration (URL, key, timeouts), reused across requests so
+    that a connection pool and TLS context are built once. A new configuration closes
+    the client it replaces."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: tuple | None = None
+        self._client: Any = None
+
+    def get(self, key: tuple, make: Callable[[], Any]) -> Any:
+        with self._lock:
+            if self._client is not None and self._key == key:
+                return self._client
+            old, self._client, self._key = self._client, make(), key
+        _close_quietly(old)
+        return self._client
+
+    def close(self) -> None:
+        with self._lock:
+            old, self._client, self._key = self._client, None, None
+        _close_quietly(old)
+
+
+def _close_quietly(client: Any) -> None:
+    if client is None:
+        return
+    try:
+        client.close()
+    except Exception:  # noqa: BLE001 - closing a pool must never fail a request
+        pass
+
+
+# -- rate limits ---------------------------------------------------------------------------
+
+_TRY_AGAIN = re.compile(r"try again in\s+(?:(\d+)h)?\s*(?:(\d+)m(?!s))?\s*(?:(\d+(?:\.\d+)?)(ms|s))?",
+                        re.IGNORECASE)
+
+
+def retry_after(headers: Mapping[str, str] | None, message: str = "") -> float | None:
+    """Seconds the server asks us to wait: ``retry-after-ms``, ``retry-after`` (seconds
+    or an HTTP date), else a "try again in 7.5s" in the message (Groq's wording)."""
+    if headers is not None:
+        ms = headers.get("retry-after-ms")
+        if ms:
+            try:
+                return max(0.0, float(ms) / 1000)
+            except ValueError:
+                pass
+        ra = headers.get("retry-after")
+        if ra:
+            try:
+                return max(0.0, float(ra))
+            except ValueError:
+                pass
+            try:
+                return max(0.0, email.utils.parsedate_to_datetime(ra).timestamp() - time.time())
+            except (TypeError, ValueError):
+                pass
+    m = _TRY_AGAIN.search(message or "")
+    if m and any(m.group(i) for i in (1, 2, 3)):
+        h, mins, num, unit = m.groups()
+        secs = float(num or 0) / (1000 if unit == "ms" else 1)
+        return int(h or 0) * 3600 + int(mins or 0) * 60 + secs
+    return None
+
+
+class RetryBudget:
+    """At most ``RATE_LIMIT_RETRIES`` waits, ``RATE_LIMIT_BUDGET_S`` seconds in all."""
+
+    def __init__(self, retries: int = RATE_LIMIT_RETRIES, budget_s: float = RATE_LIMIT_BUDGET_S):
+        self.retries_left = retries
+        self.budget_left = budget_s
+
+    def wait(self, seconds: float | None) -> bool:
+        """Sleep ``seconds`` (a default when None) and return True if the budget allows
+        it; otherwise return False at once. Ctrl-C interrupts the sleep."""
+        wait = RATE_LIMIT_DEFAULT_WAIT_S if seconds is None else max(0.0, seconds)
+        if self.retries_left <= 0 or wait > self.budget_left:
+            return False
+        self.retries_left -= 1
+        self.budget_left -= wait
+        if wait:
+            time.sleep(wait)
+        return True
+
+
+def when_to_retry(seconds: float | None) -> str:
+    if seconds is None:
+        return "retry in a minute or so"
+    return f"retry in ~{max(1, math.ceil(seconds))} s"
+
+
+# -- messages ------------------------------------------------------------------------------
+
+def failure(message: str, reason: str, retry_after: float | None = None) -> BackendError:
+    """A :class:`BackendError` whose message has every known key masked."""
+    return BackendError(redact(message), reason=reason, retry_after=retry_after)
+
+
+_ERROR_CODE = re.compile(r"^Error code: \d+ - ")
+
+
+def detail(exc: BaseException, limit: int = 300) -> str:
+    """A short, redacted description of an SDK or transport exception: the server's own
+    message where the body has one."""
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        body = body["error"]
+    text = body.get("message") if isinstance(body, dict) else None
+    if not isinstance(text, str) or not text:
+        text = str(getattr(exc, "error", None) or getattr(exc, "message", None) or exc or "")
+        text = _ERROR_CODE.sub("", text)
+    text = " ".join(text.split()) or type(exc).__name__
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return redact(text)
+
+
+def list_names(names: Iterable[str], limit: int = 12) -> str:
+    names = list(names)
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+def cut_message(service: str, received: int, why: str) -> str:
+    return (f"the stream from {service} was cut after {received} chunk"
+            f"{'' if received == 1 else 's'} ({why}); send the message again to retry")
+
+
+def timeout_message(service: str, received: int, read_s: float) -> str:
+    if received:
+        what = f"stopped sending for {read_s:g} s after {received} chunk{'' if received == 1 else 's'}"
+    else:
+        what = f"sent no reply within {read_s:g} s"
+    return (f"{service} {what}; the server may be overloaded or stuck "
+            f"(set SUBCHAT_TIMEOUT to wait longer)")
+
+
+def join_thinking(reasoning: str | None, content: str | None, state: list[bool]) -> str:
+    """Reasoning deltas shown as ``<think>…</think>`` ahead of the answer.
+    ``state[0]`` says whether a think block is open."""
+    out = ""
+    if reasoning:
+        if not state[0]:
+            out += "<think>\n"
+            state[0] = True
+        out += reasoning
+    if content:
+        if state[0]:
+            out += "\n</think>\n\n"
+            state[0] = False
+        out += content
+    return out
+
+
+def safe_url(url: str) -> str:
+    """``url`` without credentials or query, for messages."""
+    import urllib.parse
+
+    try:
+        s = urllib.parse.urlsplit(url)
+        host = s.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = host + (f":{s.port}" if s.port else "")
+        return urllib.parse.urlunsplit((s.scheme, netloc, s.path.rstrip("/"), "", ""))
+    except ValueError:
+        return redact(url)
+
+
+def installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+class ChatCompletionsBackend(Backend):
+    """A backend speaking OpenAI's streamed ``/chat/completions`` through a Stainless-made
+    SDK (``groq``, ``openai``): their clients, streams and exceptions have the same shape.
+    Subclasses name the SDK, where the URL and key come from, and the default model."""
+
+    sdk_module: ClassVar[str] = ""
+    key_var: ClassVar[str] = ""
+    url_var: ClassVar[str] = ""
+    #: the request asks for usage in the last chunk (``stream_options``)
+    ask_usage: ClassVar[bool] = False
+    #: said after "is URL_VAR right?"
+    url_hint: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        self._clients = ClientCache()
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def service(self, base_url: str | None) -> str:
+        raise NotImplementedError
+
+    def connection_hint(self) -> str:
+        raise NotImplementedError
+
+    def resolve_model(self, client: Any, base_url: str | None, options: GenerationOptions,
+                      t: Timeouts) -> str:
+        raise NotImplementedError
+
+    def make_client(self, sdk: Any, base_url: str | None, key: str | None, t: Timeouts) -> Any:
+        raise NotImplementedError
+
+    def require_key(self, base_url: str | None, key: str | None) -> None:
+        """Raise :class:`BackendUnavailable` when this configuration cannot work."""
+
+    # -- settings ------------------------------------------------------------------------------
+    def base_url(self) -> str | None:
+        return getenv(self.url_var)
+
+    def api_key(self) -> str | None:
+        key = getenv(self.key_var)
+        register_secret(key)
+        return key
+
+    def _sdk(self) -> Any:
+        try:
+            return importlib.import_module(self.sdk_module)
+        except ImportError:
+            raise BackendUnavailable(
+                f"the {self.sdk_module} client is not installed; install it with: "
+                f"pip install 'subchat-magics[{self.extra}]'") from None
+
+    def _transport(self) -> Any:
+        """The HTTP library under the SDK (``httpx``; ``httpx2`` for newer ``openai``)."""
+        timeout_cls = self._sdk().Timeout
+        for name in ("httpx", "httpx2"):
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue
+            if getattr(module, "Timeout", None) is timeout_cls:
+                return module
+        import httpx
+
+        return httpx
+
+    def client(self) -> tuple[Any, str | None, Timeouts]:
+        sdk = self._sdk()
+        base_url, key, t = self.base_url(), self.api_key(), timeouts()
+        self.require_key(base_url, key)
+        client = self._clients.get((base_url, secret_digest(key), t),
+                                   lambda: self.make_client(sdk, base_url, key, t))
+        return client, base_url, t
+
+    def models(self) -> list[str]:
+        """Model ids the server lists (``/models``)."""
+        client, base_url, t = self.client()
+        return self._list_models(client, base_url, t)
+
+    def _list_models(self, client: Any, base_url: str | None, t: Timeouts) -> list[str]:
+        try:
+            listed = client.models.list()
+            # openai pages, groq returns the list object
+            return [m.id for m in getattr(listed, "data", None) or listed]
+        except Exception as exc:  # noqa: BLE001 - mapped to one of our messages
+            raise self.error(exc, base_url, None, 0, t, started=False, listing=True) from None
+
+    # -- streaming -----------------------------------------------------------------------------
+    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[str | Finish]:
+        sdk = self._sdk()
+        client, base_url, t = self.client()
+        model = self.resolve_model(client, base_url, options, t)
+        kwargs: dict[str, Any] = dict(model=model, messages=list(messages), stream=True,
+                                      temperature=options.temperature, top_p=options.top_p,
+                                      max_tokens=options.max_tokens)
+        if options.stop:
+            kwargs["stop"] = list(options.stop)
+        if options.seed is not None:
+            kwargs["seed"] = options.seed
+        if self.ask_usage:
+            kwargs["stream_options"] = {"include_usage": True}
+        budget = RetryBudget()
+        while True:
+            try:
+                chunks = client.chat.completions.create(**kwargs)
+                break
+            except sdk.RateLimitError as exc:
+                if budget.wait(retry_after(exc.response.headers, detail(exc))):
+                    continue
+                raise self.error(exc, base_url, model, 0, t, started=False) from None
+            except sdk.BadRequestError as exc:
+                # a server that does not know stream_options: go on without usage
+                if "stream_options" in kwargs and "stream_options" in str(exc):
+                    del kwargs["stream_options"]
+                    continue
+                raise self.error(exc, base_url, model, 0, t, started=False) from None
+            except sdk.APIError as exc:
+                raise self.error(exc, base_url, model, 0, t, started=False) from None
+        yield from self._read(sdk, chunks, base_url, model, t)
+
+    def _read(self, sdk: Any, chunks: Any, base_url: str | None, model: str,
+              t: Timeouts) -> Iterator[str | Finish]:
+        transport = self._transport()
+        received = 0
+        finish_reason = None
+        usage = None
+        served_model = None
+        thinking = [False]
+        try:
+            try:
+                for chunk in chunks:
+                    received += 1
+                    served_model = chunk.model or served_model
+                    extra = getattr(chunk, "x_groq", None)
+                    if extra is not None and getattr(extra, "error", None):
+                        raise failure(f"{self.service(base_url)} reported an error after "
+                                      f"{received} chunks: {redact(str(extra.error))}", "server")
+                    usage = getattr(chunk, "usage", None) or getattr(extra, "usage", None) or usage
+                    for choice in chunk.choices:
+                        if choice.index:
+                            continue
+                        delta = choice.delta
+                        reasoning = getattr(delta, "reasoning", None) or \
+                            getattr(delta, "reasoning_content", None) if delta else None
+                        content = delta.content if delta else None
+                        if reasoning or thinking[0]:
+                            content = join_thinking(reasoning, content, thinking)
+                        if content:
+                            yield content
+                        if choice.finish_reason:
+                            finish_reason = choice.finish_reason
+            except (sdk.APIError, transport.TransportError, ValueError) as exc:
+                if finish_reason is None:
+                    raise self.error(exc, base_url, model, received, t, started=True) from None
+                # the answer was complete; only the usage or [DONE] after it was lost
+            if finish_reason is None:
+                raise failure(cut_message(self.service(base_url), received,
+                                          "it ended without a finish reason"), "stream")
+            if thinking[0]:
+                yield "\n</think>\n\n"
+            details = getattr(usage, "prompt_tokens_details", None)
+            yield Finish(reason=finish_reason, model=served_model or model,
+                         prompt_tokens=getattr(usage, "prompt_tokens", None),
+                         completion_tokens=getattr(usage, "completion_tokens", None),
+                         cached_tokens=getattr(details, "cached_tokens", None))
+        finally:
+            chunks.close()
+
+    # -- errors --------------------------------------------------------------------------------
+    def error(self, exc: BaseException, base_url: str | None, model: str | None, received: int,
+              t: Timeouts, *, started: bool, listing: bool = False) -> BackendError:
+        """One clear message for whatever the SDK raised. ``started``: the server had
+        answered (the stream was open); ``received``: chunks that arrived before it."""
+        sdk = self._sdk()
+        transport = self._transport()
+        service = self.service(base_url)
+        if isinstance(exc, BackendError):
+            return exc
+        text = detail(exc)
+        if isinstance(exc, (sdk.APITimeoutError, transport.TimeoutException)):
+            if isinstance(exc.__cause__ or exc, transport.ConnectTimeout):
+                return failure(f"{service} did not accept a connection within {t.connect:g} s: "
+                               f"{self.connection_hint()}", "timeout")
+            return failure(timeout_message(service, received, t.read), "timeout")
+        if isinstance(exc, (sdk.APIConnectionError, transport.TransportError)):
+            if started:
+                return failure(cut_message(service, received, detail(exc.__cause__ or exc, 120)),
+                               "stream")
+            return failure(f"cannot reach {service}: {self.connection_hint()}", "connection")
+        if isinstance(exc, sdk.APIStatusError):
+            code = exc.status_code
+            if code in (401, 403):
+                return self.auth_error(service, code, text)
+            if code == 404 and not listing and model:
+                return self.missing_model(base_url, model, t)
+            if code == 404:
+                return failure(f"{service} answered 404 to {exc.request.url.path}: is "
+                               f"{self.url_var} right?{self.url_hint}", "request")
+            if code == 429:
+                wait = retry_after(exc.response.headers, text)
+                return failure(f"rate-limited by {service} (429): {text}; {when_to_retry(wait)}",
+                               "rate-limit", retry_after=wait)
+            if code >= 500:
+                return failure(f"{service} failed ({code}): {text}", "server")
+            return failure(f"{service} rejected the request ({code}): {text}", "request")
+        if isinstance(exc, sdk.APIError):  # an error event in the stream
+            return failure(f"{service} reported an error after {received} chunk"
+                           f"{'' if received == 1 else 's'}: {text}", "server")
+        if isinstance(exc, ValueError):
+            return failure(f"{service} sent something that is not an OpenAI-style event stream "
+                           f"({detail(exc, 120)}): is {self.url_var} right?", "stream")
+        return failure(f"{service} failed: {type(exc).__name__}: {text}", "backend")
+
+    def auth_error(self, service: str, code: int, text: str) -> BackendError:
+        name = self.id
+        return failure(f"{self.key_var} was rejected ({code}): {text}; set a valid key in the "
+                       f"environment, ./.env or with %subchat key {name}", "auth")
+
+    def missing_model(self, base_url: str | None, model: str, t: Timeouts) -> BackendError:
+        service = self.service(base_url)
+        try:
+            client, _, _ = self.client()
+            names = self._list_models(client, base_url, t)
+        except BackendError as exc:
+            if exc.reason == "request":  # /models is missing too: the URL is wrong
+                return failure(f"{service} answered 404 for the chat and the model list: is "
+                               f"{self.url_var} right?{self.url_hint}", "request")
+            names = None
+        listing = ("the model list could not be read" if names is None
+                   else f"available: {list_names(names)}")
+        return failure(f"model {model!r} is not served by {service}; {listing}. Pick one with "
+                       f"--model or {self.id.upper()}_MODEL", "model")
+
+    def close(self) -> None:
+        self._clients.close()
+
+    def __repr__(self) -> str:
+        key = getenv(self.key_var)
+        url = self.base_url()
+        return (f"<{type(self).__name__} id={self.id!r}"
+                + (f" url={safe_url(url)!r}" if url else "")
+                + f" model={self.default_model()!r} key={mask(key)}>")

@@ -1,0 +1,295 @@
+"""The Ollama backend: the official ``ollama`` client against ``OLLAMA_HOST``.
+
+Settings (environment, then ``./.env``): ``OLLAMA_HOST`` (default
+``http://127.0.0.1:11434``), ``OLLAMA_MODEL`` (else ``--model``/``%config``, else the
+most recently pulled model), ``OLLAMA_API_KEY`` for servers behind a key,
+``SUBCHAT_TIMEOUT``/``SUBCHAT_CONNECT_TIMEOUT``."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.parse
+from typing import Any, Iterator, Sequence
+
+from ..errors import BackendError, BackendUnavailable
+from ..secrets import mask, register_secret
+from ..settings import getenv
+from . import _remote
+from ._remote import failure
+from .base import Availability, Backend, Finish, GenerationOptions, Message
+
+DEFAULT_HOST = "http://127.0.0.1:11434"
+PROBE_TIMEOUT_S = 0.5
+PROBE_TTL_OK_S = 10.0
+PROBE_TTL_DOWN_S = 3.0  # a server started a moment ago is found a few seconds later
+INSTALL_HINT = "install it with: pip install 'subchat-magics[ollama]'"
+
+
+def normalize_host(host: str | None) -> str:
+    """``OLLAMA_HOST`` as the ollama client reads it: ``host``, ``host:port``, ``:port``
+    or a URL; the port defaults to 11434 unless a scheme is given."""
+    host = (host or "").strip()
+    port = 11434
+    scheme, sep, rest = host.partition("://")
+    if not sep:
+        scheme, rest = "http", host
+    elif scheme == "http":
+        port = 80
+    elif scheme == "https":
+        port = 443
+    split = urllib.parse.urlsplit(f"{scheme}://{rest}")
+    try:
+        port = split.port or port
+    except ValueError:
+        pass
+    name = split.hostname or "127.0.0.1"
+    if ":" in name:
+        name = f"[{name}]"
+    path = split.path.rstrip("/")
+    return f"{scheme}://{name}:{port}{path}"
+
+
+def _sdk() -> Any:
+    try:
+        import ollama
+    except ImportError:
+        raise BackendUnavailable(f"the ollama client is not installed; {INSTALL_HINT}") from None
+    return ollama
+
+
+class OllamaBackend(Backend):
+    """Streams ``/api/chat`` from an Ollama server."""
+
+    id = "ollama"
+    extra = "ollama"
+
+    def __init__(self) -> None:
+        self._clients = _remote.ClientCache()
+        self._probe_client: Any = None
+        self._probes: dict[str, tuple[float, Availability, list[str]]] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()  # the last response's headers, per thread
+
+    # -- settings ------------------------------------------------------------------------------
+    def host(self) -> str:
+        return normalize_host(getenv("OLLAMA_HOST") or DEFAULT_HOST)
+
+    def default_model(self) -> str | None:
+        return getenv("OLLAMA_MODEL")
+
+    def _client(self, host: str, t: _remote.Timeouts) -> Any:
+        ollama = _sdk()
+        import httpx
+
+        key = getenv("OLLAMA_API_KEY")
+        register_secret(key)
+
+        def make() -> Any:
+            headers = {"authorization": f"Bearer {key}"} if key else None
+            return ollama.Client(host=host, headers=headers,
+                                 timeout=httpx.Timeout(t.read, connect=t.connect),
+                                 event_hooks={"response": [self._remember_headers]})
+
+        return self._clients.get((host, _remote.secret_digest(key), t), make)
+
+    def _remember_headers(self, response: Any) -> None:
+        # ollama's ResponseError drops the response; keep retry-after for 429s
+        self._local.headers = response.headers
+
+    # -- availability --------------------------------------------------------------------------
+    def available(self) -> Availability:
+        """The server answers ``/api/tags`` within 0.5 s and has a model pulled."""
+        try:
+            import ollama  # noqa: F401
+        except ImportError:
+            return Availability(False, f"the ollama client is not installed; {INSTALL_HINT}")
+        try:
+            host = self.host()
+        except BackendError as exc:
+            return Availability(False, str(exc))
+        hit = self._probes.get(host)
+        now = time.monotonic()
+        if hit and now < hit[0]:
+            return hit[1]
+        av, names = self._probe(host)
+        ttl = PROBE_TTL_OK_S if av.ok else PROBE_TTL_DOWN_S
+        self._probes[host] = (now + ttl, av, names)
+        return av
+
+    def _probe(self, host: str) -> tuple[Availability, list[str]]:
+        import httpx
+
+        with self._lock:
+            if self._probe_client is None:
+                self._probe_client = httpx.Client(timeout=PROBE_TIMEOUT_S)
+            client = self._probe_client
+        try:
+            r = client.get(f"{host}/api/tags", headers=self._auth_headers())
+            r.raise_for_status()
+            names = [m.get("name") or m.get("model") for m in r.json().get("models", [])]
+        except httpx.HTTPStatusError as exc:
+            return Availability(False, f"Ollama at {host} answered {exc.response.status_code} "
+                                       "to /api/tags"), []
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            return Availability(False, f"no Ollama server answers at {host} "
+                                       f"({_remote.detail(exc, 80)}); start `ollama serve` "
+                                       "or set OLLAMA_HOST"), []
+        names = [n for n in names if n]
+        if not names:
+            return Availability(False, f"Ollama at {host} has no model pulled; "
+                                       "run `ollama pull llama3.2`"), []
+        return Availability(True, f"Ollama answers at {host} ({len(names)} model"
+                                  f"{'' if len(names) == 1 else 's'} pulled)"), names
+
+    def _auth_headers(self) -> dict[str, str]:
+        key = getenv("OLLAMA_API_KEY")
+        register_secret(key)
+        return {"authorization": f"Bearer {key}"} if key else {}
+
+    def models(self) -> list[str]:
+        """Names of the models pulled on the server (``/api/tags``), newest first."""
+        host = self.host()
+        client = self._client(host, _remote.timeouts())
+        try:
+            listed = client.list()
+        except Exception as exc:  # noqa: BLE001 - mapped to one of our messages
+            raise self._error(exc, host, 0, None, _remote.timeouts()) from None
+        return [m.model for m in listed.models if m.model]
+
+    # -- streaming -----------------------------------------------------------------------------
+    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[str | Finish]:
+        ollama = _sdk()
+        import httpx
+
+        host = self.host()
+        t = _remote.timeouts()
+        client = self._client(host, t)
+        model = options.model or self.default_model() or self._newest_model(host)
+        sampling: dict[str, Any] = {"temperature": options.temperature, "top_p": options.top_p,
+                                    "num_predict": options.max_tokens}
+        if options.stop:
+            sampling["stop"] = list(options.stop)
+        if options.seed is not None:
+            sampling["seed"] = options.seed
+        # thinking models think unless told otherwise; only ask for it when wanted
+        extra = {"think": True} if options.think else {}
+        budget = _remote.RetryBudget()
+        while True:
+            received = 0
+            thinking = [False]
+            parts = client.chat(model=model, messages=list(messages), stream=True,
+                                options=sampling, **extra)
+            try:
+                for part in parts:
+                    received += 1
+                    msg = part.message
+                    text = _remote.join_thinking(msg.thinking, msg.content, thinking) \
+                        if msg.thinking or thinking[0] else msg.content
+                    if text:
+                        yield text
+                    if part.done:
+                        if thinking[0]:
+                            yield "\n</think>\n\n"
+                        yield Finish(reason=part.done_reason or "stop", model=part.model or model,
+                                     prompt_tokens=part.prompt_eval_count,
+                                     completion_tokens=part.eval_count)
+                        return
+                raise failure(_remote.cut_message(f"Ollama at {host}", received,
+                                                  "it ended without its final `done` line"),
+                              "stream")
+            except ollama.ResponseError as exc:
+                if exc.status_code == 429 and received == 0:
+                    wait = _remote.retry_after(getattr(self._local, "headers", None), exc.error)
+                    if budget.wait(wait):
+                        continue
+                raise self._error(exc, host, received, model, t) from None
+            except (httpx.HTTPError, ConnectionError, ValueError) as exc:
+                # ConnectionError: the client's own, when it cannot connect;
+                # ValueError: a line that is not JSON or not a chat chunk
+                raise self._error(exc, host, received, model, t) from None
+            finally:
+                parts.close()
+
+    def _newest_model(self, host: str) -> str:
+        names = self.models()
+        if not names:
+            raise failure(f"Ollama at {host} has no model pulled; run `ollama pull llama3.2` "
+                          "(or another model) first", "model")
+        return names[0]
+
+    def _error(self, exc: BaseException, host: str, received: int, model: str | None,
+               t: _remote.Timeouts) -> BackendError:
+        """One clear message for whatever the client raised."""
+        import httpx
+        import ollama
+
+        service = f"Ollama at {host}"
+        if isinstance(exc, BackendError):
+            return exc
+        if isinstance(exc, ollama.ResponseError):
+            code, text = exc.status_code, _remote.detail(exc)
+            if code == -1:
+                return failure(f"{service} reported an error after {received} chunk"
+                               f"{'' if received == 1 else 's'}: {text}", "server")
+            if code in (401, 403):
+                return failure(f"{service} refused the request ({code}): {text}; set "
+                               "OLLAMA_API_KEY if the server needs a key", "auth")
+            if code == 404 and model:
+                return self._missing_model(host, model, text)
+            if code == 429:
+                wait = _remote.retry_after(getattr(self._local, "headers", None), exc.error)
+                return failure(f"rate-limited by {service} (429); {_remote.when_to_retry(wait)}",
+                               "rate-limit", retry_after=wait)
+            if code >= 500:
+                return failure(f"{service} failed ({code}): {text}", "server")
+            return failure(f"{service} rejected the request ({code}): {text}", "request")
+        if isinstance(exc, httpx.ConnectError) or type(exc) is ConnectionError:
+            return failure(f"cannot reach {service}: is `ollama serve` running at that address? "
+                           "(set OLLAMA_HOST)", "connection")
+        if isinstance(exc, httpx.ConnectTimeout):
+            return failure(f"{service} did not accept a connection within {t.connect:g} s: is the "
+                           "address right? (set OLLAMA_HOST, SUBCHAT_CONNECT_TIMEOUT)", "timeout")
+        if isinstance(exc, httpx.TimeoutException):
+            return failure(_remote.timeout_message(service, received, t.read), "timeout")
+        if isinstance(exc, ValueError):  # a line that is not JSON
+            return failure(f"{service} sent something that is not Ollama's NDJSON "
+                           f"({_remote.detail(exc, 120)}): is OLLAMA_HOST an Ollama server?",
+                           "stream")
+        if received:
+            return failure(_remote.cut_message(service, received, _remote.detail(exc, 120)),
+                           "stream")
+        return failure(f"{service} closed the connection without a reply "
+                       f"({_remote.detail(exc, 120)}): is it an Ollama server? (set OLLAMA_HOST)",
+                       "connection")
+
+    def _missing_model(self, host: str, model: str, text: str) -> BackendError:
+        try:
+            names = self.models()
+        except BackendError:
+            names = None
+        if names is None:
+            listing = "the list of pulled models could not be read"
+        else:
+            listing = f"available: {_remote.list_names(names)}"
+        return failure(f"model {model!r} is not pulled on Ollama at {host} ({text}); {listing}. "
+                       f"Run `ollama pull {model}` or pick one with --model / OLLAMA_MODEL",
+                       "model")
+
+    def close(self) -> None:
+        self._clients.close()
+        with self._lock:
+            probe, self._probe_client = self._probe_client, None
+        if probe is not None:
+            probe.close()
+        self._probes.clear()
+
+    def __repr__(self) -> str:
+        try:
+            host = self.host()
+        except BackendError:
+            host = "?"
+        key = getenv("OLLAMA_API_KEY")
+        return (f"<OllamaBackend id='ollama' host={host!r} model={self.default_model()!r}"
+                + (f" key={mask(key)}" if key else "") + ">")
+

@@ -1,0 +1,96 @@
+"""Any OpenAI-compatible server (``vllm serve``, llama.cpp's server, LM Studio, TGI,
+OpenAI itself) through the official ``openai`` client.
+
+Settings (environment, then ``./.env``): ``OPENAI_BASE_URL`` (e.g.
+``http://127.0.0.1:8000/v1``; default OpenAI's API), ``OPENAI_API_KEY`` (optional for
+local servers; ``%subchat key openai``), ``OPENAI_MODEL`` (else ``--model``/``%config``,
+else the first model the server lists at ``/models``),
+``SUBCHAT_TIMEOUT``/``SUBCHAT_CONNECT_TIMEOUT``."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from ..errors import BackendUnavailable
+from ..settings import getenv, where
+from ._remote import ChatCompletionsBackend, Timeouts, failure, installed, safe_url, secret_digest
+from .base import Availability, GenerationOptions
+
+#: sent when no key is set: local servers ignore it, the SDK insists on one
+NO_KEY = "EMPTY"
+MODELS_TTL_S = 60.0
+
+
+class OpenAIBackend(ChatCompletionsBackend):
+    """Streams ``/chat/completions`` from an OpenAI-compatible server."""
+
+    id = "openai"
+    extra = "openai"
+    sdk_module = "openai"
+    key_var = "OPENAI_API_KEY"
+    url_var = "OPENAI_BASE_URL"
+    ask_usage = True
+    url_hint = " (it usually ends in /v1)"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._first_model: dict[tuple, tuple[float, str]] = {}
+        self._lock = threading.Lock()
+
+    def available(self) -> Availability:
+        """A server URL or a key is configured (nothing is sent to check it)."""
+        if not installed("openai"):
+            return Availability(False, "the openai client is not installed; install it with: "
+                                       "pip install 'subchat-magics[openai]'")
+        url = self.base_url()
+        if url:
+            return Availability(True, f"OPENAI_BASE_URL is {safe_url(url)}")
+        if self.api_key():
+            return Availability(True, f"OPENAI_API_KEY is set (from {where('OPENAI_API_KEY')}); "
+                                      "using api.openai.com")
+        return Availability(False, "neither OPENAI_BASE_URL (a local server such as `vllm serve`)"
+                                   " nor OPENAI_API_KEY is set")
+
+    def default_model(self) -> str | None:
+        return getenv("OPENAI_MODEL")
+
+    def service(self, base_url: str | None) -> str:
+        return f"the server at {safe_url(base_url)}" if base_url else "the OpenAI API"
+
+    def connection_hint(self) -> str:
+        return "is it running at that address? (set OPENAI_BASE_URL, e.g. http://127.0.0.1:8000/v1)"
+
+    def require_key(self, base_url: str | None, key: str | None) -> None:
+        if not base_url and not key:
+            raise BackendUnavailable(
+                "set OPENAI_BASE_URL to your server (e.g. http://127.0.0.1:8000/v1 for "
+                "`vllm serve`), or OPENAI_API_KEY for OpenAI's API", reason="config")
+
+    def make_client(self, sdk: Any, base_url: str | None, key: str | None, t: Timeouts) -> Any:
+        return sdk.OpenAI(api_key=key or NO_KEY, base_url=base_url, max_retries=0,
+                          timeout=sdk.Timeout(t.read, connect=t.connect))
+
+    def resolve_model(self, client: Any, base_url: str | None, options: GenerationOptions,
+                      t: Timeouts) -> str:
+        model = options.model or self.default_model()
+        if model:
+            return model
+        cache_key = (base_url, secret_digest(self.api_key()))
+        hit = self._first_model.get(cache_key)
+        if hit and time.monotonic() < hit[0]:
+            return hit[1]
+        names = self._list_models(client, base_url, t)
+        if not names:
+            raise failure(f"{self.service(base_url)} lists no model; pass --model or set "
+                          "OPENAI_MODEL", "model")
+        with self._lock:
+            self._first_model[cache_key] = (time.monotonic() + MODELS_TTL_S, names[0])
+        return names[0]
+
+    def auth_error(self, service: str, code: int, text: str) -> Any:
+        if not self.api_key():
+            return failure(f"{service} wants a key ({code}): {text}; set OPENAI_API_KEY in the "
+                           "environment or ./.env, or run %subchat key openai", "auth")
+        return super().auth_error(service, code, text)
