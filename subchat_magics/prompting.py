@@ -1,0 +1,281 @@
+"""Where a chat becomes tokens: chat-template rendering, token counting, fitting the
+context window, and rendering that keeps the prefix cache warm.
+
+**Prefix reuse.** A subchat's prompt must begin with exactly the tokens its parent's
+last request ran (its prompt, then the tokens it generated), so that vLLM's prefix
+cache serves the inherited context. A naive re-render breaks this: Qwen3's template
+renders the generation prompt of the running turn with an empty ``<think>\\n\\n</think>``
+block, but renders the same turn without it once it is history. So
+:class:`PromptBuilder` renders history *as it ran*: every earlier assistant turn is the
+prompt that produced it, then exactly what it generated, then the template's own text
+up to the next generation prompt. The text after a turn comes from the template itself
+(rendering the history with a sentinel in that turn's place and keeping what follows
+the sentinel), so any chat template works; where a template does not echo the content
+verbatim, rendering falls back to a plain render. The tokens a request generated are
+remembered by :meth:`PromptBuilder.remember` (keyed by the prompt tokens before them and
+the reply text), so a later prompt reuses the very ids rather than a re-tokenization
+that could differ; without that memory (a new kernel) it encodes the text instead,
+which gives the same ids for every later request.
+
+Thinking: each earlier turn is rendered with the thinking mode it ran with (a reply
+that contains ``</think>`` or starts with ``<think>`` ran with thinking on), and its
+``<think>`` block is kept, because that is what the engine cached.
+
+**Fitting.** When prompt + ``max_tokens`` exceeds ``max_model_len``, the oldest turns
+below the system prompt are dropped (a turn: a user message and what answered it); if
+the newest message alone leaves no room, :class:`~subchat_magics.errors.InvalidInput`
+says what to shorten. When only the newest exchange is left and it fits but leaves
+less than ``max_tokens``, ``max_tokens`` is lowered to what is left.
+
+No vLLM import here: the tokenizer is any Hugging Face-style tokenizer
+(``apply_chat_template``, ``encode``, ``convert_ids_to_tokens``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .errors import InvalidInput
+
+# Used when the tokenizer has no chat template (base models): Qwen-style ChatML.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+_SENTINEL = "SUBCHATSENTINEL7F3A9C"
+
+
+def ran_with_thinking(content: str) -> bool:
+    """Whether an assistant reply was generated with thinking on (it carries a
+    ``<think>`` block)."""
+    return content.lstrip().startswith("<think>") or "</think>" in content
+
+
+@dataclass
+class Prompt:
+    """A rendered, fitted prompt, ready for the engine."""
+
+    token_ids: list[int]
+    max_tokens: int
+    messages: list[dict[str, str]]
+    dropped_messages: int = 0
+    dropped_turns: int = 0
+    exact: bool = True  # rendered as-it-ran (False: a plain render was the fallback)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
+
+
+class _LRU:
+    def __init__(self, size: int):
+        self.size = size
+        self.data: OrderedDict[Any, Any] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self.lock:
+            value = self.data.get(key)
+            if value is not None:
+                self.data.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: Any) -> None:
+        with self.lock:
+            self.data[key] = value
+            self.data.move_to_end(key)
+            while len(self.data) > self.size:
+                self.data.popitem(last=False)
+
+
+def _digest(*parts: Any) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        b = p if isinstance(p, bytes) else str(p).encode("utf-8", "surrogatepass")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.digest()
+
+
+def _ids_digest(ids: Sequence[int]) -> bytes:
+    return hashlib.blake2b(b"".join(i.to_bytes(4, "little") for i in ids), digest_size=16).digest()
+
+
+class PromptBuilder:
+    """Renders plain ``[{"role", "content"}]`` messages to token ids for one tokenizer.
+
+    ``think`` (per call) turns Qwen3-style thinking on (``enable_thinking``). One builder
+    lives as long as its engine, shared by every request (it is thread-safe)."""
+
+    def __init__(self, tokenizer: Any, max_model_len: int, *, chat_template: str | None = None,
+                 cache_size: int = 4096):
+        self.tokenizer = tokenizer
+        self.max_model_len = int(max_model_len)
+        self.chat_template = chat_template
+        if self.chat_template is None and not getattr(tokenizer, "chat_template", None):
+            self.chat_template = CHATML_TEMPLATE
+        self._renders = _LRU(512)
+        self._generated = _LRU(cache_size)
+        self._special: set[int] | None = None
+
+    # -- rendering ---------------------------------------------------------------------------
+    def render_text(self, messages: Sequence[dict[str, str]], *, think: bool = False,
+                    add_generation_prompt: bool = True) -> str:
+        """The chat template's plain render (what ``LLM.chat`` would send)."""
+        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        key = _digest(add_generation_prompt, think, *(x for m in msgs for x in (m["role"], m["content"])))
+        hit = self._renders.get(key)
+        if hit is not None:
+            return hit
+        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt,
+                                  "enable_thinking": bool(think)}
+        if self.chat_template is not None:
+            kwargs["chat_template"] = self.chat_template
+        try:
+            text = self.tokenizer.apply_chat_template(msgs, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - a template error is the user's to fix
+            raise InvalidInput(f"the model's chat template failed on this chat: {exc}") from None
+        if not isinstance(text, str):  # some tokenizers return a list when batched
+            text = text[0]
+        self._renders.put(key, text)
+        return text
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _tail(self, prefix: list[dict[str, str]], index: int, think: bool) -> str | None:
+        """The template's text after assistant turn ``index`` of ``prefix`` up to the end
+        of the generation prompt, or None where the template does not echo the turn."""
+        probe = [dict(m) for m in prefix]
+        probe[index]["content"] = _SENTINEL
+        text = self.render_text(probe, think=think)
+        before, sep, after = text.partition(_SENTINEL)
+        if not sep or _SENTINEL in after:
+            return None
+        return after
+
+    def _special_ids(self) -> set[int]:
+        if self._special is None:
+            tok = self.tokenizer
+            ids = set(getattr(tok, "all_special_ids", None) or [])
+            for i, added in (getattr(tok, "added_tokens_decoder", None) or {}).items():
+                if getattr(added, "special", False):
+                    ids.add(int(i))
+            self._special = ids
+        return self._special
+
+    def _token_text(self, token_id: int) -> str:
+        toks = self.tokenizer.convert_ids_to_tokens([token_id])
+        return toks[0] if toks and isinstance(toks[0], str) else ""
+
+    def token_ids(self, messages: Sequence[dict[str, str]], *, think: bool = False) -> tuple[list[int], bool]:
+        """Token ids of ``messages`` rendered as-it-ran, with the generation prompt.
+        Returns ``(ids, exact)``; ``exact`` is False where the plain render was used."""
+        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        if not turns or turns[0] == 0:
+            return self.encode(self.render_text(msgs, think=think)), not turns
+        first = turns[0]
+        text = self.render_text(msgs[:first], think=ran_with_thinking(msgs[first]["content"]))
+        ids = self.encode(text)
+        for k, i in enumerate(turns):
+            nxt = turns[k + 1] if k + 1 < len(turns) else len(msgs)
+            next_think = ran_with_thinking(msgs[nxt]["content"]) if nxt < len(msgs) else think
+            tail = self._tail(msgs[:nxt], i, next_think)
+            if tail is None:
+                return self.encode(self.render_text(msgs, think=think)), False
+            content = msgs[i]["content"]
+            text += content + tail
+            gen = self._generated.get(_digest(_ids_digest(ids), content))
+            if gen is not None:
+                gen = list(gen)
+                # the generated ids end with the stop token (<|im_end|>) that the
+                # template writes at the start of the tail: write it once
+                if gen[-1] in self._special_ids():
+                    stop = self._token_text(gen[-1])
+                    if stop and tail.startswith(stop):
+                        tail = tail[len(stop):]
+            else:
+                gen = self.encode(content)
+            ids += gen
+            ids += self.encode(tail)
+        # Segments encoded apart must read as the whole (not so for tokenizers that add
+        # a prefix space to every piece): otherwise encode the as-it-ran text whole.
+        if self.tokenizer.decode(ids, skip_special_tokens=False,
+                                 clean_up_tokenization_spaces=False) != text:
+            return self.encode(text), False
+        return ids, True
+
+    def remember(self, prompt_ids: Sequence[int], text: str, generated_ids: Sequence[int]) -> None:
+        """Record that a request with ``prompt_ids`` generated ``generated_ids``, whose
+        text is ``text`` (the reply as stored), so the next prompt reuses those ids.
+        Ids that do not read as ``text`` (a stop string cut off) are not kept."""
+        gen = list(generated_ids)
+        if not gen:
+            return
+        if self.tokenizer.decode(gen, skip_special_tokens=True) != text:
+            return
+        self._generated.put(_digest(_ids_digest(prompt_ids), text), tuple(gen))
+
+    def count(self, messages: Sequence[dict[str, str]], *, think: bool = False) -> int:
+        return len(self.token_ids(messages, think=think)[0])
+
+    # -- fitting -----------------------------------------------------------------------------
+    def build(self, messages: Sequence[dict[str, str]], max_tokens: int, *,
+              think: bool = False) -> Prompt:
+        """Render ``messages`` and fit them with ``max_tokens`` into ``max_model_len``."""
+        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if not msgs:
+            raise InvalidInput("there is no message to send")
+        limit = self.max_model_len
+        head = 1 if msgs[0]["role"] == "system" else 0
+        # turn boundaries: each user message after the system prompt starts a turn
+        starts = [i for i in range(head, len(msgs)) if msgs[i]["role"] == "user" or i == head]
+        last = starts[-1]
+
+        def attempt(k: int) -> Prompt:
+            cut = starts[k] if k < len(starts) else last
+            kept = msgs[:head] + msgs[cut:]
+            ids, exact = self.token_ids(kept, think=think)
+            return Prompt(ids, max_tokens, kept, cut - head, k, exact)
+
+        p = attempt(0)
+        if p.length + max_tokens > limit and len(starts) > 1:
+            # the fewest dropped turns that fit (binary search: fewer turns, fewer tokens)
+            lo, hi = 1, len(starts) - 1
+            best = attempt(hi)
+            if best.length + max_tokens <= limit:
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    cand = attempt(mid)
+                    if cand.length + max_tokens <= limit:
+                        best, hi = cand, mid
+                    else:
+                        lo = mid + 1
+            p = best
+            n = p.dropped_turns
+            p.notes.append(
+                f"dropped the {n} oldest turn{'s' if n != 1 else ''} ({p.dropped_messages} messages) "
+                f"to fit max_model_len {limit}"
+            )
+        if p.length >= limit:
+            newest = self.count(msgs[:head] + msgs[last:], think=think)
+            raise InvalidInput(
+                f"the message is too long for the model: {newest} prompt tokens with the "
+                f"system prompt, and max_model_len is {limit}; shorten the message or the "
+                "system prompt, or load the model with a larger --max-model-len"
+            )
+        if p.length + max_tokens > limit:
+            p.max_tokens = limit - p.length
+            p.notes.append(
+                f"max_tokens lowered from {max_tokens} to {p.max_tokens} to fit max_model_len {limit}"
+            )
+        return p
