@@ -472,10 +472,11 @@ def _check_journal(res: StoreCheck, tree: Any, starts: dict, done: dict, by_toke
 
 
 # -- two processes writing at once -------------------------------------------------------------
-def run_writer(store: str, name: str, n: int, go: Any, ready: Any) -> None:
+def run_writer(store: str, name: str, n: int, go: Any, ready: Any, pace: float = 0.0) -> None:
     """Child: after ``go``, open the tree (maybe creating the store at the same moment as
     the other writer) and append ``n`` messages, alternating between this writer's own chat
-    and a chat both write to."""
+    and a chat both write to, ``pace`` seconds apart (a kernel does other work between
+    writes; back to back, SQLite's busy handler lets one writer run ahead of the other)."""
     _silence()
     child_env()
     from subchat_magics.tree import ChatTree
@@ -487,18 +488,20 @@ def run_writer(store: str, name: str, n: int, go: Any, ready: Any) -> None:
     shared = tree.ensure("root/shared")
     for k in range(n):
         tree.append(own if k % 2 == 0 else shared, "user", f"{name}:{k}")
+        if pace:
+            time.sleep(pace)
     tree.close()
     os._exit(0)
 
 
-def run_writers(store: Path, names: list[str], n: int) -> list[int]:
+def run_writers(store: Path, names: list[str], n: int, pace: float = 0.0) -> list[int]:
     """Run one writer process per name at once; their exit codes."""
     ctx = context()
     go = ctx.Event()
     procs, readies = [], []
     for name in names:
         ready = ctx.Event()
-        p = ctx.Process(target=run_writer, args=(str(store), name, n, go, ready), daemon=True)
+        p = ctx.Process(target=run_writer, args=(str(store), name, n, go, ready, pace), daemon=True)
         p.start()
         procs.append(p)
         readies.append(ready)
@@ -540,6 +543,18 @@ def check_writers(store: Path, names: list[str], n: int) -> list[str]:
     if total != n * len(names):
         problems.append(f"{total} messages stored, {n * len(names)} written")
     return problems
+
+
+def interleavings(store: Path) -> int:
+    """How often the writer changes along the shared chat (0-1: they took turns wholesale)."""
+    conn = sqlite3.connect(str(store))
+    try:
+        rows = conn.execute("SELECT m.content FROM messages m JOIN chats c ON c.id = m.chat_id "
+                            "WHERE c.name = 'shared' ORDER BY m.seq").fetchall()
+    finally:
+        conn.close()
+    who = [r[0].split(":")[0] for r in rows]
+    return sum(1 for a, b in zip(who, who[1:]) if a != b)
 
 
 # -- a real kernel -----------------------------------------------------------------------------
