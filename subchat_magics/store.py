@@ -233,21 +233,28 @@ class Store:
         backup = self.backup_path(version)
         try:
             dst = sqlite3.connect(str(backup))
-            with dst:
+            try:
                 self.conn.backup(dst)
-            dst.close()
+            finally:
+                dst.close()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot back up {self.path} to {backup} before upgrading it: {exc}") from None
-        with self.transaction() as c:
-            # another kernel may have upgraded it while we made the copy
-            version = c.execute("PRAGMA user_version").fetchone()[0]
-            while version < SCHEMA_VERSION:
-                step = MIGRATIONS.get(version)
-                if step is None:
-                    raise StoreError(f"no migration from schema version {version} of {self.path}")
-                step(c)
-                version += 1
-                c.execute(f"PRAGMA user_version = {version}")
+        try:
+            with self.transaction() as c:
+                # another kernel may have upgraded it while we made the copy
+                version = c.execute("PRAGMA user_version").fetchone()[0]
+                while version < SCHEMA_VERSION:
+                    step = MIGRATIONS.get(version)
+                    if step is None:
+                        raise StoreError(f"no migration from schema version {version}")
+                    step(c)
+                    version += 1
+                    c.execute(f"PRAGMA user_version = {version}")
+        except Exception as exc:  # noqa: BLE001 - a failed step must not leave a half-upgraded store
+            raise StoreError(
+                f"cannot upgrade chat store {self.path} from schema version {version} ({exc}); "
+                f"it was left as it was, and a copy is in {backup.name}"
+            ) from None
 
     # -- transactions ----------------------------------------------------------------------
     @contextmanager

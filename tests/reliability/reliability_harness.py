@@ -644,3 +644,159 @@ def kill_inside_write(store: Path, before: int = 20, size: int = 64 << 20,
     finally:
         proc.join(30)
     return wal_state(store)
+
+
+# -- hostile store files -----------------------------------------------------------------------
+# what a message about the store must offer: another file, a salvage, an upgrade, a retry...
+HINTS = ("SUBCHAT_STORE", ".recover", "pip install", "run the cell again", "free space",
+         "give a file name", "create it")
+
+
+def snapshot(path: Path) -> tuple[str, int, int]:
+    """The file's bytes (hashed), size and modification time: equal means untouched."""
+    st = path.stat()
+    return hashlib.sha256(path.read_bytes()).hexdigest(), st.st_size, st.st_mtime_ns
+
+
+def make_store(path: Path, chats: int = 12, per_chat: int = 8, size: int = 3000) -> dict[str, list[str]]:
+    """A store with ``chats`` chats of ``per_chat`` messages (~``size`` bytes each), closed
+    cleanly (no WAL left). Returns each chat's message texts."""
+    from subchat_magics.tree import ChatTree
+
+    tree = ChatTree(path)
+    want: dict[str, list[str]] = {}
+    for c in range(chats):
+        parent = "root" if c < 3 else f"root/c{c % 3}"
+        chat = tree.create(f"{parent}/c{c}")
+        want[chat.path] = []
+        for k in range(per_chat):
+            text = f"chat {c} message {k} " + "".join(chr(97 + (c * k + j) % 26) for j in range(size))
+            tree.append(chat, "user" if k % 2 == 0 else "assistant", text)
+            want[chat.path].append(text)
+    tree.close()
+    return want
+
+
+@dataclass
+class Probe:
+    outcome: str  # refused / reported-on-read / intact / changed-silently / crash
+    messages: list[str]
+    unexpected: list[str]
+    untouched: bool | None  # after a refusal: is the file as it was?
+
+
+def probe_store(ip: Any, store: Path, want: dict[str, list[str]] | None) -> Probe:
+    """Point a real shell's magics at ``store`` and use it: list the tree, read every
+    chat (export), send a message. Every failure must be a clear ``UsageError``."""
+    from IPython.core.error import UsageError
+    from IPython.utils.capture import capture_output
+
+    before = snapshot(store) if store.is_file() else None
+    messages, unexpected, outputs = [], [], []
+    refused = False
+    ops = [f"%config SubchatMagics.store_path = {str(store)!r}", "%subchat tree --text",
+           "%subchat export root --format json", "%%subchat root\nafter the damage"]
+    for k, src in enumerate(ops):
+        with capture_output() as cap:
+            result = ip.run_cell(src, store_history=False)
+        err = result.error_before_exec or result.error_in_exec
+        outputs.append(cap.stdout)
+        if err is None:
+            continue
+        if not isinstance(err, UsageError):
+            unexpected.append(f"{src.splitlines()[0]}: {type(err).__name__}: {err}"[:500])
+        else:
+            messages.append(str(err))
+            if not (str(store) in str(err) and any(hint in str(err) for hint in HINTS)):
+                unexpected.append(f"{src.splitlines()[0]}: unclear message: {err}"[:500])
+        if k == 1:
+            refused = True
+            break
+    untouched = None
+    if refused and before is not None:
+        untouched = snapshot(store) == before
+        if not untouched:
+            unexpected.append("the file was changed after it was refused")
+    if unexpected and any("Error:" in u for u in unexpected):
+        outcome = "crash"
+    elif refused:
+        outcome = "refused"
+    elif messages:
+        outcome = "reported-on-read"
+    elif want is not None and _exported(outputs[2]) != want:
+        outcome = "changed-silently"
+    else:
+        outcome = "intact"
+    return Probe(outcome, messages, unexpected, untouched)
+
+
+def _exported(text: str) -> dict[str, list[str]]:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {}
+    return {c["path"]: [m["content"] for m in c["messages"]] for c in data["chats"] if c["messages"]}
+
+
+def corrupt(path: Path, rng: random.Random, kind: str) -> str:
+    """Damage ``path`` in place; returns what was done."""
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        if kind == "truncate":
+            cut = rng.randrange(0, size)
+            f.truncate(cut)
+            return f"truncated to {cut} of {size} bytes"
+        if kind == "bytes":
+            off, n = rng.randrange(0, size - 64), rng.randrange(1, 65)
+            f.seek(off)
+            f.write(bytes(rng.randrange(256) for _ in range(n)))
+            return f"{n} random bytes at {off}"
+        if kind == "page":
+            page = rng.randrange(1, size // 4096)
+            f.seek(page * 4096)
+            f.write(b"\0" * 4096)
+            return f"page {page + 1} zeroed"
+    raise ValueError(kind)
+
+
+def run_unshared(script: str, timeout: float = 120.0) -> dict[str, Any] | None:
+    """Run ``script`` (Python, printing ``RESULT <json>``) in a private mount namespace,
+    where it may mount a tmpfs or a read-only bind without touching the machine. ``None``
+    where that is not possible (not root, no ``unshare``)."""
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return None
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", script],
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode == 77:  # the script could not mount: no CAP_SYS_ADMIN here
+        return None
+    if proc.returncode != 0:
+        raise RuntimeError(f"unshared script failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    results = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if not results:
+        raise RuntimeError(f"unshared script printed no RESULT line: {proc.stdout[-1000:]}")
+    return json.loads(results[-1])
+
+
+# Runs inside the namespace: mount, then use the store through a real shell.
+UNSHARED_PRELUDE = """
+import json, os, subprocess, sys
+from pathlib import Path
+sys.path.insert(0, {harness_dir!r})
+import reliability_harness as h
+def mount(*args):
+    if subprocess.run(["mount", *args], capture_output=True).returncode != 0:
+        sys.exit(77)
+h.child_env()
+from IPython.core.interactiveshell import InteractiveShell
+ip = InteractiveShell.instance()
+ip.run_cell("%load_ext subchat_magics", store_history=False)
+ip.run_cell("%config SubchatMagics.backend = 'echo'", store_history=False)
+"""
+
+
+def unshared_script(body: str, **values: Any) -> str:
+    return UNSHARED_PRELUDE.format(harness_dir=str(Path(__file__).parent)) + body.format(**values)
