@@ -42,7 +42,9 @@ _CSS = """<style>
 .subchat-view .subchat-tree select { font-family: var(--jp-code-font-family, monospace);
   font-size: var(--jp-code-font-size, 13px); }
 .subchat-view .subchat-transcript { border-left: 1px solid var(--jp-border-color2, #ddd);
-  padding-left: 8px; }
+  padding-left: 8px; overflow-anchor: none; }
+.subchat-view .subchat-transcript > * { flex-shrink: 0; }
+.subchat-view .subchat-stream .widget-html-content { line-height: 1.45; }
 .subchat-view .subchat-msg-user { background: var(--jp-layout-color2, #f5f5f5); }
 .subchat-view .subchat-error { color: var(--jp-error-color1, #c00); }
 </style>"""
@@ -162,9 +164,10 @@ class TreeView(w.VBox):
         self._chunk_layout = w.Layout(margin="0")
 
         self.header = w.HTML(_dom_classes=("subchat-header",))
-        self.chats = w.Select(rows=8, layout=w.Layout(width="330px", height="auto"),
+        self.chats = w.Select(rows=8, layout=w.Layout(width="380px", height="auto"),
                               _dom_classes=("subchat-tree",))
-        self.rename_name = w.Text(placeholder="new name", layout=w.Layout(width="170px"))
+        self.rename_name = w.Text(placeholder="new name", layout=w.Layout(width="200px"),
+                                  _dom_classes=("subchat-rename-name",))
         self.rename_button = w.Button(description="Rename", layout=w.Layout(width="80px"),
                                       _dom_classes=("subchat-rename",))
         self.delete_button = w.Button(description="Delete", icon="trash",
@@ -174,12 +177,15 @@ class TreeView(w.VBox):
                                        tooltip="Re-read the store (picks up other kernels' writes)",
                                        layout=w.Layout(width="100px"),
                                        _dom_classes=("subchat-refresh",))
+        # column-reverse: the browser keeps a scrolled box anchored at its newest message
         self.transcript = w.VBox(layout=w.Layout(max_height="460px", overflow="auto",
-                                                 flex="1 1 auto", width="auto"),
+                                                 flex="1 1 auto", width="auto",
+                                                 flex_flow="column-reverse"),
                                  _dom_classes=("subchat-transcript",))
         self._pane_head = w.HTML(value="<b>assistant</b> <i>● streaming…</i>")
         self._chunks = [w.HTML(layout=self._chunk_layout)]
-        self.stream = w.VBox([self._pane_head, *self._chunks], _dom_classes=("subchat-stream",))
+        self.stream = w.VBox([self._pane_head, *self._chunks], layout=w.Layout(flex="0 0 auto"),
+                             _dom_classes=("subchat-stream",))
         self.input = w.Textarea(placeholder="Message (Send continues the selected chat)",
                                 rows=3, layout=w.Layout(width="auto"),
                                 _dom_classes=("subchat-input",))
@@ -527,6 +533,7 @@ class TreeView(w.VBox):
             else:
                 self._show_stream(s)
         self._update_buttons()
+        self._set_status(f"{path}: streaming a reply…")
 
     def _on_reply_end(self, path: str, turn: "Turn", message: Message, **_: Any) -> None:
         s = self._streams.get(path)
@@ -706,6 +713,7 @@ class TreeView(w.VBox):
         children = [*self._extra_widgets, *self._msg_widgets]
         if self._shown is not None:
             children.append(self.stream)
+        children.reverse()  # newest first: the box is laid out bottom-up
         if list(self.transcript.children) != children:
             self.transcript.children = children
 
