@@ -310,9 +310,10 @@ class Store:
                 f"cannot save text holding {exc.object[exc.start:exc.end]!a} (an unpaired surrogate, "
                 "not valid Unicode) in the chat store; remove that character and run the cell again")
         if isinstance(exc, sqlite3.IntegrityError):
-            return StoreError(
-                f"chat store {self.path} refused the change ({msg}); another kernel may have "
-                "changed the tree meanwhile: %subchat tree shows it as it is now")
+            why = ("another kernel may have changed the tree meanwhile: %subchat tree shows it "
+                   "as it is now" if "FOREIGN KEY" in msg or "UNIQUE" in msg else
+                   "the data does not fit the store's schema; run the cell again with valid input")
+            return StoreError(f"chat store {self.path} refused the change ({msg}); {why}")
         if "readonly" in msg or "read-only" in msg:
             return StoreError(f"chat store {self.path} is read-only; {_fix_hint(self.path)}")
         if "full" in msg:

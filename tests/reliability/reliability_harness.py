@@ -800,3 +800,31 @@ ip.run_cell("%config SubchatMagics.backend = 'echo'", store_history=False)
 
 def unshared_script(body: str, **values: Any) -> str:
     return UNSHARED_PRELUDE.format(harness_dir=str(Path(__file__).parent)) + body.format(**values)
+
+
+def tree_problems(store: Path) -> list[str]:
+    """Structural problems of a store whatever its content: integrity, orphans, one root,
+    each chat's messages numbered 0..n-1."""
+    if not Path(store).exists():
+        return []
+    conn = sqlite3.connect(str(store))
+    try:
+        problems = []
+        if conn.execute("PRAGMA integrity_check").fetchall() != [("ok",)]:
+            problems.append("integrity_check failed")
+        if conn.execute("PRAGMA foreign_key_check").fetchall():
+            problems.append("foreign_key_check found orphans")
+        chats = conn.execute("SELECT id, parent_id, name FROM chats").fetchall()
+        ids = {c[0] for c in chats}
+        problems += [f"chat {name!r} has no parent" for _id, pid, name in chats
+                     if pid is not None and pid not in ids]
+        roots = [name for _id, pid, name in chats if pid is None]
+        if roots != ["root"]:
+            problems.append(f"roots: {roots}")
+        for cid, count, top in conn.execute(
+                "SELECT chat_id, COUNT(*), MAX(seq) FROM messages GROUP BY chat_id"):
+            if top != count - 1:
+                problems.append(f"chat {cid}: seq not 0..{count - 1}")
+        return problems
+    finally:
+        conn.close()
