@@ -216,6 +216,22 @@ def join_thinking(reasoning: str | None, content: str | None, state: list[bool])
     return out
 
 
+def field(obj: Any, name: str) -> Any:
+    """``obj.name`` or None, for the SDKs' pydantic models: a declared field or an extra
+    one the server sent. (A failed ``getattr`` on those models costs ~8 µs, per chunk.)"""
+    if obj is None:
+        return None
+    try:
+        value = obj.__dict__.get(name)
+    except AttributeError:
+        return getattr(obj, name, None)
+    if value is None:
+        extra = getattr(obj, "__pydantic_extra__", None)
+        if extra:
+            value = extra.get(name)
+    return value
+
+
 def safe_url(url: str) -> str:
     """``url`` without credentials or query, for messages."""
     import urllib.parse
@@ -371,18 +387,20 @@ class ChatCompletionsBackend(Backend):
                 for chunk in chunks:
                     received += 1
                     served_model = chunk.model or served_model
-                    extra = getattr(chunk, "x_groq", None)
-                    if extra is not None and getattr(extra, "error", None):
+                    extra = field(chunk, "x_groq")
+                    if extra is not None and field(extra, "error"):
                         raise failure(f"{self.service(base_url)} reported an error after "
                                       f"{received} chunks: {redact(str(extra.error))}", "server")
-                    usage = getattr(chunk, "usage", None) or getattr(extra, "usage", None) or usage
+                    usage = field(chunk, "usage") or field(extra, "usage") or usage
                     for choice in chunk.choices:
                         if choice.index:
                             continue
                         delta = choice.delta
-                        reasoning = getattr(delta, "reasoning", None) or \
-                            getattr(delta, "reasoning_content", None) if delta else None
-                        content = delta.content if delta else None
+                        if delta is None:
+                            content = reasoning = None
+                        else:
+                            content = delta.content
+                            reasoning = field(delta, "reasoning") or field(delta, "reasoning_content")
                         if reasoning or thinking[0]:
                             content = join_thinking(reasoning, content, thinking)
                         if content:

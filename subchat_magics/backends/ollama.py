@@ -180,6 +180,7 @@ class OllamaBackend(Backend):
             thinking = [False]
             parts = client.chat(model=model, messages=list(messages), stream=True,
                                 options=sampling, **extra)
+            final = None
             try:
                 for part in parts:
                     received += 1
@@ -189,15 +190,18 @@ class OllamaBackend(Backend):
                     if text:
                         yield text
                     if part.done:
-                        if thinking[0]:
-                            yield "\n</think>\n\n"
-                        yield Finish(reason=part.done_reason or "stop", model=part.model or model,
-                                     prompt_tokens=part.prompt_eval_count,
-                                     completion_tokens=part.eval_count)
-                        return
-                raise failure(_remote.cut_message(f"Ollama at {host}", received,
-                                                  "it ended without its final `done` line"),
-                              "stream")
+                        final = part
+                        # read on to the end of the body, so the connection is reused
+                if final is None:
+                    raise failure(_remote.cut_message(f"Ollama at {host}", received,
+                                                      "it ended without its final `done` line"),
+                                  "stream")
+                if thinking[0]:
+                    yield "\n</think>\n\n"
+                yield Finish(reason=final.done_reason or "stop", model=final.model or model,
+                             prompt_tokens=final.prompt_eval_count,
+                             completion_tokens=final.eval_count)
+                return
             except ollama.ResponseError as exc:
                 if exc.status_code == 429 and received == 0:
                     wait = _remote.retry_after(getattr(self._local, "headers", None), exc.error)

@@ -101,6 +101,8 @@ class _Handler(BaseHTTPRequestHandler):
         # small writes go out at once, as real servers do (Go, uvicorn set TCP_NODELAY)
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.fake._track(self.connection, True)
+        with self.server.fake._lock:
+            self.server.fake.connections += 1
 
     def finish(self) -> None:
         try:
@@ -203,6 +205,7 @@ class FakeServer:
         self.script = Script()
         self.requests: list[Request] = []
         self.errors: list[BaseException | None] = []
+        self.connections = 0  # TCP connections accepted
         self.disconnected = threading.Event()  # a client went away in the middle of a stream
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
