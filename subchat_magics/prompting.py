@@ -49,7 +49,7 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-_SENTINEL = "SUBCHATSENTINEL7F3A9C"
+_SENTINEL = "SubChat-Sentinel-7f3a9c"  # mixed case: a template that changes case is caught
 
 
 def ran_with_thinking(content: str) -> bool:

@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -646,14 +647,16 @@ def load(settings: LoadSettings, echo: Callable[[str], None] | None = print) -> 
         if key in ("model", "tokenizer") or not key.isidentifier():
             raise InvalidInput(f"%load_vllm: --engine-arg {key}=... cannot be set here")
     say = echo or (lambda _s: None)
-    if _active is not None:
-        say(f"Unloading {_active.label} first.")
-        unload()
-    say("Importing vLLM…")
+    if "vllm" not in sys.modules:
+        say("Importing vLLM…")
     vllm = import_vllm()
     _check_engine_args(settings.engine_args)
     n, caps = detect_gpus()
     plan = plan_load(settings, config, path, n, caps)
+    # every check is done: only now let go of the model in use
+    if _active is not None:
+        say(f"Unloading {_active.label} first.")
+        unload()
     if plan.spawn:
         # before CUDA is touched in this process: forked TP workers would inherit it
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")

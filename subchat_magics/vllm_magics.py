@@ -1,0 +1,151 @@
+"""``%load_vllm`` and ``%unload_vllm``: load a model into this kernel with vLLM, free it.
+
+Only argument parsing and output live here; the work is in
+:mod:`subchat_magics.backends.vllm`, imported when a magic runs (so ``%load_ext`` stays
+instant and vLLM is imported only by ``%load_vllm``)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments
+
+from .errors import SubchatError
+from .magics import parse_line
+
+DTYPE_CHOICES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+
+
+def _usage(magic: str) -> Callable:
+    """Our errors and bad arguments become one-line UsageErrors naming the magic."""
+
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(self, *args, **kwargs)
+            except SubchatError as exc:
+                msg = str(exc)
+                raise UsageError(msg if msg.startswith(magic) else f"{magic}: {msg}") from None
+            except UsageError as exc:
+                msg = str(exc)
+                if not msg.startswith(magic):
+                    msg = f"{magic}: {msg} (see {magic}? for the options)"
+                raise UsageError(msg) from None
+
+        return wrapper
+
+    return deco
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+@magics_class
+class VLLMMagics(Magics):
+    """Load a model into this kernel with vLLM (``%load_vllm``), free it (``%unload_vllm``)."""
+
+    @magic_arguments()
+    @argument("model_path", nargs="?", default=None,
+              help="Folder of the model (config.json and weights), e.g. "
+                   "/kaggle/input/qwen-3/transformers/14b-awq/1. $VAR and {var} are expanded.")
+    @argument("--tp", type=int, default=None,
+              help="Tensor parallel size. Default: the number of visible CUDA devices (1 on CPU).")
+    @argument("--gpu-memory-utilization", type=float, default=None,
+              help="Fraction of each GPU's memory vLLM may use. Default: 0.91.")
+    @argument("--dtype", choices=DTYPE_CHOICES, default=None,
+              help="Weights/activations dtype. Default: half on GPUs below compute capability 8 "
+                   "(T4), else auto.")
+    @argument("--max-model-len", type=int, default=None,
+              help="Context window in tokens (prompt + reply). Default: 5120 (or the model's "
+                   "maximum if smaller).")
+    @argument("--no-enforce-eager", action="store_true",
+              help="Let vLLM capture CUDA graphs (faster decoding, slower load, more memory).")
+    @argument("--no-prefix-caching", action="store_true",
+              help="Turn vLLM's prefix cache off (subchats then recompute their inherited context).")
+    @argument("--quantization", default=None,
+              help="Quantization method, e.g. awq. Default: what the model's config says.")
+    @argument("--think", action="store_true",
+              help="Let thinking models (Qwen3) think before answering; shown collapsed.")
+    @argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+              help="Any other vllm.LLM argument, e.g. --engine-arg swap_space=4 (repeatable).")
+    @argument("--unload", action="store_true", help="Unload the loaded model (same as %%unload_vllm).")
+    @line_magic
+    @_usage("%load_vllm")
+    def load_vllm(self, line: str = "") -> None:
+        """Load a model into this kernel with vLLM and make it the active backend.
+
+        The defaults are those that run Qwen3-14B-AWQ on Kaggle's 2xT4: tensor parallel
+        over every visible GPU, half precision below compute capability 8,
+        gpu_memory_utilization 0.91, enforce_eager, max_model_len 5120, prefix caching,
+        trust_remote_code. A model already loaded is unloaded first.
+
+        Examples::
+
+            %load_vllm /kaggle/input/qwen-3/transformers/14b-awq/1
+            %load_vllm $MODEL_PATH --max-model-len 8192 --think
+            %load_vllm ./my-model --engine-arg swap_space=4 --engine-arg seed=1
+            %load_vllm --unload
+        """
+        from .backends import vllm as backend
+
+        args = parse_line(self.load_vllm, line)
+        if args.unload:
+            if args.model_path:
+                raise UsageError("%load_vllm: --unload takes no MODEL_PATH; "
+                                 "use %load_vllm MODEL_PATH (it unloads the old model first)")
+            self._unload()
+            return
+        if not args.model_path:
+            raise UsageError("%load_vllm: give MODEL_PATH, the folder of the model "
+                             "(e.g. %load_vllm /kaggle/input/qwen-3/transformers/14b-awq/1)")
+        if args.tp is not None and args.tp < 1:
+            raise UsageError(f"%load_vllm: --tp must be 1 or more, not {args.tp}")
+        gmu = args.gpu_memory_utilization
+        if gmu is not None and not 0.0 < gmu <= 1.0:
+            raise UsageError(f"%load_vllm: --gpu-memory-utilization must be in (0, 1], e.g. 0.9, not {gmu}")
+        if args.max_model_len is not None and args.max_model_len < 16:
+            raise UsageError(f"%load_vllm: --max-model-len must be at least 16 tokens, not {args.max_model_len}")
+        engine_args = dict(backend.parse_engine_arg(item) for item in args.engine_arg)
+        settings = backend.LoadSettings(
+            model=args.model_path, tensor_parallel_size=args.tp, gpu_memory_utilization=gmu,
+            dtype=args.dtype, max_model_len=args.max_model_len,
+            enforce_eager=not args.no_enforce_eager,
+            enable_prefix_caching=not args.no_prefix_caching,
+            quantization=args.quantization, think=args.think, engine_args=engine_args,
+        )
+        backend.load(settings, echo=_say)
+        self._note_selection()
+
+    @line_magic
+    @_usage("%unload_vllm")
+    def unload_vllm(self, line: str = "") -> None:
+        """Unload the vLLM model of this kernel and free its memory, so that another
+        model can be loaded."""
+        if line.strip():
+            raise UsageError("%unload_vllm takes no arguments")
+        self._unload()
+
+    @staticmethod
+    def _unload() -> None:
+        from .backends import vllm as backend
+
+        if backend.unload(echo=_say) is None:
+            _say("No vLLM model is loaded.")
+
+    @staticmethod
+    def _note_selection() -> None:
+        """Say where replies go when a setting sends them elsewhere than vLLM."""
+        from .session import default_session
+
+        try:
+            name, source = default_session().requested_backend()
+        except SubchatError:
+            return
+        if name not in ("auto", "vllm"):
+            _say(f"note: replies still go to {name!r} (set by {source}); "
+                 "%subchat backend vllm or --backend vllm sends them to this model")

