@@ -216,20 +216,16 @@ def join_thinking(reasoning: str | None, content: str | None, state: list[bool])
     return out
 
 
-def field(obj: Any, name: str) -> Any:
-    """``obj.name`` or None, for the SDKs' pydantic models: a declared field or an extra
-    one the server sent. (A failed ``getattr`` on those models costs ~8 µs, per chunk.)"""
-    if obj is None:
-        return None
+def fields(obj: Any) -> Mapping[str, Any]:
+    """The fields of one of the SDKs' pydantic models, declared and extra (what the server
+    sent beyond the schema), as one mapping. Cheap on the hot path: a failed ``getattr``
+    on those models costs ~8 µs, and this runs for every chunk."""
     try:
-        value = obj.__dict__.get(name)
+        declared = obj.__dict__
     except AttributeError:
-        return getattr(obj, name, None)
-    if value is None:
-        extra = getattr(obj, "__pydantic_extra__", None)
-        if extra:
-            value = extra.get(name)
-    return value
+        return {}
+    extra = getattr(obj, "__pydantic_extra__", None)
+    return {**declared, **extra} if extra else declared
 
 
 def safe_url(url: str) -> str:
@@ -386,21 +382,21 @@ class ChatCompletionsBackend(Backend):
             try:
                 for chunk in chunks:
                     received += 1
-                    served_model = chunk.model or served_model
-                    extra = field(chunk, "x_groq")
-                    if extra is not None and field(extra, "error"):
+                    chunk_fields = fields(chunk)
+                    served_model = chunk_fields.get("model") or served_model
+                    groq_fields = fields(chunk_fields.get("x_groq"))
+                    if groq_fields.get("error"):
                         raise failure(f"{self.service(base_url)} reported an error after "
-                                      f"{received} chunks: {redact(str(extra.error))}", "server")
-                    usage = field(chunk, "usage") or field(extra, "usage") or usage
-                    for choice in chunk.choices:
+                                      f"{received} chunks: {redact(str(groq_fields['error']))}",
+                                      "server")
+                    usage = chunk_fields.get("usage") or groq_fields.get("usage") or usage
+                    for choice in chunk_fields.get("choices") or ():
                         if choice.index:
                             continue
-                        delta = choice.delta
-                        if delta is None:
-                            content = reasoning = None
-                        else:
-                            content = delta.content
-                            reasoning = field(delta, "reasoning") or field(delta, "reasoning_content")
+                        delta = fields(choice.delta)
+                        content = delta.get("content")
+                        # Groq says "reasoning"; vLLM and DeepSeek "reasoning_content"
+                        reasoning = delta.get("reasoning") or delta.get("reasoning_content")
                         if reasoning or thinking[0]:
                             content = join_thinking(reasoning, content, thinking)
                         if content:
