@@ -26,7 +26,8 @@ from IPython.core.error import UsageError
 from subchat_magics.magics import SUBCOMMANDS
 
 EXAMPLES = int(os.environ.get("SUBCHAT_FUZZ_EXAMPLES", "100"))  # per test; two tests
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize="SUBCHAT_FUZZ_SEED" not in os.environ,
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
+                derandomize="SUBCHAT_FUZZ_SEED" not in os.environ,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.data_too_large, HealthCheck.large_base_example])
 # characters that end a line for IPython (str.splitlines): a magic's line cannot hold them

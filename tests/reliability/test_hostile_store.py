@@ -88,7 +88,7 @@ def test_damage_in_a_big_store_is_found_at_open_in_the_chats_and_on_read_in_mess
     path = workdir / "big.db"
     tree = ChatTree(path)
     chat = tree.create("root/big")
-    for k in range(36):
+    for k in range(20):
         tree.append(chat, "user", f"{k} " + "y" * (1 << 20))
     tree.close()
     assert path.stat().st_size > store_module.FULL_CHECK_MAX_BYTES
