@@ -165,9 +165,18 @@ class Store:
     def _prepare(self) -> None:
         c = self.conn
         c.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        app_id = self._retry(lambda: c.execute("PRAGMA application_id").fetchone()[0])
-        version = c.execute("PRAGMA user_version").fetchone()[0]
-        objects = c.execute("SELECT type, name FROM sqlite_master").fetchall()
+        def snapshot() -> tuple[int, int, list]:
+            # one read transaction: a kernel creating the store at this very moment is seen
+            # either before its schema commit or after it, never half-way
+            c.execute("BEGIN")
+            try:
+                return (c.execute("PRAGMA application_id").fetchone()[0],
+                        c.execute("PRAGMA user_version").fetchone()[0],
+                        c.execute("SELECT type, name FROM sqlite_master").fetchall())
+            finally:
+                c.execute("COMMIT")
+
+        app_id, version, objects = self._retry(snapshot)
         tables = [name for kind, name in objects if kind == "table"]
         if app_id == 0 and version == 0 and not objects:
             # an empty file (or one just made by another kernel: _create re-checks)
@@ -393,6 +402,37 @@ class Store:
                 (chat_id, seq, role, content, status, prov, now),
             )
         return MessageRow(cur.lastrowid, chat_id, seq, role, content, status, provenance or {}, now)
+
+    def begin_turn(self, chat_id: int, prompt: str,
+                   provenance: dict[str, Any]) -> tuple[MessageRow, MessageRow]:
+        """The user message and its reply's row, in one transaction. The reply starts
+        empty and marked ``interrupted``: a process killed mid-reply leaves exactly that,
+        and a reply always sits right after its message, whoever else writes."""
+        now = time.time()
+        prov = json.dumps(provenance, sort_keys=True)
+        with self.transaction() as c:
+            seq = c.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE chat_id = ?",
+                            (chat_id,)).fetchone()[0]
+            ids = []
+            for role, content, status, p, s in (("user", prompt, "complete", None, seq),
+                                                ("assistant", "", "interrupted", prov, seq + 1)):
+                ids.append(c.execute(
+                    "INSERT INTO messages (chat_id, seq, role, content, status, provenance, "
+                    "created_at) VALUES (?,?,?,?,?,?,?)",
+                    (chat_id, s, role, content, status, p, now)).lastrowid)
+        return (MessageRow(ids[0], chat_id, seq, "user", prompt, "complete", {}, now),
+                MessageRow(ids[1], chat_id, seq + 1, "assistant", "", "interrupted", provenance, now))
+
+    def update_reply(self, message_id: int, content: str, status: str,
+                     provenance: dict[str, Any] | None = None) -> None:
+        """Write what a reply holds now (while streaming, and once when it ends)."""
+        with self.transaction() as c:
+            if provenance is None:
+                c.execute("UPDATE messages SET content = ?, status = ? WHERE id = ?",
+                          (content, status, message_id))
+            else:
+                c.execute("UPDATE messages SET content = ?, status = ?, provenance = ? WHERE id = ?",
+                          (content, status, json.dumps(provenance, sort_keys=True), message_id))
 
     def messages(self, chat_id: int, limit: int | None = None) -> list[MessageRow]:
         sql = ("SELECT id, chat_id, seq, role, content, status, provenance, created_at FROM messages "

@@ -393,6 +393,26 @@ class ChatTree:
         self.emit("message", path=chat.path, message=msg)
         return msg
 
+    def begin_turn(self, chat: "str | Chat", prompt: str,
+                   backend: str | None = None) -> tuple[Message, Message]:
+        """Store a user message and its (empty, ``interrupted``) reply row together."""
+        chat = self.get(chat)
+        user, reply = self.store.begin_turn(
+            chat.id, prompt, {"finish_reason": "interrupted", "backend": backend} if backend
+            else {"finish_reason": "interrupted"})
+        msg = Message.from_row(user)
+        self.emit("message", path=chat.path, message=msg)
+        return msg, Message.from_row(reply)
+
+    def finish_reply(self, chat: "str | Chat", reply: Message, content: str, status: str,
+                     provenance: dict[str, Any]) -> Message:
+        """Write a reply's final text, status and provenance."""
+        chat = self.get(chat)
+        self.store.update_reply(reply.id, content, status, provenance)
+        msg = Message("assistant", content, status, provenance, reply.seq, reply.id, reply.created_at)
+        self.emit("message", path=chat.path, message=msg)
+        return msg
+
     # -- sending -----------------------------------------------------------------------------
     def send(self, chat: "str | Chat", text: str, **kwargs: Any):
         """Start a turn: ``for delta in tree.send("root", "hi"): ...``; then

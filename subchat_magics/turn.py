@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from .tree import Chat, ChatTree, Message
 
 
+SAVE_EVERY_S = 2.0  # while streaming, the partial reply is written this often
+
+
 def _options(options: GenerationOptions | None, overrides: dict[str, Any]) -> GenerationOptions:
     opts = GenerationOptions(**asdict(options)) if options else GenerationOptions()
     for k, v in overrides.items():
@@ -131,10 +134,12 @@ class Turn:
         raise last_exc or BackendError("no backend is available")
 
     def _begin(self) -> None:
-        self.user_message = self.tree.append(self.chat, "user", self.prompt)
+        self.user_message, self._reply_row = self.tree.begin_turn(
+            self.chat, self.prompt, self.backend.id if self.backend else None)
         self.tree.emit("reply-start", path=self.chat.path, turn=self)
         self._t0 = time.perf_counter()
         self._ttft: float | None = None
+        self._saved_at = self._t0
 
     def _feed(self, item: "str | Finish") -> str | None:
         """Take one item of the backend's stream; returns the delta to show, if any."""
@@ -148,6 +153,10 @@ class Turn:
             self._ttft = time.perf_counter() - self._t0
         self.parts.append(item)
         self.tree.emit("reply-delta", path=self.chat.path, turn=self, delta=item)
+        now = time.perf_counter()
+        if now - self._saved_at >= SAVE_EVERY_S:  # a killed kernel keeps most of the reply
+            self._saved_at = now
+            self.tree.store.update_reply(self._reply_row.id, self.text, "interrupted")
         return item
 
     def _fail(self, exc: BaseException) -> tuple[str, str, BaseException]:
@@ -212,7 +221,7 @@ class Turn:
         if f.extra:
             prov.update({k: v for k, v in f.extra.items() if k not in prov})
         prov = {k: v for k, v in prov.items() if v is not None}
-        self.reply = self.tree.append(self.chat, "assistant", self.text, status, prov)
+        self.reply = self.tree.finish_reply(self.chat, self._reply_row, self.text, status, prov)
         self.tree.emit("reply-end", path=self.chat.path, turn=self, message=self.reply)
 
 
