@@ -274,16 +274,16 @@ def _where(store: Path, entry: dict[str, Any]) -> str:
         rows = conn.execute(
             "SELECT m.chat_id, m.seq FROM messages m WHERE m.role = 'user' AND "
             "substr(m.content, 1, ?) = ?", (len(entry["token"]) + 1, entry["token"] + " ")).fetchall()
-        replied = sum(
-            1 for cid, seq in rows
-            if conn.execute("SELECT 1 FROM messages WHERE chat_id = ? AND seq = ? AND role = "
-                            "'assistant'", (cid, seq + 1)).fetchone())
+        replies = [conn.execute("SELECT status FROM messages WHERE chat_id = ? AND seq = ? AND "
+                                "role = 'assistant'", (cid, seq + 1)).fetchone() for cid, seq in rows]
     finally:
         conn.close()
     if not rows:
         return "before the user message was saved"
-    if replied < len(rows):
+    if any(r is None for r in replies):
         return "mid-reply (user message saved, reply not)"
+    if any(r[0] == "interrupted" for r in replies):
+        return "mid-reply (partial reply kept, marked interrupted)"
     return "after the reply was saved"
 
 
@@ -354,11 +354,12 @@ class StoreCheck:
         return not self.problems
 
 
-def check_store(store: Path, journal: Path | None = None, allow_interrupted: bool = False) -> StoreCheck:
+def check_store(store: Path, journal: Path | None = None) -> StoreCheck:
     """Open ``store`` as a fresh process would and check everything we can know:
     integrity, every chat's parent, each chat's messages in order, every user message
-    exactly as sent, every reply exactly the echo of its message and complete (or a
-    prefix, marked ``interrupted``), and every cell the journal saw complete present."""
+    exactly as sent, every reply exactly the echo of its message and complete, and every
+    cell the journal saw complete present. A reply cut by the kill may be absent, or kept
+    and marked ``interrupted`` holding a prefix of the echo (the part saved in time)."""
     from subchat_magics.tree import ChatTree
 
     res = StoreCheck()
@@ -396,7 +397,7 @@ def check_store(store: Path, journal: Path | None = None, allow_interrupted: boo
                     _check_user(res, chat.path, m, nxt, starts, in_flight, by_token)
                 elif m.role == "assistant":
                     prev = msgs[k - 1] if k else None
-                    _check_reply(res, chat.path, m, prev, allow_interrupted)
+                    _check_reply(res, chat.path, m, prev, in_flight if starts else None)
                 else:
                     res.problems.append(f"{chat.path}: unexpected role {m.role!r}")
         _check_journal(res, tree, starts, done, by_token)
@@ -424,21 +425,24 @@ def _check_user(res: StoreCheck, path: str, m: Any, nxt: Any, starts: dict, in_f
             res.problems.append(f"LOST: {path}: the reply to completed message {token} is missing")
 
 
-def _check_reply(res: StoreCheck, path: str, m: Any, prev: Any, allow_interrupted: bool) -> None:
+def _check_reply(res: StoreCheck, path: str, m: Any, prev: Any, in_flight: set | None) -> None:
     res.replies += 1
     if prev is None or prev.role != "user":
         res.problems.append(f"{path}: reply {m.seq} does not follow a user message")
         return
     match = ECHO.match(m.content)
-    expected = None if match is None else match.group(0) + prev.content
     if m.status == "complete":
-        if m.content != expected:
+        if match is None or m.content != match.group(0) + prev.content:
             res.problems.append(f"{path}: reply {m.seq} is not the echo of its message (garbage)")
-    elif m.status == "interrupted" and allow_interrupted:
+    elif m.status == "interrupted":
         res.interrupted += 1
-        whole = f"echo ({match.group(1) if match else 0} messages): {prev.content}"
-        if not whole.startswith(m.content):
+        # the digits may be cut too: "echo (1" of "echo (12 messages): ..."
+        shown = re.sub(r"^echo \(\d+", "echo (N", m.content)
+        if not f"echo (N messages): {prev.content}".startswith(shown):
             res.problems.append(f"{path}: interrupted reply {m.seq} is not a prefix of the echo")
+        token = prev.content.split(" ", 1)[0]
+        if in_flight is not None and token not in in_flight and token[:-1] not in in_flight:
+            res.problems.append(f"LOST: {path}: the reply to completed message {token} is cut")
     else:
         res.problems.append(f"{path}: reply {m.seq} has status {m.status!r}")
 
@@ -575,11 +579,13 @@ def kernel_kill(store: Path, workdir: Path, *, interrupt_first: bool, kill_after
     seen: dict[str, Any] = {"updates": 0, "interrupted": False}
     try:
         kc.wait_for_ready(timeout=timeout)
+        quiet = dict(timeout=timeout, output_hook=lambda msg: None)
+        quiet = dict(timeout=timeout, output_hook=lambda msg: None)
         reply = kc.execute_interactive("%load_ext subchat_magics\n"
-                                       "%config SubchatMagics.backend = 'echo'", timeout=timeout)
+                                       "%config SubchatMagics.backend = 'echo'", **quiet)
         assert reply["content"]["status"] == "ok", reply["content"]
         words = " ".join(f"w{i}" for i in range(400))
-        kc.execute_interactive("%%subchat root/before\ncompleted first", timeout=timeout)
+        kc.execute_interactive("%%subchat root/before\ncompleted first", **quiet)
         msg_id = kc.execute(f"%%subchat root/kernel\n{words}")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

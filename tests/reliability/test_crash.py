@@ -69,25 +69,27 @@ def _kernel_rows(store):
         conn.close()
 
 
-def test_a_kernel_killed_mid_reply_keeps_the_message_and_drops_the_cut_reply(kernel_dir):
+def test_a_kernel_killed_mid_reply_keeps_the_message_and_at_most_a_marked_part_of_the_reply(kernel_dir):
     store = kernel_dir / "subchats.db"
     seen = h.kernel_kill(store, kernel_dir, interrupt_first=False, kill_after_updates=3)
     assert seen["updates"] >= 3  # the reply was streaming when the kernel died
     check = h.check_store(store)
     assert check.ok, check.problems
     rows = _kernel_rows(store)
-    assert rows == [
+    assert rows[:3] == [
         ("before", "user", "completed first", "complete"),
         ("before", "assistant", "echo (1 messages): completed first", "complete"),
         ("kernel", "user", seen["words"], "complete"),
     ]
+    # the cut reply: absent, or kept with what was saved in time and marked interrupted
+    assert len(rows) == 3 or (len(rows) == 4 and rows[3][1:4:2] == ("assistant", "interrupted"))
 
 
 def test_a_kernel_interrupted_mid_reply_then_killed_keeps_the_partial_reply_marked(kernel_dir):
     store = kernel_dir / "subchats.db"
     seen = h.kernel_kill(store, kernel_dir, interrupt_first=True, kill_after_updates=3)
     assert seen["interrupted"]
-    check = h.check_store(store, allow_interrupted=True)
+    check = h.check_store(store)
     assert check.ok, check.problems
     rows = _kernel_rows(store)
     assert rows[:3] == [
