@@ -230,7 +230,7 @@ def render(r: dict, argv: list[str]) -> str:
         "# Reliability",
         "",
         "What was done to the chat store and the magics, how many times, and what was lost.",
-        f"Produced by `{cmd}` (seed {r['seed']}) on {r['machine']}, {r['date']}.",
+        f"Produced by `{cmd}` (seed {r['seed']}) on {r['machine']}, {r['date']}, {r['source']}.",
         "Rerun it with that command (add `--seed N` for other random moments); the CI suite",
         "`tests/reliability` runs a short version of every row.",
         "",
@@ -331,6 +331,18 @@ def render(r: dict, argv: list[str]) -> str:
     return "\n".join(lines)
 
 
+def source() -> str:
+    """The commit measured, and whether the package had uncommitted changes."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "subchat_magics"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):  # a copy made with git archive
+        return os.environ.get("SUBCHAT_SOURCE", "unknown source")
+    return f"commit {commit}" + (" with uncommitted changes to subchat_magics" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=50)
@@ -366,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     results["machine"] = (f"{os.cpu_count()} cores, Python {platform.python_version()}, "
                           f"SQLite {sqlite3.sqlite_version}, {platform.system()}")
     results["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    results["source"] = source()
     doc = render(results, [a for a in raw if a != "--no-write"])
     if args.no_write:
         print(doc)
