@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -105,8 +106,21 @@ def _digest(*parts: Any) -> bytes:
     return h.digest()
 
 
+def _prefix_digests(msgs: Sequence[dict[str, str]]) -> list[bytes]:
+    """``out[j]`` is the digest of ``msgs[:j]``."""
+    h = hashlib.blake2b(digest_size=16)
+    out = [h.digest()]
+    for m in msgs:
+        for part in (m["role"], m["content"]):
+            b = part.encode("utf-8", "surrogatepass")
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+        out.append(h.digest())
+    return out
+
+
 def _ids_digest(ids: Sequence[int]) -> bytes:
-    return hashlib.blake2b(b"".join(i.to_bytes(4, "little") for i in ids), digest_size=16).digest()
+    return hashlib.blake2b(array("I", ids).tobytes(), digest_size=16).digest()
 
 
 class PromptBuilder:
@@ -116,7 +130,7 @@ class PromptBuilder:
     lives as long as its engine, shared by every request (it is thread-safe)."""
 
     def __init__(self, tokenizer: Any, max_model_len: int, *, chat_template: str | None = None,
-                 cache_size: int = 4096):
+                 cache_size: int = 2048):
         self.tokenizer = tokenizer
         self.max_model_len = int(max_model_len)
         self.chat_template = chat_template
@@ -124,6 +138,9 @@ class PromptBuilder:
             self.chat_template = CHATML_TEMPLATE
         self._renders = _LRU(512)
         self._generated = _LRU(cache_size)
+        # (digest of the messages up to a turn's end, thinking) -> (ids, text) so far: a
+        # chat's next prompt renders only its new turns
+        self._states = _LRU(256)
         self._special: set[int] | None = None
 
     # -- rendering ---------------------------------------------------------------------------
@@ -183,13 +200,30 @@ class PromptBuilder:
         turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
         if not turns or turns[0] == 0:
             return self.encode(self.render_text(msgs, think=think)), not turns
-        first = turns[0]
-        text = self.render_text(msgs[:first], think=ran_with_thinking(msgs[first]["content"]))
-        ids = self.encode(text)
-        for k, i in enumerate(turns):
+        prefix = _prefix_digests(msgs)
+
+        def boundary(k: int) -> tuple[int, bool]:
+            """Where turn k's tail ends, and the thinking mode of the prompt it ends with."""
             nxt = turns[k + 1] if k + 1 < len(turns) else len(msgs)
-            next_think = ran_with_thinking(msgs[nxt]["content"]) if nxt < len(msgs) else think
-            tail = self._tail(msgs[:nxt], i, next_think)
+            return nxt, ran_with_thinking(msgs[nxt]["content"]) if nxt < len(msgs) else think
+
+        # resume after the last turn already rendered by an earlier prompt of this chat
+        start, ids, text = 0, None, ""
+        for k in range(len(turns) - 1, -1, -1):
+            nxt, nthink = boundary(k)
+            hit = self._states.get((prefix[nxt], nthink))
+            if hit is not None:
+                start, ids, text = k + 1, list(hit[0]), hit[1]
+                break
+        if ids is None:
+            first = turns[0]
+            text = self.render_text(msgs[:first], think=ran_with_thinking(msgs[first]["content"]))
+            ids = self.encode(text)
+        fresh: list[tuple[bytes, bool, int, int]] = []
+        for k in range(start, len(turns)):
+            i = turns[k]
+            nxt, nthink = boundary(k)
+            tail = self._tail(msgs[:nxt], i, nthink)
             if tail is None:
                 return self.encode(self.render_text(msgs, think=think)), False
             content = msgs[i]["content"]
@@ -207,11 +241,14 @@ class PromptBuilder:
                 gen = self.encode(content)
             ids += gen
             ids += self.encode(tail)
+            fresh.append((prefix[nxt], nthink, len(ids), len(text)))
         # Segments encoded apart must read as the whole (not so for tokenizers that add
         # a prefix space to every piece): otherwise encode the as-it-ran text whole.
         if self.tokenizer.decode(ids, skip_special_tokens=False,
                                  clean_up_tokenization_spaces=False) != text:
             return self.encode(text), False
+        for key, nthink, n_ids, n_text in fresh:
+            self._states.put((key, nthink), (array("I", ids[:n_ids]), text[:n_text]))
         return ids, True
 
     def remember(self, prompt_ids: Sequence[int], text: str, generated_ids: Sequence[int]) -> None:
@@ -223,7 +260,7 @@ class PromptBuilder:
             return
         if self.tokenizer.decode(gen, skip_special_tokens=True) != text:
             return
-        self._generated.put(_digest(_ids_digest(prompt_ids), text), tuple(gen))
+        self._generated.put(_digest(_ids_digest(prompt_ids), text), array("I", gen))  # 4 bytes a token
 
     def count(self, messages: Sequence[dict[str, str]], *, think: bool = False) -> int:
         return len(self.token_ids(messages, think=think)[0])

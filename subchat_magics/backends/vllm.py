@@ -563,6 +563,10 @@ class Engine:
         prompt = self.builder.build(messages, int(options.max_tokens), think=think)
         return prompt, self.sampling_params(options, prompt.max_tokens)
 
+    def remember(self, reply: "_Reply") -> None:
+        """Keep the ids a request generated, for the prompts that continue its chat."""
+        self.builder.remember(reply.prompt.token_ids, "".join(reply.parts), reply.ids)
+
     def finish(self, prompt: Prompt, acc: "_Reply", reason: str | None) -> Finish:
         extra: dict[str, Any] = {}
         if prompt.notes:
@@ -825,12 +829,13 @@ class VLLMBackend(Backend):
                     yield ev.text
                 if ev.finished:
                     reply.done = True
+                    engine.remember(reply)
                     yield engine.finish(prompt, reply, ev.finish_reason)
                     return
         finally:
             if not reply.done and reply.rid:
                 engine.abort([reply.rid])
-            engine.builder.remember(prompt.token_ids, "".join(reply.parts), reply.ids)
+                engine.remember(reply)  # what was kept of it can still be reused
 
     def stream_batch(self, requests: Sequence[tuple[Sequence[Message], GenerationOptions]]) -> Iterator[BatchEvent]:
         """All requests are added to the engine in one go, so it batches them; events come
@@ -868,11 +873,13 @@ class VLLMBackend(Backend):
                 if ev.finished:
                     reply.done = True
                     open_.discard(index)
+                    engine.remember(reply)
                     yield index, engine.finish(reply.prompt, reply, ev.finish_reason)
         finally:
-            engine.abort([r.rid for r in replies.values() if not r.done and r.rid])
-            for r in replies.values():
-                engine.builder.remember(r.prompt.token_ids, "".join(r.parts), r.ids)
+            cut = [r for r in replies.values() if not r.done and r.rid]
+            engine.abort([r.rid for r in cut])
+            for r in cut:
+                engine.remember(r)
 
     def unfinished_requests(self) -> int:
         """Requests the engine still holds (0 when idle)."""

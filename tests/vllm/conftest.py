@@ -54,6 +54,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_runtest_teardown(item, nextitem):
+    # after the last vLLM test, free the engine: later tests (backend "auto") must not
+    # find a model loaded in this process
+    here = Path(__file__).parent
+    if (nextitem is None or Path(str(nextitem.fspath)).parent != here) and "vllm" in sys.modules:
+        from subchat_magics.backends.vllm import unload
+
+        unload()
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     """The tiny Qwen3 model folder (built once, cached between runs)."""

@@ -187,3 +187,30 @@ def test_thinking_renders_the_prompt_without_the_empty_think_block(vshell, engin
     assert tok.decode(on).endswith("<|im_start|>assistant\n")
     vshell.ok("%%subchat root --think --max-tokens 5\nWhy is the sea blue?")
     assert last_reply("root").provenance["prompt_tokens"] == len(on)
+
+
+def test_replies_started_from_two_threads_share_the_engine(vshell, engine):
+    # as a cell and the widget would: each consumer on its own thread, one engine
+    backend = registry().get("vllm")
+    texts: dict[int, str] = {}
+    in_flight: list[int] = []
+    started = threading.Barrier(2)
+
+    def reply(i: int) -> None:
+        stream = backend.stream([{"role": "user", "content": f"Thread {i} asks about the sea."}],
+                                GenerationOptions(max_tokens=60))
+        parts = [next(stream)]
+        started.wait(timeout=30)
+        if i == 0:
+            in_flight.append(engine.unfinished_requests())
+        parts += [d for d in stream if isinstance(d, str)]
+        texts[i] = "".join(parts)
+
+    threads = [threading.Thread(target=reply, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert in_flight == [2]
+    assert set(texts) == {0, 1} and all(texts.values())
+    assert engine.unfinished_requests() == 0

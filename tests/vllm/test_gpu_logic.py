@@ -144,3 +144,20 @@ def test_loading_the_extension_imports_neither_vllm_nor_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_load_vllm_without_vllm_installed_says_how_to_install_it(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    code = (
+        "import sys\n"
+        "sys.modules['vllm'] = None  # as if it were not installed\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "ip = InteractiveShell.instance()\n"
+        "ip.run_cell('%load_ext subchat_magics')\n"
+        f"r = ip.run_cell('%load_vllm {tmp_path}')\n"
+        "print(type(r.error_in_exec).__name__, r.error_in_exec)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("UsageError %load_vllm: vLLM is not installed here")
+    assert "pip install 'subchat-magics[vllm]'" in out.stdout
