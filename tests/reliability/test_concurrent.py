@@ -96,11 +96,6 @@ def test_writing_to_a_chat_another_kernel_deleted_is_a_clear_store_error(tmp_pat
     tree.close()
 
 
-# Until the reply's row is written with its message (ChatTree.begin_turn), the reply lands
-# after whatever another kernel wrote meanwhile; drop this marker once that is in.
-@pytest.mark.xfail(not hasattr(ChatTree, "begin_turn"), strict=True,
-                   reason="two kernels streaming into one chat interleave: the reply is stored "
-                   "after the other kernel's message")
 def test_two_kernels_replying_in_one_chat_keep_each_reply_with_its_message(tmp_path):
     store = tmp_path / "subchats.db"
     first, second = ChatTree(store), ChatTree(store)  # two connections, as two kernels
