@@ -4,7 +4,6 @@ their errors. No SDK is imported here."""
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import importlib
 import math
@@ -113,6 +112,8 @@ def retry_after(headers: Mapping[str, str] | None, message: str = "") -> float |
                 return max(0.0, float(ra))
             except ValueError:
                 pass
+            import email.utils
+
             try:
                 return max(0.0, email.utils.parsedate_to_datetime(ra).timestamp() - time.time())
             except (TypeError, ValueError):

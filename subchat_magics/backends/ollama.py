@@ -66,9 +66,7 @@ class OllamaBackend(Backend):
 
     def __init__(self) -> None:
         self._clients = _remote.ClientCache()
-        self._probe_client: Any = None
         self._probes: dict[str, tuple[float, Availability, list[str]]] = {}
-        self._lock = threading.Lock()
         self._local = threading.local()  # the last response's headers, per thread
 
     # -- settings ------------------------------------------------------------------------------
@@ -99,15 +97,11 @@ class OllamaBackend(Backend):
 
     # -- availability --------------------------------------------------------------------------
     def available(self) -> Availability:
-        """The server answers ``/api/tags`` within 0.5 s and has a model pulled."""
-        try:
-            import ollama  # noqa: F401
-        except ImportError:
+        """The server answers ``/api/tags`` within 0.5 s and has a model pulled. The
+        answer is kept a few seconds (``auto`` asks on every cell)."""
+        if not _remote.installed("ollama"):
             return Availability(False, f"the ollama client is not installed; {INSTALL_HINT}")
-        try:
-            host = self.host()
-        except BackendError as exc:
-            return Availability(False, str(exc))
+        host = self.host()
         hit = self._probes.get(host)
         now = time.monotonic()
         if hit and now < hit[0]:
@@ -118,23 +112,27 @@ class OllamaBackend(Backend):
         return av
 
     def _probe(self, host: str) -> tuple[Availability, list[str]]:
-        import httpx
+        # the standard library, so that asking costs no import of httpx or the SDK
+        import http.client
+        import json
 
-        with self._lock:
-            if self._probe_client is None:
-                self._probe_client = httpx.Client(timeout=PROBE_TIMEOUT_S)
-            client = self._probe_client
+        split = urllib.parse.urlsplit(host)
+        conn_cls = http.client.HTTPSConnection if split.scheme == "https" else \
+            http.client.HTTPConnection
+        conn = conn_cls(split.hostname or "127.0.0.1", split.port, timeout=PROBE_TIMEOUT_S)
         try:
-            r = client.get(f"{host}/api/tags", headers=self._auth_headers())
-            r.raise_for_status()
-            names = [m.get("name") or m.get("model") for m in r.json().get("models", [])]
-        except httpx.HTTPStatusError as exc:
-            return Availability(False, f"Ollama at {host} answered {exc.response.status_code} "
-                                       "to /api/tags"), []
-        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            conn.request("GET", f"{split.path}/api/tags", headers=self._auth_headers())
+            r = conn.getresponse()
+            body = r.read(1 << 20)
+            if r.status != 200:
+                return Availability(False, f"Ollama at {host} answered {r.status} to /api/tags"), []
+            names = [m.get("name") or m.get("model") for m in json.loads(body).get("models", [])]
+        except (OSError, http.client.HTTPException, ValueError, AttributeError) as exc:
             return Availability(False, f"no Ollama server answers at {host} "
                                        f"({_remote.detail(exc, 80)}); start `ollama serve` "
                                        "or set OLLAMA_HOST"), []
+        finally:
+            conn.close()
         names = [n for n in names if n]
         if not names:
             return Availability(False, f"Ollama at {host} has no model pulled; "
@@ -282,18 +280,10 @@ class OllamaBackend(Backend):
 
     def close(self) -> None:
         self._clients.close()
-        with self._lock:
-            probe, self._probe_client = self._probe_client, None
-        if probe is not None:
-            probe.close()
         self._probes.clear()
 
     def __repr__(self) -> str:
-        try:
-            host = self.host()
-        except BackendError:
-            host = "?"
         key = getenv("OLLAMA_API_KEY")
-        return (f"<OllamaBackend id='ollama' host={host!r} model={self.default_model()!r}"
+        return (f"<OllamaBackend id='ollama' host={self.host()!r} model={self.default_model()!r}"
                 + (f" key={mask(key)}" if key else "") + ">")
 

@@ -197,3 +197,11 @@ def test_fanout_sends_concurrent_requests_with_their_own_seeds(shell, ollama):
     assert sorted(r.body["options"]["seed"] for r in reqs) == [1, 2, 3]
     assert all(r.body["messages"][-1] == {"role": "user", "content": "Name a colour."} for r in reqs)
     assert shell.ns["answers"] == ["Hello from the fake server."] * 3
+
+
+def test_think_asks_for_thinking_and_shows_it_in_a_think_block(shell, ollama):
+    ollama.configure(reasoning=["Two and ", "two."], chunks=["Four."])
+    out = shell.ok("%%subchat root --backend ollama --think\n2+2?")
+    assert out.strip() == "<think>\nTwo and two.\n</think>\n\nFour."
+    assert ollama.chat_requests()[-1].body["think"] is True
+    assert last_reply().content == "<think>\nTwo and two.\n</think>\n\nFour."
