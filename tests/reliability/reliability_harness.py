@@ -267,8 +267,10 @@ def _wait_ready(proc: Any, ready: Any, journal: Path, rnd: int, timeout: float =
 
 def _where(store: Path, entry: dict[str, Any]) -> str:
     """Where a kill in the middle of ``entry`` landed, judged from the store."""
-    if entry["op"] not in ("send", "fanout", "append"):
-        return f"in %subchat {entry['op']}"
+    if entry["op"] == "scratch":
+        return "creating then deleting a subtree"
+    if entry["op"] == "system":
+        return "setting a system prompt"
     conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
     try:
         rows = conn.execute(
