@@ -488,7 +488,13 @@ class SubchatMagics(Magics):
         from .settings import set_secret
 
         var = f"{a.name.upper()}_API_KEY"
-        value = getpass.getpass(f"{var} (input hidden): ").strip()
+        try:
+            value = getpass.getpass(f"{var} (input hidden): ").strip()
+        except (EOFError, OSError, NotImplementedError, KeyboardInterrupt):
+            # StdinNotImplementedError (a frontend that takes no input) is a NotImplementedError
+            raise UsageError(
+                f"%subchat key: cannot ask for the key here (no input available); put {var} "
+                "in the environment or in a .env file in the working folder") from None
         if not value:
             raise UsageError(f"%subchat key: no key entered; {var} unchanged")
         register_secret(value)
@@ -508,8 +514,10 @@ class SubchatMagics(Magics):
             out = Path(a.out).expanduser()
             try:
                 out.write_text(text, encoding="utf-8")
-            except OSError as exc:
-                raise UsageError(f"%subchat export: cannot write {out}: {exc.strerror}") from None
+            except (OSError, UnicodeError, ValueError) as exc:
+                reason = getattr(exc, "strerror", None) or type(exc).__name__
+                raise UsageError(f"%subchat export: cannot write {a.out!r}: {reason}; "
+                                 "choose another --out file") from None
             print(f"exported {len(tree.subtree(chat))} chat(s) from {chat.path} to {out} ({fmt})")
         else:
             print(text)
@@ -519,8 +527,9 @@ class SubchatMagics(Magics):
         path = Path(a.file).expanduser()
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise UsageError(f"%subchat import: cannot read {path}: {exc.strerror}") from None
+        except (OSError, UnicodeError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise UsageError(f"%subchat import: cannot read {a.file!r}: {reason}") from None
         except ValueError as exc:
             raise UsageError(f"%subchat import: {path} is not JSON ({exc})") from None
         made = render.import_data(self.session.tree, data, a.into)
@@ -572,4 +581,12 @@ def unload(ipython: Any) -> None:
             mm.magics[kind].pop(name, None)
     for key in [k for k, v in mm.registry.items() if type(v).__module__.startswith("subchat_magics")]:
         mm.registry.pop(key, None)
+    # undo everything the extension holds: a vLLM engine it runs (its driver thread and
+    # memory), the remote backends' HTTP clients, the store connection
+    vllm_backend = sys.modules.get("subchat_magics.backends.vllm")
+    if vllm_backend is not None:
+        vllm_backend.unload(echo=print)
+    from .backends.registry import registry
+
+    registry().close()
     default_session().close()

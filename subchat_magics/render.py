@@ -154,12 +154,43 @@ def export_markdown(tree: ChatTree, chat: Chat) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def check_export(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The export's chats, each checked for the shape ``import`` needs (before any write)."""
+    chats = data.get("chats") or []
+
+    def bad(where: str) -> InvalidInput:
+        return InvalidInput(f"the export is damaged: {where}; export it again")
+
+    if not isinstance(chats, list):
+        raise bad("'chats' is not a list")
+    if data.get("root") is not None and not isinstance(data["root"], str):
+        raise bad("'root' is not a chat path")
+    for i, c in enumerate(chats):
+        if not isinstance(c, dict) or not isinstance(c.get("path"), str):
+            raise bad(f"chat {i} has no path")
+        if c.get("system_prompt") is not None and not isinstance(c["system_prompt"], str):
+            raise bad(f"chat {c['path']!r} has a system prompt that is not text")
+        if "fork_seq" in c and (not isinstance(c["fork_seq"], int) or isinstance(c["fork_seq"], bool)
+                                or c["fork_seq"] < 0):
+            raise bad(f"chat {c['path']!r} has a fork point that is not a count")
+        msgs = c.get("messages", [])
+        if not isinstance(msgs, list):
+            raise bad(f"chat {c['path']!r} has messages that are not a list")
+        for m in msgs:
+            if (not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system")
+                    or not isinstance(m.get("content"), str)
+                    or not isinstance(m.get("status", "complete"), str)
+                    or not isinstance(m.get("provenance") or {}, dict)):
+                raise bad(f"a message of {c['path']!r} has no role/content")
+    return chats
+
+
 def import_data(tree: ChatTree, data: dict[str, Any], into: str | None = None) -> list[str]:
     """Recreate exported chats. They keep their paths, or move under ``into`` (the new
     parent of the exported top chat). An existing chat is filled only if it is empty."""
     if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
         raise InvalidInput(f"not a subchat-magics export (expected format {EXPORT_FORMAT!r})")
-    chats = data.get("chats") or []
+    chats = check_export(data)
     top = data.get("root") or (chats[0]["path"] if chats else None)
     if not top:
         return []

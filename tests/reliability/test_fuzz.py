@@ -7,8 +7,8 @@ subcommands, and runs them through one real ``InteractiveShell`` (like a noteboo
 every cell is run in turn). ``SUBCHAT_FUZZ_EXAMPLES`` raises the number of cases
 (``bench/reliability.py`` runs 2,000); CI runs ~200.
 
-Cases that still fail in code this suite does not own are kept below as strict
-``xfail`` tests, with the fix proposed in the reliability report.
+Cases it found once (getpass without input, unencodable export names, malformed exports)
+are kept below as plain tests.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ SUB_FLAGS = ["--text", "-p", "--provenance", "--own", "--format", "md", "json", 
 @st.composite
 def subchat_command(draw):
     """A %subchat line: a known subcommand (or not) and arguments."""
-    names = [n for n in SUBCOMMANDS if n != "key"]  # key asks for input: see the xfail below
+    names = [n for n in SUBCOMMANDS if n != "key"]  # key asks for input: tested on its own below
     cmd = draw(st.one_of(st.sampled_from(names), line_text))
     args = draw(st.lists(st.one_of(path, st.sampled_from(SUB_FLAGS), line_text), max_size=4))
     return _join(draw, [cmd, *_safe_files(args)])
@@ -184,8 +184,6 @@ print("RESULT", type(result.error_before_exec or result.error_in_exec).__name__)
 """
 
 
-@pytest.mark.xfail(strict=True, reason="magics.py: getpass fails without a terminal (EOFError, "
-                   "or StdinNotImplementedError in a kernel that allows no input)")
 def test_key_without_an_input_is_a_usage_error(workdir):
     import subprocess
     import sys
@@ -197,25 +195,18 @@ def test_key_without_an_input_is_a_usage_error(workdir):
     assert "RESULT UsageError" in proc.stdout, proc.stdout[-500:] + proc.stderr[-500:]
 
 
-@pytest.mark.xfail(strict=True, reason="magics.py: export --out with an unencodable file name "
-                   "raises UnicodeEncodeError, not OSError")
 def test_export_to_an_unencodable_file_name_is_a_usage_error(shell):
     shell.ok("%%subchat\nhello")
     _run(shell, "%subchat export --out \ud800.md")
 
 
-SHAPE = pytest.mark.xfail(strict=True, reason="render.import_data trusts the JSON's shape")
-
-
 @pytest.mark.parametrize("data", [
-    pytest.param({"chats": [1]}, marks=SHAPE, id="chat-not-a-dict"),
-    pytest.param({"root": 5, "chats": []}, marks=SHAPE, id="root-not-a-str"),
-    pytest.param({"root": "root/z", "chats": [{"path": "root/z", "fork_seq": "x"}]}, marks=SHAPE,
-                 id="fork-seq-not-a-number"),
+    pytest.param({"chats": [1]}, id="chat-not-a-dict"),
+    pytest.param({"root": 5, "chats": []}, id="root-not-a-str"),
+    pytest.param({"root": "root/z", "chats": [{"path": "root/z", "fork_seq": "x"}]}, id="fork-seq-not-a-number"),
     pytest.param({"root": "root/z", "chats": [{"path": "root/z", "messages": [{"content": "x"}]}]},
-                 marks=SHAPE, id="no-role"),
-    pytest.param({"root": "root/z", "chats": [{"path": "root/z", "messages": "abc"}]}, marks=SHAPE,
-                 id="messages-not-a-list"),
+                 id="no-role"),
+    pytest.param({"root": "root/z", "chats": [{"path": "root/z", "messages": "abc"}]}, id="messages-not-a-list"),
     # the store refuses these itself
     pytest.param({"root": "root/z", "chats": [{"path": "root/z", "messages": [
         {"role": "bot", "content": "x"}]}]}, id="unknown-role"),

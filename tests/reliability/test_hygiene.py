@@ -121,8 +121,6 @@ def _client_connections(port: int) -> int:
     return count
 
 
-@pytest.mark.xfail(strict=True, reason="magics.unload does not close the backends: the Ollama "
-                   "availability probe's pooled connections stay open (fix proposed in the report)")
 def test_unloading_after_a_remote_reply_leaves_no_connection(bare_shell, workdir, monkeypatch):
     fakeservers = pytest.importorskip("backends.fakeservers")  # tests/backends' loopback servers
     pytest.importorskip("ollama")
