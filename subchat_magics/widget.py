@@ -7,25 +7,30 @@ one ``Select`` model however many chats it holds. The view listens to the tree
 session like a ``%%subchat`` cell, on a worker thread so that Stop is heard while tokens
 flow (a running cell blocks widget events).
 
-Where tokens become pixels: finished messages each live in their own ``Output`` widget,
-sent once. The reply now streaming is shown in a few "chunk" widgets; each update
-(coalesced to ~20 a second) resends only the last chunk, so the bytes of an update stay
-flat however long the reply or the transcript grows.
+Where tokens become pixels: the tree calls the view for every event on the thread that
+streams; the view only queues it (a token is not even queued) and a render thread of the
+view draws, at most ~20 times a second, whatever changed since its last pass. Finished
+messages each live in their own ``Output`` widget, sent once. The reply now streaming is
+shown in a few "chunk" widgets; a pass resends only the last chunk, so the bytes of an
+update stay flat however long the reply or the transcript grows.
 """
 
 from __future__ import annotations
 
 import html
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import ipywidgets as w
+from ipywidgets.widgets.widget_string import HTMLStyle
 
 from . import render
-from .errors import InvalidInput, SubchatError
+from .errors import ChatNotFound, InvalidInput, SubchatError
 from .streaming import Coalescer
-from .tree import ROOT, ChatTree, Message, normalize_path
+from .tree import ROOT, Chat, ChatTree, Message, normalize_path
 
 if TYPE_CHECKING:
     from .session import Session
@@ -33,10 +38,10 @@ if TYPE_CHECKING:
 
 MAX_SHOWN = 100  # own messages shown in the transcript; older ones are summed up in one line
 CHUNK_SOFT = 2000  # a streaming chunk is closed at the next newline past this many characters
-CHUNK_HARD = 6000  # ...or at the next space past this many, for replies without newlines
+CHUNK_HARD = 4000  # ...or at the next space past this many, for replies without newlines
 JOIN_TIMEOUT = 10.0  # seconds close() waits for a cancelled reply to reach its next token
+IDLE_EXIT = 5.0  # seconds a render thread waits for events before it ends (one starts again)
 NBSP = "\u00a0"
-CURSOR = "▌"
 
 _CSS = """<style>
 .subchat-view .subchat-tree select { font-family: var(--jp-code-font-family, monospace);
@@ -45,6 +50,8 @@ _CSS = """<style>
   padding-left: 8px; overflow-anchor: none; }
 .subchat-view .subchat-transcript > * { flex-shrink: 0; }
 .subchat-view .subchat-stream .widget-html-content { line-height: 1.45; }
+.subchat-view .subchat-chunk { white-space: pre-wrap; }
+.subchat-view .subchat-stream > :last-child .subchat-chunk::after { content: "\\258C"; }
 .subchat-view .subchat-msg-user { background: var(--jp-layout-color2, #f5f5f5); }
 .subchat-view .subchat-error { color: var(--jp-error-color1, #c00); }
 </style>"""
@@ -57,6 +64,7 @@ class _ChatInfo:
     count: int = 0
     last: Message | None = None  # its last reply
     streaming: int = 0
+    last_id: int = 0  # its newest message counted (events may come after a fresh read)
 
 
 @dataclass
@@ -65,14 +73,13 @@ class _Stream:
 
     turn: "Turn"
     coalescer: Coalescer
-    shown: bool = False
     consumed: int = 0  # parts of turn.parts already put into chunks
     chunks: list[str] = field(default_factory=list)
+    debt: int = 0  # due updates to skip: the last one sent more than one message
 
 
-def _chunk_html(text: str, cursor: bool) -> str:
-    return (f'<span style="white-space:pre-wrap">{html.escape(text)}'
-            f'{CURSOR if cursor else ""}</span>')
+def _chunk_html(text: str) -> str:
+    return f'<span class="subchat-chunk">{html.escape(text)}</span>'
 
 
 def _split_chunks(chunks: list[str], new: str) -> list[str]:
@@ -136,22 +143,32 @@ class TreeView(w.VBox):
 
     def __init__(self, tree: ChatTree, session: "Session | None" = None, *,
                  interval: float = 0.05, clock: Callable[[], float] | None = None,
-                 **kwargs: Any):
+                 autodraw: bool = True, **kwargs: Any):
+        """``interval``: seconds between draws (and streaming updates); ``clock``: the
+        clock the streaming updates are coalesced by; ``autodraw=False``: no render
+        thread, changes are drawn when :meth:`sync` is called (for scripts and tests)."""
         self.tree = tree
         self.session = session
         self.interval = interval
-        self._clock = clock
-        self._lock = threading.RLock()
-        self._closed = False
+        self.autodraw = autodraw
+        self._clock = clock or time.monotonic
+        self._lock = threading.RLock()  # held while drawing: by the render thread or a user action
+        self._events: deque[tuple[str, dict[str, Any]]] = deque()
+        self._wake = threading.Condition()  # guards _events and the render thread's life
+        self._renderer: threading.Thread | None = None
+        self._stopping = False
+        self._last_pass = float("-inf")
+        self._labels_dirty = False
+        self._children_dirty = False
         self._info: dict[str, _ChatInfo] = {}
         self._streams: dict[str, _Stream] = {}
         self._workers: set[threading.Thread] = set()
         self._own: set[Turn] = set()
         self._msg_widgets: list[w.Widget] = []
+        self._msg_keys: list[tuple] = []  # (id, status, content) of each message widget
         self._extra_widgets: list[w.Widget] = []  # transcript/compare parts rebuilt on select
         self._hidden = 0  # own messages of the selected chat not shown (beyond MAX_SHOWN)
         self._shown: _Stream | None = None
-        self._chunk_texts: list[str] = []
         self._confirm_delete = False
         self._syncing = False
 
@@ -159,7 +176,7 @@ class TreeView(w.VBox):
         if start not in tree:
             start = ROOT
 
-        # shared layouts: a message or chunk widget then opens one comm, not two or three
+        # shared layouts (and style): a message or chunk widget opens one comm, not two or three
         self._msg_layout = w.Layout(margin="2px 0", padding="0 4px")
         self._chunk_layout = w.Layout(margin="0")
 
@@ -183,7 +200,8 @@ class TreeView(w.VBox):
                                                  flex_flow="column-reverse"),
                                  _dom_classes=("subchat-transcript",))
         self._pane_head = w.HTML(value="<b>assistant</b> <i>● streaming…</i>")
-        self._chunks = [w.HTML(layout=self._chunk_layout)]
+        self._chunk_style = HTMLStyle()
+        self._chunks = [w.HTML(layout=self._chunk_layout, style=self._chunk_style)]
         self.stream = w.VBox([self._pane_head, *self._chunks], layout=w.Layout(flex="0 0 auto"),
                              _dom_classes=("subchat-stream",))
         self.input = w.Textarea(placeholder="Message (Send continues the selected chat)",
@@ -223,6 +241,7 @@ class TreeView(w.VBox):
                                 self.branch_button, self.provenance, self.compare, self.follow],
                                layout=w.Layout(flex_flow="row wrap"))],
                        layout=w.Layout(flex="1 1 auto", width="auto"))
+        self._closed = False  # from here on, close() has a view to close
         super().__init__([self.header, w.HBox([left, right]), self.status],
                          _dom_classes=("subchat-view",), **kwargs)
 
@@ -240,7 +259,7 @@ class TreeView(w.VBox):
         self.rename_button.on_click(lambda _: self._action(self._click_rename))
         self.delete_button.on_click(lambda _: self._action(self._click_delete))
         self.refresh_button.on_click(lambda _: self._action(self.refresh))
-        self._unsubscribe = tree.subscribe(self._on_event)
+        self._unsubscribe = tree.subscribe(self._listener)
 
     # -- the public, scriptable side (the buttons call these) ---------------------------------
     @property
@@ -257,13 +276,14 @@ class TreeView(w.VBox):
         """Show the chat at ``path`` (it becomes the session's current chat)."""
         chat = self.tree.get(path)
         with self._lock:
+            self._pass()  # events not drawn yet (a chat just created) come first
             self.chats.value = chat.path  # _on_select rebuilds the transcript
 
     def send(self, text: str, path: str | None = None) -> "Turn":
         """Send ``text`` into the selected chat (or ``path``) with the session's backend and
         settings; the reply streams on a worker thread. Returns the :class:`Turn`."""
         target = self.tree.get(path or self.selected).path
-        if target in self._streams:
+        if target in self._streams or any(t.chat.path == target for t in list(self._own)):
             raise InvalidInput(f"{target} is still streaming a reply; Stop it or wait for it")
         turn = self._make_turn(target, text)
         self._start(turn)
@@ -302,35 +322,48 @@ class TreeView(w.VBox):
 
     def rename(self, new_name: str) -> str:
         """Rename the selected chat; returns its new path."""
-        return self.tree.rename(self.selected, new_name.strip()).path
+        path = self.tree.rename(self.selected, new_name.strip()).path
+        self.sync()
+        return path
 
     def delete(self) -> list[str]:
         """Delete the selected chat and its subchats (the button asks first)."""
         path = self.selected
         if path in self._streams or any(p.startswith(path + "/") for p in self._streams):
             raise InvalidInput(f"{path} has a reply streaming; Stop it first")
-        return self.tree.delete(path, force=True)
+        gone = self.tree.delete(path, force=True)
+        self.sync()
+        return gone
 
     def refresh(self) -> None:
         """Re-read the store (another kernel may have written to it) and redraw."""
         self.tree.refresh()
         with self._lock:
+            self._pass()
             self._load_info()
             self._set_labels(select=self.selected if self.selected in self.tree else ROOT)
             self._build_transcript()
             self._update_header()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for this view's replies to finish; False if some are still running."""
+        """Wait for this view's replies to finish, then draw what they changed; False if
+        some are still running."""
         for t in list(self._workers):
             t.join(timeout)
+        self.sync()
         return not self.busy
+
+    def sync(self) -> None:
+        """Draw now, on this thread, every change the tree reported so far (the render
+        thread would within ~1/20 s): for scripts and tests that look at the widgets."""
+        with self._lock:
+            self._pass()
 
     def close(self) -> None:
         """Unsubscribe from the tree, stop this view's replies and wait for their threads,
         then close every widget of the view."""
-        if self._closed:
-            return
+        if getattr(self, "_closed", True):
+            return  # closed already, or __init__ never got far (GC calls close)
         self._closed = True
         unsubscribe = getattr(self, "_unsubscribe", None)
         if unsubscribe is not None:
@@ -341,12 +374,23 @@ class TreeView(w.VBox):
         for t in list(getattr(self, "_workers", ())):
             if t is not me:
                 t.join(JOIN_TIMEOUT)
+        with self._wake:
+            self._stopping = True
+            renderer = self._renderer
+            self._wake.notify_all()
+        if renderer is not None and renderer is not me:
+            renderer.join(JOIN_TIMEOUT)
+        parts = [*self.children]
+        for name in ("_msg_widgets", "_extra_widgets", "_chunks"):
+            parts += getattr(self, name, [])
+        for name in ("stream", "_msg_layout", "_chunk_layout", "_chunk_style"):
+            if hasattr(self, name):
+                parts.append(getattr(self, name))
         with self._lock:
             seen: set[int] = {id(self)}
-            for widget in [*self.children, *self._msg_widgets, *self._extra_widgets,
-                           self.stream, self._msg_layout, self._chunk_layout]:
+            for widget in parts:
                 _dispose(widget, seen)
-            self._msg_widgets, self._extra_widgets = [], []
+            self._msg_widgets, self._msg_keys, self._extra_widgets = [], [], []
         super().close()
 
     # -- the static side: what a notebook keeps when there is no kernel ----------------------
@@ -404,6 +448,7 @@ class TreeView(w.VBox):
             fn()
         except SubchatError as exc:
             self._set_status(str(exc), error=True)
+        self.sync()  # draw what the action changed now, not at the next pass
 
     def _click_send(self) -> None:
         text = self.input.value
@@ -449,26 +494,88 @@ class TreeView(w.VBox):
                 self.delete_button.description = "Delete"
                 self.delete_button.button_style = ""
 
-    # -- tree events (any thread) -------------------------------------------------------------
-    def _on_event(self, event: str, data: dict[str, Any]) -> None:
+    # -- tree events: queued on the streaming thread, drawn by the render thread ----------
+    def _listener(self, event: str, data: dict[str, Any]) -> None:
+        """Called by the tree on the thread that streams, for every event. A token is
+        not even queued (a pass reads the turn's text); anything else is queued."""
         if event == "reply-delta":
-            # the hot path: a dict lookup and a clock read per token, an update when due
-            s = self._streams.get(data["path"])
-            if s is not None and s.shown and s.coalescer.tick():
-                with self._lock:
-                    if s is self._shown and not self._closed:
-                        self._flush()
             return
-        if self._closed:
-            return
-        with self._lock:
+        self._kick((event, data))
+
+    def _kick(self, event: tuple[str, dict[str, Any]] | None = None) -> None:
+        """Queue ``event`` (if any) and wake the render thread, starting one if none runs."""
+        with self._wake:
+            if self._stopping:
+                return
+            if event is not None:
+                self._events.append(event)
+            if not self.autodraw:
+                return
+            if self._renderer is None:
+                self._renderer = threading.Thread(target=self._render_loop, daemon=True,
+                                                  name="subchat-view render")
+                self._renderer.start()
+            else:
+                self._wake.notify()
+
+    def _render_loop(self) -> None:
+        """Draw at most every ``interval`` seconds while there is something to draw; end
+        after IDLE_EXIT seconds with nothing (the next event starts a new thread)."""
+        while True:
+            with self._wake:
+                idle_since = time.monotonic()
+                while not self._stopping and not self._events and self._shown is None:
+                    left = IDLE_EXIT - (time.monotonic() - idle_since)
+                    if left <= 0:
+                        self._renderer = None
+                        return
+                    self._wake.wait(left)
+                if self._stopping:
+                    self._renderer = None
+                    return
+            # coalesce: a pass at most every interval, and an interval after the first event
+            # (what a whole fast reply changes is then drawn once, after it)
+            now = time.monotonic()
+            time.sleep(max(self._last_pass, now) + self.interval - now)
+            with self._lock:
+                if self._closed:
+                    continue
+                self._last_pass = time.monotonic()
+                try:
+                    self._pass()
+                except Exception as exc:  # noqa: BLE001 - a dead render thread is a frozen view
+                    self._set_status(f"the view failed to draw ({type(exc).__name__}: {exc}); "
+                                     "Refresh redraws it", error=True)
+
+    def _pass(self) -> None:
+        """Handle the queued events, redraw what they made stale (the tree's labels and
+        the transcript's list once each), and update the streaming reply if it is due."""
+        while True:
+            with self._wake:
+                if not self._events:
+                    break
+                event, data = self._events.popleft()
             handler = getattr(self, "_on_" + event.replace("-", "_"), None)
             if handler is not None:
                 handler(**data)
+        if self._labels_dirty:
+            self._set_labels()
+        s = self._shown
+        if s is not None:
+            if s.turn.done:  # its end is queued or drawn: nothing more to stream
+                pass
+            elif s.coalescer.tick():
+                if s.debt:  # the last update took several messages: skip this one
+                    s.debt -= 1
+                else:
+                    self._flush()
+        if self._children_dirty:
+            self._set_transcript_children()
+        self._update_buttons()
 
     def _on_chat_created(self, path: str, **_: Any) -> None:
         self._info.setdefault(path, _ChatInfo())
-        self._set_labels()
+        self._labels_dirty = True
         self._update_header()
         if self.compare.value:
             self._build_transcript()
@@ -492,16 +599,21 @@ class TreeView(w.VBox):
             return path + p[len(old):] if p == old or p.startswith(old + "/") else p
 
         self._info = {moved(p): i for p, i in self._info.items()}
-        self._streams = {moved(p): s for p, s in self._streams.items()}
+        streams = {moved(p): s for p, s in self._streams.items()}
+        self._streams.clear()
+        self._streams.update(streams)
         self._set_labels(select=moved(self.selected))
         self._build_transcript()
 
     def _on_message(self, path: str, message: Message, **_: Any) -> None:
         info = self._info.setdefault(path, _ChatInfo())
-        info.count += 1
-        if message.role == "assistant":
-            info.last = message
-        self._set_labels()
+        mid = message.id or 0
+        if mid > info.last_id:  # not counted by a read of the store since
+            info.count += 1
+            info.last_id = mid
+        if message.role == "assistant" and (info.last is None or mid >= (info.last.id or 0)):
+            info.last = message  # (a finished reply replaces its stored placeholder)
+        self._labels_dirty = True
         if path != self.selected:
             if self.compare.value and path in self._compare_paths():
                 self._build_transcript()
@@ -512,28 +624,43 @@ class TreeView(w.VBox):
         s = self._streams.get(path)
         if message.role == "assistant" and s is not None and s is self._shown:
             self._shown = None  # the stored reply replaces the streaming chunks
-            self._reset_chunks()
-        self._msg_widgets.append(self._message_widget(message))
-        if len(self._msg_widgets) > MAX_SHOWN:
-            _dispose(self._msg_widgets.pop(0), set())
-            self._hidden += 1
-            self._refresh_transcript_head()
-        self._set_transcript_children()
+            self._children_dirty = True
+        self._draw_message(message)
+
+    def _draw_message(self, m: Message) -> None:
+        """Add a message to the transcript, or redraw it if it is there already (a reply
+        whose placeholder was read from the store while it streamed)."""
+        key = (m.id, m.status, m.content)
+        ids = [k[0] for k in self._msg_keys]
+        if m.id is not None and m.id in ids:
+            i = ids.index(m.id)
+            if self._msg_keys[i] == key:
+                return
+            _dispose(self._msg_widgets[i], {id(self._msg_layout)})
+            self._msg_widgets[i] = self._message_widget(m)
+            self._msg_keys[i] = key
+        else:
+            self._msg_widgets.append(self._message_widget(m))
+            self._msg_keys.append(key)
+            if len(self._msg_widgets) > MAX_SHOWN:
+                _dispose(self._msg_widgets.pop(0), {id(self._msg_layout)})
+                self._msg_keys.pop(0)
+                self._hidden += 1
+                self._refresh_transcript_head()
+        self._children_dirty = True
 
     def _on_reply_start(self, path: str, turn: "Turn", **_: Any) -> None:
-        kw = {"clock": self._clock} if self._clock is not None else {}
-        self._streams[path] = s = _Stream(turn, Coalescer(self.interval, **kw))
+        self._streams[path] = s = _Stream(turn, Coalescer(self.interval, clock=self._clock))
         self._info.setdefault(path, _ChatInfo()).streaming += 1
-        self._set_labels()
+        self._labels_dirty = True
         if path != self.selected and self.follow.value and not self._own:
-            self.chats.value = path  # _on_select shows it, streaming pane included
+            self._set_labels(select=path)
+            self._build_transcript()  # the streaming pane included
         elif path == self.selected:
             if self.compare.value:
                 self._build_transcript()
             else:
                 self._show_stream(s)
-        self._update_buttons()
-        self._set_status(f"{path}: streaming a reply…")
 
     def _on_reply_end(self, path: str, turn: "Turn", message: Message, **_: Any) -> None:
         s = self._streams.get(path)
@@ -541,12 +668,10 @@ class TreeView(w.VBox):
             del self._streams[path]
             if s is self._shown:  # no message event reached us (a reply stored elsewhere)
                 self._shown = None
-                self._reset_chunks()
-                self._set_transcript_children()
+                self._children_dirty = True
         info = self._info.setdefault(path, _ChatInfo())
         info.streaming = max(0, info.streaming - 1)
-        self._set_labels()
-        self._update_buttons()
+        self._labels_dirty = True
         if self.compare.value and path in self._compare_paths():
             self._build_transcript()
         if message.status != "complete":
@@ -578,11 +703,13 @@ class TreeView(w.VBox):
         info: dict[str, _ChatInfo] = {}
         for chat in self.tree.chats():
             n = counts.get(chat.id, 0)
-            last = None
+            last, last_id = None, 0
             if n:
-                last = next((m for m in reversed(chat.messages) if m.role == "assistant"), None)
+                msgs = chat.messages
+                last = next((m for m in reversed(msgs) if m.role == "assistant"), None)
+                last_id = msgs[-1].id or 0
             old = self._info.get(chat.path)
-            info[chat.path] = _ChatInfo(n, last, old.streaming if old else 0)
+            info[chat.path] = _ChatInfo(n, last, old.streaming if old else 0, last_id)
         self._info = info
 
     def _label(self, path: str, name: str, prefix: str) -> str:
@@ -603,6 +730,7 @@ class TreeView(w.VBox):
 
     def _set_labels(self, select: str | None = None) -> None:
         """Redraw the tree's labels (one message); keep or move the selection."""
+        self._labels_dirty = False
         chats = self.tree.chats()
         kids: dict[str, list[str]] = {}
         for c in chats:
@@ -654,31 +782,37 @@ class TreeView(w.VBox):
             self.status.value = f"<span class='{cls}'>{html.escape(text)}</span>"
 
     def _message_widget(self, m: Message) -> w.Output:
-        plain = f"[{m.role}] {m.content}"
+        # the view always renders the Markdown: the plain text is a short label, not a copy
+        plain = f"[{m.role}] {m.content[:200]}{'…' if len(m.content) > 200 else ''}"
         return w.Output(outputs=(_markdown_output(_message_markdown(m, self.provenance.value),
                                                  plain),),
                         layout=self._msg_layout,
                         _dom_classes=("subchat-msg", f"subchat-msg-{m.role}"))
 
     def _clear_transcript(self) -> None:
-        seen: set[int] = {id(self._msg_layout), id(self._chunk_layout)}
+        seen: set[int] = {id(self._msg_layout), id(self._chunk_layout), id(self._chunk_style)}
         for widget in [*self._msg_widgets, *self._extra_widgets]:
             _dispose(widget, seen)
-        self._msg_widgets, self._extra_widgets = [], []
+        self._msg_widgets, self._msg_keys, self._extra_widgets = [], [], []
         self._hidden = 0
 
     def _build_transcript(self) -> None:
         """Redraw the selected chat (on selection, mode or structure changes only)."""
         self._clear_transcript()
         self._shown = None
-        self._reset_chunks()
         if self.compare.value:
             self._build_compare()
             return
-        chat = self.tree.get(self.selected)
+        chat = self._existing(self.selected)
+        if chat.path != self.selected:  # deleted since; its event is still queued
+            self._set_labels(select=chat.path)
         own = chat.messages
         history = self.tree.history(chat)
         inherited = history[: len(history) - len(own)]
+        s = self._streams.get(chat.path)
+        if s is not None and not s.turn.done and s.turn.user_message is not None:
+            # the reply streaming here is stored as an empty placeholder: the pane shows it
+            own = [m for m in own if m.seq <= s.turn.user_message.seq]
         self._transcript_head = w.HTML(_dom_classes=("subchat-transcript-head",))
         self._extra_widgets.append(self._transcript_head)
         self._hidden = max(0, len(own) - MAX_SHOWN)
@@ -690,15 +824,22 @@ class TreeView(w.VBox):
                                               f"({len(inherited)} messages)",),
                               selected_index=None, _dom_classes=("subchat-inherited",))
             self._extra_widgets.append(acc)
-        self._msg_widgets = [self._message_widget(m) for m in own[self._hidden:]]
-        s = self._streams.get(chat.path)
+        for m in own[self._hidden:]:
+            self._draw_message(m)
         if s is not None:
             self._show_stream(s)
-        else:
-            self._set_transcript_children()
+        self._set_transcript_children()
+
+    def _existing(self, path: str) -> "Chat":
+        """The chat at ``path`` or, if it is gone, its nearest ancestor still there."""
+        while True:
+            try:
+                return self.tree.get(path)
+            except ChatNotFound:
+                path = path.rpartition("/")[0] or ROOT
 
     def _refresh_transcript_head(self) -> None:
-        chat = self.tree.get(self.selected)
+        chat = self._existing(self.selected)
         system = self.tree.system_prompt_for(chat)
         value = f"<b>{html.escape(chat.path)}</b>"
         if system:
@@ -710,6 +851,7 @@ class TreeView(w.VBox):
             self._transcript_head.value = value
 
     def _set_transcript_children(self) -> None:
+        self._children_dirty = False
         children = [*self._extra_widgets, *self._msg_widgets]
         if self._shown is not None:
             children.append(self.stream)
@@ -718,7 +860,7 @@ class TreeView(w.VBox):
             self.transcript.children = children
 
     def _compare_paths(self) -> list[str]:
-        chat = self.tree.get(self.selected)
+        chat = self._existing(self.selected)
         group = chat.parent.children if chat.parent is not None else chat.children
         return [c.path for c in group]
 
@@ -752,17 +894,17 @@ class TreeView(w.VBox):
 
     # -- streaming ----------------------------------------------------------------------------
     def _show_stream(self, s: _Stream) -> None:
-        if self._shown is not None:
-            self._shown.shown = False
-        self._reset_chunks()
+        if s.turn.done:
+            return  # it ended before this pass: its stored reply is queued, shown instead
         self._shown = s
-        s.shown, s.consumed, s.chunks = True, 0, [""]
-        self._flush()  # what has arrived so far, then coalesced deltas
-        self._set_transcript_children()
+        s.consumed, s.chunks = 0, [""]
+        self._flush()  # what has arrived so far, then coalesced updates
+        self._children_dirty = True
+        self._kick()  # the render thread now has a stream to update
 
     def _flush(self) -> None:
         """Put the text that arrived since the last update into the chunks and send the
-        chunks that changed: the last one, plus any new one (rarely)."""
+        chunks that changed: the last one, and rarely a closed one and a new one."""
         s = self._shown
         if s is None:
             return
@@ -770,25 +912,18 @@ class TreeView(w.VBox):
         n = len(parts)
         new = "".join(parts[s.consumed:n])
         s.consumed = n
-        before = len(s.chunks)
+        first = len(s.chunks) - 1
         s.chunks = _split_chunks(s.chunks, new)
-        while len(self._chunks) < len(s.chunks):
-            self._chunks.append(w.HTML(layout=self._chunk_layout))
-        for i in range(before - 1, len(s.chunks)):
-            last = i == len(s.chunks) - 1
-            value = _chunk_html(s.chunks[i], cursor=last)
+        while len(self._chunks) < len(s.chunks):  # a pool, kept for the next replies
+            self._chunks.append(w.HTML(layout=self._chunk_layout, style=self._chunk_style))
+        sent = 0
+        for i in range(first, len(s.chunks)):
+            value = _chunk_html(s.chunks[i])
             if self._chunks[i].value != value:
                 self._chunks[i].value = value
-        if len(s.chunks) != before:
-            self.stream.children = [self._pane_head, *self._chunks[:len(s.chunks)]]
-
-    def _reset_chunks(self) -> None:
-        """Drop the extra chunk widgets; the first is kept (and overwritten by the next
-        reply's first update, so it is not cleared now: one message fewer)."""
-        extra = self._chunks[1:]
-        if extra:
-            self._chunks = self._chunks[:1]
-            self.stream.children = [self._pane_head, self._chunks[0]]
-            seen = {id(self._chunk_layout)}
-            for widget in extra:
-                _dispose(widget, seen)
+                sent += 1
+        shown = [self._pane_head, *self._chunks[:len(s.chunks)]]
+        if list(self.stream.children) != shown:
+            self.stream.children = shown
+            sent += 1
+        s.debt = max(0, sent - 1)
