@@ -59,26 +59,25 @@ def secret_digest(value: str | None) -> str:
 
 class ClientCache:
     """One SDK client per configuration (URL, key, timeouts), reused across requests so
-    that a connection pool and TLS context are built once. A new configuration closes
-    the client it replaces."""
+    that a connection pool and TLS context are built once. Clients of an earlier
+    configuration stay open (a stream may still be using one) until :meth:`close`."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._key: tuple | None = None
-        self._client: Any = None
+        self._clients: dict[tuple, Any] = {}
 
     def get(self, key: tuple, make: Callable[[], Any]) -> Any:
         with self._lock:
-            if self._client is not None and self._key == key:
-                return self._client
-            old, self._client, self._key = self._client, make(), key
-        _close_quietly(old)
-        return self._client
+            client = self._clients.get(key)
+            if client is None:
+                client = self._clients[key] = make()
+            return client
 
     def close(self) -> None:
         with self._lock:
-            old, self._client, self._key = self._client, None, None
-        _close_quietly(old)
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            _close_quietly(client)
 
 
 def _close_quietly(client: Any) -> None:
