@@ -80,16 +80,15 @@ class OllamaBackend(Backend):
         ollama = _sdk()
         import httpx
 
-        key = getenv("OLLAMA_API_KEY")
-        register_secret(key)
+        headers = self._auth_headers()
 
         def make() -> Any:
-            headers = {"authorization": f"Bearer {key}"} if key else None
-            return ollama.Client(host=host, headers=headers,
+            return ollama.Client(host=host, headers=headers or None,
                                  timeout=httpx.Timeout(t.read, connect=t.connect),
                                  event_hooks={"response": [self._remember_headers]})
 
-        return self._clients.get((host, _remote.secret_digest(key), t), make)
+        key = _remote.secret_digest(headers.get("authorization"))
+        return self._clients.get((host, key, t), make)
 
     def _remember_headers(self, response: Any) -> None:
         # ollama's ResponseError drops the response; keep retry-after for 429s
@@ -214,6 +213,9 @@ class OllamaBackend(Backend):
                 parts.close()
 
     def _newest_model(self, host: str) -> str:
+        hit = self._probes.get(host)
+        if hit and time.monotonic() < hit[0] and hit[2]:
+            return hit[2][0]  # listed a moment ago by ``available()``
         names = self.models()
         if not names:
             raise failure(f"Ollama at {host} has no model pulled; run `ollama pull llama3.2` "
