@@ -54,7 +54,10 @@ _CSS = """<style>
 .subchat-view .subchat-stream > :last-child .subchat-chunk::after { content: "\\258C"; }
 .subchat-view .subchat-msg-user { background: var(--jp-layout-color2, #f5f5f5); }
 .subchat-view .subchat-error { color: var(--jp-error-color1, #c00); }
+.jp-OutputArea-child:has(.subchat-tree-static):has(+ .jp-OutputArea-child .subchat-view) {
+  display: none; }
 </style>"""
+LIVE_TEXT = "(the live view of the chat tree: run the notebook to use it)"
 
 
 @dataclass
@@ -394,11 +397,26 @@ class TreeView(w.VBox):
         super().close()
 
     # -- the static side: what a notebook keeps when there is no kernel ----------------------
-    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
-        data = super()._repr_mimebundle_(**kwargs) or {}
+    def _ipython_display_(self) -> None:
+        """Two outputs: the tree as text/HTML, then the live view. A notebook saved without
+        widget state keeps a readable tree (JupyterLab then cannot find the view's model);
+        while the view is live, its stylesheet hides the static copy just above it."""
+        from IPython.display import display
+
+        display(self._static_bundle(), raw=True)
+        display(self._repr_mimebundle_(static=False), raw=True)
+
+    def _static_bundle(self) -> dict[str, str]:
         text = render.tree_text(self.tree, self.selected)
-        data["text/plain"] = text
-        data["text/html"] = ("<pre class='subchat-tree-static'>" + html.escape(text) + "</pre>")
+        return {"text/plain": text,
+                "text/html": f"<pre class='subchat-tree-static'>{html.escape(text)}</pre>"}
+
+    def _repr_mimebundle_(self, static: bool = True, **kwargs: Any) -> dict[str, Any]:
+        data = super()._repr_mimebundle_(**kwargs) or {}
+        if static:  # one bundle (for whoever asks for one): the tree as its fallback
+            data.update(self._static_bundle())
+        else:
+            data["text/plain"] = LIVE_TEXT
         return data
 
     def __repr__(self) -> str:
@@ -661,6 +679,8 @@ class TreeView(w.VBox):
                 self._build_transcript()
             else:
                 self._show_stream(s)
+        if not turn.done:
+            self._set_status(f"{path}: streaming a reply…")
 
     def _on_reply_end(self, path: str, turn: "Turn", message: Message, **_: Any) -> None:
         s = self._streams.get(path)
@@ -759,8 +779,8 @@ class TreeView(w.VBox):
                 self.chats.value = want
         finally:
             self._syncing = False
-        if select is not None and self.session is not None and self.session.tree is self.tree:
-            self.session.current = want
+        # (the session's current chat follows only the user's own choices, never a redraw:
+        # a late one could redirect the next cell)
 
     def _update_header(self) -> None:
         n = len(self.tree.chats())

@@ -191,6 +191,34 @@ try {
   out.labelsFinal = await optionTexts();
   await shot('widget-tree.png', view);
   await shot('final-page.png');
+
+  // saved, its kernel gone, reopened: the tree is still there as text (JupyterLab saves no
+  // widget state by default, so the view itself cannot come back)
+  const api = new URL(url);
+  const token = api.searchParams.get('token');
+  const nbPath = decodeURIComponent(api.pathname.replace(/^\/lab\/tree\//, ''));
+  const contents = `${api.origin}/api/contents/${nbPath}?token=${token}`;
+  await page.locator('.jp-Notebook .jp-InputPrompt').first().click();
+  await clickUntil('the notebook to be saved', page.locator('.lm-MenuBar-itemLabel', { hasText: /^File$/ }),
+    async () => {
+      const item = page.locator('.lm-Menu-itemLabel', { hasText: /^Save Notebook$/ });
+      if (await item.count()) await item.first().click();
+      const saved = await (await fetch(contents)).json();
+      return JSON.stringify(saved.content || '').includes('subchat-tree-static');
+    }, 3, 10000);
+  for (const s of await (await fetch(`${api.origin}/api/sessions?token=${token}`)).json()) {
+    await fetch(`${api.origin}/api/sessions/${s.id}?token=${token}`, { method: 'DELETE' });
+  }
+  out.steps.push('saved, kernel shut down');
+  await page.goto(url, { waitUntil: 'domcontentloaded' });
+  await until('the reopened notebook', async () => (await page.locator('.jp-Notebook .jp-OutputArea-output').count()) > 3, 60000);
+  const staticTree = page.locator('.subchat-tree-static').last();
+  await until('the static tree', async () => (await staticTree.count()) > 0 && (await staticTree.isVisible()), 30000);
+  out.reopenedStatic = await staticTree.innerText();
+  out.reopenedLiveViews = await page.locator('.subchat-view').count();
+  await staticTree.scrollIntoViewIfNeeded();
+  await shot('reopened-without-the-view.png');
+  out.steps.push('reopened');
   out.ok = true;
 } catch (e) {
   out.ok = false;

@@ -178,6 +178,12 @@ def test_tree_view_streams_sends_branches_and_stops_in_a_real_browser(browser_re
     assert "interrupted" in seen["statusAfterStop"]
     assert any("[interrupted]" in t for t in seen["assistantAfterStop"])
 
+    # saved and reopened with its kernel gone: no live view, the tree (as it was when the
+    # view was shown) as text instead
+    assert seen["reopenedLiveViews"] == 0
+    assert plain(seen["reopenedStatic"].splitlines()) == ["root  (2 messages, echo)",
+                                                          "*   physics  (2 messages, echo)"]
+
     with sqlite3.connect(store) as db:
         rows = db.execute(
             "SELECT m.status, m.content FROM messages m JOIN chats c ON c.id = m.chat_id "

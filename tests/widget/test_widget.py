@@ -4,14 +4,17 @@ tree and echo backend."""
 
 from __future__ import annotations
 
+import html
 import threading
 import time
 
 import pytest
 from conftest import store_rows
+from IPython.display import display
+from IPython.utils.capture import capture_output
 
 from subchat_magics import render
-from subchat_magics.widget import CHUNK_HARD, TreeView, _chunk_html
+from subchat_magics.widget import CHUNK_HARD, LIVE_TEXT, TreeView, _chunk_html
 
 from .conftest import ManualClock
 
@@ -71,17 +74,25 @@ def test_view_lists_every_chat_with_count_and_backend(shell, echo_session, comms
         v.close()
 
 
-def test_static_fallback_is_the_tree_as_stable_text_and_html(shell, echo_session, comms):
+def test_shown_it_leaves_the_tree_as_stable_text_and_html_before_the_live_view(
+        shell, echo_session, comms):
     shell.ok("%%subchat root/a\nhi")
     views = [TreeView(echo_session.tree, session=echo_session) for _ in range(2)]
     try:
-        bundles = [v._repr_mimebundle_() for v in views]
+        shown = []
+        for v in views:
+            with capture_output() as cap:
+                display(v)
+            shown.append(cap.outputs)
         text = render.tree_text(echo_session.tree, "root/a")
-        assert [b["text/plain"] for b in bundles] == [text, text]  # no model id in it
-        assert bundles[0]["text/html"] == bundles[1]["text/html"]
-        assert "a  (2 messages, echo)" in bundles[0]["text/html"]
-        ids = {b["application/vnd.jupyter.widget-view+json"]["model_id"] for b in bundles}
-        assert ids == {views[0].model_id, views[1].model_id}
+        for (static, live), v in zip(shown, views):
+            assert static.data == {"text/plain": text, "text/html":
+                                   f"<pre class='subchat-tree-static'>{html.escape(text)}</pre>"}
+            assert live.data["text/plain"] == LIVE_TEXT  # stable: no model id in it
+            assert live.data["application/vnd.jupyter.widget-view+json"]["model_id"] == v.model_id
+        assert "a  (2 messages, echo)" in text
+        # asked for one bundle, the view gives the tree as its fallback
+        assert views[0]._repr_mimebundle_()["text/plain"] == text
     finally:
         for v in views:
             v.close()
