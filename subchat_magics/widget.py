@@ -40,6 +40,7 @@ MAX_SHOWN = 100  # own messages shown in the transcript; older ones are summed u
 CHUNK_SOFT = 2000  # a streaming chunk is closed at the next newline past this many characters
 CHUNK_HARD = 4000  # ...or at the next space past this many, for replies without newlines
 JOIN_TIMEOUT = 10.0  # seconds close() waits for a cancelled reply to reach its next token
+DEBT_MAX = 5  # streaming updates skipped at most after a busy pass (one a reply starts in)
 IDLE_EXIT = 5.0  # seconds a render thread waits for events before it ends (one starts again)
 NBSP = "\u00a0"
 
@@ -78,7 +79,6 @@ class _Stream:
     coalescer: Coalescer
     consumed: int = 0  # parts of turn.parts already put into chunks
     chunks: list[str] = field(default_factory=list)
-    debt: int = 0  # due updates to skip: the last one sent more than one message
 
 
 def _chunk_html(text: str) -> str:
@@ -86,20 +86,20 @@ def _chunk_html(text: str) -> str:
 
 
 def _split_chunks(chunks: list[str], new: str) -> list[str]:
-    """Append ``new`` to the last chunk, closing it at a newline past CHUNK_SOFT characters
-    (or a space past CHUNK_HARD) so that no chunk grows without bound."""
-    text = chunks[-1] + new
-    out = chunks[:-1]
-    while len(text) > CHUNK_SOFT:
-        cut = text.find("\n", CHUNK_SOFT) + 1
-        if cut <= 0 and len(text) > CHUNK_HARD:
-            cut = text.find(" ", CHUNK_HARD) + 1
-        if cut <= 0:
-            break
-        out.append(text[:cut])
-        text = text[cut:]
-    out.append(text)
-    return out
+    """Append ``new`` to the streaming text's chunks, changing at most the last two: the
+    last chunk is closed at a line break past CHUNK_SOFT characters (or a space past
+    CHUNK_HARD, for text without line breaks) and the rest starts a new one. A chunk left
+    big by a burst (a pane shown mid-reply) is not resent: the next text starts a new one."""
+    last = chunks[-1]
+    if len(last) >= CHUNK_HARD:
+        return [*chunks, new]
+    text = last + new
+    cut = text.find("\n", CHUNK_SOFT) + 1 if len(text) > CHUNK_SOFT else 0
+    if cut <= 0 and len(text) > CHUNK_HARD:
+        cut = text.find(" ", CHUNK_HARD) + 1
+    if cut <= 0:
+        return [*chunks[:-1], text]
+    return [*chunks[:-1], text[:cut], text[cut:]]
 
 
 def _message_markdown(m: Message, provenance: bool) -> str:
@@ -163,6 +163,8 @@ class TreeView(w.VBox):
         self._last_pass = float("-inf")
         self._labels_dirty = False
         self._children_dirty = False
+        self._sent = 0  # widget messages since the last pass (roughly: one per change drawn)
+        self._debt = 0  # streaming updates to skip, to pay for passes that sent more than one
         self._info: dict[str, _ChatInfo] = {}
         self._streams: dict[str, _Stream] = {}
         self._workers: set[threading.Thread] = set()
@@ -579,17 +581,18 @@ class TreeView(w.VBox):
         if self._labels_dirty:
             self._set_labels()
         s = self._shown
-        if s is not None:
-            if s.turn.done:  # its end is queued or drawn: nothing more to stream
-                pass
-            elif s.coalescer.tick():
-                if s.debt:  # the last update took several messages: skip this one
-                    s.debt -= 1
-                else:
-                    self._flush()
+        if s is not None and not s.turn.done and s.coalescer.tick():
+            # (a done turn's end is queued or drawn: nothing more to stream)
+            if self._debt:  # an earlier pass sent several messages: this update waits
+                self._debt -= 1
+            else:
+                self._flush()
         if self._children_dirty:
             self._set_transcript_children()
         self._update_buttons()
+        # while a reply streams, ~one message per interval on average, whatever is drawn
+        self._debt = min(self._debt + max(0, self._sent - 1), DEBT_MAX) if self._shown else 0
+        self._sent = 0
 
     def _on_chat_created(self, path: str, **_: Any) -> None:
         self._info.setdefault(path, _ChatInfo())
@@ -776,6 +779,7 @@ class TreeView(w.VBox):
                 if options != list(zip(self.chats._options_labels, self.chats._options_values)):
                     self.chats.options = options
                     self.chats.rows = max(6, min(16, len(options)))
+                    self._sent += 1
                 self.chats.value = want
         finally:
             self._syncing = False
@@ -793,6 +797,7 @@ class TreeView(w.VBox):
         can_stop = bool(self._own) or self.selected in self._streams
         if self.stop_button.disabled == can_stop:
             self.stop_button.disabled = not can_stop
+            self._sent += 1
 
     def _set_status(self, text: str, error: bool = False) -> None:
         with self._lock:
@@ -800,8 +805,10 @@ class TreeView(w.VBox):
                 return
             cls = "subchat-error" if error else "subchat-note"
             self.status.value = f"<span class='{cls}'>{html.escape(text)}</span>"
+            self._sent += 1
 
     def _message_widget(self, m: Message) -> w.Output:
+        self._sent += 1
         # the view always renders the Markdown: the plain text is a short label, not a copy
         plain = f"[{m.role}] {m.content[:200]}{'…' if len(m.content) > 200 else ''}"
         return w.Output(outputs=(_markdown_output(_message_markdown(m, self.provenance.value),
@@ -878,6 +885,7 @@ class TreeView(w.VBox):
         children.reverse()  # newest first: the box is laid out bottom-up
         if list(self.transcript.children) != children:
             self.transcript.children = children
+            self._sent += 1
 
     def _compare_paths(self) -> list[str]:
         chat = self._existing(self.selected)
@@ -934,16 +942,18 @@ class TreeView(w.VBox):
         s.consumed = n
         first = len(s.chunks) - 1
         s.chunks = _split_chunks(s.chunks, new)
-        while len(self._chunks) < len(s.chunks):  # a pool, kept for the next replies
-            self._chunks.append(w.HTML(layout=self._chunk_layout, style=self._chunk_style))
         sent = 0
         for i in range(first, len(s.chunks)):
             value = _chunk_html(s.chunks[i])
-            if self._chunks[i].value != value:
+            if i == len(self._chunks):  # a pool, kept for the next replies
+                self._chunks.append(w.HTML(value, layout=self._chunk_layout,
+                                           style=self._chunk_style))
+                sent += 1
+            elif self._chunks[i].value != value:
                 self._chunks[i].value = value
                 sent += 1
         shown = [self._pane_head, *self._chunks[:len(s.chunks)]]
         if list(self.stream.children) != shown:
             self.stream.children = shown
             sent += 1
-        s.debt = max(0, sent - 1)
+        self._sent += sent

@@ -104,6 +104,8 @@ def jupyter_lab(base: Path) -> Iterator[tuple[str, Path]]:
         JUPYTER_RUNTIME_DIR=str(dirs["runtime"]), JUPYTERLAB_SETTINGS_DIR=str(dirs["settings"]),
         JUPYTERLAB_WORKSPACES_DIR=str(dirs["workspaces"]), IPYTHONDIR=str(dirs["ipython"]),
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        # the kernel imports this checkout's package, whatever the environment has installed
+        PYTHONPATH=os.pathsep.join(p for p in (str(HERE.parents[1]), env.get("PYTHONPATH")) if p),
         SUBCHAT_STORE=str(store), SUBCHAT_ECHO_DELAY="0.05", LLM_BACKEND="echo",
         OLLAMA_HOST="http://127.0.0.1:9",
     )

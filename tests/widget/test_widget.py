@@ -164,7 +164,7 @@ def test_a_reply_from_a_cell_streams_into_the_open_view(shell, echo_session, com
     clock = ManualClock()
     v = TreeView(echo_session.tree, session=echo_session, clock=clock, autodraw=False)
     try:
-        turn = echo_session.send("root", "one two three four five six seven eight")
+        turn = echo_session.send("root", " ".join(f"w{i}" for i in range(30)))
         seen = []
         for i, _ in enumerate(turn):  # as %%subchat does, on this (the main) thread
             if i % 3 == 2:
