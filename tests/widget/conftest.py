@@ -5,6 +5,7 @@ moves by hand, and the echo backend made slow for Stop."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +77,15 @@ class ManualClock:
     def __call__(self) -> float:
         self.now += self.step
         return self.now
+
+
+def store_rows(path: Any, sql: str, args: tuple = ()) -> list[tuple]:
+    """Read the store file directly, with sqlite3, as another process would."""
+    conn = sqlite3.connect(str(path))
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
 
 
 @pytest.fixture

@@ -9,14 +9,13 @@ import threading
 import time
 
 import pytest
-from conftest import store_rows
 from IPython.display import display
 from IPython.utils.capture import capture_output
 
 from subchat_magics import render
 from subchat_magics.widget import CHUNK_HARD, LIVE_TEXT, TreeView, _chunk_html
 
-from .conftest import ManualClock
+from .conftest import ManualClock, store_rows
 
 CHUNK_START = _chunk_html("")[:-7]  # the streaming chunks' HTML, less "</span>"
 
