@@ -37,9 +37,14 @@ def test_ctrl_c_in_a_cell_closes_the_stream_and_keeps_the_partial_reply(shell, r
                                                                          fixture):
     server = request.getfixturevalue(fixture)
     server.configure(chunks=WORDS, delay=0.02)
-    thread = interrupt_after(server, 5)
-    result, cap = shell.run(f"%%subchat root --backend {backend}\ncount slowly")
-    thread.join(timeout=30)
+    mode = shell.ip.InteractiveTB.mode
+    shell.ip.InteractiveTB.set_mode("Plain")  # a verbose traceback through the HTTP stack
+    try:                                      # takes seconds to format
+        thread = interrupt_after(server, 5)
+        result, cap = shell.run(f"%%subchat root --backend {backend}\ncount slowly")
+        thread.join(timeout=30)
+    finally:
+        shell.ip.InteractiveTB.set_mode(mode)
     assert isinstance(result.error_in_exec, KeyboardInterrupt)
     assert server.disconnected.wait(10), "the server never saw the client close the stream"
     reply = last_reply()
