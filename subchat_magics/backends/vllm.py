@@ -256,13 +256,13 @@ def import_vllm() -> Any:
 
 
 def detect_gpus() -> tuple[int, list[tuple[int, int]]]:
-    """``(CUDA device count, compute capabilities)`` without initialising CUDA in this
-    process (vLLM's platform asks NVML), so that spawn can still be chosen after."""
+    """``(CUDA device count, compute capabilities)``. vLLM's platform asks NVML, without
+    initialising CUDA in this process, so that spawn can still be chosen after; where
+    that API is missing (older vLLM) torch answers (initialising CUDA: vLLM then spawns
+    its workers by itself)."""
     try:
         from vllm.platforms import current_platform
-    except Exception:  # noqa: BLE001
-        return 0, []
-    try:
+
         if not current_platform.is_cuda_alike():
             return 0, []
         n = int(current_platform.device_count())
@@ -272,6 +272,15 @@ def detect_gpus() -> tuple[int, list[tuple[int, int]]]:
             if cap is not None:
                 caps.append((int(cap.major), int(cap.minor)))
         return n, caps
+    except Exception:  # noqa: BLE001 - an older vLLM: ask torch
+        pass
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return 0, []
+        n = torch.cuda.device_count()
+        return n, [tuple(torch.cuda.get_device_capability(i)) for i in range(n)]
     except Exception:  # noqa: BLE001 - no driver: treat as no GPU
         return 0, []
 
@@ -381,12 +390,7 @@ class Engine:
                     if self._requests:  # the engine let go of them without a final output
                         self._fail(BackendError("the vLLM engine dropped the request", reason="model"))
                     continue
-                try:
-                    outputs = eng.step()
-                except Exception as exc:  # noqa: BLE001 - handed to every waiting consumer
-                    self._dead = exc
-                    self._abort_all(eng, exc)
-                    continue
+                outputs = eng.step()
                 for out in outputs:
                     req = self._requests.get(out.request_id)
                     if req is None:
@@ -396,6 +400,11 @@ class Engine:
                         del self._requests[out.request_id]
                     req.sink.put((req.tag, Delta(c.text, list(c.token_ids), out.finished,
                                                  c.finish_reason, out.num_cached_tokens)))
+        except Exception as exc:  # noqa: BLE001 - the engine failed: every consumer is told
+            self._dead = exc
+            self._abort_all(eng, BackendError(
+                f"the vLLM engine failed ({type(exc).__name__}: {_first_line(exc)}); "
+                "reload the model with %load_vllm", reason="model"))
         finally:
             self._stopped.set()
 
@@ -458,13 +467,18 @@ class Engine:
                 pass
 
     # -- what consumers call ----------------------------------------------------------------
+    @property
+    def failed(self) -> str | None:
+        """Why the engine failed (it must be loaded again), or None."""
+        return None if self._dead is None else f"{type(self._dead).__name__}: {_first_line(self._dead)}"
+
     def _check(self) -> None:
-        if self._stopped.is_set():
-            raise BackendUnavailable("the vLLM model was unloaded; load one with %load_vllm MODEL_PATH")
         if self._dead is not None:
             raise BackendError(
-                f"the vLLM engine failed ({type(self._dead).__name__}: {self._dead}); "
+                f"the vLLM engine failed ({type(self._dead).__name__}: {_first_line(self._dead)}); "
                 "reload the model with %load_vllm", reason="model")
+        if self._stopped.is_set():
+            raise BackendUnavailable("the vLLM model was unloaded; load one with %load_vllm MODEL_PATH")
 
     def submit(self, items: Sequence[tuple[list[int], Any, Any]], sink: queue.SimpleQueue) -> list[str]:
         """Add requests ``(prompt_ids, sampling_params, tag)`` together (so the engine
@@ -510,6 +524,7 @@ class Engine:
                     try:
                         return sink.get_nowait()
                     except queue.Empty:
+                        self._check()
                         raise BackendUnavailable("the vLLM model was unloaded mid-reply") from None
 
     def unfinished_requests(self) -> int:
@@ -797,6 +812,9 @@ class VLLMBackend(Backend):
         engine = _active
         if engine is None:
             return Availability(False, "no model loaded in this kernel (%load_vllm MODEL_PATH)")
+        if engine.failed is not None:
+            return Availability(False, f"the engine of {engine.label} failed ({engine.failed}); "
+                                       "reload it with %load_vllm")
         return Availability(True, f"{engine.label} loaded in this kernel")
 
     def default_model(self) -> str | None:

@@ -56,13 +56,21 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_runtest_teardown(item, nextitem):
-    # after the last vLLM test, free the engine: later tests (backend "auto") must not
-    # find a model loaded in this process
+    # after the last vLLM test, unload the extension (and with it the engine) and start
+    # the next tests from a fresh session: they must not find a model in this process
     here = Path(__file__).parent
-    if (nextitem is None or Path(str(nextitem.fspath)).parent != here) and "vllm" in sys.modules:
-        from subchat_magics.backends.vllm import unload
+    if nextitem is None or Path(str(nextitem.fspath)).parent != here:
+        from IPython.core.interactiveshell import InteractiveShell
 
-        unload()
+        from subchat_magics.session import reset_default_session
+
+        if InteractiveShell.initialized():
+            InteractiveShell.instance().run_cell("%unload_ext subchat_magics", store_history=False)
+        if "vllm" in sys.modules:
+            from subchat_magics.backends.vllm import unload
+
+            unload()
+        reset_default_session()
 
 
 @pytest.fixture(scope="session")
@@ -80,18 +88,71 @@ def _load_default(sh, tiny_model: Path) -> str:
     return out
 
 
-@pytest.fixture
-def vshell(shell, tiny_model):
-    """A real InteractiveShell (fresh store, extension loaded) with the tiny model loaded
-    by ``%load_vllm`` with its defaults: shared by the tests, loaded again only when a
-    test unloaded it or loaded another model."""
-    from subchat_magics.backends.vllm import active_engine
+class VShell:
+    """Run cells in the real InteractiveShell and capture what they show."""
 
+    def __init__(self, ip):
+        self.ip = ip
+
+    @property
+    def ns(self) -> dict:
+        return self.ip.user_ns
+
+    def run(self, source: str):
+        from IPython.utils.capture import capture_output
+
+        with capture_output(display=True) as cap:
+            result = self.ip.run_cell(source, store_history=False)
+        return result, cap
+
+    def ok(self, source: str) -> str:
+        """Run a cell that must succeed; return its stdout."""
+        result, cap = self.run(source)
+        if not result.success:
+            raise AssertionError(f"cell failed: {source[:200]!r}\n{cap.stdout}\n{cap.stderr}\n"
+                                 f"{result.error_before_exec or result.error_in_exec!r}")
+        return cap.stdout
+
+    def fails(self, source: str) -> str:
+        """Run a cell that must fail with a UsageError; return the error message."""
+        from IPython.core.error import UsageError
+
+        result, cap = self.run(source)
+        err = result.error_before_exec or result.error_in_exec
+        assert isinstance(err, UsageError), f"expected UsageError, got {err!r}\n{cap.stdout}"
+        return str(err)
+
+
+@pytest.fixture
+def vshell(workdir, tiny_model):
+    """A real InteractiveShell with the extension loaded, a fresh store in this test's
+    folder, and the tiny model loaded by ``%load_vllm`` with its defaults.
+
+    The extension stays loaded from one vLLM test to the next (``%unload_ext`` would
+    unload the model too, and loading it again costs seconds a test): each test gets a
+    new store with ``%config SubchatMagics.store_path``, and the current chat and backend
+    are reset. The model is loaded again only when a test unloaded it or loaded another."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from subchat_magics.backends.vllm import active_engine
+    from subchat_magics.session import default_session, reset_default_session
+
+    ip = InteractiveShell.instance()
+    if "subchat" not in ip.magics_manager.magics["cell"]:
+        reset_default_session()
+        ip.run_cell("%load_ext subchat_magics", store_history=False)
+    sh = VShell(ip)
+    sh.ok(f"%config SubchatMagics.store_path = {str(workdir / 'subchats.db')!r}")
+    session = default_session()
+    session.current, session.backend_override = "root", None
     engine = active_engine()
     if engine is None or not engine.owned or engine.max_model_len != 5120 \
             or engine.model_path != str(tiny_model.resolve()):
-        _load_default(shell, tiny_model)
-    return shell
+        _load_default(sh, tiny_model)
+    yield sh
+    for name in [k for k in ip.user_ns if not k.startswith("_")]:
+        if name not in ("In", "Out", "exit", "quit", "get_ipython"):
+            ip.user_ns.pop(name, None)
 
 
 @pytest.fixture

@@ -89,3 +89,16 @@ def test_unload_frees_the_engine_and_a_hand_built_llm_can_be_registered(vshell, 
     assert reloaded.owned and reloaded.max_model_len == 2048
     vshell.ok("%%subchat root --max-tokens 8\nAnd now?")
     assert last_reply("root").provenance["completion_tokens"] == 8
+
+
+def test_a_failed_engine_is_a_clear_error_and_loading_again_fixes_it(vshell, engine, tiny_model):
+    engine.llm.llm_engine.engine_core.shutdown()  # the engine dies under us
+    err = vshell.fails("%%subchat root --backend vllm --max-tokens 5\nHello?")
+    assert "the vLLM engine failed" in err and "reload the model with %load_vllm" in err
+    reply = last_reply("root")
+    assert reply.status == "error" and reply.provenance["backend"] == "vllm"
+    status = vshell.ok("%subchat status")
+    assert "passed over vllm: the engine of" in status  # auto does not pick it
+    vshell.ok(f"%load_vllm {tiny_model}")
+    vshell.ok("%%subchat root --backend vllm --max-tokens 5\nHello again?")
+    assert last_reply("root").provenance["completion_tokens"] == 5
