@@ -318,15 +318,19 @@ class SubchatMagics(Magics):
         turn = self.session.send(args.path, text, backend=args.backend, system=args.system, **opts)
         view = ReplyView(self.shell, args.format or self.format, self.update_interval)
         view.start()
+        stream = iter(turn)
         try:
-            for delta in turn:
+            for delta in stream:
                 view.delta(delta)
         except KeyboardInterrupt:
+            stream.close()  # Ctrl-C may land in the display code: end the turn now
             view.finish("interrupted: partial reply kept")
-            raise
+            raise KeyboardInterrupt from None  # short traceback, not the HTTP client's
         except BackendError as exc:
             view.finish(f"error: partial reply kept in {turn.chat.path}" if turn.text else None)
             raise UsageError(f"%%subchat: {redact(str(exc))}") from None
+        finally:
+            stream.close()
         view.finish("stopped at max tokens" if turn.finish and turn.finish.reason == "length" else None)
         for note in turn.notes:
             print(f"note: {note}")
@@ -346,14 +350,18 @@ class SubchatMagics(Magics):
         view = FanoutView(self.shell, [t.chat.path for t in fan.turns], self.update_interval)
         view.start()
         error: BaseException | None = None
+        stream = iter(fan)
         try:
-            for i, delta in fan:
+            for i, delta in stream:
                 view.delta(i, delta)
         except KeyboardInterrupt:
+            stream.close()
             view.finish(["interrupted"] * len(fan.turns))
-            raise
+            raise KeyboardInterrupt from None
         except BackendError as exc:
             error = exc
+        finally:
+            stream.close()
         view.finish([None if (t.reply and t.reply.status == "complete") else
                      (t.reply.provenance.get("finish_reason") if t.reply else "error")
                      for t in fan.turns])

@@ -90,6 +90,12 @@ class Turn:
         return "".join(self.parts)
 
     @property
+    def reply_id(self) -> int | None:
+        """The store id of this turn's reply row (it exists from the turn's start)."""
+        row = getattr(self, "_reply_row", None)
+        return row.id if row is not None else None
+
+    @property
     def done(self) -> bool:
         return self.reply is not None
 
@@ -165,7 +171,8 @@ class Turn:
         if isinstance(exc, (KeyboardInterrupt, GeneratorExit)):
             return "interrupted", "interrupted", exc
         if isinstance(exc, BackendError):
-            return "error", f"error: {exc.reason}", BackendError(redact(str(exc)), reason=exc.reason)
+            return "error", f"error: {exc.reason}", BackendError(
+                redact(str(exc)), reason=exc.reason, retry_after=exc.retry_after)
         if isinstance(exc, SubchatError):
             return "error", f"error: {type(exc).__name__}", exc
         name = self.backend.id if self.backend else "backend"
@@ -206,7 +213,8 @@ class Turn:
         f = self.finish or Finish()
         prov: dict[str, Any] = {
             "backend": self.backend.id if self.backend else None,
-            "model": f.model or (self.backend.default_model() if self.backend else None),
+            "model": f.model or self.options.model
+            or (self.backend.default_model() if self.backend else None),
             "prompt_tokens": f.prompt_tokens,
             "completion_tokens": f.completion_tokens,
             "cached_tokens": f.cached_tokens,

@@ -4,8 +4,6 @@ machine leaking in."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
@@ -14,7 +12,8 @@ from subchat_magics.session import reset_default_session
 
 BACKEND_VARS = ("LLM_BACKEND", "SUBCHAT_STORE", "OLLAMA_HOST", "OLLAMA_MODEL", "GROQ_API_KEY",
                 "GROQ_MODEL", "OPENAI_BASE_URL", "OPENAI_API_KEY", "OPENAI_MODEL",
-                "SUBCHAT_ECHO_DELAY")
+                "SUBCHAT_ECHO_DELAY", "GROQ_BASE_URL", "OLLAMA_API_KEY", "SUBCHAT_TIMEOUT",
+                "SUBCHAT_CONNECT_TIMEOUT")
 
 
 @pytest.fixture
@@ -76,14 +75,3 @@ def shell(workdir):
         if name not in ("In", "Out", "exit", "quit", "get_ipython"):
             ip.user_ns.pop(name, None)
     reset_default_session()
-
-
-def store_rows(path: os.PathLike | str, sql: str, args: tuple = ()) -> list[tuple]:
-    """Read the store file directly, with sqlite3, as another process would."""
-    import sqlite3
-
-    conn = sqlite3.connect(str(path))
-    try:
-        return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()

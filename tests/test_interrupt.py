@@ -5,14 +5,11 @@ from __future__ import annotations
 import _thread
 import threading
 
-from conftest import store_rows
+from shellkit import store_rows
 
 
 def test_interrupt_keeps_the_partial_reply_marked(shell, workdir, monkeypatch):
     monkeypatch.setenv("SUBCHAT_ECHO_DELAY", "0.02")
-    from subchat_magics.backends.registry import registry
-
-    registry()._instances.pop("echo", None)  # the shared echo instance reads the delay at creation
     started = threading.Event()
     seen = []
 
@@ -32,7 +29,6 @@ def test_interrupt_keeps_the_partial_reply_marked(shell, workdir, monkeypatch):
     result, _ = shell.run(f"%%subchat root\n{words}")
     timer.join()
     unsubscribe()
-    registry()._instances.pop("echo", None)
     assert isinstance(result.error_in_exec, KeyboardInterrupt)
     rows = store_rows(workdir / "subchats.db",
                       "SELECT role, content, status FROM messages ORDER BY seq")

@@ -40,9 +40,7 @@ def _stamp(msg) -> float:
 
 
 def test_a_reply_streams_into_one_display_then_shows_markdown(kernel):
-    _run(kernel, "import os; os.environ['SUBCHAT_ECHO_DELAY'] = '0.01'\n"
-                 "from subchat_magics.backends.registry import registry\n"
-                 "registry()._instances.pop('echo', None)")
+    _run(kernel, "import os; os.environ['SUBCHAT_ECHO_DELAY'] = '0.01'")
     words = " ".join(f"w{i}" for i in range(120))
     msgs = _run(kernel, f"%%subchat root\n{words}")
     updates = [m for m in msgs if m["msg_type"] == "update_display_data"]
@@ -57,9 +55,7 @@ def test_a_reply_streams_into_one_display_then_shows_markdown(kernel):
 
 
 def test_updates_are_coalesced_whatever_the_token_rate(kernel):
-    _run(kernel, "import os; os.environ['SUBCHAT_ECHO_DELAY'] = '0'\n"
-                 "from subchat_magics.backends.registry import registry\n"
-                 "registry()._instances.pop('echo', None)")
+    _run(kernel, "import os; os.environ['SUBCHAT_ECHO_DELAY'] = '0'")
     words = " ".join(f"w{i}" for i in range(3000))
     msgs = _run(kernel, f"%%subchat root/fast\n{words}")
     updates = [m for m in msgs if m["msg_type"] == "update_display_data"]

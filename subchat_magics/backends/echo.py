@@ -21,12 +21,16 @@ class EchoBackend(Backend):
     id = "echo"
 
     def __init__(self, delay: float | None = None):
-        if delay is None:
-            try:
-                delay = float(os.environ.get("SUBCHAT_ECHO_DELAY", "0") or 0)
-            except ValueError:
-                delay = 0.0
-        self.delay = max(0.0, delay)
+        self._fixed = delay  # None: read SUBCHAT_ECHO_DELAY at each reply
+
+    @property
+    def delay(self) -> float:
+        if self._fixed is not None:
+            return max(0.0, self._fixed)
+        try:
+            return max(0.0, float(os.environ.get("SUBCHAT_ECHO_DELAY", "0") or 0))
+        except ValueError:
+            return 0.0
 
     def default_model(self) -> str:
         return "echo"
@@ -37,9 +41,10 @@ class EchoBackend(Backend):
         tokens = _WORDS.findall(text)
         limit = options.max_tokens if options.max_tokens and options.max_tokens > 0 else len(tokens)
         prompt_tokens = sum(len(m["content"].split()) for m in messages)
+        delay = self.delay
         for tok in tokens[:limit]:
-            if self.delay:
-                time.sleep(self.delay)
+            if delay:
+                time.sleep(delay)
             yield tok
         yield Finish(
             reason="stop" if len(tokens) <= limit else "length",
