@@ -205,7 +205,9 @@ class SubchatMagics(Magics):
     temperature = Float(0.0, help="Default sampling temperature (0-2).").tag(config=True)
     top_p = Float(0.9, help="Default nucleus sampling top_p (0-1].").tag(config=True)
     model = Unicode("", help="Default model name for the backend ('' = backend default).").tag(config=True)
-    think = Bool(False, help="Let thinking models (Qwen3) think; shown collapsed.").tag(config=True)
+    think = Bool(None, allow_none=True,
+                 help="Let thinking models (Qwen3) think (shown collapsed); None: as the model "
+                      "was loaded (%load_vllm --think) or the backend's default.").tag(config=True)
     system_prompt = Unicode("", help="System prompt used when no chat on the path sets one.").tag(config=True)
     store_path = Unicode("", help="Chat store file ('' = $SUBCHAT_STORE, else ./subchats.db).").tag(config=True)
     format = Enum(["markdown", "text"], "markdown", help="How finished replies are shown.").tag(config=True)

@@ -29,7 +29,7 @@ class Defaults:
     temperature: float = 0.0
     top_p: float = 0.9
     model: str | None = None
-    think: bool = False
+    think: bool | None = None
     system_prompt: str | None = None
     format: str = "markdown"
     store_path: str | None = None

@@ -30,7 +30,7 @@ class GenerationOptions:
     stop: list[str] | None = None
     seed: int | None = None
     model: str | None = None
-    think: bool = False
+    think: bool | None = None  # None: the backend's or model's default
     extra: dict[str, Any] = field(default_factory=dict)
 
 

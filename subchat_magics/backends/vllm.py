@@ -574,7 +574,7 @@ class Engine:
             raise InvalidInput(f"vLLM rejects these generation options: {exc}") from None
 
     def prepare(self, messages: Sequence[Message], options: GenerationOptions) -> tuple[Prompt, Any]:
-        think = bool(options.think or self.think)
+        think = self.think if options.think is None else bool(options.think)
         prompt = self.builder.build(messages, int(options.max_tokens), think=think)
         return prompt, self.sampling_params(options, prompt.max_tokens)
 

@@ -189,6 +189,22 @@ def test_thinking_renders_the_prompt_without_the_empty_think_block(vshell, engin
     assert last_reply("root").provenance["prompt_tokens"] == len(on)
 
 
+def test_no_think_overrides_a_model_loaded_with_think(vshell, engine):
+    msgs = [{"role": "user", "content": "Why is the grass green?"}]
+    off = engine.builder.build(msgs, 10).token_ids
+    on = engine.builder.build(msgs, 10, think=True).token_ids
+    engine.think = True  # as %load_vllm --think leaves it
+    try:
+        vshell.ok("%%subchat root/grass-on --max-tokens 5\nWhy is the grass green?")
+        assert last_reply("root/grass-on").provenance["prompt_tokens"] >= len(on)
+        vshell.ok("%%subchat root/grass-off --no-think --max-tokens 5\nWhy is the grass green?")
+        on_tokens = last_reply("root/grass-on").provenance["prompt_tokens"]
+        off_tokens = last_reply("root/grass-off").provenance["prompt_tokens"]
+        assert off_tokens - on_tokens == len(off) - len(on)  # the empty think block is back
+    finally:
+        engine.think = False
+
+
 def test_replies_started_from_two_threads_share_the_engine(vshell, engine):
     # as a cell and the widget would: each consumer on its own thread, one engine
     backend = registry().get("vllm")
