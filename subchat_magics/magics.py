@@ -80,7 +80,8 @@ def _usage(magic: str) -> Callable:
             try:
                 return fn(self, *args, **kwargs)
             except SubchatError as exc:
-                raise UsageError(f"{magic}: {redact(str(exc))}") from None
+                msg = redact(str(exc))
+                raise UsageError(msg if msg.startswith(magic) else f"{magic}: {msg}") from None
             except UsageError as exc:
                 msg = str(exc)
                 if not msg.startswith(magic):

@@ -6,39 +6,14 @@ instant and vLLM is imported only by ``%load_vllm``)."""
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable
-
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from .errors import SubchatError
-from .magics import parse_line
+from .magics import _usage, parse_line
 
 DTYPE_CHOICES = ("auto", "half", "float16", "bfloat16", "float", "float32")
-
-
-def _usage(magic: str) -> Callable:
-    """Our errors and bad arguments become one-line UsageErrors naming the magic."""
-
-    def deco(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(self, *args, **kwargs)
-            except SubchatError as exc:
-                msg = str(exc)
-                raise UsageError(msg if msg.startswith(magic) else f"{magic}: {msg}") from None
-            except UsageError as exc:
-                msg = str(exc)
-                if not msg.startswith(magic):
-                    msg = f"{magic}: {msg} (see {magic}? for the options)"
-                raise UsageError(msg) from None
-
-        return wrapper
-
-    return deco
 
 
 def _say(text: str) -> None:

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from shellkit import Shell
 
 from .tiny_model import build, cache_root
 
@@ -88,41 +89,6 @@ def _load_default(sh, tiny_model: Path) -> str:
     return out
 
 
-class VShell:
-    """Run cells in the real InteractiveShell and capture what they show."""
-
-    def __init__(self, ip):
-        self.ip = ip
-
-    @property
-    def ns(self) -> dict:
-        return self.ip.user_ns
-
-    def run(self, source: str):
-        from IPython.utils.capture import capture_output
-
-        with capture_output(display=True) as cap:
-            result = self.ip.run_cell(source, store_history=False)
-        return result, cap
-
-    def ok(self, source: str) -> str:
-        """Run a cell that must succeed; return its stdout."""
-        result, cap = self.run(source)
-        if not result.success:
-            raise AssertionError(f"cell failed: {source[:200]!r}\n{cap.stdout}\n{cap.stderr}\n"
-                                 f"{result.error_before_exec or result.error_in_exec!r}")
-        return cap.stdout
-
-    def fails(self, source: str) -> str:
-        """Run a cell that must fail with a UsageError; return the error message."""
-        from IPython.core.error import UsageError
-
-        result, cap = self.run(source)
-        err = result.error_before_exec or result.error_in_exec
-        assert isinstance(err, UsageError), f"expected UsageError, got {err!r}\n{cap.stdout}"
-        return str(err)
-
-
 @pytest.fixture
 def vshell(workdir, tiny_model):
     """A real InteractiveShell with the extension loaded, a fresh store in this test's
@@ -141,7 +107,7 @@ def vshell(workdir, tiny_model):
     if "subchat" not in ip.magics_manager.magics["cell"]:
         reset_default_session()
         ip.run_cell("%load_ext subchat_magics", store_history=False)
-    sh = VShell(ip)
+    sh = Shell(ip)
     sh.ok(f"%config SubchatMagics.store_path = {str(workdir / 'subchats.db')!r}")
     session = default_session()
     session.current, session.backend_override = "root", None
