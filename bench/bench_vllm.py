@@ -37,16 +37,7 @@ sys.path.insert(0, str(HERE.parent / "tests" / "vllm_engine"))
 
 import tiny_model  # noqa: E402 - the tests' tiny model recipe
 
-CACHE = tiny_model.cache_root()
-for _sub in ("vllm", "tmp", "rpc"):
-    (CACHE / _sub).mkdir(parents=True, exist_ok=True)
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_CACHE_ROOT", str(CACHE / "vllm"))
-os.environ.setdefault("VLLM_RPC_BASE_PATH", str(CACHE / "rpc"))
-os.environ.setdefault("TMPDIR", str(CACHE / "tmp"))
-os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+CACHE = tiny_model.use_cpu_engine_settings()
 
 OUT = HERE / "results" / "vllm.json"
 TARGETS = {"stream_vs_generate_max_ratio": 1.10, "fanout_min_speedup": 5.0, "prefix_min_hit": 0.90}

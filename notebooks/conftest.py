@@ -24,14 +24,6 @@ def pytest_configure(config):
     sys.path.insert(0, str(HERE.parent / "tests" / "vllm_engine"))
     import tiny_model
 
-    cache = tiny_model.cache_root()
-    for sub in ("vllm", "tmp", "rpc"):
-        (cache / sub).mkdir(parents=True, exist_ok=True)
-    # the kernel nbval starts inherits these
+    # the kernel nbval starts inherits these; vLLM logs stay out of the saved outputs
+    tiny_model.use_cpu_engine_settings(log_level="ERROR", tmpdir=False)
     os.environ["SUBCHAT_VLLM_MODEL"] = str(tiny_model.build())
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache / "vllm"))
-    os.environ.setdefault("VLLM_RPC_BASE_PATH", str(cache / "rpc"))
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM logs stay out of the saved outputs

@@ -22,20 +22,9 @@ from pathlib import Path
 import pytest
 from shellkit import Shell
 
-from .tiny_model import build, cache_root
+from .tiny_model import build, use_cpu_engine_settings
 
-CACHE = cache_root()
-for sub in ("vllm", "tmp", "rpc"):
-    (CACHE / sub).mkdir(parents=True, exist_ok=True)
-# before vLLM is imported: in-process engine (load in seconds, not a minute), a small
-# KV cache (it would reserve ~9 GiB of RAM), caches and sockets in our folder
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_CACHE_ROOT", str(CACHE / "vllm"))
-os.environ.setdefault("VLLM_RPC_BASE_PATH", str(CACHE / "rpc"))
-os.environ.setdefault("TMPDIR", str(CACHE / "tmp"))
-os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+CACHE = use_cpu_engine_settings()
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 if not HAVE_VLLM and os.environ.get("CI"):

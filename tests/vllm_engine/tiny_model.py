@@ -139,6 +139,24 @@ def cache_root() -> Path:
     return Path(os.environ.get("SUBCHAT_CACHE") or "~/.cache/subchat-magics").expanduser()
 
 
+def use_cpu_engine_settings(log_level: str = "WARNING", tmpdir: bool = True) -> Path:
+    """Before vLLM is imported: an in-process engine (loads in seconds, not a minute), a
+    small KV cache (it would reserve ~9 GiB of RAM), caches and sockets under our cache
+    folder. Values already set win. Returns the cache folder."""
+    cache = cache_root()
+    for sub in ("vllm", "tmp", "rpc"):
+        (cache / sub).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache / "vllm"))
+    os.environ.setdefault("VLLM_RPC_BASE_PATH", str(cache / "rpc"))
+    if tmpdir:
+        os.environ.setdefault("TMPDIR", str(cache / "tmp"))
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", log_level)
+    return cache
+
+
 def model_dir() -> Path:
     return cache_root() / f"tiny-qwen3-{RECIPE}"
 
