@@ -245,15 +245,7 @@ class ChatTree:
 
     def chats(self) -> list[Chat]:
         """All chats, parents before children, siblings in creation order."""
-        with self._lock:
-            self._maybe_refresh()
-            out: list[Chat] = []
-            stack = [self._by_path[ROOT].id] if ROOT in self._by_path else []
-            while stack:
-                cid = stack.pop()
-                out.append(self._by_id[cid])
-                stack.extend(reversed(self._children.get(cid, [])))
-            return out
+        return self.subtree(ROOT)
 
     def children(self, chat: "str | Chat") -> list[Chat]:
         chat = self.get(chat)
