@@ -42,12 +42,29 @@ def __getattr__(name: str) -> Any:
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    from .magics import load
+    from .magics import SubchatMagics
+    from .vllm_magics import VLLMMagics
 
-    load(ipython)
+    ipython.register_magics(SubchatMagics(ipython))
+    ipython.register_magics(VLLMMagics)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
-    from .magics import unload
+    """Undo everything the extension holds: its magics, a vLLM engine it runs (driver
+    thread and memory), the remote backends' HTTP clients, the store connection."""
+    import sys
 
-    unload(ipython)
+    from .backends.registry import registry
+    from .session import default_session
+
+    mm = ipython.magics_manager
+    for kind, names in (("cell", ("subchat",)), ("line", ("subchat", "load_vllm", "unload_vllm"))):
+        for name in names:
+            mm.magics[kind].pop(name, None)
+    for key in [k for k, v in mm.registry.items() if type(v).__module__.startswith(__name__)]:
+        mm.registry.pop(key, None)
+    vllm_backend = sys.modules.get("subchat_magics.backends.vllm")
+    if vllm_backend is not None:
+        vllm_backend.unload(echo=print)
+    registry().close()
+    default_session().close()

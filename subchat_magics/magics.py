@@ -3,13 +3,12 @@ display. Every :class:`SubchatError` becomes a one-line ``UsageError``."""
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -22,8 +21,9 @@ from traitlets import Bool, Enum, Float, Int, TraitError, Unicode, observe, vali
 
 from . import render
 from .errors import BackendError, SubchatError
+from .magic_args import in_kernel, parse_line, usage_errors
 from .secrets import redact
-from .session import BACKEND_NAMES, Session, check_backend_name, default_session
+from .session import Session, check_backend_name, default_session
 from .streaming import Coalescer
 
 _NAME = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -62,41 +62,6 @@ def _trim(cell: str) -> str:
     return re.sub(r"\A(?:[ \t]*\r?\n)+", "", cell).rstrip()
 
 
-def parse_line(magic_func: Callable, line: str) -> Any:
-    """Parse a magic's line shell-style (quotes removed, unlike ``parse_argstring``)."""
-    try:
-        argv = shlex.split(line)
-    except ValueError as exc:
-        raise UsageError(f"cannot parse the options ({exc}); close your quotes") from None
-    return magic_func.parser.parse_args(argv)
-
-
-def _usage(magic: str) -> Callable:
-    """Turn our errors and argument errors into one-line UsageErrors naming the magic."""
-
-    def deco(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def wrapper(self: "SubchatMagics", *args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(self, *args, **kwargs)
-            except SubchatError as exc:
-                msg = redact(str(exc))
-                raise UsageError(msg if msg.startswith(magic) else f"{magic}: {msg}") from None
-            except UsageError as exc:
-                msg = str(exc)
-                if not msg.startswith(magic):
-                    msg = f"{magic}: {msg} (see {magic}? for the options)"
-                raise UsageError(msg) from None
-
-        return wrapper
-
-    return deco
-
-
-def _in_kernel(shell: Any) -> bool:
-    return getattr(shell, "kernel", None) is not None
-
-
 def _show_final(handle: Any, bundle: dict[str, str]) -> None:
     """Empty the live display and show the final form as a new display_data. The live
     display starts and ends empty, so the saved notebook holds the same outputs as a
@@ -112,7 +77,7 @@ class ReplyView:
     Markdown when done, text/plain fallback); in a terminal, deltas written as they come."""
 
     def __init__(self, shell: Any, fmt: str = "markdown", interval: float = 0.05):
-        self.kernel = _in_kernel(shell)
+        self.kernel = in_kernel(shell)
         self.fmt = fmt
         self.coalescer = Coalescer(interval)
         self.text = ""
@@ -157,7 +122,7 @@ class FanoutView:
     """Several replies side by side in one display (an HTML table), coalesced."""
 
     def __init__(self, shell: Any, paths: list[str], interval: float = 0.05):
-        self.kernel = _in_kernel(shell)
+        self.kernel = in_kernel(shell)
         self.paths = paths
         self.texts = ["" for _ in paths]
         self.coalescer = Coalescer(interval)
@@ -242,7 +207,7 @@ class SubchatMagics(Magics):
     @validate("backend")
     def _check_backend(self, proposal: Any) -> str:
         value = proposal["value"].strip().lower()
-        if value and value not in BACKEND_NAMES:
+        if value:
             try:
                 check_backend_name(value, "SubchatMagics.backend")
             except SubchatError as exc:
@@ -289,7 +254,7 @@ class SubchatMagics(Magics):
     @argument("--temperatures", default=None,
               help="With --fanout/--children: comma-separated temperatures, one per subchat.")
     @cell_magic
-    @_usage("%%subchat")
+    @usage_errors("%%subchat")
     def subchat(self, line: str, cell: str) -> None:
         """Send the cell as a message into a chat of the tree and stream the reply.
 
@@ -375,7 +340,7 @@ class SubchatMagics(Magics):
 
     # -- %subchat ----------------------------------------------------------------------------
     @line_magic("subchat")
-    @_usage("%subchat")
+    @usage_errors("%subchat")
     def subchat_line(self, line: str = "") -> Any:
         """Manage the chat tree. Subcommands:
 
@@ -421,7 +386,7 @@ class SubchatMagics(Magics):
             raise UsageError(f"%subchat {cmd}: {exc}; see %subchat help") from None
 
     def _show(self, text: str, markdown: str | None = None) -> None:
-        if _in_kernel(self.shell) and markdown is not None:
+        if in_kernel(self.shell) and markdown is not None:
             from IPython.display import display
 
             display({"text/plain": text, "text/markdown": markdown}, raw=True)
@@ -431,7 +396,7 @@ class SubchatMagics(Magics):
     def _cmd_tree(self, rest: list[str]) -> Any:
         a = self._parse("tree", rest, (("--text",), dict(action="store_true")))
         tree = self.session.tree
-        if not a.text and _in_kernel(self.shell):
+        if not a.text and in_kernel(self.shell):
             try:
                 from .widget import TreeView
             except ImportError:
@@ -487,9 +452,12 @@ class SubchatMagics(Magics):
         from .backends.registry import registry
 
         reg = registry()
+        order = reg.auto_order()
         for name in reg.names():
             av = reg.availability(name)
-            print(f"{name:8} {'available' if av.ok else 'not available'}: {redact(av.reason)}")
+            place = f"auto #{order.index(name) + 1}" if name in order else "by name only"
+            print(f"{name:8} {'available' if av.ok else 'not available'}: {redact(av.reason)}"
+                  f"  [{place}]")
 
     def _cmd_key(self, rest: list[str]) -> None:
         a = self._parse("key", rest, (("name",), dict(choices=["groq", "openai", "ollama"])))
@@ -572,32 +540,3 @@ class SubchatMagics(Magics):
 
 
 SUBCOMMANDS = sorted(n[5:] for n in dir(SubchatMagics) if n.startswith("_cmd_")) + ["help"]
-
-
-def load(ipython: Any) -> None:
-    magics = SubchatMagics(ipython)
-    ipython.register_magics(magics)
-    try:
-        from .vllm_magics import VLLMMagics
-    except ImportError:
-        VLLMMagics = None  # noqa: N806 - the vLLM magics are not built yet
-    if VLLMMagics is not None:
-        ipython.register_magics(VLLMMagics)
-
-
-def unload(ipython: Any) -> None:
-    mm = ipython.magics_manager
-    for kind, names in (("cell", ("subchat",)), ("line", ("subchat", "load_vllm", "unload_vllm"))):
-        for name in names:
-            mm.magics[kind].pop(name, None)
-    for key in [k for k, v in mm.registry.items() if type(v).__module__.startswith("subchat_magics")]:
-        mm.registry.pop(key, None)
-    # undo everything the extension holds: a vLLM engine it runs (its driver thread and
-    # memory), the remote backends' HTTP clients, the store connection
-    vllm_backend = sys.modules.get("subchat_magics.backends.vllm")
-    if vllm_backend is not None:
-        vllm_backend.unload(echo=print)
-    from .backends.registry import registry
-
-    registry().close()
-    default_session().close()

@@ -11,13 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from .backends.base import GenerationOptions
-from .backends.registry import AUTO_ORDER, Selection, registry
+from .backends.registry import Selection, registry
 from .errors import InvalidInput
 from .settings import getenv, where
 from .tree import ROOT, ChatTree, default_store_path, normalize_path
 from .turn import Fanout, Turn, validate_options
-
-BACKEND_NAMES = ("auto", "vllm", "ollama", "groq", "openai", "echo")
 
 
 @dataclass
@@ -188,7 +186,7 @@ class Session:
             "requested_from": source,
             "active": sel.candidates[0].id if sel.candidates else None,
             "passed_over": sel.passed_over,
-            "auto_order": list(AUTO_ORDER),
+            "auto_order": registry().auto_order(),
         }
 
 
@@ -199,10 +197,10 @@ def check_prompt(text: str) -> None:
 
 def check_backend_name(name: str, source: str = "backend") -> str:
     n = str(name).strip().lower()
-    known = set(BACKEND_NAMES) | set(registry().names())
+    known = ["auto", *registry().names()]
     if n not in known:
         raise InvalidInput(
-            f"unknown backend {name!r} (from {source}); choose one of: {', '.join(sorted(known))}"
+            f"unknown backend {name!r} (from {source}); choose one of: {', '.join(known)}"
         )
     return n
 

@@ -11,7 +11,7 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from .errors import SubchatError
-from .magics import _usage, parse_line
+from .magic_args import parse_line, usage_errors
 
 DTYPE_CHOICES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
@@ -50,7 +50,7 @@ class VLLMMagics(Magics):
               help="Any other vllm.LLM argument, e.g. --engine-arg swap_space=4 (repeatable).")
     @argument("--unload", action="store_true", help="Unload the loaded model (same as %%unload_vllm).")
     @line_magic
-    @_usage("%load_vllm")
+    @usage_errors("%load_vllm")
     def load_vllm(self, line: str = "") -> None:
         """Load a model into this kernel with vLLM and make it the active backend.
 
@@ -97,7 +97,7 @@ class VLLMMagics(Magics):
         self._note_selection()
 
     @line_magic
-    @_usage("%unload_vllm")
+    @usage_errors("%unload_vllm")
     def unload_vllm(self, line: str = "") -> None:
         """Unload the vLLM model of this kernel and free its memory, so that another
         model can be loaded."""

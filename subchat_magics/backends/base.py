@@ -59,11 +59,22 @@ BatchEvent = tuple  # (index, str | Finish | BaseException)
 
 
 class Backend:
-    """Base class of every backend. Subclasses set ``id`` and implement ``stream``."""
+    """Base class of every backend. Subclasses set ``id`` and implement ``stream``.
+
+    A backend describes itself with class attributes; the registry derives the backend
+    names, the ``auto`` order, ``%subchat backends`` and the install hints from them."""
 
     id: ClassVar[str] = ""
+    #: one line for ``%subchat backends`` and the help of ``--backend``
+    description: ClassVar[str] = ""
     #: the optional extra that installs this backend's SDK (``pip install subchat-magics[extra]``)
     extra: ClassVar[str | None] = None
+    #: where ``auto`` tries this backend (lower first); ``None``: only when asked for by name.
+    #: Built in: vllm 10, ollama 20, groq 30, echo 1000 (the offline fallback, always last).
+    auto_priority: ClassVar[int | None] = None
+    #: the generation options this backend honours (the rest are ignored by it)
+    options: ClassVar[tuple[str, ...]] = ("max_tokens", "temperature", "top_p", "stop", "seed",
+                                          "model", "think")
 
     def available(self) -> Availability:
         """Whether ``auto`` selection may use this backend now, and why (not)."""

@@ -19,6 +19,9 @@ _WORDS = re.compile(r"\S+\s*|\s+")
 
 class EchoBackend(Backend):
     id = "echo"
+    description = "offline, built in: repeats the last message with the count of messages it got"
+    auto_priority = 1000  # the offline fallback: always available, always last
+    options = ("max_tokens",)  # counts words; the rest cannot change an echo
 
     def __init__(self, delay: float | None = None):
         self._fixed = delay  # None: read SUBCHAT_ECHO_DELAY at each reply

@@ -21,7 +21,9 @@ class GroqBackend(ChatCompletionsBackend):
     """Streams ``/openai/v1/chat/completions`` from Groq."""
 
     id = "groq"
+    description = "Groq cloud (GROQ_API_KEY)"
     extra = "groq"
+    auto_priority = 30
     sdk_module = "groq"
     key_var = "GROQ_API_KEY"
     url_var = "GROQ_BASE_URL"

@@ -62,7 +62,9 @@ class OllamaBackend(Backend):
     """Streams ``/api/chat`` from an Ollama server."""
 
     id = "ollama"
+    description = "a local Ollama server (OLLAMA_HOST)"
     extra = "ollama"
+    auto_priority = 20
 
     def __init__(self) -> None:
         self._clients = _remote.ClientCache()

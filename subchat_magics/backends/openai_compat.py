@@ -27,7 +27,9 @@ class OpenAIBackend(ChatCompletionsBackend):
     """Streams ``/chat/completions`` from an OpenAI-compatible server."""
 
     id = "openai"
+    description = "any OpenAI-compatible server (OPENAI_BASE_URL): vllm serve, llama.cpp, LM Studio"
     extra = "openai"
+    # never picked by auto: a base URL alone does not say the server is up or wanted
     sdk_module = "openai"
     key_var = "OPENAI_API_KEY"
     url_var = "OPENAI_BASE_URL"

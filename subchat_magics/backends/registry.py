@@ -1,7 +1,10 @@
 """Finding backends (entry points) and choosing one (the selection rule).
 
-``auto`` takes the first available of vLLM (a model is loaded in this kernel) →
-Ollama (the server answers) → Groq (a key is present) → echo."""
+Every backend describes itself (:class:`~subchat_magics.backends.base.Backend` class
+attributes): its id, its place in the ``auto`` order, its install extra. The names, the
+``auto`` order (built in: vLLM loaded in this kernel → Ollama answering → Groq with a key
+→ echo), ``%subchat backends`` and the install hints are all derived from them here.
+Imports only the backend protocol and the error hierarchy."""
 
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ from ..errors import BackendUnavailable, InvalidInput
 from .base import Availability, Backend
 
 GROUP = "subchat_magics.backends"
-AUTO_ORDER = ("vllm", "ollama", "groq", "echo")
 
 # Used when the package runs from a source tree without installed metadata.
 BUILTIN = {
@@ -24,7 +26,6 @@ BUILTIN = {
     "groq": "subchat_magics.backends.groq:GroqBackend",
     "openai": "subchat_magics.backends.openai_compat:OpenAIBackend",
 }
-EXTRAS = {"vllm": "vllm", "ollama": "ollama", "groq": "groq", "openai": "openai"}
 
 
 def _load(target: str):
@@ -51,6 +52,9 @@ class Registry:
 
     def __init__(self) -> None:
         self._targets: dict[str, str] | None = None
+        self._dists: dict[str, str] = {}
+        self._classes: dict[str, type[Backend]] = {}
+        self._broken: dict[str, str] = {}
         self._instances: dict[str, Backend] = {}
         self._lock = threading.RLock()
 
@@ -60,33 +64,71 @@ class Registry:
             try:
                 for ep in importlib.metadata.entry_points(group=GROUP):
                     targets[ep.name] = ep.value
+                    if ep.dist is not None and ep.dist.name != "subchat-magics":
+                        self._dists[ep.name] = ep.dist.name
             except Exception:  # noqa: BLE001 - broken metadata must not break the extension
                 pass
             self._targets = targets
         return self._targets
 
     def names(self) -> list[str]:
-        return list(self._discover())
+        """Every backend id (built in and from entry points), in ``auto`` order first."""
+        targets = self._discover()
+        return sorted(targets, key=lambda n: (self._priority(n) is None, self._priority(n) or 0,
+                                              list(targets).index(n)))
 
-    def get(self, name: str) -> Backend:
-        """The shared instance of backend ``name``."""
+    def install_hint(self, name: str) -> str:
+        """The ``pip install`` line that brings backend ``name``'s SDK."""
+        if name in self._dists:
+            return f"pip install {self._dists[name]}"
+        cls = self._classes.get(name)
+        extra = cls.extra if cls is not None else (name if name in BUILTIN else None)
+        return f"pip install 'subchat-magics[{extra}]'" if extra else "pip install subchat-magics"
+
+    def backend_class(self, name: str) -> type[Backend]:
+        """The class of backend ``name`` (its module imported; SDKs are imported later)."""
         name = name.strip().lower()
         targets = self._discover()
         if name not in targets:
             raise InvalidInput(
-                f"unknown backend {name!r}; choose one of: auto, {', '.join(targets)}"
+                f"unknown backend {name!r}; choose one of: auto, {', '.join(self.names())}"
             )
         with self._lock:
-            inst = self._instances.get(name)
-            if inst is None:
+            cls = self._classes.get(name)
+            if cls is None:
                 try:
                     cls = _load(targets[name])
                 except ImportError as exc:
-                    extra = EXTRAS.get(name, name)
                     raise BackendUnavailable(
                         f"backend {name!r} cannot be imported ({exc}); "
-                        f"install it with: pip install 'subchat-magics[{extra}]'"
+                        f"install it with: {self.install_hint(name)}"
                     ) from None
+                self._classes[name] = cls
+            return cls
+
+    def _priority(self, name: str) -> int | None:
+        try:
+            return self.backend_class(name).auto_priority
+        except BackendUnavailable:
+            return None
+
+    def auto_order(self) -> list[str]:
+        """The backends ``auto`` tries, in order: those that declare an ``auto_priority``."""
+        return [n for n in self.names() if self._priority(n) is not None]
+
+    def describe(self, name: str) -> str:
+        try:
+            return self.backend_class(name).description
+        except BackendUnavailable:
+            return ""
+
+    def get(self, name: str) -> Backend:
+        """The shared instance of backend ``name``."""
+        name = name.strip().lower()
+        cls = self.backend_class(name)
+        with self._lock:
+            inst = self._instances.get(name)
+            if inst is None:
                 inst = cls()
                 self._instances[name] = inst
             return inst
@@ -105,7 +147,7 @@ class Registry:
         if requested != "auto":
             return Selection(requested, [self.get(requested)])
         sel = Selection("auto", [])
-        for name in AUTO_ORDER:
+        for name in self.auto_order():
             av = self.availability(name)
             if av.ok:
                 sel.candidates.append(self.get(name))

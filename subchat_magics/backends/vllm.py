@@ -802,7 +802,9 @@ class VLLMBackend(Backend):
     through. The model stays loaded until ``%unload_vllm``; :meth:`close` does not free it."""
 
     id = "vllm"
+    description = "vLLM in this kernel (%load_vllm)"
     extra = "vllm"
+    auto_priority = 10
 
     @property
     def engine(self) -> Engine | None:
