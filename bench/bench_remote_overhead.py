@@ -36,10 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests" / "backends"))
+from subchat_magics.testing import fakeservers  # the loopback servers the tests use
 
-import fakeservers  # noqa: E402 - the loopback servers the tests use
+HERE = Path(__file__).resolve().parent
 
 KEY = "gsk_bench_key_0123456789abcdef"
 MODES = ("raw", "backend", "turn")

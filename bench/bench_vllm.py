@@ -33,9 +33,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests" / "vllm_engine"))
 
-import tiny_model  # noqa: E402 - the tests' tiny model recipe
+from subchat_magics.testing import tiny_model  # noqa: E402 - the tests' tiny model recipe
 
 CACHE = tiny_model.use_cpu_engine_settings()
 

@@ -28,10 +28,9 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "reliability"))
+from subchat_magics.testing import reliability as h
 
-import reliability_harness as h  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 DOC = ROOT / "docs" / "reliability.md"
 RAW = ROOT / "bench" / "results" / "reliability.json"
@@ -267,7 +266,7 @@ def render(r: dict, argv: list[str]) -> str:
         "*Lost* counts completed messages missing or changed, replies that are not exactly",
         "the echo of their message, chats without a parent, and `PRAGMA integrity_check`",
         "failures, checked by a fresh process after every kill (`check_store` in",
-        "`tests/reliability/reliability_harness.py`). The reply being written when a kill lands",
+        "`subchat_magics/testing/reliability.py`). The reply being written when a kill lands",
         "must be absent, or kept and marked `interrupted` holding a prefix of the echo (what was",
         "saved in time); the user message before it stays.",
         "",

@@ -1,16 +1,14 @@
 """nbval runs ``kaggle_vllm.ipynb`` on this machine's CPU against the tests' tiny Qwen3
-model: its path goes to the kernel in ``SUBCHAT_VLLM_MODEL`` (the notebook's default is
-the Kaggle model), with the CPU settings of ``tests/vllm_engine/conftest.py``. Where vLLM is not
-installed the notebook is left out, except under CI, where it must run."""
+model (``subchat_magics.testing.tiny_model``): its path goes to the kernel in
+``SUBCHAT_VLLM_MODEL`` (the notebook's default is the Kaggle model), with the CPU engine
+settings the vLLM tests use. Where vLLM is not installed the notebook is left out, except
+under CI, where it must run."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 
 collect_ignore: list[str] = []
@@ -21,8 +19,7 @@ if not HAVE_VLLM and not os.environ.get("CI"):
 def pytest_configure(config):
     if not HAVE_VLLM or os.environ.get("SUBCHAT_VLLM_MODEL"):
         return
-    sys.path.insert(0, str(HERE.parent / "tests" / "vllm_engine"))
-    import tiny_model
+    from subchat_magics.testing import tiny_model
 
     # the kernel nbval starts inherits these; vLLM logs stay out of the saved outputs
     tiny_model.use_cpu_engine_settings(log_level="ERROR", tmpdir=False)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
-from shellkit import Shell
 
 from subchat_magics.session import reset_default_session
+from subchat_magics.testing import Shell
 
 BACKEND_VARS = ("LLM_BACKEND", "SUBCHAT_STORE", "OLLAMA_HOST", "OLLAMA_MODEL", "GROQ_API_KEY",
                 "GROQ_MODEL", "OPENAI_BASE_URL", "OPENAI_API_KEY", "OPENAI_MODEL",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import _thread
 import threading
 
-from shellkit import store_rows
+from subchat_magics.testing import store_rows
 
 
 def test_interrupt_keeps_the_partial_reply_marked(shell, workdir, monkeypatch):

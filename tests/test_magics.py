@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-from shellkit import store_rows
+from subchat_magics.testing import store_rows
 
 
 def test_first_message_goes_to_root_and_echo_counts_messages(shell):

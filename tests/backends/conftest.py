@@ -1,14 +1,13 @@
-"""Fixtures for the remote backends: loopback fake servers (``fakeservers``) and the
-environment pointed at them. The shared ``shell``/``workdir`` fixtures come from
-``tests/conftest.py``."""
+"""Fixtures for the remote backends: loopback fake servers (from
+``subchat_magics.testing.fakeservers``) and the environment pointed at them. The shared
+``shell``/``workdir`` fixtures come from ``tests/conftest.py``."""
 
 from __future__ import annotations
 
 import pytest
 
 from subchat_magics.backends.registry import registry
-
-from .fakeservers import FakeGroq, FakeOllama, FakeOpenAI
+from subchat_magics.testing.fakeservers import FakeGroq, FakeOllama, FakeOpenAI
 
 # settings the remote backends read, beyond those tests/conftest.py clears
 REMOTE_VARS = ("GROQ_BASE_URL", "OLLAMA_API_KEY", "SUBCHAT_TIMEOUT", "SUBCHAT_CONNECT_TIMEOUT",

@@ -3,8 +3,9 @@ client talking NDJSON to a loopback fake server."""
 
 from __future__ import annotations
 
+from subchat_magics.testing.fakeservers import FakeOllama
+
 from .conftest import last_reply
-from .fakeservers import FakeOllama
 
 
 def test_reply_streams_from_ollama_and_records_provenance(shell, ollama):

@@ -45,7 +45,7 @@ def test_subchat_request_carries_the_whole_inherited_context(shell, openai_serve
 
 
 def test_a_server_that_wants_a_key_says_so(shell, workdir, monkeypatch):
-    from .fakeservers import FakeOpenAI
+    from subchat_magics.testing.fakeservers import FakeOpenAI
 
     with FakeOpenAI(key="sk-needed-0123456789") as server:
         monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)

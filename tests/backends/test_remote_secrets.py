@@ -34,7 +34,7 @@ def test_reprs_show_at_most_the_last_four_characters(workdir, monkeypatch):
     dict(chunks=["a ", "b"], error_after=1, message=f"boom {GROQ_KEY}"),
 ])
 def test_a_server_echoing_the_key_never_gets_it_into_our_errors(workdir, monkeypatch, script):
-    from .fakeservers import FakeGroq
+    from subchat_magics.testing.fakeservers import FakeGroq
 
     with FakeGroq(key=GROQ_KEY) as server:
         monkeypatch.setenv("GROQ_BASE_URL", server.url)
@@ -50,7 +50,7 @@ def test_a_server_echoing_the_key_never_gets_it_into_our_errors(workdir, monkeyp
 
 
 def test_a_key_entered_with_subchat_key_is_used_and_shown_nowhere(shell, workdir, monkeypatch):
-    from .fakeservers import FakeGroq
+    from subchat_magics.testing.fakeservers import FakeGroq
 
     monkeypatch.setattr("getpass.getpass", lambda prompt="": GROQ_KEY)  # the user types it
     with FakeGroq(key=GROQ_KEY) as server:

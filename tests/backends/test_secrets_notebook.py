@@ -13,7 +13,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from .fakeservers import FakeGroq
+from subchat_magics.testing.fakeservers import FakeGroq
 
 KEY = "gsk_NOTEBOOK_secret_4f9a2c7e1b3d5a6f8e0c"
 

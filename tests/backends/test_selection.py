@@ -37,7 +37,7 @@ def test_auto_falls_back_to_echo_with_no_server_and_no_key(shell, workdir):
 
 
 def test_auto_skips_an_ollama_without_models(shell, groq, monkeypatch):
-    from .fakeservers import FakeOllama
+    from subchat_magics.testing.fakeservers import FakeOllama
 
     with FakeOllama(models=[]) as empty:
         monkeypatch.setenv("OLLAMA_HOST", empty.url)
@@ -105,7 +105,7 @@ def test_llm_backend_in_a_dotenv_file_is_read(shell, ollama, openai_server, work
 
 
 def test_groq_settings_from_a_dotenv_file_and_nothing_in_the_environment(shell, workdir):
-    from .fakeservers import FakeGroq
+    from subchat_magics.testing.fakeservers import FakeGroq
 
     with FakeGroq(key="gsk_from_dotenv_0123456789abcdef") as server:
         (workdir / ".env").write_text(
@@ -120,7 +120,7 @@ def test_groq_settings_from_a_dotenv_file_and_nothing_in_the_environment(shell, 
 
 
 def test_ollama_settings_from_a_dotenv_file(shell, workdir, monkeypatch):
-    from .fakeservers import FakeOllama
+    from subchat_magics.testing.fakeservers import FakeOllama
 
     monkeypatch.delenv("OLLAMA_HOST")
     with FakeOllama() as server:

@@ -8,9 +8,9 @@ import sys
 import textwrap
 
 import pytest
-import reliability_harness as h
 
 from subchat_magics.errors import StoreError
+from subchat_magics.testing import reliability as h
 from subchat_magics.tree import ChatTree
 
 

@@ -1,7 +1,7 @@
 """A kernel killed at any moment loses nothing that had completed, and leaves no garbage.
 
 Each kill is a SIGKILL: no ``finally`` runs, no reply is marked, nothing is flushed. A
-fresh process then opens the store and checks it (``reliability_harness.check_store``):
+fresh process then opens the store and checks it (``testing.reliability.check_store``):
 ``PRAGMA integrity_check``, every chat's parent, every message exactly as sent, every
 reply exactly the echo of its message, every cell the journal saw finish still there, and
 the reply that was cut either absent or kept and marked ``interrupted``.
@@ -16,7 +16,8 @@ import random
 import sqlite3
 
 import pytest
-import reliability_harness as h
+
+from subchat_magics.testing import reliability as h
 
 # Random moments, reproducible: a failure message names the seed to rerun with.
 SEED = int(os.environ.get("SUBCHAT_KILL_SEED", random.SystemRandom().randrange(1 << 30)))

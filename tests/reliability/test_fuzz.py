@@ -18,12 +18,12 @@ import os
 import re
 
 import pytest
-import reliability_harness as h
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from IPython.core.error import UsageError
 
 from subchat_magics.magics import SUBCOMMANDS
+from subchat_magics.testing import reliability as h
 
 EXAMPLES = int(os.environ.get("SUBCHAT_FUZZ_EXAMPLES", "100"))  # per test; two tests
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,

@@ -14,12 +14,12 @@ import shutil
 import sqlite3
 
 import pytest
-import reliability_harness as h
 
 from subchat_magics import store as store_module
 from subchat_magics.errors import StoreError
 from subchat_magics.session import default_session
 from subchat_magics.store import SCHEMA_VERSION, Store
+from subchat_magics.testing import reliability as h
 from subchat_magics.tree import ChatTree
 
 

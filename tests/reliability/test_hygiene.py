@@ -16,6 +16,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 from subchat_magics.session import reset_default_session
+from subchat_magics.testing.fakeservers import FakeOllama
 
 
 def _threads() -> set[tuple[int, str]]:
@@ -122,9 +123,8 @@ def _client_connections(port: int) -> int:
 
 
 def test_unloading_after_a_remote_reply_leaves_no_connection(bare_shell, workdir, monkeypatch):
-    fakeservers = pytest.importorskip("backends.fakeservers")  # tests/backends' loopback servers
     pytest.importorskip("ollama")
-    with fakeservers.FakeOllama() as server:
+    with FakeOllama() as server:
         monkeypatch.setenv("OLLAMA_HOST", server.url)
         port = int(server.url.rsplit(":", 1)[1])
         _cells(bare_shell, "%load_ext subchat_magics", "%%subchat root --backend ollama\nhello",

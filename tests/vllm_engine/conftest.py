@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from shellkit import Shell
 
-from .tiny_model import build, use_cpu_engine_settings
+from subchat_magics.testing import Shell
+from subchat_magics.testing.tiny_model import build, use_cpu_engine_settings
 
 CACHE = use_cpu_engine_settings()
 

@@ -1,4 +1,5 @@
-"""What the reliability tests and ``bench/reliability.py`` share.
+"""Crash and concurrency harness: what the reliability tests and ``bench/reliability.py``
+share (``from subchat_magics.testing import reliability as h``).
 
 - A notebook user's workload, run by a child process with a real ``InteractiveShell`` and
   the magics on the echo backend, that writes a journal line before and after each cell
@@ -34,7 +35,7 @@ CLEARED_VARS = ("LLM_BACKEND", "SUBCHAT_STORE", "OLLAMA_HOST", "OLLAMA_MODEL", "
                 "GROQ_MODEL", "OPENAI_BASE_URL", "OPENAI_API_KEY", "OPENAI_MODEL",
                 "SUBCHAT_ECHO_DELAY")
 PRELOAD = ["IPython.core.interactiveshell", "subchat_magics.magics", "subchat_magics.backends.echo",
-           "reliability_harness"]
+           "subchat_magics.testing.reliability"]
 _ctx: Any = None
 
 
@@ -793,8 +794,7 @@ def run_unshared(script: str, timeout: float = 120.0) -> dict[str, Any] | None:
 UNSHARED_PRELUDE = """
 import json, os, subprocess, sys
 from pathlib import Path
-sys.path.insert(0, {harness_dir!r})
-import reliability_harness as h
+import subchat_magics.testing.reliability as h
 def mount(*args):
     if subprocess.run(["mount", *args], capture_output=True).returncode != 0:
         sys.exit(77)
@@ -807,7 +807,7 @@ ip.run_cell("%config SubchatMagics.backend = 'echo'", store_history=False)
 
 
 def unshared_script(body: str, **values: Any) -> str:
-    return UNSHARED_PRELUDE.format(harness_dir=str(Path(__file__).parent)) + body.format(**values)
+    return UNSHARED_PRELUDE + body.format(**values)
 
 
 def tree_problems(store: Path) -> list[str]:

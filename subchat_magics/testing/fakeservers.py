@@ -1,6 +1,7 @@
 """Loopback HTTP servers that speak Ollama's, Groq's and OpenAI's streaming wire formats,
 so that tests and the benchmark drive the real ``ollama``, ``groq`` and ``openai``
-clients over real sockets.
+clients over real sockets. Only the standard library is used: the clients under test are
+the only HTTP code involved.
 
 Each server records the requests it gets (``server.requests``) and follows a
 :class:`Script` set with ``server.configure(...)``: stream slowly, fail with a status

@@ -12,7 +12,9 @@ the parent folder with ``SUBCHAT_CACHE``), atomically: a build goes to a tempora
 folder that is renamed into place when complete, so an interrupted or concurrent build
 never leaves a half-written model. Bump ``RECIPE`` when anything below changes.
 
-Run as a script to build it and print its path: ``python tests/vllm_engine/tiny_model.py``.
+Building needs ``transformers``, ``tokenizers`` and ``torch`` (imported only when building).
+Run as a script to build it and print its path: ``python -m subchat_magics.testing.tiny_model``.
+Call :func:`use_cpu_engine_settings` before vLLM is imported to run the engine on a CPU.
 """
 
 from __future__ import annotations

@@ -1,5 +1,20 @@
-"""Helpers for tests (imported by name: ``from shellkit import store_rows``; a plain
-``conftest`` import would clash with ``notebooks/conftest.py`` in one pytest run)."""
+"""Run cells in a real IPython shell with the extension loaded, and read a store file as
+another process would.
+
+:class:`Shell` wraps a real :class:`~IPython.core.interactiveshell.InteractiveShell`: run
+a cell and get its captured output (``run``), run one that must succeed and get its
+stdout (``ok``), or one that must fail with a ``UsageError`` and get the message
+(``fails``). Nothing is patched: the magics, the tree and the backend are the real ones.
+
+    from IPython.core.interactiveshell import InteractiveShell
+    from subchat_magics.testing import Shell
+
+    sh = Shell(InteractiveShell.instance())
+    sh.ok("%load_ext subchat_magics")
+    assert "echo (1 messages): hi" in sh.ok("%%subchat root --backend echo\nhi")
+
+:func:`store_rows` runs one SQL query on a store file with :mod:`sqlite3` directly.
+"""
 
 from __future__ import annotations
 
