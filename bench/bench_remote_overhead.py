@@ -267,7 +267,7 @@ def main() -> int:
         os.environ.pop(var, None)
     os.environ.update(OLLAMA_HOST=urls["ollama"], GROQ_BASE_URL=urls["groq"], GROQ_API_KEY=KEY,
                       OPENAI_BASE_URL=urls["openai"])
-    from subchat_magics.tree import open_tree
+    from subchat_magics import open_tree
 
     tree = open_tree(Path(workdir) / "bench.db")
     expected = "".join(f"w{i} " for i in range(args.tokens))

@@ -36,6 +36,7 @@ from comm.base_comm import BaseComm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package
 from subchat_magics.backends.echo import EchoBackend  # noqa: E402
+from subchat_magics import open_tree  # noqa: E402
 from subchat_magics.tree import ChatTree  # noqa: E402
 from subchat_magics.widget import TreeView, _chunk_html  # noqa: E402
 
@@ -109,8 +110,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     wire = Wire()
     work = Path(tempfile.mkdtemp(prefix="subchat-bench-"))
-    plain_tree = ChatTree(work / "plain.db")
-    view_tree = ChatTree(work / "view.db")
+    plain_tree = open_tree(work / "plain.db")
+    view_tree = open_tree(work / "view.db")
     fast = EchoBackend(delay=0.0)
     for tree in (plain_tree, view_tree):
         tree.create("root/bench")

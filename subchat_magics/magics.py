@@ -3,7 +3,6 @@ display. Every :class:`SubchatError` becomes a one-line ``UsageError``."""
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import sys
@@ -20,6 +19,7 @@ from IPython.core.magic_arguments import (
 from traitlets import Bool, Enum, Float, Int, TraitError, Unicode, observe, validate
 
 from . import render
+from .backends.base import GenerationOptions, check_option
 from .errors import BackendError, SubchatError
 from .magic_args import in_kernel, parse_line, usage_errors
 from .secrets import redact
@@ -167,9 +167,12 @@ class SubchatMagics(Magics):
 
     backend = Unicode("", help="Backend when none is asked for: auto, vllm, ollama, groq, openai, "
                       "echo ('' = LLM_BACKEND from the environment or .env, else auto).").tag(config=True)
-    max_tokens = Int(1000, help="Default maximum reply length in tokens.").tag(config=True)
-    temperature = Float(0.0, help="Default sampling temperature (0-2).").tag(config=True)
-    top_p = Float(0.9, help="Default nucleus sampling top_p (0-1].").tag(config=True)
+    # the generation defaults are GenerationOptions' own, checked by its one validator
+    max_tokens = Int(GenerationOptions.max_tokens,
+                     help="Default maximum reply length in tokens.").tag(config=True)
+    temperature = Float(GenerationOptions.temperature,
+                        help="Default sampling temperature (0-2).").tag(config=True)
+    top_p = Float(GenerationOptions.top_p, help="Default nucleus sampling top_p (0-1].").tag(config=True)
     model = Unicode("", help="Default model name for the backend ('' = backend default).").tag(config=True)
     think = Bool(None, allow_none=True,
                  help="Let thinking models (Qwen3) think (shown collapsed); None: as the model "
@@ -186,22 +189,20 @@ class SubchatMagics(Magics):
         self._sync_defaults()
 
     # -- configuration -----------------------------------------------------------------------
-    @validate("max_tokens")
-    def _check_max_tokens(self, proposal: Any) -> int:
-        if proposal["value"] < 1:
-            raise TraitError("SubchatMagics.max_tokens must be >= 1")
+    @validate("max_tokens", "temperature", "top_p")
+    def _check_option(self, proposal: Any) -> Any:
+        name = proposal["trait"].name
+        try:
+            check_option(name, proposal["value"])
+        except SubchatError as exc:
+            raise TraitError(f"SubchatMagics.{name}: {exc}") from None
         return proposal["value"]
 
-    @validate("temperature")
-    def _check_temperature(self, proposal: Any) -> float:
-        if not 0.0 <= proposal["value"] <= 2.0:
-            raise TraitError("SubchatMagics.temperature must be between 0 and 2")
-        return proposal["value"]
-
-    @validate("top_p")
-    def _check_top_p(self, proposal: Any) -> float:
-        if not 0.0 < proposal["value"] <= 1.0:
-            raise TraitError("SubchatMagics.top_p must be in (0, 1]")
+    @validate("update_interval")
+    def _check_interval(self, proposal: Any) -> float:
+        if not 0.0 <= proposal["value"] <= 10.0:
+            raise TraitError("SubchatMagics.update_interval must be between 0 and 10 seconds, "
+                             f"not {proposal['value']!r}")
         return proposal["value"]
 
     @validate("backend")
@@ -215,26 +216,28 @@ class SubchatMagics(Magics):
         return value
 
     @observe("backend", "max_tokens", "temperature", "top_p", "model", "think", "system_prompt",
-             "store_path", "format")
+             "store_path", "format", "update_interval")
     def _on_config(self, change: Any) -> None:
         self._sync_defaults()
 
     def _sync_defaults(self) -> None:
         d = self.session.defaults
         d.backend = self.backend or None
-        d.max_tokens, d.temperature, d.top_p = self.max_tokens, self.temperature, self.top_p
-        d.model = self.model or None
-        d.think = self.think
+        d.options = GenerationOptions(max_tokens=self.max_tokens, temperature=self.temperature,
+                                      top_p=self.top_p, model=self.model or None,
+                                      think=self.think).validate()
         d.system_prompt = self.system_prompt or None
         d.store_path = self.store_path or None
         d.format = self.format
+        d.update_interval = self.update_interval
 
     # -- %%subchat ---------------------------------------------------------------------------
     @magic_arguments()
     @argument("path", nargs="?", default=None,
               help="Chat path, e.g. root/physics (a path without 'root/' is under root). "
                    "A new path is created under its parent. Default: the current chat.")
-    @argument("-b", "--backend", default=None, help="auto, vllm, ollama, groq, openai or echo.")
+    @argument("-b", "--backend", default=None,
+              help="Backend for this cell: auto, or a name that %%subchat backends lists.")
     @argument("-m", "--model", default=None, help="Model name for the backend.")
     @argument("-s", "--system", default=None, help="Set this chat's system prompt (inherited by its subchats).")
     @argument("-n", "--max-tokens", type=int, default=None, help="Maximum reply length in tokens.")
@@ -395,15 +398,14 @@ class SubchatMagics(Magics):
 
     def _cmd_tree(self, rest: list[str]) -> Any:
         a = self._parse("tree", rest, (("--text",), dict(action="store_true")))
-        tree = self.session.tree
         if not a.text and in_kernel(self.shell):
             try:
                 from .widget import TreeView
             except ImportError:
                 TreeView = None  # noqa: N806
             if TreeView is not None:
-                return TreeView(tree, session=self.session)
-        print(render.tree_text(tree, self.session.current))
+                return TreeView(self.session.tree, session=self.session)
+        print(render.tree_text(self.session.tree, self.session.current))
         return None
 
     def _cmd_show(self, rest: list[str]) -> None:
@@ -411,7 +413,7 @@ class SubchatMagics(Magics):
                         (("-p", "--provenance"), dict(action="store_true")),
                         (("--own",), dict(action="store_true")))
         tree = self.session.tree
-        chat = tree.get(a.path or self.session.current)
+        chat = self.session.chat(a.path)
         self._show(render.transcript(tree, chat, a.provenance, not a.own),
                    render.transcript(tree, chat, a.provenance, not a.own, markdown=True))
 
@@ -434,109 +436,82 @@ class SubchatMagics(Magics):
             for name, reason in st["passed_over"]:
                 lines.append(f"  passed over {name}: {redact(reason)}")
         d = self.session.defaults
-        lines.append(f"defaults: max_tokens={d.max_tokens} temperature={d.temperature} "
-                     f"top_p={d.top_p} format={d.format}" + (f" model={d.model}" if d.model else ""))
+        o = d.options
+        lines.append(f"defaults: max_tokens={o.max_tokens} temperature={o.temperature} "
+                     f"top_p={o.top_p} format={d.format}" + (f" model={o.model}" if o.model else ""))
         print("\n".join(lines))
 
     def _cmd_backend(self, rest: list[str]) -> None:
         a = self._parse("backend", rest, (("name",), dict(nargs="?")))
-        if a.name:
-            self.session.backend_override = check_backend_name(a.name, "%subchat backend")
-        name, source = self.session.requested_backend()
-        sel = self.session.select()
-        active = sel.candidates[0].id if sel.candidates else "none"
+        name, source, active = self.session.set_backend(a.name)
         print(f"backend: {name} (from {source}); active: {active}")
 
     def _cmd_backends(self, rest: list[str]) -> None:
         self._parse("backends", rest)
-        from .backends.registry import registry
-
-        reg = registry()
-        order = reg.auto_order()
-        for name in reg.names():
-            av = reg.availability(name)
-            place = f"auto #{order.index(name) + 1}" if name in order else "by name only"
-            print(f"{name:8} {'available' if av.ok else 'not available'}: {redact(av.reason)}"
+        for b in self.session.backends():
+            av = b.availability
+            place = f"auto #{b.auto_place}" if b.auto_place else "by name only"
+            print(f"{b.name:8} {'available' if av.ok else 'not available'}: {redact(av.reason)}"
                   f"  [{place}]")
 
     def _cmd_key(self, rest: list[str]) -> None:
-        a = self._parse("key", rest, (("name",), dict(choices=["groq", "openai", "ollama"])))
-        import getpass
+        from .session import KEY_BACKENDS
 
-        from .secrets import register_secret
-        from .settings import set_secret
+        a = self._parse("key", rest, (("name",), dict(choices=KEY_BACKENDS)))
+        import getpass
 
         var = f"{a.name.upper()}_API_KEY"
         try:
-            value = getpass.getpass(f"{var} (input hidden): ").strip()
+            value = getpass.getpass(f"{var} (input hidden): ")
         except (EOFError, OSError, NotImplementedError, KeyboardInterrupt):
             # StdinNotImplementedError (a frontend that takes no input) is a NotImplementedError
             raise UsageError(
                 f"%subchat key: cannot ask for the key here (no input available); put {var} "
                 "in the environment or in a .env file in the working folder") from None
-        if not value:
-            raise UsageError(f"%subchat key: no key entered; {var} unchanged")
-        register_secret(value)
-        set_secret(var, value)
+        self.session.set_key(a.name, value)
         print(f"{var} set for this kernel (not saved anywhere)")
 
     def _cmd_export(self, rest: list[str]) -> None:
         a = self._parse("export", rest, (("path",), dict(nargs="?")),
                         (("--format",), dict(choices=["md", "json"], default=None)),
                         (("--out",), dict(default=None)))
-        tree = self.session.tree
-        chat = tree.get(a.path or self.session.current)
-        fmt = a.format or ("json" if a.out and a.out.endswith(".json") else "md")
-        text = render.export_json(tree, chat) if fmt == "json" else render.export_markdown(tree, chat)
-        text = redact(text)
+        chat = self.session.chat(a.path)
+        text, fmt, count = self.session.export(chat, a.format, a.out)
         if a.out:
-            out = Path(a.out).expanduser()
-            try:
-                out.write_text(text, encoding="utf-8")
-            except (OSError, UnicodeError, ValueError) as exc:
-                reason = getattr(exc, "strerror", None) or type(exc).__name__
-                raise UsageError(f"%subchat export: cannot write {a.out!r}: {reason}; "
-                                 "choose another --out file") from None
-            print(f"exported {len(tree.subtree(chat))} chat(s) from {chat.path} to {out} ({fmt})")
+            print(f"exported {count} chat(s) from {chat.path} to {Path(a.out).expanduser()} ({fmt})")
         else:
             print(text)
 
     def _cmd_import(self, rest: list[str]) -> None:
         a = self._parse("import", rest, (("file",), {}), (("--into",), dict(default=None)))
-        path = Path(a.file).expanduser()
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeError) as exc:
-            reason = getattr(exc, "strerror", None) or type(exc).__name__
-            raise UsageError(f"%subchat import: cannot read {a.file!r}: {reason}") from None
-        except ValueError as exc:
-            raise UsageError(f"%subchat import: {path} is not JSON ({exc})") from None
-        made = render.import_data(self.session.tree, data, a.into)
+        made = self.session.import_file(a.file, a.into)
         print(f"imported {len(made)} chat(s): {', '.join(made[:5])}{' …' if len(made) > 5 else ''}")
 
     def _cmd_rename(self, rest: list[str]) -> None:
         a = self._parse("rename", rest, (("path",), {}), (("new_name",), {}))
-        chat = self.session.tree.rename(a.path, a.new_name)
-        if self.session.current.startswith(a.path):
-            self.session.current = chat.path
+        chat = self.session.rename(a.path, a.new_name)
         print(f"renamed to {chat.path}")
 
     def _cmd_system(self, rest: list[str]) -> None:
         a = self._parse("system", rest, (("path",), {}), (("text",), dict(nargs="?")))
-        tree = self.session.tree
-        chat = tree.get(a.path)
+        chat = self.session.chat(a.path)
         if a.text is not None:
-            tree.set_system_prompt(chat, a.text)
-        own = tree.get(chat.path).system_prompt
-        print(f"system prompt of {chat.path}: {own!r}" if own else
-              f"{chat.path} inherits the system prompt {tree.system_prompt_for(chat)!r}")
+            chat = self.session.set_system(chat, a.text)
+        own, in_force, source = self.session.system_of(chat)
+        if own:
+            print(f"system prompt of {chat.path}: {own!r}")
+        elif source == "none":
+            print(f"{chat.path} has no system prompt (none on its path, none configured)")
+        else:
+            print(f"{chat.path} inherits the system prompt {in_force!r} (from {source})")
 
     def _cmd_delete(self, rest: list[str]) -> None:
         a = self._parse("delete", rest, (("path",), {}), (("--force",), dict(action="store_true")))
-        gone = self.session.tree.delete(a.path, force=a.force)
-        if self.session.current in gone:
-            self.session.current = "root"
+        done = self.session.delete(a.path, force=a.force)
+        gone = done.paths
         print(f"deleted {len(gone)} chat(s): {', '.join(gone[:5])}{' …' if len(gone) > 5 else ''}")
+        if done.current_moved_to:
+            print(f"current chat: {done.current_moved_to} (the deleted one was current)")
 
 
 SUBCOMMANDS = sorted(n[5:] for n in dir(SubchatMagics) if n.startswith("_cmd_")) + ["help"]

@@ -1,47 +1,137 @@
-"""A notebook's state around one chat tree: which store, which chat is current, which
-backend and generation defaults apply. The magics and :class:`SimpleLLMClient` share the
-default session, so they select backends the same way."""
+"""The core: one notebook's state around one chat tree, and every change made to it.
+
+A :class:`Session` owns which store is open, which chat is current (held by id, so a
+rename anywhere keeps it and a delete moves it to the nearest surviving ancestor, saying
+so), the backend choice, the generation defaults and the keys entered in this kernel; and
+it makes every change of the tree: send, fan out, branch, rename, delete, set a system
+prompt, export, import. The magics and the tree view only parse, call it and display;
+they learn what changed from its events (:meth:`Session.subscribe`).
+
+Imports the tree, the turn, the views' formats (render) and the backend registry; never
+IPython or ipywidgets.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from .backends.base import GenerationOptions
+from . import render
+from .backends.base import Availability, GenerationOptions
 from .backends.registry import Selection, registry
-from .errors import InvalidInput
-from .settings import getenv, where
-from .tree import ROOT, ChatTree, default_store_path, normalize_path
-from .turn import Fanout, Turn, validate_options
+from .errors import ChatNotFound, InvalidInput
+from .secrets import redact, register_secret
+from .settings import getenv, set_secret, where
+from .tree import ROOT, Chat, ChatTree, default_store_path, normalize_path
+from .turn import Fanout, Turn
+
+Listener = Callable[[str, dict[str, Any]], None]
+KEY_BACKENDS = ("groq", "openai", "ollama")  # backends whose key %subchat key can take
+MAX_FANOUT = 64
+
+
+class Tree(ChatTree):
+    """A chat tree you can talk to: :class:`~subchat_magics.tree.ChatTree` plus
+    :meth:`send` (``open_tree()`` returns one)."""
+
+    def send(self, chat: "str | int | Chat", text: str, **kwargs: Any) -> Turn:
+        """Start a turn: ``for delta in tree.send("root", "hi"): ...``; then
+        ``turn.reply`` is the stored reply. Keyword arguments: ``backend`` and the
+        generation options (see :class:`~subchat_magics.turn.Turn`)."""
+        target = self.ensure(chat) if isinstance(chat, str) else self.get(chat)
+        return Turn(self, target, text, **kwargs)
+
+
+def open_tree(path: str | os.PathLike[str] | None = None) -> Tree:
+    """Open (or create) the chat tree stored at ``path`` (default: ``$SUBCHAT_STORE``
+    or ``./subchats.db``)."""
+    return Tree(path)
 
 
 @dataclass
 class Defaults:
-    """Generation defaults (``%config SubchatMagics.*`` sets them in a notebook)."""
+    """What applies when a cell does not say (``%config SubchatMagics.*`` sets them)."""
 
     backend: str | None = None  # None: not configured -> LLM_BACKEND -> auto
-    max_tokens: int = 1000
-    temperature: float = 0.0
-    top_p: float = 0.9
-    model: str | None = None
-    think: bool | None = None
-    system_prompt: str | None = None
+    options: GenerationOptions = field(default_factory=GenerationOptions)
+    system_prompt: str | None = None  # used when no chat on the path sets one
     format: str = "markdown"
     store_path: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    update_interval: float = 0.05
+
+
+@dataclass
+class Deleted:
+    """What :meth:`Session.delete` did: the paths deleted, and the chat that became
+    current if the current one was among them."""
+
+    paths: list[str]
+    current_moved_to: str | None = None
+
+
+@dataclass
+class BackendInfo:
+    """One row of ``%subchat backends``."""
+
+    name: str
+    availability: Availability
+    auto_place: int | None  # 1-based place in the auto order; None: only by name
+    description: str
 
 
 class Session:
     def __init__(self, store_path: str | os.PathLike[str] | None = None):
         self.defaults = Defaults(store_path=str(store_path) if store_path else None)
-        self.current = ROOT
         self.backend_override: str | None = None  # %subchat backend NAME
-        self._tree: ChatTree | None = None
+        self._tree: Tree | None = None
+        self._unhook: Callable[[], None] | None = None
         self._resolved: dict[str, Path] = {}
         self._lock = threading.RLock()
+        self._listeners: list[Listener] = []
+        self._current_id: int | None = None  # None: the root
+        self._current_chain: list[tuple[int, str]] = []  # (id, path) root..current, as last seen
+        self._streaming: dict[int, set[Turn]] = {}  # chat id -> turns streaming into it
+
+    # -- events ------------------------------------------------------------------------------
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener(event, data)`` for every change: ``chat-created`` (id, path),
+        ``chat-renamed`` (id, old, path), ``chat-deleted`` (ids, paths), ``message`` (id,
+        path, message), ``reply-start``/``reply-delta``/``reply-end`` (id, path, turn,
+        delta/message), ``current`` (id, path, reason). Returns the unsubscribe function."""
+        with self._lock:
+            self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def _emit(self, event: str, data: dict[str, Any]) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event, data)
+            except Exception:  # noqa: BLE001 - a broken view must not break a reply
+                pass
+
+    def _on_tree_event(self, event: str, data: dict[str, Any]) -> None:
+        """The open tree's events: keep track of streaming replies, pass everything on."""
+        if event in ("reply-start", "reply-end"):
+            turn = data.get("turn")
+            with self._lock:
+                turns = self._streaming.setdefault(data["id"], set())
+                if event == "reply-start":
+                    turns.add(turn)
+                else:
+                    turns.discard(turn)
+                    if not turns:
+                        self._streaming.pop(data["id"], None)
+        self._emit(event, data)
 
     # -- the tree ----------------------------------------------------------------------------
     def store_path(self) -> Path:
@@ -54,27 +144,88 @@ class Session:
         return path
 
     @property
-    def tree(self) -> ChatTree:
+    def tree(self) -> Tree:
         """The tree at the configured store path, (re)opened when the path changes."""
         with self._lock:
             want = self.store_path()
             if self._tree is None or self._tree.store.path != want:
-                old, self._tree = self._tree, ChatTree(want)
-                if old is not None:
-                    old.close()
-                if self.current not in self._tree:
-                    self.current = ROOT
+                new = Tree(want)
+                self._close_tree()
+                self._tree = new
+                self._unhook = new.subscribe(self._on_tree_event)
+                self._current_id, self._current_chain = None, []
             return self._tree
 
-    def use(self, path: str) -> str:
-        self.current = self.tree.get(path).path
-        return self.current
+    def _close_tree(self) -> None:
+        if self._unhook is not None:
+            self._unhook()
+            self._unhook = None
+        if self._tree is not None:
+            self._tree.close()
+            self._tree = None
 
     def close(self) -> None:
         with self._lock:
-            if self._tree is not None:
-                self._tree.close()
-                self._tree = None
+            self._close_tree()
+
+    def chat(self, ref: "str | int | Chat | None" = None) -> Chat:
+        """The chat ``ref`` names (a path, an id or a :class:`Chat`), or the current one."""
+        if ref is None:
+            return self.current_chat()
+        return self.tree.get(ref)
+
+    # -- the current chat (held by id) ---------------------------------------------------------
+    def _set_current(self, chat: Chat, reason: str = "use") -> None:
+        chain = [(c.id, c.path) for c in self.tree.lineage(chat)]
+        changed = chat.id != self._current_id
+        self._current_id = chat.id
+        self._current_chain = chain
+        if changed:
+            self._emit("current", {"id": chat.id, "path": chat.path, "reason": reason})
+
+    def current_chat(self) -> Chat:
+        """The current chat. If it was deleted elsewhere (another kernel, a script), its
+        nearest surviving ancestor becomes current and :class:`ChatNotFound` says so: a
+        cell without a path never silently recreates a deleted chat."""
+        tree = self.tree
+        with self._lock:
+            if self._current_id is None:
+                return tree.root
+            chat = tree.find(self._current_id)
+            if chat is not None:
+                return chat
+            lost = self._current_chain[-1][1] if self._current_chain else "?"
+            survivor = tree.root
+            for cid, _ in reversed(self._current_chain[:-1]):
+                found = tree.find(cid)
+                if found is not None:
+                    survivor = found
+                    break
+            self._set_current(survivor, reason="deleted elsewhere")
+        raise ChatNotFound(
+            f"the current chat {lost!r} was deleted (by another kernel or program); "
+            f"{survivor.path} is current now: run the cell again to send there, or name a chat")
+
+    @property
+    def current(self) -> str:
+        """The current chat's path (its last known path if it was deleted elsewhere)."""
+        with self._lock:
+            if self._current_id is None:
+                return ROOT
+            chat = self.tree.find(self._current_id)
+            if chat is not None:
+                return chat.path
+            return self._current_chain[-1][1] if self._current_chain else ROOT
+
+    @current.setter
+    def current(self, path: str) -> None:
+        self.use(path)
+
+    def use(self, ref: "str | int | Chat") -> str:
+        """Make the chat ``ref`` names current; returns its path."""
+        chat = self.tree.get(ref)
+        self._set_current(chat)
+        return chat.path
 
     # -- backends ----------------------------------------------------------------------------
     def requested_backend(self, flag: str | None = None) -> tuple[str, str]:
@@ -97,41 +248,85 @@ class Session:
         name, _ = self.requested_backend(flag)
         return registry().select(name)
 
+    def set_backend(self, name: str | None) -> tuple[str, str, str]:
+        """Set this session's backend (``None``: leave it); returns (asked for, where
+        from, the backend that answers now)."""
+        if name:
+            self.backend_override = check_backend_name(name, "%subchat backend")
+        requested, source = self.requested_backend()
+        sel = self.select()
+        return requested, source, sel.candidates[0].id if sel.candidates else "none"
+
+    def backends(self) -> list[BackendInfo]:
+        """Every backend, available or not and why, and its place in the auto order."""
+        reg = registry()
+        order = reg.auto_order()
+        return [BackendInfo(name, reg.availability(name),
+                            order.index(name) + 1 if name in order else None, reg.describe(name))
+                for name in reg.names()]
+
+    def set_key(self, backend: str, value: str) -> str:
+        """Keep ``backend``'s API key in this process only (never in ``os.environ``, the
+        store or the notebook). Returns the variable it stands for."""
+        if backend not in KEY_BACKENDS:
+            raise InvalidInput(f"no key is used by {backend!r}; one of: {', '.join(KEY_BACKENDS)}")
+        value = (value or "").strip()
+        var = f"{backend.upper()}_API_KEY"
+        if not value:
+            raise InvalidInput(f"no key entered; {var} unchanged")
+        register_secret(value)
+        set_secret(var, value)
+        return var
+
     def options(self, **overrides: Any) -> GenerationOptions:
-        d = self.defaults
-        opts = GenerationOptions(max_tokens=d.max_tokens, temperature=d.temperature,
-                                 top_p=d.top_p, model=d.model, think=d.think, extra=dict(d.extra))
-        for k, v in overrides.items():
-            if v is not None:
-                setattr(opts, k, v)
-        validate_options(opts)
-        return opts
+        """The defaults with ``overrides`` (``None`` skipped), validated."""
+        return self.defaults.options.replace(**overrides)
 
     # -- sending -----------------------------------------------------------------------------
-    def prepare_chat(self, path: str | None, system: str | None = None):
-        """The chat a cell talks to: ``path`` (created under an existing parent if new) or
-        the current chat. ``system`` sets that chat's system prompt."""
-        tree = self.tree
-        target = normalize_path(path) if path else self.current
-        chat = tree.ensure(target, system_prompt=system)
-        if system is not None and chat.system_prompt != system:
-            tree.set_system_prompt(chat, system)
-            chat = tree.get(chat.path)
-        self.current = chat.path
-        return chat
+    def _target(self, path: "str | int | Chat | None", *, create: bool,
+                system: str | None = None) -> Chat:
+        if path is None:
+            return self.current_chat()
+        if isinstance(path, str) and create:
+            return self.tree.ensure(path, system_prompt=system)
+        return self.tree.get(path)
 
-    def send(self, path: str | None, text: str, *, backend: str | None = None,
+    def send(self, path: "str | int | Chat | None", text: str, *, backend: str | None = None,
              system: str | None = None, **options: Any) -> Turn:
-        """Start a turn in ``path`` (or the current chat). Iterate it to stream.
-        Everything is checked before the tree is touched."""
+        """Start a turn in ``path`` (created under an existing parent if new) or the
+        current chat, which becomes current. Iterate the turn to stream. Everything is
+        checked before the tree is touched; ``system`` sets the chat's system prompt."""
         check_prompt(text)
         opts = self.options(**options)
         selection = self.select(backend)
-        chat = self.prepare_chat(path, system)
+        chat = self._target(path, create=True, system=system)
+        if system is not None and chat.system_prompt != system:
+            self.tree.set_system_prompt(chat, system)
+        self._set_current(chat, reason="send")
         return Turn(self.tree, chat, text, backend=selection, options=opts,
                     default_system=self.defaults.system_prompt)
 
-    def fanout(self, path: str | None, text: str, *, n: int | None = None,
+    def next_child_names(self, parent: "str | int | Chat", count: int = 1) -> list[str]:
+        """Names for ``count`` new numbered subchats of ``parent``: after the highest
+        plain-ASCII number among its children (``1``, ``2``...)."""
+        chat = self.tree.get(parent)
+        taken = [int(c.name) for c in chat.children if c.name.isascii() and c.name.isdigit()]
+        start = max(taken, default=0) + 1
+        return [str(i) for i in range(start, start + count)]
+
+    def branch(self, parent: "str | int | Chat | None" = None, name: str | None = None) -> Chat:
+        """Create a subchat of ``parent`` (default: the current chat) named ``name``
+        (default: the next free number); it becomes current."""
+        par = self._target(parent, create=False)
+        name = (name or "").strip() or self.next_child_names(par)[0]
+        path = normalize_path(f"{par.path}/{name}")
+        if path.count("/") != par.path.count("/") + 1:
+            raise InvalidInput(f"a branch name is one path part, not {name!r}")
+        chat = self.tree.create(path)
+        self._set_current(chat, reason="branch")
+        return chat
+
+    def fanout(self, path: "str | int | Chat | None", text: str, *, n: int | None = None,
                names: list[str] | None = None, backend: str | None = None,
                system: str | None = None, temperatures: list[float] | None = None,
                **options: Any) -> Fanout:
@@ -140,47 +335,140 @@ class Session:
         Without a temperature they sample at 0.7 with seeds 1..N, so they differ."""
         check_prompt(text)
         if names is None:
-            if n is None or n < 1 or n > 64:
-                raise InvalidInput(f"--fanout takes a number of subchats from 1 to 64, not {n!r}")
+            if n is None or not 1 <= n <= MAX_FANOUT:
+                raise InvalidInput(
+                    f"--fanout takes a number of subchats from 1 to {MAX_FANOUT}, not {n!r}")
         else:
             names = [x.strip() for x in names if x.strip()]
-            if not names or len(names) > 64 or len(set(names)) != len(names):
-                raise InvalidInput("--children takes 1 to 64 distinct names, e.g. --children a,b,c")
+            if not names or len(names) > MAX_FANOUT or len(set(names)) != len(names):
+                raise InvalidInput(
+                    f"--children takes 1 to {MAX_FANOUT} distinct names, e.g. --children a,b,c")
         count = len(names) if names is not None else n
         if temperatures is not None and len(temperatures) not in (1, count):
             raise InvalidInput(f"give one temperature, or one per subchat ({count})")
         base = self.options(**options)
-        selection = self.select(backend)
-        tree = self.tree
-        parent_path = normalize_path(path) if path else self.current
-        parent = tree.get(parent_path)  # must exist: fan-out branches from it
-        if names is None:
-            taken = [int(c.name) for c in parent.children if c.name.isdigit()]
-            start = max(taken, default=0) + 1
-            names = [str(i) for i in range(start, start + count)]
-        paths = [normalize_path(f"{parent.path}/{name}") for name in names]
-        turns = []
-        for i, p in enumerate(paths):
-            opts = GenerationOptions(**{**base.__dict__, "extra": dict(base.extra)})
+        per_chat = []
+        for i in range(count):
+            opts = base.replace()
             if temperatures is not None:
                 opts.temperature = temperatures[i if len(temperatures) > 1 else 0]
             elif options.get("temperature") is None and count > 1:
                 opts.temperature = 0.7
             if opts.seed is None and count > 1:
                 opts.seed = i + 1
-            validate_options(opts)
-            chat = tree.ensure(p, system_prompt=system)
-            turns.append(Turn(tree, chat, text, backend=selection, options=opts,
+            per_chat.append(opts.validate())
+        selection = self.select(backend)
+        parent = self._target(path, create=False)  # must exist: fan-out branches from it
+        if names is None:
+            names = self.next_child_names(parent, count)
+        paths = [normalize_path(f"{parent.path}/{name}") for name in names]
+        if any(p.count("/") != parent.path.count("/") + 1 for p in paths):
+            raise InvalidInput("--children takes names of one path part each, e.g. a,b,c")
+        turns = []
+        for p, opts in zip(paths, per_chat):
+            chat = self.tree.ensure(p, system_prompt=system)
+            turns.append(Turn(self.tree, chat, text, backend=selection, options=opts,
                               default_system=self.defaults.system_prompt))
-        self.current = parent.path
+        self._set_current(parent, reason="fanout")
         return Fanout(turns)
+
+    def streaming(self, ref: "str | int | Chat") -> list[Turn]:
+        """The replies streaming into the chat ``ref`` names right now (any face)."""
+        chat = self.tree.get(ref)
+        with self._lock:
+            return list(self._streaming.get(chat.id, ()))
+
+    # -- editing the tree --------------------------------------------------------------------
+    def rename(self, ref: "str | int | Chat", new_name: str) -> Chat:
+        """Rename a chat. Everything held by id (the current chat, views' selections,
+        replies streaming into it or its subchats) follows it."""
+        return self.tree.rename(ref, str(new_name).strip())
+
+    def delete(self, ref: "str | int | Chat", force: bool = False) -> Deleted:
+        """Delete a chat (``force`` for one with subchats). A chat with a reply streaming
+        into it (or into a subchat) cannot be deleted until the reply ends. If the
+        current chat is deleted, its nearest surviving ancestor becomes current."""
+        tree = self.tree
+        chat = tree.get(ref)
+        ids = {c.id for c in tree.subtree(chat)}
+        with self._lock:
+            busy = [cid for cid in ids if self._streaming.get(cid)]
+        if busy:
+            where_ = tree.find(busy[0])
+            raise InvalidInput(
+                f"a reply is streaming into {where_.path if where_ else chat.path}; stop it "
+                "(Ctrl-C, or Stop in the tree view) or wait for it, then delete")
+        current_gone = (self._current_id in ids) or chat.path == ROOT
+        parent = chat.parent
+        gone = tree.delete(chat, force=force)
+        moved = None
+        if current_gone:
+            survivor = tree.root if chat.path == ROOT or parent is None else tree.get(parent.id)
+            previous = self._current_id
+            self._set_current(survivor, reason="deleted")
+            if previous is not None and previous != survivor.id:
+                moved = survivor.path
+        return Deleted(gone, moved)
+
+    def set_system(self, ref: "str | int | Chat", text: str | None) -> Chat:
+        """Set (``''``/``None``: clear) a chat's own system prompt."""
+        chat = self.tree.get(ref)
+        self.tree.set_system_prompt(chat, text)
+        return self.tree.get(chat.id)
+
+    def system_of(self, ref: "str | int | Chat") -> tuple[str | None, str | None, str]:
+        """(the chat's own prompt, the prompt in force, where the one in force comes
+        from: ``own``, the ancestor's path, ``%config SubchatMagics.system_prompt`` or
+        ``none``)."""
+        tree = self.tree
+        chat = tree.get(ref)
+        for c in reversed(tree.lineage(chat)):
+            if c.system_prompt:
+                return chat.system_prompt, c.system_prompt, "own" if c.id == chat.id else c.path
+        if self.defaults.system_prompt:
+            return None, self.defaults.system_prompt, "%config SubchatMagics.system_prompt"
+        return None, None, "none"
+
+    # -- export / import ---------------------------------------------------------------------
+    def export(self, ref: "str | int | Chat | None", fmt: str | None = None,
+               out: str | os.PathLike[str] | None = None) -> tuple[str, str, int]:
+        """The subtree of a chat as Markdown (``md``) or re-importable JSON (``json``),
+        keys masked. With ``out`` the file is written. Returns (text, format, chats)."""
+        tree = self.tree
+        chat = self.chat(ref)
+        if fmt is None:
+            fmt = "json" if out is not None and str(out).endswith(".json") else "md"
+        if fmt not in ("md", "json"):
+            raise InvalidInput(f"export format is md or json, not {fmt!r}")
+        text = render.export_json(tree, chat) if fmt == "json" else render.export_markdown(tree, chat)
+        text = redact(text)
+        if out is not None:
+            target = Path(out).expanduser()
+            try:
+                target.write_text(text, encoding="utf-8")
+            except (OSError, UnicodeError, ValueError) as exc:
+                reason = getattr(exc, "strerror", None) or type(exc).__name__
+                raise InvalidInput(f"cannot write {str(out)!r}: {reason}; choose another file") from None
+        return text, fmt, len(tree.subtree(chat))
+
+    def import_file(self, file: str | os.PathLike[str], into: str | None = None) -> list[str]:
+        """Recreate the chats of a JSON export; returns their paths."""
+        path = Path(file).expanduser()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise InvalidInput(f"cannot read {str(file)!r}: {reason}") from None
+        except ValueError as exc:
+            raise InvalidInput(f"{path} is not JSON ({exc})") from None
+        return import_data(self.tree, data, into)
 
     # -- status ------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         name, source = self.requested_backend()
         sel = registry().select(name)
         return {
-            "store": str(self.store_path().resolve()),
+            "store": str(self.store_path()),
             "current": self.current,
             "requested": name,
             "requested_from": source,
@@ -188,6 +476,47 @@ class Session:
             "passed_over": sel.passed_over,
             "auto_order": registry().auto_order(),
         }
+
+
+def import_data(tree: ChatTree, data: dict[str, Any], into: str | None = None) -> list[str]:
+    """Recreate exported chats. They keep their paths, or move under ``into`` (the new
+    parent of the exported top chat). An existing chat is filled only if it is empty."""
+    if not isinstance(data, dict) or data.get("format") != render.EXPORT_FORMAT:
+        raise InvalidInput(f"not a subchat-magics export (expected format {render.EXPORT_FORMAT!r})")
+    chats = render.check_export(data)
+    top = data.get("root") or (chats[0]["path"] if chats else None)
+    if not top:
+        return []
+    prefix_old = top.rpartition("/")[0]
+    made = []
+
+    def target(path: str) -> str:
+        if into is None:
+            return path
+        rel = path[len(prefix_old) + 1:] if prefix_old else path
+        return f"{into.rstrip('/')}/{rel}"
+
+    for c in chats:
+        p = target(c["path"])
+        if p in tree:
+            existing = tree.get(p)
+            if existing.messages:
+                raise InvalidInput(
+                    f"chat {existing.path!r} already exists with messages; import with "
+                    "--into PATH to put the chats somewhere else")
+            if c.get("system_prompt"):
+                tree.set_system_prompt(existing, c["system_prompt"])
+            chat = existing
+        else:
+            chat = tree.create(p, system_prompt=c.get("system_prompt"))
+        if chat.path != ROOT and chat.fork_seq != c.get("fork_seq", chat.fork_seq):
+            tree.store.update_chat(chat.id, fork_seq=int(c["fork_seq"]))
+            tree.refresh(force=True)
+        for m in c.get("messages", []):
+            tree.append(chat, m["role"], m["content"], m.get("status", "complete"),
+                        m.get("provenance") or None)
+        made.append(chat.path)
+    return made
 
 
 def check_prompt(text: str) -> None:
@@ -221,3 +550,7 @@ def reset_default_session() -> None:
     if _default is not None:
         _default.close()
     _default = None
+
+
+__all__ = ["Session", "Tree", "open_tree", "Defaults", "Deleted", "BackendInfo",
+           "default_session", "reset_default_session", "check_backend_name"]

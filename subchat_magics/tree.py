@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ChatNotFound, InvalidInput
+from .settings import getenv
 from .store import ChatRow, MessageRow, Store
 
 ROOT = "root"
@@ -26,8 +27,6 @@ DEFAULT_STORE = "subchats.db"
 
 def default_store_path() -> Path:
     """``$SUBCHAT_STORE``, else ``./subchats.db`` in the working directory."""
-    from .settings import getenv
-
     return Path(getenv("SUBCHAT_STORE") or DEFAULT_STORE).expanduser()
 
 
@@ -112,9 +111,6 @@ class Chat:
 
     def context(self) -> list[dict[str, str]]:
         return self.tree.context(self)
-
-    def send(self, text: str, **kwargs: Any):
-        return self.tree.send(self, text, **kwargs)
 
     def __repr__(self) -> str:
         return f"<Chat {self.path}>"
@@ -231,10 +227,21 @@ class ChatTree:
         except (ChatNotFound, InvalidInput):
             return False
 
-    def get(self, path: "str | Chat") -> Chat:
-        """The chat at ``path``; :class:`ChatNotFound` if there is none."""
+    def find(self, chat_id: int) -> Chat | None:
+        """The chat with this id, or ``None`` if it is gone (deleted here or elsewhere)."""
+        with self._lock:
+            self._maybe_refresh()
+            return self._by_id.get(chat_id)
+
+    def get(self, path: "str | int | Chat") -> Chat:
+        """The chat at ``path`` (or with this id); :class:`ChatNotFound` if there is none."""
         if isinstance(path, Chat):
             return path
+        if isinstance(path, int) and not isinstance(path, bool):
+            chat = self.find(path)
+            if chat is None:
+                raise ChatNotFound(f"chat #{path} no longer exists (deleted); pick another chat")
+            return chat
         p = normalize_path(path)
         with self._lock:
             self._maybe_refresh()
@@ -273,7 +280,7 @@ class ChatTree:
             row = self.store.insert_chat(parent.id, name, system_prompt, fork)
             self._after_write()
             chat = self._by_id[row.id]
-        self.emit("chat-created", path=chat.path)
+        self.emit("chat-created", id=chat.id, path=chat.path)
         return chat
 
     def ensure(self, path: str, system_prompt: str | None = None) -> Chat:
@@ -300,14 +307,15 @@ class ChatTree:
         old = chat.path
         self.store.update_chat(chat.id, name=new_path.rpartition("/")[2])
         self._after_write()
-        self.emit("chat-renamed", old=old, path=new_path)
+        self.emit("chat-renamed", id=chat.id, old=old, path=new_path)
         return self._by_id[chat.id]
 
     def delete(self, chat: "str | Chat", force: bool = False) -> list[str]:
         """Delete a chat; one with subchats needs ``force=True``. Deleting ``root`` with
         ``force`` empties the tree. Returns the deleted paths."""
         chat = self.get(chat)
-        gone = [c.path for c in self.subtree(chat)]
+        sub = self.subtree(chat)
+        gone, gone_ids = [c.path for c in sub], [c.id for c in sub]
         if len(gone) > 1 and not force:
             raise InvalidInput(
                 f"chat {chat.path!r} has {len(gone) - 1} subchat(s); "
@@ -317,7 +325,7 @@ class ChatTree:
         if chat.path == ROOT:
             self.store.insert_chat(None, ROOT, None, 0)
         self._after_write()
-        self.emit("chat-deleted", paths=gone)
+        self.emit("chat-deleted", paths=gone, ids=gone_ids)
         return gone
 
     def subtree(self, chat: "str | Chat") -> list[Chat]:
@@ -382,7 +390,7 @@ class ChatTree:
         chat = self.get(chat)
         row = self.store.append_message(chat.id, role, content, status, provenance)
         msg = Message.from_row(row)
-        self.emit("message", path=chat.path, message=msg)
+        self.emit("message", id=chat.id, path=chat.path, message=msg)
         return msg
 
     def begin_turn(self, chat: "str | Chat", prompt: str,
@@ -393,7 +401,7 @@ class ChatTree:
             chat.id, prompt, {"finish_reason": "interrupted", "backend": backend} if backend
             else {"finish_reason": "interrupted"})
         msg = Message.from_row(user)
-        self.emit("message", path=chat.path, message=msg)
+        self.emit("message", id=chat.id, path=chat.path, message=msg)
         return msg, Message.from_row(reply)
 
     def finish_reply(self, chat: "str | Chat", reply: Message, content: str, status: str,
@@ -402,25 +410,11 @@ class ChatTree:
         chat = self.get(chat)
         self.store.update_reply(reply.id, content, status, provenance)
         msg = Message("assistant", content, status, provenance, reply.seq, reply.id, reply.created_at)
-        self.emit("message", path=chat.path, message=msg)
+        self.emit("message", id=chat.id, path=chat.path, message=msg)
         return msg
-
-    # -- sending -----------------------------------------------------------------------------
-    def send(self, chat: "str | Chat", text: str, **kwargs: Any):
-        """Start a turn: ``for delta in tree.send("root", "hi"): ...``; then
-        ``turn.reply`` is the stored reply. See :class:`subchat_magics.turn.Turn`."""
-        from .turn import Turn
-
-        return Turn(self, self.ensure(chat) if isinstance(chat, str) else chat, text, **kwargs)
 
     def close(self) -> None:
         self.store.close()
 
     def __repr__(self) -> str:
         return f"<ChatTree {self.path} ({len(self._by_id)} chats)>"
-
-
-def open_tree(path: str | os.PathLike[str] | None = None) -> ChatTree:
-    """Open (or create) the chat tree stored at ``path`` (default: ``$SUBCHAT_STORE``
-    or ``./subchats.db``)."""
-    return ChatTree(path)

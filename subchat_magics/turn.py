@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .backends.base import Backend, Finish, GenerationOptions
@@ -22,27 +21,6 @@ if TYPE_CHECKING:
 
 
 SAVE_EVERY_S = 2.0  # while streaming, the partial reply is written this often
-
-
-def _options(options: GenerationOptions | None, overrides: dict[str, Any]) -> GenerationOptions:
-    opts = GenerationOptions(**asdict(options)) if options else GenerationOptions()
-    for k, v in overrides.items():
-        if v is None:
-            continue
-        if not hasattr(opts, k):
-            raise TypeError(f"unknown generation option {k!r}")
-        setattr(opts, k, v)
-    validate_options(opts)
-    return opts
-
-
-def validate_options(opts: GenerationOptions) -> None:
-    if not isinstance(opts.max_tokens, int) or opts.max_tokens < 1:
-        raise InvalidInput(f"max tokens must be a whole number >= 1, not {opts.max_tokens!r}")
-    if not (0.0 <= float(opts.temperature) <= 2.0):
-        raise InvalidInput(f"temperature must be between 0 and 2, not {opts.temperature!r}")
-    if not (0.0 < float(opts.top_p) <= 1.0):
-        raise InvalidInput(f"top_p must be in (0, 1], not {opts.top_p!r}")
 
 
 def select(backend: "str | Backend | Selection | None") -> Selection:
@@ -70,7 +48,7 @@ class Turn:
         self.tree = tree
         self.chat = chat
         self.prompt = text
-        self.options = _options(options, overrides)
+        self.options = (options or GenerationOptions()).replace(**overrides)
         self.selection = select(backend)
         self.messages = tree.context(chat, text)
         if default_system and self.messages[0]["role"] != "system":
@@ -142,7 +120,7 @@ class Turn:
     def _begin(self) -> None:
         self.user_message, self._reply_row = self.tree.begin_turn(
             self.chat, self.prompt, self.backend.id if self.backend else None)
-        self.tree.emit("reply-start", path=self.chat.path, turn=self)
+        self.tree.emit("reply-start", id=self.chat.id, path=self.chat.path, turn=self)
         self._t0 = time.perf_counter()
         self._ttft: float | None = None
         self._saved_at = self._t0
@@ -158,7 +136,7 @@ class Turn:
         if self._ttft is None:
             self._ttft = time.perf_counter() - self._t0
         self.parts.append(item)
-        self.tree.emit("reply-delta", path=self.chat.path, turn=self, delta=item)
+        self.tree.emit("reply-delta", id=self.chat.id, path=self.chat.path, turn=self, delta=item)
         now = time.perf_counter()
         if now - self._saved_at >= SAVE_EVERY_S:  # a killed kernel keeps most of the reply
             self._saved_at = now
@@ -230,7 +208,8 @@ class Turn:
             prov.update({k: v for k, v in f.extra.items() if k not in prov})
         prov = {k: v for k, v in prov.items() if v is not None}
         self.reply = self.tree.finish_reply(self.chat, self._reply_row, self.text, status, prov)
-        self.tree.emit("reply-end", path=self.chat.path, turn=self, message=self.reply)
+        self.tree.emit("reply-end", id=self.chat.id, path=self.chat.path, turn=self,
+                       message=self.reply)
 
 
 class Fanout:

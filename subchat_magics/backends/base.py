@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar, Iterable, Iterator, Sequence
+
+from ..errors import InvalidInput
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 
@@ -32,6 +34,45 @@ class GenerationOptions:
     model: str | None = None
     think: bool | None = None  # None: the backend's or model's default
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> "GenerationOptions":
+        """Check every value once (the one place the ranges are written); returns self."""
+        for f in fields(self):
+            check_option(f.name, getattr(self, f.name))
+        return self
+
+    def replace(self, **overrides: Any) -> "GenerationOptions":
+        """A validated copy with ``overrides`` applied (``None`` values are skipped);
+        an unknown option is a ``TypeError`` naming it."""
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown generation option(s): {', '.join(unknown)}; "
+                            f"known: {', '.join(sorted(names))}")
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        new = replace(self, **changes)
+        new.extra = dict(new.extra)
+        return new.validate()
+
+
+def check_option(name: str, value: Any) -> None:
+    """Raise :class:`InvalidInput` if ``value`` is not valid for generation option ``name``."""
+    if name == "max_tokens":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InvalidInput(f"max tokens must be a whole number >= 1, not {value!r}")
+    elif name == "temperature":
+        if not _number(value) or not 0.0 <= float(value) <= 2.0:
+            raise InvalidInput(f"temperature must be between 0 and 2, not {value!r}")
+    elif name == "top_p":
+        if not _number(value) or not 0.0 < float(value) <= 1.0:
+            raise InvalidInput(f"top_p must be in (0, 1], not {value!r}")
+    elif name == "seed":
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise InvalidInput(f"seed must be a whole number, not {value!r}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 @dataclass

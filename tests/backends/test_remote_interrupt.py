@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from subchat_magics.tree import open_tree
+from subchat_magics import open_tree
 
 from .conftest import last_reply
 

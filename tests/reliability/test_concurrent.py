@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 
+from subchat_magics import open_tree
 from subchat_magics.errors import StoreError
 from subchat_magics.testing import reliability as h
 from subchat_magics.tree import ChatTree
@@ -98,7 +99,7 @@ def test_writing_to_a_chat_another_kernel_deleted_is_a_clear_store_error(tmp_pat
 
 def test_two_kernels_replying_in_one_chat_keep_each_reply_with_its_message(tmp_path):
     store = tmp_path / "subchats.db"
-    first, second = ChatTree(store), ChatTree(store)  # two connections, as two kernels
+    first, second = open_tree(store), open_tree(store)  # two connections, as two kernels
     slow = first.send("root", "first question", backend="echo")
     stream = iter(slow)
     next(stream)  # the first kernel's message is saved and its reply is streaming...
