@@ -88,6 +88,7 @@ class Session:
         self.defaults = Defaults(store_path=str(store_path) if store_path else None)
         self.backend_override: str | None = None  # %subchat backend NAME
         self._tree: Tree | None = None
+        self._borrowed: ChatTree | None = None  # a tree opened by someone else (on_tree)
         self._unhook: Callable[[], None] | None = None
         self._resolved: dict[str, Path] = {}
         self._lock = threading.RLock()
@@ -95,6 +96,17 @@ class Session:
         self._current_id: int | None = None  # None: the root
         self._current_chain: list[tuple[int, str]] = []  # (id, path) root..current, as last seen
         self._streaming: dict[int, set[Turn]] = {}  # chat id -> turns streaming into it
+
+    @classmethod
+    def on_tree(cls, tree: ChatTree) -> "Session":
+        """A session around a tree someone already opened (a tree view made from a bare
+        tree): it changes that very object, so its holder sees the same chats and events.
+        Closing the session leaves the tree open."""
+        session = cls(store_path=tree.store.path)
+        with session._lock:
+            session._tree = session._borrowed = tree  # type: ignore[assignment]
+            session._unhook = tree.subscribe(session._on_tree_event)
+        return session
 
     # -- events ------------------------------------------------------------------------------
     def subscribe(self, listener: Listener) -> Callable[[], None]:
@@ -161,7 +173,8 @@ class Session:
             self._unhook()
             self._unhook = None
         if self._tree is not None:
-            self._tree.close()
+            if self._tree is not self._borrowed:
+                self._tree.close()
             self._tree = None
 
     def close(self) -> None:
