@@ -54,7 +54,6 @@ class Registry:
         self._targets: dict[str, str] | None = None
         self._dists: dict[str, str] = {}
         self._classes: dict[str, type[Backend]] = {}
-        self._broken: dict[str, str] = {}
         self._instances: dict[str, Backend] = {}
         self._lock = threading.RLock()
 
@@ -156,6 +155,8 @@ class Registry:
         return sel
 
     def close(self) -> None:
+        """Close every backend instance and forget what was discovered, so the next use
+        (e.g. after ``%reload_ext``) finds backends installed meanwhile."""
         with self._lock:
             for inst in self._instances.values():
                 try:
@@ -163,6 +164,7 @@ class Registry:
                 except Exception:  # noqa: BLE001
                     pass
             self._instances.clear()
+            self._targets, self._dists, self._classes = None, {}, {}
 
 
 _registry: Registry | None = None
