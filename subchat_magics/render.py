@@ -66,6 +66,33 @@ def _status_tag(m: Message) -> str:
     return f" [{reason}]"
 
 
+def reply_source(status: str, provenance: dict[str, Any]) -> str:
+    """Who wrote a reply, as the tree shows it: ``backend/model``, with ``[reason]`` if it
+    did not complete; ``""`` if no backend is recorded."""
+    backend = provenance.get("backend")
+    if not backend:
+        return ""
+    text = str(backend)
+    if provenance.get("model") and provenance["model"] != backend:
+        text += f"/{provenance['model']}"
+    if status != "complete":
+        text += f" [{provenance.get('finish_reason', status)}]"
+    return text
+
+
+def chat_label(name: str, count: int, last_reply: Message | None = None,
+               streaming: bool = False) -> str:
+    """A chat's one-line label in the tree view: ``name · 3 msgs · echo``, and
+    ``● streaming`` while a reply streams into it."""
+    bits = [name, f"{count} msg{'s' if count != 1 else ''}"]
+    if last_reply is not None:
+        source = reply_source(last_reply.status, last_reply.provenance)
+        if source:
+            bits.append(source)
+    label = " · ".join(bits)
+    return label + "  ● streaming" if streaming else label
+
+
 def tree_text(tree: ChatTree, current: str | None = None) -> str:
     """The tree as indented text: name, message count, last reply's backend/model."""
     counts = tree.store.message_counts()
@@ -76,13 +103,9 @@ def tree_text(tree: ChatTree, current: str | None = None) -> str:
         n = counts.get(chat.id, 0)
         mark = "*" if chat.path == current else " "
         info = f"{n} message{'s' if n != 1 else ''}"
-        status, prov = last.get(chat.id, ("complete", {}))
-        if prov.get("backend"):
-            info += f", {prov['backend']}"
-            if prov.get("model") and prov["model"] != prov["backend"]:
-                info += f"/{prov['model']}"
-            if status != "complete":
-                info += f" [{prov.get('finish_reason', status)}]"
+        source = reply_source(*last.get(chat.id, ("complete", {})))
+        if source:
+            info += f", {source}"
         lines.append(f"{mark} {'  ' * depth}{chat.name}  ({info})")
     return "\n".join(lines)
 
@@ -94,10 +117,8 @@ def transcript(tree: ChatTree, chat: Chat, provenance: bool = False, inherited: 
     system = tree.system_prompt_for(chat)
     if system:
         out.append(f"*system*: {system}" if markdown else f"[system] {system}")
-    own = chat.messages
+    inherited_msgs, own = split_history(tree, chat)
     if inherited:
-        hist = tree.history(chat)
-        inherited_msgs = hist[: len(hist) - len(own)]
         if inherited_msgs:
             out.append(f"--- inherited from {chat.parent.path if chat.parent else 'root'} "
                        f"({len(inherited_msgs)} messages) ---")
@@ -114,15 +135,39 @@ def _message_lines(msgs: list[Message], provenance: bool, markdown: bool) -> lis
     for m in msgs:
         tag = _status_tag(m)
         if markdown:
-            body = reply_markdown(m.content) if m.role == "assistant" else m.content
-            out.append(f"**{m.role}**{tag}:\n\n{body}")
-        else:
-            out.append(f"[{m.role}]{tag} {m.content}")
+            out.append(message_markdown(m, provenance))
+            continue
+        out.append(f"[{m.role}]{tag} {m.content}")
         if provenance and m.role == "assistant":
             line = provenance_line(m)
             if line:
-                out.append(f"> {line}" if markdown else f"    ({line})")
+                out.append(f"    ({line})")
     return out
+
+
+def message_markdown(m: Message, provenance: bool = False, *, colon: bool = True) -> str:
+    """One message as Markdown: ``**role**`` (with ``[reason]`` if it did not complete;
+    ``colon``: followed by ``:``), its text (a reply's thinking collapsed; *(no text)*
+    for an empty reply), then, if
+    asked, the reply's provenance as a quote."""
+    if m.role == "assistant":
+        body = reply_markdown(m.content) if m.content else "*(no text)*"
+    else:
+        body = m.content
+    text = f"**{m.role}**{_status_tag(m)}{':' if colon else ''}\n\n{body}"
+    if provenance and m.role == "assistant":
+        line = provenance_line(m)
+        if line:
+            text += "\n\n> " + line.replace("\n", "\n> ")
+    return text
+
+
+def split_history(tree: ChatTree, chat: Chat) -> tuple[list[Message], list[Message]]:
+    """A chat's context in two: the messages it inherits from its ancestors (up to where
+    it branched off), and its own."""
+    own = chat.messages
+    history = tree.history(chat)
+    return history[: len(history) - len(own)], own
 
 
 # -- export / import ---------------------------------------------------------------------------
