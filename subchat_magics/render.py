@@ -148,8 +148,7 @@ def _message_lines(msgs: list[Message], provenance: bool, markdown: bool) -> lis
 def message_markdown(m: Message, provenance: bool = False, *, colon: bool = True) -> str:
     """One message as Markdown: ``**role**`` (with ``[reason]`` if it did not complete;
     ``colon``: followed by ``:``), its text (a reply's thinking collapsed; *(no text)*
-    for an empty reply), then, if
-    asked, the reply's provenance as a quote."""
+    for an empty reply), then, if asked, the reply's provenance as a quote."""
     if m.role == "assistant":
         body = reply_markdown(m.content) if m.content else "*(no text)*"
     else:
