@@ -142,6 +142,7 @@ class PromptBuilder:
         # chat's next prompt renders only its new turns
         self._states = _LRU(256)
         self._special: set[int] | None = None
+        self._thinking_switch: bool | None = None
 
     # -- rendering ---------------------------------------------------------------------------
     def render_text(self, messages: Sequence[dict[str, str]], *, think: bool = False,
@@ -166,7 +167,21 @@ class PromptBuilder:
         return text
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        # verbose=False: a prompt longer than the tokenizer's model_max_length is ours to
+        # report (build() says what does not fit), not transformers' warning in the cell
+        try:
+            return list(self.tokenizer.encode(text, add_special_tokens=False, verbose=False))
+        except TypeError:  # a tokenizer without the verbose switch
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    @property
+    def has_thinking_switch(self) -> bool:
+        """Whether the chat template reads ``enable_thinking`` (Qwen3 does; most do not):
+        a short chat renders differently with it on and off."""
+        if self._thinking_switch is None:
+            probe = [{"role": "user", "content": "Hi"}]
+            self._thinking_switch = self.render_text(probe, think=True) != self.render_text(probe, think=False)
+        return self._thinking_switch
 
     def _tail(self, prefix: list[dict[str, str]], index: int, think: bool) -> str | None:
         """The template's text after assistant turn ``index`` of ``prefix`` up to the end
@@ -262,6 +277,21 @@ class PromptBuilder:
             return
         self._generated.put(_digest(_ids_digest(prompt_ids), text), array("I", gen))  # 4 bytes a token
 
+    def _too_long(self, system: list[dict[str, str]], newest: list[dict[str, str]], think: bool) -> str:
+        """Say which part does not fit: the system prompt alone, or the message."""
+        limit = self.max_model_len
+        both = self.count(system + newest, think=think)
+        fix = "or load the model with a larger --max-model-len"
+        if system:
+            alone = self.count(system, think=think)
+            if alone >= limit:
+                return (f"the system prompt is too long for the model: {alone} tokens on its own, and "
+                        f"max_model_len is {limit}; shorten the system prompt (--system), {fix}")
+            return (f"the message is too long for the model: {both} prompt tokens, of which the system "
+                    f"prompt is {alone}, and max_model_len is {limit}; shorten the message, {fix}")
+        return (f"the message is too long for the model: {both} prompt tokens, and max_model_len is "
+                f"{limit}; shorten the message, {fix}")
+
     def count(self, messages: Sequence[dict[str, str]], *, think: bool = False) -> int:
         return len(self.token_ids(messages, think=think)[0])
 
@@ -304,12 +334,7 @@ class PromptBuilder:
                 f"to fit max_model_len {limit}"
             )
         if p.length >= limit:
-            newest = self.count(msgs[:head] + msgs[last:], think=think)
-            raise InvalidInput(
-                f"the message is too long for the model: {newest} prompt tokens with the "
-                f"system prompt, and max_model_len is {limit}; shorten the message or the "
-                "system prompt, or load the model with a larger --max-model-len"
-            )
+            raise InvalidInput(self._too_long(msgs[:head], msgs[last:], think))
         if p.length + max_tokens > limit:
             p.max_tokens = limit - p.length
             p.notes.append(

@@ -47,7 +47,8 @@ class VLLMMagics(Magics):
     @argument("--think", action="store_true",
               help="Let thinking models (Qwen3) think before answering; shown collapsed.")
     @argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-              help="Any other vllm.LLM argument, e.g. --engine-arg swap_space=4 (repeatable).")
+              help="Any other vllm.LLM argument, e.g. --engine-arg max_num_seqs=16 (repeatable); "
+                   "vLLM checks them before a loaded model is let go.")
     @argument("--unload", action="store_true", help="Unload the loaded model (same as %%unload_vllm).")
     @line_magic
     @usage_errors("%load_vllm")
@@ -63,7 +64,7 @@ class VLLMMagics(Magics):
 
             %load_vllm /kaggle/input/qwen-3/transformers/14b-awq/1
             %load_vllm $MODEL_PATH --max-model-len 8192 --think
-            %load_vllm ./my-model --engine-arg swap_space=4 --engine-arg seed=1
+            %load_vllm ./my-model --engine-arg max_num_seqs=16 --engine-arg seed=1
             %load_vllm --unload
         """
         from .backends import vllm as backend

