@@ -3,15 +3,16 @@ was given, so that context inheritance is visible.
 
 Its reply is exactly ``echo (N messages): <last user message>`` where N counts the
 messages it received, system prompt included. ``max_tokens`` counts words.
-``SUBCHAT_ECHO_DELAY`` (seconds per word, default 0) slows it down for demos."""
+``SUBCHAT_ECHO_DELAY`` (seconds per word, default 0; environment or ``./.env``) slows it
+down for demos."""
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from typing import Iterator, Sequence
 
+from ..settings import getenv
 from .base import Backend, Finish, GenerationOptions, Message
 
 _WORDS = re.compile(r"\S+\s*|\s+")
@@ -31,7 +32,7 @@ class EchoBackend(Backend):
         if self._fixed is not None:
             return max(0.0, self._fixed)
         try:
-            return max(0.0, float(os.environ.get("SUBCHAT_ECHO_DELAY", "0") or 0))
+            return max(0.0, float(getenv("SUBCHAT_ECHO_DELAY", "0") or 0))
         except ValueError:
             return 0.0
 
