@@ -51,8 +51,9 @@ def load_ipython_extension(ipython: Any) -> None:
 
 
 def unload_ipython_extension(ipython: Any) -> None:
-    """Undo everything the extension holds: its magics, a vLLM engine it runs (driver
-    thread and memory), the remote backends' HTTP clients, the store connection."""
+    """Undo everything the extension holds: its magics, a vLLM engine it loaded (driver
+    thread and memory; a hand-registered ``LLM`` is left running, and ``%reload_ext``
+    keeps either), the remote backends' HTTP clients, the store connection."""
     import sys
 
     from .backends.registry import registry
@@ -65,7 +66,7 @@ def unload_ipython_extension(ipython: Any) -> None:
     for key in [k for k, v in mm.registry.items() if type(v).__module__.startswith(__name__)]:
         mm.registry.pop(key, None)
     vllm_backend = sys.modules.get("subchat_magics.backends.vllm")
-    if vllm_backend is not None:
-        vllm_backend.unload(echo=print)
+    if vllm_backend is not None:  # freed when the cell ends, unless it was %reload_ext
+        vllm_backend.release_with_extension(ipython)
     registry().close()
     default_session().close()

@@ -171,24 +171,39 @@ def why_not_usable(llm: Any) -> str | None:
     return None
 
 
-def shutdown_engine(llm: Any) -> None:
+def shutdown_engine(llm: Any, *, keep_distributed: bool = False) -> None:
     """Shut an ``LLM``'s engine core down: it releases the weights and KV cache and
-    undoes the engine's ``gc.freeze()`` (without this the ``LLM`` is never collected)."""
+    undoes the engine's ``gc.freeze()`` (without this the ``LLM`` is never collected).
+
+    An in-process engine core (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) also tears down the
+    process's distributed state (``cleanup_dist_env_and_memory``), which every in-process
+    engine shares: with ``keep_distributed`` (another engine lives on in this process)
+    that teardown is skipped, or the survivor fails with "pipeline model parallel group
+    is not initialized"."""
+    core_module = sys.modules.get("vllm.v1.engine.core")
+    teardown = getattr(core_module, "cleanup_dist_env_and_memory", None)
+    if keep_distributed and teardown is not None:
+        core_module.cleanup_dist_env_and_memory = lambda *_a, **_k: gc.unfreeze()
     try:
         llm.llm_engine.engine_core.shutdown()
     except Exception:  # noqa: BLE001 - already down
         pass
+    finally:
+        if keep_distributed and teardown is not None:
+            core_module.cleanup_dist_env_and_memory = teardown
 
 
-def free_memory() -> None:
-    """Collect garbage and release vLLM's distributed state and cached GPU memory."""
+def free_memory(*, keep_distributed: bool = False) -> None:
+    """Collect garbage and release vLLM's distributed state (unless another engine lives
+    on in this process) and cached GPU memory."""
     gc.collect()
-    try:
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+    if not keep_distributed:
+        try:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-        cleanup_dist_env_and_memory()
-    except Exception:  # noqa: BLE001 - best effort: nothing more can be freed
-        pass
+            cleanup_dist_env_and_memory()
+        except Exception:  # noqa: BLE001 - best effort: nothing more can be freed
+            pass
     gc.collect()
 
 

@@ -123,12 +123,12 @@ class Engine:
         """Stop the driver (requests in flight end with an error); the engine stays up."""
         self.driver.stop(timeout)
 
-    def shutdown(self) -> None:
+    def shutdown(self, *, keep_distributed: bool = False) -> None:
         """Stop the driver and shut the engine core down (it can then be collected)."""
         self.stop()
         llm, self.llm = self.llm, None
         if llm is not None:
-            compat.shutdown_engine(llm)
+            compat.shutdown_engine(llm, keep_distributed=keep_distributed)
         del llm
 
 
@@ -160,13 +160,19 @@ def unload(echo: Callable[[str], None] | None = None) -> str | None:
     does. Returns its label, or None when none was loaded. A hand-registered ``LLM`` is
     shut down as well (you asked to unload it): drop your own reference to it
     (``del llm``) for its memory to go."""
+    return _unload(echo)
+
+
+def _unload(echo: Callable[[str], None] | None = None, *, survivor: bool = False) -> str | None:
+    """:func:`unload`; ``survivor``: another engine lives on in this process (a
+    hand-built ``LLM`` about to be registered), whose distributed state must stay."""
     engine = _take()
     if engine is None:
         return None
     label, owned = engine.label, engine.owned
-    engine.shutdown()
+    engine.shutdown(keep_distributed=survivor)
     del engine
-    compat.free_memory()
+    compat.free_memory(keep_distributed=survivor)
     if echo:
         echo(f"Unloaded {label}." if owned else
              f"Unloaded {label}: the engine of the vllm.LLM you registered is shut down (it cannot "
@@ -294,7 +300,7 @@ def register_vllm(llm: Any, *, think: bool = False, label: str | None = None) ->
     label = label or model_label(str(getattr(llm.llm_engine.model_config, "model", "model")))
     engine = Engine(llm, owned=False, label=label, think=think)
     if current is not None:
-        unload()
+        _unload(survivor=True)
     _activate(engine)
     return engine
 
