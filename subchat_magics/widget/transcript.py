@@ -1,0 +1,200 @@
+"""The transcript pane: the selected chat's messages, each in its own ``Output`` widget
+(sent once), its inherited context folded in an accordion, the streaming pane at the
+bottom; or, in compare mode, the last exchange of each sibling side by side.
+
+Imports ipywidgets, render (one Markdown of a message for this pane and ``%subchat
+show``), the tree's types and the streaming pane; nothing of the core's changes.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any, Callable
+
+import ipywidgets as w
+
+from .. import render
+from ..tree import Chat, ChatTree, Message
+from .state import Stream
+from .stream_pane import StreamPane
+
+MAX_SHOWN = 100  # own messages shown; older ones are summed up in the head
+
+
+def dispose(widget: w.Widget, seen: set[int]) -> None:
+    """Close a widget, its children, layout and style (Widget.close closes only itself);
+    ``seen``: ids of widgets not to close (shared ones) or closed already."""
+    if id(widget) in seen:
+        return
+    seen.add(id(widget))
+    for child in getattr(widget, "children", ()):
+        dispose(child, seen)
+    for part in ("layout", "style"):
+        sub = getattr(widget, part, None)
+        if isinstance(sub, w.Widget):
+            dispose(sub, seen)
+    widget.close()
+
+
+def _markdown_output(markdown: str, plain: str) -> dict[str, Any]:
+    return {"output_type": "display_data", "metadata": {},
+            "data": {"text/markdown": markdown, "text/plain": plain}}
+
+
+class Transcript:
+    """``box`` shows one chat (:meth:`build`) or its siblings (:meth:`build_compare`).
+    New messages are added one widget each (:meth:`draw_message`); the box's list of
+    children is resent only when :attr:`dirty` and :meth:`set_children` is called.
+    ``count(n)`` is told of every widget message it sends."""
+
+    def __init__(self, tree: ChatTree, pane: StreamPane, count: Callable[[int], None]):
+        self.tree = tree
+        self.pane = pane
+        self._count = count
+        self.provenance = False
+        self.chat: Chat | None = None  # the chat shown (compare: the selected one)
+        self.msg_layout = w.Layout(margin="2px 0", padding="0 4px")  # shared: one comm
+        # column-reverse: the browser keeps a scrolled box anchored at its newest message
+        self.box = w.VBox(layout=w.Layout(max_height="460px", overflow="auto",
+                                          flex="1 1 auto", width="auto",
+                                          flex_flow="column-reverse"),
+                          _dom_classes=("subchat-transcript",))
+        self.msg_widgets: list[w.Widget] = []
+        self.msg_keys: list[tuple] = []  # (id, status, content) of each message widget
+        self.extra_widgets: list[w.Widget] = []  # head, inherited, compare: rebuilt each time
+        self.hidden = 0  # own messages not shown (beyond MAX_SHOWN)
+        self.head: w.HTML | None = None  # the chat's path, system prompt, messages not shown
+        self.dirty = False
+
+    # -- one chat ----------------------------------------------------------------------------
+    def build(self, chat: Chat, stream: Stream | None) -> None:
+        """Redraw ``chat``, and ``stream`` (a reply streaming into it) in the pane below."""
+        self.clear()
+        self.chat = chat
+        inherited, own = render.split_history(self.tree, chat)
+        turn = stream.turn if stream is not None else None
+        if turn is not None and not turn.done and turn.user_message is not None:
+            # the reply streaming here is stored as an empty placeholder: the pane shows it
+            own = [m for m in own if m.seq <= turn.user_message.seq]
+        self.head = w.HTML(_dom_classes=("subchat-transcript-head",))
+        self.extra_widgets.append(self.head)
+        self.hidden = max(0, len(own) - MAX_SHOWN)
+        self.refresh_head()
+        if inherited:
+            md = "\n\n".join(render.message_markdown(m, self.provenance, colon=False)
+                             for m in inherited)
+            box = w.Output(outputs=(_markdown_output(md, "inherited"),))
+            acc = w.Accordion([box], titles=(f"inherited from {chat.parent.path} "
+                                              f"({len(inherited)} messages)",),
+                              selected_index=None, _dom_classes=("subchat-inherited",))
+            self.extra_widgets.append(acc)
+        for m in own[self.hidden:]:
+            self.draw_message(m)
+        if stream is not None:
+            self.pane.show(stream)
+        self.set_children()
+
+    def draw_message(self, m: Message) -> None:
+        """Add a message, or redraw it if it is there already (a reply whose placeholder
+        was read from the store while it streamed)."""
+        key = (m.id, m.status, m.content)
+        ids = [k[0] for k in self.msg_keys]
+        if m.id is not None and m.id in ids:
+            i = ids.index(m.id)
+            if self.msg_keys[i] == key:
+                return
+            dispose(self.msg_widgets[i], {id(self.msg_layout)})
+            self.msg_widgets[i] = self._message_widget(m)
+            self.msg_keys[i] = key
+        else:
+            self.msg_widgets.append(self._message_widget(m))
+            self.msg_keys.append(key)
+            if len(self.msg_widgets) > MAX_SHOWN:
+                dispose(self.msg_widgets.pop(0), {id(self.msg_layout)})
+                self.msg_keys.pop(0)
+                self.hidden += 1
+                self.refresh_head()
+        self.dirty = True
+
+    def refresh_head(self) -> None:
+        chat, head = self.chat, self.head
+        if chat is None or head is None:
+            return
+        system = self.tree.system_prompt_for(chat)
+        value = f"<b>{html.escape(chat.path)}</b>"
+        if system:
+            value += f" · <i>system: {html.escape(system[:200])}</i>"
+        if self.hidden:
+            value += (f"<br>… {self.hidden} earlier messages not shown "
+                      f"(<code>%subchat show {html.escape(chat.path)}</code>)")
+        if head.value != value:
+            head.value = value
+
+    def _message_widget(self, m: Message) -> w.Output:
+        self._count(1)
+        # the view always renders the Markdown: the plain text is a short label, not a copy
+        plain = f"[{m.role}] {m.content[:200]}{'…' if len(m.content) > 200 else ''}"
+        md = render.message_markdown(m, self.provenance, colon=False)
+        return w.Output(outputs=(_markdown_output(md, plain),), layout=self.msg_layout,
+                        _dom_classes=("subchat-msg", f"subchat-msg-{m.role}"))
+
+    # -- compare -----------------------------------------------------------------------------
+    def build_compare(self, chat: Chat, streaming: set[int]) -> None:
+        """``chat`` beside its siblings (root: its subchats), the last exchange of each;
+        ``streaming``: ids of chats with a reply streaming."""
+        self.clear()
+        self.chat, self.head = chat, None
+        group = self.compare_group(chat)
+        head = w.HTML(_dom_classes=("subchat-transcript-head",))
+        self.extra_widgets.append(head)
+        if len(group) < 2:
+            head.value = (f"<b>{html.escape(chat.path)}</b> has no siblings to compare; "
+                          "branch it first")
+            self.set_children()
+            return
+        head.value = f"<b>comparing</b> {' · '.join(html.escape(c.path) for c in group)}"
+        columns = []
+        for c in group:
+            msgs = c.messages
+            last_user = next((m for m in reversed(msgs) if m.role == "user"), None)
+            last_reply = next((m for m in reversed(msgs) if m.role == "assistant"), None)
+            md = f"**{c.path}** ({len(msgs)} messages)"
+            if c.id in streaming:
+                md += " ● streaming"
+            for m in (last_user, last_reply):
+                if m is not None:
+                    md += "\n\n" + render.message_markdown(m, self.provenance, colon=False)
+            columns.append(w.Output(outputs=(_markdown_output(md, c.path),),
+                                    layout=w.Layout(flex="1 1 0", min_width="180px",
+                                                    padding="0 6px"),
+                                    _dom_classes=("subchat-compare-column",)))
+        self.extra_widgets.append(w.HBox(columns, _dom_classes=("subchat-compare",)))
+        self.set_children()
+
+    @staticmethod
+    def compare_group(chat: Chat) -> list[Chat]:
+        return list(chat.parent.children if chat.parent is not None else chat.children)
+
+    # -- the box -----------------------------------------------------------------------------
+    def set_children(self) -> None:
+        self.dirty = False
+        children = [*self.extra_widgets, *self.msg_widgets]
+        if self.pane.shown is not None:
+            children.append(self.pane.box)
+        children.reverse()  # newest first: the box is laid out bottom-up
+        if list(self.box.children) != children:
+            self.box.children = children
+            self._count(1)
+
+    def clear(self, keep: set[int] | None = None) -> None:
+        """Close the shown messages and parts (the shared layout and the pane kept)."""
+        seen = {id(self.msg_layout), *(id(x) for x in self.pane.widgets()), *(keep or ())}
+        for widget in [*self.msg_widgets, *self.extra_widgets]:
+            dispose(widget, seen)
+        self.msg_widgets, self.msg_keys, self.extra_widgets = [], [], []
+        self.hidden = 0
+        self.pane.hide()
+
+    def widgets(self) -> list[w.Widget]:
+        """Every widget of the pane (to close them)."""
+        return [self.box, *self.msg_widgets, *self.extra_widgets, self.msg_layout]
