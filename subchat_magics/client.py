@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from .session import Session, default_session
+from .backends.base import GenerationOptions
+from .session import Session, check_backend_name, default_session
 from .tree import Chat
 
 
@@ -13,7 +14,13 @@ class SimpleLLMClient:
     selection as the magics; the turn is recorded in the tree."""
 
     def __init__(self, backend: str | None = None, session: Session | None = None, **options: Any):
+        """``options`` are generation options (``max_tokens``, ``temperature``, ``top_p``,
+        ``stop``, ``seed``, ``model``, ``think``): an unknown one is a ``TypeError``
+        naming it, a bad value an error, here rather than at the first reply."""
         self.session = session or default_session()
+        if backend is not None:
+            check_backend_name(backend, "SimpleLLMClient(backend=...)")
+        GenerationOptions().replace(**options)  # names and values checked once, now
         self.backend = backend
         self.options = options
 

@@ -3,6 +3,7 @@ display. Every :class:`SubchatError` becomes a one-line ``UsageError``."""
 
 from __future__ import annotations
 
+import keyword
 import re
 import shlex
 import sys
@@ -20,20 +21,58 @@ from traitlets import Bool, Enum, Float, Int, TraitError, Unicode, observe, vali
 
 from . import render
 from .backends.base import GenerationOptions, check_option
-from .errors import BackendError, SubchatError
+from .errors import BackendError, InvalidInput, SubchatError
 from .magic_args import in_kernel, parse_line, usage_errors
 from .secrets import redact
 from .session import Session, check_backend_name, default_session
 from .streaming import Coalescer
 
 _NAME = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# names IPython itself puts into the namespace (output and input history, its helpers)
+_IPYTHON_NAMES = re.compile(r"_{1,3}|_\d+|_i.*|_o.*|_d.*|In|Out|exit|quit|get_ipython")
 
 
-def interpolate(text: str, namespace: dict[str, Any]) -> str:
+def strip_comment(line: str) -> str:
+    """A magic's options line without a trailing ``# comment``: a ``#`` that starts a
+    word outside quotes begins a comment, as in a shell (``C#`` and ``"a # b"`` stay)."""
+    quote = None
+    escaped = False
+    for i, ch in enumerate(line):
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quote != "'":
+            escaped = True
+        elif quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i].rstrip()
+    return line
+
+
+def ipython_owned(name: str, namespace: dict[str, Any], hidden: dict[str, Any]) -> bool:
+    """Whether ``name`` is one of IPython's own names (``_``, ``In``, ``exit``, ``_i3``…)
+    holding what IPython put there, not something the notebook assigned itself."""
+    if not _IPYTHON_NAMES.fullmatch(name):
+        return False
+    value = namespace.get(name)
+    if name in hidden:
+        return hidden[name] is value  # IPython re-pushes its names; an assignment differs
+    # before the first output IPython sets _, __ and ___ to '' without marking them
+    return name in ("_", "__", "___") and isinstance(value, str) and value == ""
+
+
+def interpolate(text: str, namespace: dict[str, Any], hidden: dict[str, Any] | None = None) -> str:
     """``{name}`` becomes ``str(namespace[name])`` when ``name`` is a simple name in the
-    namespace; any other text in braces (code, JSON, set literals) stays as written.
+    namespace; any other text in braces (code, JSON, set literals) stays as written, and
+    so do IPython's own names (``{_}``, ``{In}``, ``{exit}``, ``{_i2}``…) unless the
+    notebook assigned them itself (``hidden``: the shell's ``user_ns_hidden``).
     ``{{`` … ``}}`` are escaped braces: each ``{{`` gives ``{`` and the ``}}`` that
-    closes it gives ``}``; a ``}}`` with no ``{{`` before it (nested JSON) stays."""
+    closes it gives ``}``; a ``}}`` with no ``{{`` before it (nested JSON) stays.
+    A value whose ``str()`` fails is an :class:`InvalidInput` naming it."""
+    hidden = hidden or {}
     out: list[str] = []
     open_escapes = 0
     pos = 0
@@ -51,10 +90,26 @@ def interpolate(text: str, namespace: dict[str, Any]) -> str:
                 out.append("}}")
         else:
             name = m.group(1)
-            out.append(str(namespace[name]) if name in namespace else tok)
+            if name not in namespace or ipython_owned(name, namespace, hidden):
+                out.append(tok)
+            else:
+                out.append(_text_of(name, namespace[name]))
         pos = m.end()
     out.append(text[pos:])
     return "".join(out)
+
+
+def _text_of(name: str, value: Any) -> str:
+    try:
+        text = str(value)
+    except Exception as exc:  # noqa: BLE001 - any __str__ may fail; say which name
+        raise InvalidInput(
+            f"{{{name}}} in the cell cannot be written as text: str({name}) raised "
+            f"{type(exc).__name__}: {str(exc)[:100]}; fix its __str__, or write {{{{{name}}}}} "
+            "for the braces themselves") from None
+    if not isinstance(text, str):  # a str subclass whose __str__ misbehaves
+        raise InvalidInput(f"str({name}) did not give text; write {{{{{name}}}}} for the braces")
+    return text
 
 
 def _trim(cell: str) -> str:
@@ -276,10 +331,12 @@ class SubchatMagics(Magics):
             %%subchat root --fanout 3 --var answers
             Name a colour.
         """
-        args = parse_line(self.subchat, line)
-        if args.var is not None and not args.var.isidentifier():
-            raise UsageError(f"%%subchat: --var needs a Python name, not {args.var!r}")
-        text = interpolate(_trim(cell or ""), self.shell.user_ns)
+        args = parse_line(self.subchat, strip_comment(line))
+        if args.var is not None and (not args.var.isidentifier() or keyword.iskeyword(args.var)):
+            raise UsageError(f"%%subchat: --var needs a Python name that is not a keyword, "
+                             f"not {args.var!r}")
+        text = interpolate(_trim(cell or ""), self.shell.user_ns,
+                           getattr(self.shell, "user_ns_hidden", None))
         opts = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                     seed=args.seed, model=args.model, think=args.think)
         if args.fanout is not None or args.children is not None:
@@ -295,7 +352,10 @@ class SubchatMagics(Magics):
                 view.delta(delta)
         except KeyboardInterrupt:
             stream.close()  # Ctrl-C may land in the display code: end the turn now
-            view.finish("interrupted: partial reply kept")
+            view.finish("interrupted: partial reply kept" if turn.text else
+                        "interrupted: nothing arrived")
+            if args.var:
+                self.shell.user_ns[args.var] = turn.text  # what arrived, maybe ""
             raise KeyboardInterrupt from None  # short traceback, not the HTTP client's
         except BackendError as exc:
             view.finish(f"error: partial reply kept in {turn.chat.path}" if turn.text else None)
@@ -311,11 +371,12 @@ class SubchatMagics(Magics):
     def _fanout(self, args: Any, text: str, opts: dict[str, Any]) -> None:
         names = args.children.split(",") if args.children is not None else None
         temps = None
-        if args.temperatures:
+        if args.temperatures is not None:
             try:
                 temps = [float(x) for x in args.temperatures.split(",")]
             except ValueError:
-                raise UsageError("%%subchat: --temperatures takes numbers, e.g. 0,0.7,1.0") from None
+                raise UsageError("%%subchat: --temperatures takes numbers, one per subchat, "
+                                 f"e.g. 0,0.7,1.0, not {args.temperatures!r}") from None
         fan = self.session.fanout(args.path, text, n=args.fanout, names=names, backend=args.backend,
                                   system=args.system, temperatures=temps, **opts)
         view = FanoutView(self.shell, [t.chat.path for t in fan.turns], self.update_interval)
@@ -327,7 +388,10 @@ class SubchatMagics(Magics):
                 view.delta(i, delta)
         except KeyboardInterrupt:
             stream.close()
-            view.finish(["interrupted"] * len(fan.turns))
+            view.finish(["interrupted" if t.text else "interrupted: nothing arrived"
+                         for t in fan.turns])
+            if args.var:
+                self.shell.user_ns[args.var] = [t.text for t in fan.turns]
             raise KeyboardInterrupt from None
         except BackendError as exc:
             error = exc
@@ -351,6 +415,8 @@ class SubchatMagics(Magics):
         show [PATH] [-p] [--own]       a chat's transcript (-p: provenance of replies)
         use PATH                       make PATH the current chat
         status                         store, current chat, active backend and why
+        reopen [--restore]             open the store file again after it was removed or
+                                       replaced (--restore: write back the tree still held)
         backend [NAME]                 show or set this session's backend
         backends                       every backend: available or not, and why
         key NAME                       enter an API key for groq/openai with getpass
@@ -362,7 +428,7 @@ class SubchatMagics(Magics):
         help                           this help
         """
         try:
-            words = shlex.split(line)
+            words = shlex.split(strip_comment(line))
         except ValueError as exc:
             raise UsageError(f"%subchat: cannot parse {line!r}: {exc}") from None
         if not words or words[0] in ("help", "-h", "--help"):
@@ -414,8 +480,10 @@ class SubchatMagics(Magics):
                         (("--own",), dict(action="store_true")))
         tree = self.session.tree
         chat = self.session.chat(a.path)
-        self._show(render.transcript(tree, chat, a.provenance, not a.own),
-                   render.transcript(tree, chat, a.provenance, not a.own, markdown=True))
+        system = self.session.defaults.system_prompt
+        self._show(render.transcript(tree, chat, a.provenance, not a.own, default_system=system),
+                   render.transcript(tree, chat, a.provenance, not a.own, markdown=True,
+                                     default_system=system))
 
     def _cmd_use(self, rest: list[str]) -> None:
         a = self._parse("use", rest, (("path",), {}))
@@ -431,6 +499,8 @@ class SubchatMagics(Magics):
             f"current:  {st['current']}",
             f"backend:  {st['active'] or 'none'} (asked for {st['requested']!r} by {st['requested_from']})",
         ]
+        if st["store_problem"]:
+            lines.insert(1, f"          {st['store_problem']}")
         if st["requested"] == "auto":
             lines.append(f"auto order: {' -> '.join(st['auto_order'])}")
             for name, reason in st["passed_over"]:
@@ -440,6 +510,11 @@ class SubchatMagics(Magics):
         lines.append(f"defaults: max_tokens={o.max_tokens} temperature={o.temperature} "
                      f"top_p={o.top_p} format={d.format}" + (f" model={o.model}" if o.model else ""))
         print("\n".join(lines))
+
+    def _cmd_reopen(self, rest: list[str]) -> None:
+        a = self._parse("reopen", rest, (("--restore",), dict(action="store_true")))
+        tree = self.session.reopen(restore=a.restore)
+        print(f"store: {tree.store.path} ({len(tree.chats())} chats); current chat: root")
 
     def _cmd_backend(self, rest: list[str]) -> None:
         a = self._parse("backend", rest, (("name",), dict(nargs="?")))
@@ -484,8 +559,11 @@ class SubchatMagics(Magics):
 
     def _cmd_import(self, rest: list[str]) -> None:
         a = self._parse("import", rest, (("file",), {}), (("--into",), dict(default=None)))
-        made = self.session.import_file(a.file, a.into)
+        done = self.session.import_file(a.file, a.into)
+        made = done.paths
         print(f"imported {len(made)} chat(s): {', '.join(made[:5])}{' …' if len(made) > 5 else ''}")
+        for note in done.notes:
+            print(f"note: {note}")
 
     def _cmd_rename(self, rest: list[str]) -> None:
         a = self._parse("rename", rest, (("path",), {}), (("new_name",), {}))
@@ -515,3 +593,23 @@ class SubchatMagics(Magics):
 
 
 SUBCOMMANDS = sorted(n[5:] for n in dir(SubchatMagics) if n.startswith("_cmd_")) + ["help"]
+
+
+def _align_usage(doc: str) -> str:
+    """IPython's help puts ``%`` before the usage line but indents its continuation
+    lines as for ``usage:``; line them up under the first option, and name the cell
+    magic ``%%subchat``."""
+    head, sep, rest = doc.partition("::\n\n")
+    lines = rest.split("\n")
+    if not lines or not lines[0].startswith("  %"):
+        return doc
+    lines[0] = lines[0].replace("  %subchat ", "  %%subchat ", 1)
+    col = len("  %%subchat ")
+    for i in range(1, len(lines)):
+        if not lines[i].strip():
+            break
+        lines[i] = " " * col + lines[i].lstrip()
+    return head + sep + "\n".join(lines)
+
+
+SubchatMagics.subchat.__doc__ = _align_usage(SubchatMagics.subchat.__doc__ or "")

@@ -54,9 +54,34 @@ def provenance_line(m: Message) -> str:
         bits.append(f"{p['duration_s']:.2f} s")
     bits.append(str(p.get("finish_reason", "")))
     line = " · ".join(b for b in bits if b)
+    if p.get("system_from"):
+        line += f"\n  system prompt: {_source_words(p['system_from'])}"
     for note in p.get("notes", ()):
         line += f"\n  note: {note}"
     return line
+
+
+CONFIG_SYSTEM = "%config SubchatMagics.system_prompt"
+
+
+def system_source(tree: ChatTree, chat: Chat,
+                  default_system: str | None = None) -> tuple[str | None, str]:
+    """(the system prompt sent with ``chat``, where it comes from): ``own``, the path of
+    the ancestor that sets it, ``%config SubchatMagics.system_prompt``, or ``none``."""
+    for c in reversed(tree.lineage(chat)):
+        if c.system_prompt:
+            return c.system_prompt, "own" if c.id == chat.id else c.path
+    if default_system:
+        return default_system, CONFIG_SYSTEM
+    return None, "none"
+
+
+def _source_words(source: str) -> str:
+    if source == "own":
+        return "its own"
+    if source == CONFIG_SYSTEM:
+        return f"from {CONFIG_SYSTEM}"
+    return f"inherited from {source}"
 
 
 def _status_tag(m: Message) -> str:
@@ -111,12 +136,15 @@ def tree_text(tree: ChatTree, current: str | None = None) -> str:
 
 
 def transcript(tree: ChatTree, chat: Chat, provenance: bool = False, inherited: bool = True,
-               markdown: bool = False) -> str:
-    """A chat's conversation: the inherited context (if asked), then its own messages."""
+               markdown: bool = False, default_system: str | None = None) -> str:
+    """A chat's conversation: the system prompt sent with it (and where it comes from),
+    the inherited context (if asked), then its own messages. ``default_system``: the
+    ``%config SubchatMagics.system_prompt`` used when no chat on the path sets one."""
     out: list[str] = [f"## {chat.path}" if markdown else f"== {chat.path} =="]
-    system = tree.system_prompt_for(chat)
+    system, source = system_source(tree, chat, default_system)
     if system:
-        out.append(f"*system*: {system}" if markdown else f"[system] {system}")
+        where = "" if source == "own" else f" ({_source_words(source)})"
+        out.append(f"*system*{where}: {system}" if markdown else f"[system] {system}{where}")
     inherited_msgs, own = split_history(tree, chat)
     if inherited:
         if inherited_msgs:
@@ -170,31 +198,61 @@ def split_history(tree: ChatTree, chat: Chat) -> tuple[list[Message], list[Messa
 
 
 # -- export / import ---------------------------------------------------------------------------
-def export_data(tree: ChatTree, chat: Chat) -> dict[str, Any]:
+def _message_data(m: Message) -> dict[str, Any]:
+    return {"role": m.role, "content": m.content, "status": m.status,
+            "provenance": m.provenance, "created_at": m.created_at}
+
+
+def export_data(tree: ChatTree, chat: Chat, default_system: str | None = None) -> dict[str, Any]:
+    """The subtree of ``chat`` as data ``import`` recreates. A subtree below the root
+    carries the context its top chat inherited (``inherited``: the parent's path, the
+    system prompt in force there and the messages), so an import can give it the same
+    context elsewhere; every chat says which system prompt was in force for it."""
     chats = []
     for c in tree.subtree(chat):
+        in_force, source = system_source(tree, c, default_system)
         chats.append({
             "path": c.path,
             "system_prompt": c.system_prompt,
+            "system_prompt_in_force": in_force,
+            "system_prompt_from": source,
             "fork_seq": c.fork_seq,
-            "messages": [
-                {"role": m.role, "content": m.content, "status": m.status,
-                 "provenance": m.provenance, "created_at": m.created_at}
-                for m in c.messages
-            ],
+            "messages": [_message_data(m) for m in c.messages],
         })
-    return {"format": EXPORT_FORMAT, "exported_at": time.time(), "root": chat.path, "chats": chats}
+    data: dict[str, Any] = {"format": EXPORT_FORMAT, "exported_at": time.time(),
+                            "root": chat.path}
+    parent = chat.parent
+    if parent is not None:
+        hist = tree.history(chat)
+        own = len(hist) - len(tree.store.messages(chat.id))
+        data["inherited"] = {"from": parent.path, "system_prompt": tree.system_prompt_for(parent),
+                             "messages": [_message_data(m) for m in hist[:own]]}
+    data["chats"] = chats
+    return data
 
 
-def export_json(tree: ChatTree, chat: Chat) -> str:
-    return json.dumps(export_data(tree, chat), indent=2, ensure_ascii=False)
+def export_json(tree: ChatTree, chat: Chat, default_system: str | None = None) -> str:
+    return json.dumps(export_data(tree, chat, default_system), indent=2, ensure_ascii=False)
 
 
-def export_markdown(tree: ChatTree, chat: Chat) -> str:
+def export_markdown(tree: ChatTree, chat: Chat, default_system: str | None = None) -> str:
+    """The subtree as Markdown: each chat's system prompt in force and its own messages,
+    and where it branched from its parent."""
     parts = [f"# Chat tree export: {chat.path}"]
     for c in tree.subtree(chat):
-        parts.append(transcript(tree, c, provenance=True, inherited=False, markdown=True)
-                     .replace("## ", "#" * (2 + c.path.count("/") - chat.path.count("/")) + " ", 1))
+        text = transcript(tree, c, provenance=True, inherited=False, markdown=True,
+                          default_system=default_system)
+        head, _, body = text.partition("\n\n")
+        head = head.replace("## ", "#" * (2 + c.path.count("/") - chat.path.count("/")) + " ", 1)
+        if c.parent is not None:
+            n = c.fork_seq
+            where = (f"*branched from {c.parent.path} at its start*" if n == 0 else
+                     f"*branched from {c.parent.path} after its message {n}*")
+            if c.id == chat.id:
+                inherited = len(tree.history(c)) - len(tree.store.messages(c.id))
+                where += f" (inherits {inherited} messages not in this export)" if inherited else ""
+            head += "\n\n" + where
+        parts.append(f"{head}\n\n{body}" if body else head)
     return "\n\n".join(parts) + "\n"
 
 
@@ -214,16 +272,26 @@ def check_export(data: dict[str, Any]) -> list[dict[str, Any]]:
             raise bad(f"chat {i} has no path")
         if c.get("system_prompt") is not None and not isinstance(c["system_prompt"], str):
             raise bad(f"chat {c['path']!r} has a system prompt that is not text")
+        _check_messages(c.get("messages", []), f"chat {c['path']!r}", bad)
         if "fork_seq" in c and (not isinstance(c["fork_seq"], int) or isinstance(c["fork_seq"], bool)
                                 or c["fork_seq"] < 0):
             raise bad(f"chat {c['path']!r} has a fork point that is not a count")
-        msgs = c.get("messages", [])
-        if not isinstance(msgs, list):
-            raise bad(f"chat {c['path']!r} has messages that are not a list")
-        for m in msgs:
-            if (not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system")
-                    or not isinstance(m.get("content"), str)
-                    or not isinstance(m.get("status", "complete"), str)
-                    or not isinstance(m.get("provenance") or {}, dict)):
-                raise bad(f"a message of {c['path']!r} has no role/content")
+    inherited = data.get("inherited")
+    if inherited is not None:
+        if (not isinstance(inherited, dict)
+                or (inherited.get("system_prompt") is not None
+                    and not isinstance(inherited["system_prompt"], str))):
+            raise bad("'inherited' is not a context")
+        _check_messages(inherited.get("messages", []), "the inherited context", bad)
     return chats
+
+
+def _check_messages(msgs: Any, where: str, bad: Any) -> None:
+    if not isinstance(msgs, list):
+        raise bad(f"{where} has messages that are not a list")
+    for m in msgs:
+        if (not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system")
+                or not isinstance(m.get("content"), str)
+                or not isinstance(m.get("status", "complete"), str)
+                or not isinstance(m.get("provenance") or {}, dict)):
+            raise bad(f"a message of {where} has no role/content")

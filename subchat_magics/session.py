@@ -42,6 +42,7 @@ class Tree(ChatTree):
         """Start a turn: ``for delta in tree.send("root", "hi"): ...``; then
         ``turn.reply`` is the stored reply. Keyword arguments: ``backend`` and the
         generation options (see :class:`~subchat_magics.turn.Turn`)."""
+        check_prompt(text)  # before the chat is made
         target = self.ensure(chat) if isinstance(chat, str) else self.get(chat)
         return Turn(self, target, text, **kwargs)
 
@@ -71,6 +72,15 @@ class Deleted:
 
     paths: list[str]
     current_moved_to: str | None = None
+
+
+@dataclass
+class Imported:
+    """What :meth:`Session.import_file` did: the chats made or filled, and notes on what
+    an import had to change to keep each chat's context (empty when nothing changed)."""
+
+    paths: list[str]
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -180,6 +190,35 @@ class Session:
     def close(self) -> None:
         with self._lock:
             self._close_tree()
+
+    def reopen(self, restore: bool = False) -> Tree:
+        """Open the store file again after it was removed or replaced while open: the file
+        now at that path, or a new, empty store if there is none. ``restore``: first write
+        the tree this kernel still holds (the removed file, still open) back to that path.
+        The current chat goes back to root."""
+        with self._lock:
+            if restore:
+                old = self.tree.store
+                problem = old.file_problem()
+                if problem is None:
+                    raise InvalidInput(f"the store {old.path} is in place; nothing to restore")
+                if old.path.exists():
+                    raise InvalidInput(f"{old.path} {problem}: restoring would overwrite the "
+                                       "file now there; %subchat reopen opens it instead")
+                old.copy_to(old.path)
+            self._close_tree()
+            return self.tree
+
+    def store_problem(self) -> str | None:
+        """Why the open store can no longer be written (its file was removed or replaced
+        while open), as a sentence, or ``None``."""
+        problem = self.tree.store.file_problem()
+        if problem is None:
+            return None
+        way = ("%subchat reopen --restore writes back what this kernel still holds, "
+               "%subchat reopen starts a new store" if problem == "was removed"
+               else "%subchat reopen opens the file now there")
+        return f"the store file {problem} while open: nothing more can be saved to it; {way}"
 
     def chat(self, ref: "str | int | Chat | None" = None) -> Chat:
         """The chat ``ref`` names (a path, an id or a :class:`Chat`), or the current one."""
@@ -310,14 +349,27 @@ class Session:
         current chat, which becomes current. Iterate the turn to stream. Everything is
         checked before the tree is touched; ``system`` sets the chat's system prompt."""
         check_prompt(text)
+        check_text(system, "the system prompt")
         opts = self.options(**options)
+        check_text(opts.model, "the model name")
         selection = self.select(backend)
+        if isinstance(path, str):
+            normalize_path(path)  # a bad path is refused before anything is made
         chat = self._target(path, create=True, system=system)
-        if system is not None and chat.system_prompt != system:
+        if system is not None and chat.system_prompt != (system or None):
             self.tree.set_system_prompt(chat, system)
         self._set_current(chat, reason="send")
-        return Turn(self.tree, chat, text, backend=selection, options=opts,
+        return self._turn(chat, text, selection, opts)
+
+    def _turn(self, chat: Chat, text: str, selection: Selection, opts: GenerationOptions) -> Turn:
+        turn = Turn(self.tree, chat, text, backend=selection, options=opts,
                     default_system=self.defaults.system_prompt)
+        system, source = render.system_source(self.tree, chat, self.defaults.system_prompt)
+        if system:  # what was sent, in the reply's provenance
+            turn.provenance_extra["system_from"] = source
+            if source == render.CONFIG_SYSTEM:  # not in the tree: keep the text itself
+                turn.provenance_extra["system_prompt"] = system
+        return turn
 
     def next_child_names(self, parent: "str | int | Chat", count: int = 1) -> list[str]:
         """Names for ``count`` new numbered subchats of ``parent``: after the highest
@@ -347,6 +399,10 @@ class Session:
         Without names the children are numbered after the existing ones (``1``, ``2``...).
         Without a temperature they sample at 0.7 with seeds 1..N, so they differ."""
         check_prompt(text)
+        check_text(system, "the system prompt")
+        if names is not None and n is not None:
+            raise InvalidInput("--fanout N makes numbered subchats and --children a,b names "
+                               "them: give one of the two")
         if names is None:
             if n is None or not 1 <= n <= MAX_FANOUT:
                 raise InvalidInput(
@@ -360,6 +416,7 @@ class Session:
         if temperatures is not None and len(temperatures) not in (1, count):
             raise InvalidInput(f"give one temperature, or one per subchat ({count})")
         base = self.options(**options)
+        check_text(base.model, "the model name")
         per_chat = []
         for i in range(count):
             opts = base.replace()
@@ -380,8 +437,11 @@ class Session:
         turns = []
         for p, opts in zip(paths, per_chat):
             chat = self.tree.ensure(p, system_prompt=system)
-            turns.append(Turn(self.tree, chat, text, backend=selection, options=opts,
-                              default_system=self.defaults.system_prompt))
+            # -s sets the prompt of every chat it names, as for one chat: existing ones too
+            if system is not None and chat.system_prompt != (system or None):
+                self.tree.set_system_prompt(chat, system)
+                chat = self.tree.get(chat.id)
+            turns.append(self._turn(chat, text, selection, opts))
         self._set_current(parent, reason="fanout")
         return Fanout(turns)
 
@@ -433,14 +493,9 @@ class Session:
         """(the chat's own prompt, the prompt in force, where the one in force comes
         from: ``own``, the ancestor's path, ``%config SubchatMagics.system_prompt`` or
         ``none``)."""
-        tree = self.tree
-        chat = tree.get(ref)
-        for c in reversed(tree.lineage(chat)):
-            if c.system_prompt:
-                return chat.system_prompt, c.system_prompt, "own" if c.id == chat.id else c.path
-        if self.defaults.system_prompt:
-            return None, self.defaults.system_prompt, "%config SubchatMagics.system_prompt"
-        return None, None, "none"
+        chat = self.tree.get(ref)
+        in_force, source = render.system_source(self.tree, chat, self.defaults.system_prompt)
+        return chat.system_prompt, in_force, source
 
     # -- export / import ---------------------------------------------------------------------
     def export(self, ref: "str | int | Chat | None", fmt: str | None = None,
@@ -453,7 +508,8 @@ class Session:
             fmt = "json" if out is not None and str(out).endswith(".json") else "md"
         if fmt not in ("md", "json"):
             raise InvalidInput(f"export format is md or json, not {fmt!r}")
-        text = render.export_json(tree, chat) if fmt == "json" else render.export_markdown(tree, chat)
+        render_ = render.export_json if fmt == "json" else render.export_markdown
+        text = render_(tree, chat, self.defaults.system_prompt)
         text = redact(text)
         if out is not None:
             target = Path(out).expanduser()
@@ -464,8 +520,9 @@ class Session:
                 raise InvalidInput(f"cannot write {str(out)!r}: {reason}; choose another file") from None
         return text, fmt, len(tree.subtree(chat))
 
-    def import_file(self, file: str | os.PathLike[str], into: str | None = None) -> list[str]:
-        """Recreate the chats of a JSON export; returns their paths."""
+    def import_file(self, file: str | os.PathLike[str], into: str | None = None) -> Imported:
+        """Recreate the chats of a JSON export, each with the context it had (see
+        :func:`import_data`)."""
         path = Path(file).expanduser()
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -482,6 +539,7 @@ class Session:
         sel = registry().select(name)
         return {
             "store": str(self.store_path()),
+            "store_problem": self.store_problem(),
             "current": self.current,
             "requested": name,
             "requested_from": source,
@@ -491,17 +549,23 @@ class Session:
         }
 
 
-def import_data(tree: ChatTree, data: dict[str, Any], into: str | None = None) -> list[str]:
+def import_data(tree: ChatTree, data: dict[str, Any], into: str | None = None) -> Imported:
     """Recreate exported chats. They keep their paths, or move under ``into`` (the new
-    parent of the exported top chat). An existing chat is filled only if it is empty."""
+    parent of the exported top chat). An existing chat is filled only if it is empty.
+
+    The top chat of a subtree keeps the context it was exported with: where its new
+    parent's path holds those very messages it branches there as before; where the new
+    parent holds other messages (and inherits none), the inherited messages are copied
+    into the top chat as its first ones and a note says so; anywhere else the import is
+    refused before anything is written."""
     if not isinstance(data, dict) or data.get("format") != render.EXPORT_FORMAT:
         raise InvalidInput(f"not a subchat-magics export (expected format {render.EXPORT_FORMAT!r})")
     chats = render.check_export(data)
     top = data.get("root") or (chats[0]["path"] if chats else None)
     if not top:
-        return []
+        return Imported([])
     prefix_old = top.rpartition("/")[0]
-    made = []
+    notes: list[str] = []
 
     def target(path: str) -> str:
         if into is None:
@@ -510,31 +574,108 @@ def import_data(tree: ChatTree, data: dict[str, Any], into: str | None = None) -
         return f"{into.rstrip('/')}/{rel}"
 
     for c in chats:
+        check_text(c.get("system_prompt"), f"the system prompt of {c['path']!r}")
+        for m in c.get("messages", []):
+            check_text(m["content"], f"a message of {c['path']!r}")
+        normalize_path(target(c["path"]))
+    copied, top_fork, top_system = _place_top(tree, data, chats, top, target(top), notes)
+    made = []
+    for c in chats:
         p = target(c["path"])
+        is_top = c["path"] == top
+        system = c.get("system_prompt") or (top_system if is_top else None)
         if p in tree:
             existing = tree.get(p)
             if existing.messages:
                 raise InvalidInput(
                     f"chat {existing.path!r} already exists with messages; import with "
                     "--into PATH to put the chats somewhere else")
-            if c.get("system_prompt"):
-                tree.set_system_prompt(existing, c["system_prompt"])
+            if system:
+                tree.set_system_prompt(existing, system)
             chat = existing
         else:
-            chat = tree.create(p, system_prompt=c.get("system_prompt"))
-        if chat.path != ROOT and chat.fork_seq != c.get("fork_seq", chat.fork_seq):
-            tree.store.update_chat(chat.id, fork_seq=int(c["fork_seq"]))
+            chat = tree.create(p, system_prompt=system)
+        fork = top_fork if is_top else c.get("fork_seq", chat.fork_seq)
+        if c["path"].rpartition("/")[0] == top:
+            fork += len(copied)  # the top chat's own messages now start with the copied ones
+        if chat.path != ROOT and chat.fork_seq != fork:
+            tree.store.update_chat(chat.id, fork_seq=int(fork))
             tree.refresh(force=True)
-        for m in c.get("messages", []):
+        for m in (copied if is_top else []) + c.get("messages", []):
             tree.append(chat, m["role"], m["content"], m.get("status", "complete"),
                         m.get("provenance") or None)
         made.append(chat.path)
-    return made
+    return Imported(made, notes)
+
+
+def _place_top(tree: ChatTree, data: dict[str, Any], chats: list[dict[str, Any]], top: str,
+               new_top: str, notes: list[str]) -> tuple[list[dict[str, Any]], int, str | None]:
+    """Where the exported top chat goes so that its context stays what it was: (messages
+    to copy into it first, its branch point in the new parent, a system prompt to give
+    it). Raises before anything is written if that cannot be done."""
+    if normalize_path(new_top) == ROOT:
+        return [], 0, None
+    exported = next((c for c in chats if c["path"] == top), {})
+    inherited = data.get("inherited")
+    parent_path = normalize_path(new_top).rpartition("/")[0]
+    if parent_path not in tree:
+        return [], 0, None  # creating the top chat says that its parent is missing
+    parent = tree.get(parent_path)
+    if inherited is None:  # an export made before exports carried their context
+        if exported.get("fork_seq", 0):
+            notes.append(f"{new_top}: the export does not carry the context it inherited (an "
+                         "older export); it starts without it")
+        return [], 0, None
+    want = inherited.get("messages", [])
+    have = tree.history(parent)
+    parent_inherits = len(have) - len(parent.messages)
+    system: str | None = None
+    if not exported.get("system_prompt"):
+        here = tree.system_prompt_for(parent)
+        there = inherited.get("system_prompt")
+        if there and there != here:
+            system = there
+            notes.append(f"{new_top}: the system prompt it inherited from {inherited.get('from')} "
+                         "in the export is now its own")
+        elif here and not there:
+            notes.append(f"{new_top}: it now inherits the system prompt of {parent.path}, "
+                         "which it did not have in the export; %subchat system "
+                         f"{new_top} TEXT sets its own")
+    same = [(m.role, m.content) for m in have[:len(want)]] == [(m["role"], m["content"]) for m in want]
+    if parent_inherits <= len(want) <= len(have) and same:
+        return [], len(want) - parent_inherits, system  # the same context is here: branch there
+    if parent_inherits == 0:
+        if want:
+            notes.append(f"{new_top}: the {len(want)} message(s) it inherited from "
+                         f"{inherited.get('from')} in the export were copied into it, as "
+                         f"{parent.path} here holds other messages")
+        return list(want), 0, system
+    raise InvalidInput(
+        f"cannot import {top} under {parent.path}: {parent.path} inherits {parent_inherits} "
+        f"message(s) that {top} never had in its context; import it --into a chat that "
+        "inherits nothing (e.g. --into root), where it keeps its own context")
+
+
+def check_text(text: str | None, what: str) -> None:
+    """Refuse text the store cannot hold (an unpaired surrogate), before anything is written."""
+    if text is None:
+        return
+    if not isinstance(text, str):
+        raise InvalidInput(f"{what} must be text, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(
+            f"{what} holds {exc.object[exc.start:exc.end]!a} (an unpaired surrogate, not valid "
+            "Unicode); remove that character and run it again") from None
 
 
 def check_prompt(text: str) -> None:
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str):
+        raise InvalidInput(f"the message must be text (a str), not {type(text).__name__}")
+    if not text.strip():
         raise InvalidInput("the message is empty; write the prompt in the cell body")
+    check_text(text, "the message")
 
 
 def check_backend_name(name: str, source: str = "backend") -> str:
@@ -565,5 +706,5 @@ def reset_default_session() -> None:
     _default = None
 
 
-__all__ = ["Session", "Tree", "open_tree", "Defaults", "Deleted", "BackendInfo",
+__all__ = ["Session", "Tree", "open_tree", "Defaults", "Deleted", "Imported", "BackendInfo",
            "default_session", "reset_default_session", "check_backend_name"]

@@ -139,6 +139,54 @@ class Store:
                     f"{_fix_hint(self.path)}"
                 ) from None
             raise self._wrap(exc) from None
+        self._identity = self._file_identity()
+
+    # -- the file under us -------------------------------------------------------------------
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def file_problem(self) -> str | None:
+        """Why the file this connection writes to is no longer the one at :attr:`path`
+        (removed, or replaced by another file), or ``None``. One ``stat``: cheap enough
+        to run before every write."""
+        now = self._file_identity()
+        if now == self._identity:
+            return None
+        return "was removed" if now is None else "was replaced by another file"
+
+    def check_file(self) -> None:
+        """Refuse to write when the file was removed or replaced while open: a write
+        would go into a file nobody can open again, and vanish with the process."""
+        error = self._moved_error()
+        if error is not None:
+            raise error
+
+    def _moved_error(self) -> StoreError | None:
+        problem = self.file_problem() if getattr(self, "_identity", None) is not None else None
+        if problem is None:
+            return None
+        way = ("%subchat reopen --restore writes back the tree this kernel still holds, "
+               "%subchat reopen starts a new, empty store there" if problem == "was removed"
+               else "%subchat reopen opens the file now there")
+        return StoreError(f"chat store {self.path} {problem} while it was open; nothing was "
+                          f"written: {way}")
+
+    def copy_to(self, dest: str | os.PathLike[str]) -> None:
+        """Write a copy of the whole store, as this connection sees it, to ``dest`` (the
+        SQLite backup API: works while the file it came from is gone)."""
+        with self._lock:
+            try:
+                dst = sqlite3.connect(str(dest))
+                try:
+                    self.conn.backup(dst)
+                finally:
+                    dst.close()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot copy chat store {self.path} to {dest}: {exc}") from None
 
     # -- opening ------------------------------------------------------------------------
     def _check_location(self) -> None:
@@ -274,6 +322,7 @@ class Store:
 
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         c = self.conn
+        self.check_file()
         try:
             self._retry(lambda: c.execute("BEGIN IMMEDIATE"))
         except sqlite3.Error as exc:
@@ -313,6 +362,9 @@ class Store:
                 time.sleep(0.05 * (attempt + 1))
 
     def _wrap(self, exc: BaseException) -> StoreError:
+        moved = self._moved_error()  # an I/O error because the file is gone says so
+        if moved is not None:
+            return moved
         msg = str(exc)
         if isinstance(exc, UnicodeEncodeError):
             return StoreError(
@@ -333,6 +385,10 @@ class Store:
             return StoreError(
                 f"chat store {self.path} stayed locked by another kernel for more than "
                 f"{BUSY_TIMEOUT_MS // 1000} s; run the cell again")
+        if isinstance(exc, sqlite3.ProgrammingError) and "closed" in msg:
+            return StoreError(
+                f"the connection to chat store {self.path} was closed (the extension was "
+                "unloaded, or another store was opened); run %subchat tree again for a new view")
         if "disk I/O error" in msg or "unable to open" in msg:
             return StoreError(
                 f"cannot read or write the chat store {self.path} ({msg}): is the disk full or gone, "

@@ -32,13 +32,22 @@ def default_store_path() -> Path:
 
 def normalize_path(path: str | None) -> str:
     """``root/a/b`` stays; ``a/b`` and ``/a/b`` mean ``root/a/b``. Segments are letters,
-    digits, ``_``, ``-`` and ``.``."""
+    digits, ``_``, ``-`` and ``.``; names are case-sensitive, and a path starting with
+    ``ROOT``/``Root`` is refused with the spelling it probably meant."""
     if path is None:
         raise InvalidInput("no chat path given")
     p = str(path).strip().strip("/")
     if not p or p == ROOT:
         return ROOT
     parts = p.split("/")
+    if parts[0] != ROOT and parts[0].lower() == ROOT:
+        # names are case-sensitive, and root is always "root": ROOT/y would quietly
+        # become root/ROOT/y, a chat nobody meant
+        fixed = "/".join([ROOT, *parts[1:]])
+        raise InvalidInput(
+            f"bad chat path {str(path)[:80]!r}: paths start at 'root' (lowercase; chat names "
+            f"are case-sensitive): did you mean {fixed!r}? A chat named {parts[0]!r} under "
+            f"root is written root/{'/'.join(parts)}")
     if parts[0] != ROOT:
         parts.insert(0, ROOT)
     for seg in parts[1:]:
@@ -247,8 +256,15 @@ class ChatTree:
             self._maybe_refresh()
             chat = self._by_path.get(p)
         if chat is None:
-            raise ChatNotFound(f"no chat {p!r}; create it with %%subchat {p} (its parent must exist)")
+            raise ChatNotFound(f"no chat {p!r}{self._did_you_mean(p)}; create it with "
+                               f"%%subchat {p} (its parent must exist)")
         return chat
+
+    def _did_you_mean(self, path: str) -> str:
+        """`` (did you mean 'root/Physics'?)`` when a chat's path differs only in case."""
+        with self._lock:
+            near = [q for q in self._by_path if q.lower() == path.lower() and q != path]
+        return f" (did you mean {near[0]!r}? chat names are case-sensitive)" if near else ""
 
     def chats(self) -> list[Chat]:
         """All chats, parents before children, siblings in creation order."""
@@ -273,7 +289,8 @@ class ChatTree:
                 parent = self.get(parent_path)
             except ChatNotFound:
                 raise ChatNotFound(
-                    f"cannot create {p!r}: its parent {parent_path!r} does not exist; "
+                    f"cannot create {p!r}: its parent {parent_path!r} does not exist"
+                    f"{self._did_you_mean(parent_path)}; "
                     f"create the parent first (%%subchat {parent_path}) or branch from an existing chat"
                 ) from None
             fork = self.store.message_count(parent.id)
@@ -311,11 +328,15 @@ class ChatTree:
         return self._by_id[chat.id]
 
     def delete(self, chat: "str | Chat", force: bool = False) -> list[str]:
-        """Delete a chat; one with subchats needs ``force=True``. Deleting ``root`` with
-        ``force`` empties the tree. Returns the deleted paths."""
+        """Delete a chat; one with subchats needs ``force=True``. Deleting ``root`` always
+        needs ``force``: it empties the tree. Returns the deleted paths."""
         chat = self.get(chat)
         sub = self.subtree(chat)
         gone, gone_ids = [c.path for c in sub], [c.id for c in sub]
+        if chat.path == ROOT and not force:
+            raise InvalidInput(
+                "deleting root empties the whole tree (its messages and every subchat); "
+                "%subchat delete root --force does it")
         if len(gone) > 1 and not force:
             raise InvalidInput(
                 f"chat {chat.path!r} has {len(gone) - 1} subchat(s); "

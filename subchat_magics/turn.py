@@ -57,6 +57,7 @@ class Turn:
             self.messages.insert(0, {"role": "system", "content": default_system})
         self.parts: list[str] = []
         self.notes: list[str] = []
+        self.provenance_extra: dict[str, Any] = {}  # recorded with the reply (system_from...)
         self.reply: "Message | None" = None
         self.user_message: "Message | None" = None
         self.error: BaseException | None = None
@@ -213,6 +214,7 @@ class Turn:
             prov["notes"] = list(self.notes)
         if f.extra:
             prov.update({k: v for k, v in f.extra.items() if k not in prov})
+        prov.update({k: v for k, v in self.provenance_extra.items() if k not in prov})
         prov = {k: v for k, v in prov.items() if v is not None}
         self.reply = self.tree.finish_reply(self.chat, self._reply_row, self.text, status, prov)
         self.tree.emit("reply-end", id=self.chat.id, path=self.chat.path, turn=self,
