@@ -8,25 +8,36 @@ turn), we time:
 
 - ``raw``: the official client, built once, iterating the stream and reading each delta;
 - ``backend``: our backend's ``stream()`` (settings, client cache, error mapping, usage);
-- ``turn``: the whole path of a cell, ``tree.send(...)`` iterated: the user message and the
-  reply written to the SQLite store, events, provenance.
+- ``turn``: the path of a ``%%subchat`` cell, ``tree.send(...)`` iterated: the user message
+  and the reply written to the SQLite store, events, provenance.
 
-and report the total-time ratio (target <= 1.05x for ``backend``) and the first-token
-latency we add (target < 5 ms) as medians over the repetitions of each run's ratio to the
-raw run beside it, with best-of-N figures and the client thread's CPU time. On a busy
-machine these end-to-end figures still move by a few percent from run to run, so for Groq
-and OpenAI the report adds ``replay``: our chunk loop timed on recorded chunks, with no
-network at all.
+**Pass** is judged on the turn, on every backend: the median over repetitions of each
+turn's total time divided by the raw run beside it is <= 1.05, and the median of the
+paired differences in first-token time is < 5 ms. Each median comes with a
+distribution-free 95% confidence interval (order statistics); repetitions are added
+(``--reps`` up to ``--max-reps``) until the ratio's interval is within +-0.01, so two runs
+agree to +-0.02, and a run whose interval stays wider fails as *not precise enough* rather
+than passing by luck. A first-token difference whose whole interval lies below -1 ms
+(ours confidently faster than the client it wraps) is reported as measured and fails as
+*implausible*: it means the two sides are not timed alike. The backend alone is reported
+beside, not judged. For Groq and OpenAI the report adds ``replay``: our chunk loop timed
+on recorded chunks, with no network at all; and ``turn_replay`` is the turn's own
+per-chunk cost on a replayed in-process stream.
 
-    python bench/bench_remote_overhead.py [--tokens 2000] [--reps 25]
+    python bench/bench_remote_overhead.py [--tokens 2000] [--reps 40] [--max-reps 160]
 
-Writes ``bench/results/remote_overhead.json`` and prints it.
+``--handicap-us-per-chunk N`` / ``--handicap-first-ms M`` slow the turn on purpose (a
+listener subscribed to the tree that busy-waits N us on every ``reply-delta`` and M ms on
+``reply-start``), to see the check fail. Writes ``bench/results/remote_overhead.json``
+(not with a handicap: then ``--out`` or a file in the temp folder), prints it, and exits 1
+when the targets are not met.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -44,6 +55,8 @@ KEY = "gsk_bench_key_0123456789abcdef"
 MODES = ("raw", "backend", "turn")
 TARGET_RATIO = 1.05
 TARGET_TTFT_ADDED_MS = 5.0
+RATIO_PRECISION = 0.01  # half-width of the ratio's 95% interval: two runs agree to +-0.02
+IMPLAUSIBLE_TTFT_MS = -1.0  # a whole interval below this: the turn "beats" its own client
 
 
 def serve(conn, tokens: int) -> None:
@@ -214,11 +227,52 @@ def replay_cost(name: str, tokens: int, runs: int = 30) -> dict:
             "added_us_per_chunk": round((best["backend"] - best["raw"]) * 1e6 / len(recorded), 3)}
 
 
+def median_ci(values: list[float]) -> tuple[float, float, float]:
+    """The median and its distribution-free 95% confidence interval: the order statistics
+    ``k`` and ``n - 1 - k`` around it, with ``k`` from the binomial's normal approximation."""
+    v = sorted(values)
+    n = len(v)
+    k = max(0, int((n - 1.96 * math.sqrt(n)) / 2))
+    return statistics.median(v), v[k], v[n - 1 - k]
+
+
+def paired(samples: dict[str, list[tuple[float, float, float]]], mode: str) -> dict:
+    """``mode`` against the raw run beside it in each repetition: total-time ratios and
+    first-token differences (ms), each as a median with its 95% interval."""
+    pairs = list(zip(samples[mode], samples["raw"]))
+    ratio, ratio_lo, ratio_hi = median_ci([o[1] / r[1] for o, r in pairs])
+    ttft, ttft_lo, ttft_hi = median_ci([(o[0] - r[0]) * 1e3 for o, r in pairs])
+    return {"total_ratio_paired_median": round(ratio, 4),
+            "total_ratio_ci95": [round(ratio_lo, 4), round(ratio_hi, 4)],
+            "ttft_added_ms_paired_median": round(ttft, 3),
+            "ttft_added_ms_ci95": [round(ttft_lo, 3), round(ttft_hi, 3)],
+            "cpu_ratio_paired_median": round(statistics.median(o[2] / r[2] for o, r in pairs), 4)}
+
+
+def judge(turn: dict) -> list[str]:
+    """Why the turn misses the targets on one backend (empty: it meets them)."""
+    why = []
+    lo, hi = turn["total_ratio_ci95"]
+    if turn["total_ratio_paired_median"] > TARGET_RATIO:
+        why.append(f"total {turn['total_ratio_paired_median']}x > {TARGET_RATIO}x")
+    if (hi - lo) / 2 > RATIO_PRECISION:
+        why.append(f"not precise enough: the ratio's 95% interval [{lo}, {hi}] is wider than "
+                   f"+-{RATIO_PRECISION}")
+    ttft, (tlo, thi) = turn["ttft_added_ms_paired_median"], turn["ttft_added_ms_ci95"]
+    if ttft >= TARGET_TTFT_ADDED_MS:
+        why.append(f"first token +{ttft} ms >= {TARGET_TTFT_ADDED_MS} ms")
+    if thi < IMPLAUSIBLE_TTFT_MS:
+        why.append(f"implausible: first token {ttft} ms, interval [{tlo}, {thi}] ms entirely "
+                   f"below {IMPLAUSIBLE_TTFT_MS} ms (the turn cannot beat the client it wraps; "
+                   "the two sides are not timed alike)")
+    return why
+
+
 def summarize(samples: dict[str, list[tuple[float, float, float]]], tokens: int) -> dict:
-    """Per mode, the best and the median of each measure (ms); then our figures against
-    ``raw``. Runs are interleaved (each repetition runs the three modes back to back, in a
-    rotating order), so the ratio of each repetition's pair compares runs that met the same
-    load: their median is the figure judged against the targets. Best-of-N is shown beside."""
+    """Per mode, the best and the median of each measure (ms); then ours against ``raw``.
+    Runs are interleaved (each repetition runs the three modes back to back, in a rotating
+    order), so each repetition's pair compares runs that met the same load: the paired
+    medians are the figures judged. Best-of-N is shown beside."""
     stats = {}
     for m in MODES:
         stats[m] = {}
@@ -230,28 +284,97 @@ def summarize(samples: dict[str, list[tuple[float, float, float]]], tokens: int)
     raw = stats["raw"]
     for m in ("backend", "turn"):
         ours = stats[m]
-        pairs = list(zip(samples[m], samples["raw"]))
         out[f"{m}_vs_raw"] = {
-            "total_ratio_paired_median": round(statistics.median(o[1] / r[1] for o, r in pairs), 4),
-            "ttft_added_ms_paired_median": round(
-                statistics.median((o[0] - r[0]) * 1e3 for o, r in pairs), 3),
-            "cpu_ratio_paired_median": round(statistics.median(o[2] / r[2] for o, r in pairs), 4),
+            **paired(samples, m),
             "total_ratio_best": round(ours["total_ms"]["best"] / raw["total_ms"]["best"], 4),
             "ttft_added_ms_best": round(ours["ttft_ms"]["best"] - raw["ttft_ms"]["best"], 3),
             "cpu_us_per_token_added_best": round(
                 (ours["cpu_ms"]["best"] - raw["cpu_ms"]["best"]) * 1e3 / tokens, 2),
         }
+    out["reps"] = len(samples["raw"])
     return out
+
+
+def turn_replay_cost(tokens: int, runs: int = 30) -> dict:
+    """Noise-free view of the turn's own work per chunk: a turn on an in-process backend
+    that yields ``tokens`` prepared chunks, against iterating those chunks bare; best of
+    ``runs``. Includes the turn's fixed cost (two store writes, events, provenance)."""
+    from subchat_magics import open_tree
+    from subchat_magics.backends.base import Backend, Finish
+
+    chunks = [f"w{i} " for i in range(tokens)]
+
+    class Replay(Backend):
+        id = "replay"
+
+        def stream(self, messages, options):
+            yield from chunks
+            yield Finish(reason="stop")
+
+    backend = Replay()
+    tree = open_tree(Path(tempfile.mkdtemp(prefix="subchat-replay-")) / "replay.db")
+    counter = iter(range(10**9))
+
+    def bare() -> None:
+        for _ in backend.stream([], None):
+            pass
+
+    def turn() -> None:
+        path = f"root/r{next(counter)}"
+        tree.ensure(path)
+        for _ in tree.send(path, "Count, please.", backend=backend):
+            pass
+
+    best = {}
+    for label, fn in (("bare", bare), ("turn", turn)) * 2:  # the second round is measured
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        best[label] = min(times)
+    tree.close()
+    return {"turn_us_per_chunk_added": round((best["turn"] - best["bare"]) * 1e6 / tokens, 3),
+            "turn_ms_added_per_reply": round((best["turn"] - best["bare"]) * 1e3, 3)}
+
+
+def handicap(tree, us_per_chunk: float, first_ms: float) -> None:
+    """Slow the turn on purpose, through the tree's public listeners: busy-wait on every
+    ``reply-delta`` and on ``reply-start`` (to see the check fail)."""
+
+    def spin(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    def listener(event: str, data: dict) -> None:
+        if event == "reply-delta" and us_per_chunk:
+            spin(us_per_chunk / 1e6)
+        elif event == "reply-start" and first_ms:
+            spin(first_ms / 1e3)
+
+    tree.subscribe(listener)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=2000)
-    ap.add_argument("--reps", type=int, default=25)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=40, help="repetitions at least")
+    ap.add_argument("--max-reps", type=int, default=160,
+                    help="repetitions at most, added 20 at a time until the turn's ratio is precise")
+    ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--backends", default="ollama,groq,openai")
-    ap.add_argument("--out", default=str(HERE / "results" / "remote_overhead.json"))
+    ap.add_argument("--handicap-us-per-chunk", type=float, default=0.0,
+                    help="slow the turn on purpose by this much per chunk")
+    ap.add_argument("--handicap-first-ms", type=float, default=0.0,
+                    help="slow the turn's first token on purpose by this much")
+    ap.add_argument("--out", default=None, help="default: bench/results/remote_overhead.json "
+                    "(a temp file when handicapped)")
     args = ap.parse_args()
+    handicapped = bool(args.handicap_us_per_chunk or args.handicap_first_ms)
+    if args.out is None:
+        args.out = (os.path.join(tempfile.gettempdir(), "remote_overhead_handicapped.json")
+                    if handicapped else str(HERE / "results" / "remote_overhead.json"))
     names = [n.strip() for n in args.backends.split(",") if n.strip()]
     load_before = os.getloadavg()
 
@@ -270,6 +393,8 @@ def main() -> int:
     from subchat_magics import open_tree
 
     tree = open_tree(Path(workdir) / "bench.db")
+    if handicapped:
+        handicap(tree, args.handicap_us_per_chunk, args.handicap_first_ms)
     expected = "".join(f"w{i} " for i in range(args.tokens))
     results = {}
     try:
@@ -281,49 +406,65 @@ def main() -> int:
                     *_, text = run()
                     assert text is None or text == expected, (name, mode, len(text or ""))
             samples: dict[str, list[tuple[float, float, float]]] = {m: [] for m in MODES}
-            for rep in range(args.reps):
-                order = MODES[rep % 3:] + MODES[:rep % 3]  # each mode leads in turn
-                for mode in order:
-                    ttft, total, cpu, _ = runners[mode]()
-                    samples[mode].append((ttft, total, cpu))
+            rep = 0
+            while True:
+                while rep < args.reps:
+                    order = MODES[rep % 3:] + MODES[:rep % 3]  # each mode leads in turn
+                    for mode in order:
+                        ttft, total, cpu, _ = runners[mode]()
+                        samples[mode].append((ttft, total, cpu))
+                    rep += 1
+                lo, hi = paired(samples, "turn")["total_ratio_ci95"]
+                if (hi - lo) / 2 <= RATIO_PRECISION or rep >= args.max_reps:
+                    break
+                args.reps = min(args.max_reps, rep + 20)
             results[name] = summarize(samples, args.tokens)
+            results[name]["fails"] = judge(results[name]["turn_vs_raw"])
             if name in ("groq", "openai"):
                 rc = replay_cost(name, args.tokens)
                 client_us = results[name]["raw"]["cpu_ms"]["best"] * 1e3 / args.tokens
                 rc["added_share_of_client_cost"] = round(rc["added_us_per_chunk"] / client_us, 4)
                 results[name]["replay"] = rc
+            print(f"{name}: turn {results[name]['turn_vs_raw']['total_ratio_paired_median']}x "
+                  f"{results[name]['turn_vs_raw']['total_ratio_ci95']}, first token "
+                  f"{results[name]['turn_vs_raw']['ttft_added_ms_paired_median']:+} ms "
+                  f"{results[name]['turn_vs_raw']['ttft_added_ms_ci95']}, {rep} reps"
+                  + (f"; FAILS: {'; '.join(results[name]['fails'])}" if results[name]["fails"] else ""),
+                  file=sys.stderr, flush=True)
     finally:
         parent.send("stop")
         proc.join(timeout=10)
         tree.close()
 
-    import groq
-    import ollama
-    import openai
+    from importlib.metadata import version
 
     report = {
         "what": "our overhead per streamed token vs the raw client on the same loopback stream",
         "command": "python bench/bench_remote_overhead.py " + " ".join(sys.argv[1:]),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "clients": {"ollama": getattr(ollama, "__version__", "?"), "groq": groq.__version__,
-                    "openai": openai.__version__},
-        "tokens": args.tokens, "reps": args.reps,
-        "targets": {"backend_total_ratio_paired_median_max": TARGET_RATIO,
-                    "backend_ttft_added_ms_paired_median_max": TARGET_TTFT_ADDED_MS},
+        "clients": {n: version(n) for n in ("ollama", "groq", "openai")},
+        "tokens": args.tokens,
+        "handicap": {"us_per_chunk": args.handicap_us_per_chunk, "first_ms": args.handicap_first_ms},
+        "targets": {"judged_on": "turn (the path of a %%subchat cell), every backend",
+                    "turn_total_ratio_paired_median_max": TARGET_RATIO,
+                    "turn_total_ratio_ci95_half_width_max": RATIO_PRECISION,
+                    "turn_ttft_added_ms_paired_median_max_exclusive": TARGET_TTFT_ADDED_MS,
+                    "turn_ttft_added_ms_ci95_upper_min": IMPLAUSIBLE_TTFT_MS},
         "load_average": {"before": [round(x, 2) for x in load_before],
                          "after": [round(x, 2) for x in os.getloadavg()]},
+        "turn_replay": turn_replay_cost(args.tokens),
         "results": results,
-        "meets_targets": all(
-            r["backend_vs_raw"]["total_ratio_paired_median"] <= TARGET_RATIO
-            and r["backend_vs_raw"]["ttft_added_ms_paired_median"] < TARGET_TTFT_ADDED_MS
-            for r in results.values()),
+        "fails": {name: r["fails"] for name, r in results.items() if r["fails"]},
     }
+    report["meets_targets"] = not report["fails"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
-    return 0
+    print("PASS: the turn meets the targets on every backend" if report["meets_targets"]
+          else f"FAIL: {report['fails']}", file=sys.stderr)
+    return 0 if report["meets_targets"] else 1
 
 
 if __name__ == "__main__":

@@ -36,8 +36,10 @@ DOC = ROOT / "docs" / "reliability.md"
 RAW = ROOT / "bench" / "results" / "reliability.json"
 
 
-def kills(n: int, per_store: int, seed: int, tmp: Path) -> dict:
-    """``n`` SIGKILLs of a shell at random moments, ``per_store`` on each store."""
+def kills(n: int, per_store: int, seed: int, tmp: Path, sabotage: str | None = None) -> dict:
+    """``n`` SIGKILLs of a shell at random moments, ``per_store`` on each store.
+    ``sabotage`` damages the first store after its last kill, before its check (to see the
+    run fail): see :func:`damage`."""
     rng = random.Random(seed)
     rounds, lost, problems, done, messages = [], 0, [], 0, 0
     for start in range(0, n, per_store):
@@ -47,13 +49,15 @@ def kills(n: int, per_store: int, seed: int, tmp: Path) -> dict:
         for rnd in range(start + 1, min(n, start + per_store) + 1):
             mode = ("stream", "write", "store")[rnd % 3]
             rounds.append(h.kill_round(store, folder, journal, rnd, mode, rng, max_size=1_000_000))
+            if sabotage and start == 0 and rnd == min(n, per_store):
+                damage(store, sabotage)
             check = h.check_store(store, journal)
             problems += [f"kill {rnd}: {p}" for p in check.problems]
             lost += check.lost
         done += check.done_ops
         messages += check.messages
     return dict(kills=len(rounds), done_before_kills=done, messages_checked=messages, lost=lost,
-                problems=problems[:20], where=dict(Counter(r.where for r in rounds)),
+                failed=len(problems), problems=problems[:20], where=dict(Counter(r.where for r in rounds)),
                 in_flight=dict(Counter(r.in_flight for r in rounds)),
                 modes=dict(Counter(r.mode for r in rounds)),
                 uncommitted_frames=sum(r.wal_uncommitted_frames for r in rounds))
@@ -76,7 +80,8 @@ def big_write_kills(n: int, tmp: Path) -> dict:
         problems += check.problems
         if big or small != 20:
             problems.append(f"kill {k}: big={big} small={small}")
-    return dict(kills=n, inside_transaction=inside, problems=problems, lost=len(problems))
+    return dict(kills=n, inside_transaction=inside, problems=problems, lost=len(problems),
+                failed=len(problems))
 
 
 def kernel_kills(n: int, tmp: Path) -> dict:
@@ -102,7 +107,7 @@ def kernel_kills(n: int, tmp: Path) -> dict:
         if rows not in (want + cut,) + (() if interrupt else (want,)) or seen["updates"] < 2:
             part["problems"].append(f"kernel {k}: {rows}")
     for part in out.values():
-        part["lost"] = len(part["problems"])
+        part["lost"] = part["failed"] = len(part["problems"])
     return out
 
 
@@ -114,7 +119,9 @@ def writers(n: int, tmp: Path) -> dict:
         codes = h.run_writers(store, ["a", "b"], n, pace=pace)
         out[label] = dict(messages=2 * n, exit_codes=codes, problems=h.check_writers(store, ["a", "b"], n),
                           interleavings=h.interleavings(store), seconds=round(time.perf_counter() - t0, 2))
+        out[label]["problems"] += [f"writer exited with {c}" for c in codes if c != 0]
         out[label]["lost"] = sum(1 for p in out[label]["problems"] if p.startswith("LOST"))
+        out[label]["failed"] = len(out[label]["problems"])
     # two shells running cells at once, each in its own subtree
     store, journal = tmp / "shells.db", tmp / "shells.jsonl"
     from subchat_magics.tree import ChatTree
@@ -133,8 +140,9 @@ def writers(n: int, tmp: Path) -> dict:
     for p in procs:
         p.join(600)
     check = h.check_store(store, journal)
+    problems = check.problems + [f"shell exited with {p.exitcode}" for p in procs if p.exitcode != 0]
     out["shells"] = dict(cells=check.done_ops, exit_codes=[p.exitcode for p in procs],
-                         problems=check.problems[:10], lost=check.lost)
+                         problems=problems[:10], lost=check.lost, failed=len(problems))
     return out
 
 
@@ -150,6 +158,7 @@ def fuzz(examples: int, seed: int, tmp: Path) -> dict:
     counts = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
     return dict(examples=2 * examples, cells=sum(c["cases"] for c in counts),
                 usage_errors=sum(c["usage_errors"] for c in counts), passed=proc.returncode == 0,
+                failed=int(proc.returncode != 0),
                 failures=[] if proc.returncode == 0 else [proc.stdout[-3000:]],
                 seconds=round(time.perf_counter() - t0, 1))
 
@@ -175,7 +184,8 @@ def hostile(per_kind: int, seed: int, tmp: Path) -> dict:
             probe = h.probe_store(ip, path, want)
             outcomes[probe.outcome] += 1
             problems += [f"{what}: {u}" for u in probe.unexpected]
-        damage[kind] = dict(cases=per_kind, outcomes=dict(outcomes), problems=problems[:10])
+        damage[kind] = dict(cases=per_kind, outcomes=dict(outcomes), problems=problems[:10],
+                            failed=len(problems))
     ip.run_cell("%unload_ext subchat_magics", store_history=False)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "tests/reliability/test_hostile_store.py", "-q", "-rA",
@@ -183,9 +193,14 @@ def hostile(per_kind: int, seed: int, tmp: Path) -> dict:
     tests = {}
     for line in proc.stdout.splitlines():
         parts = line.split(" ", 1)
-        if len(parts) == 2 and parts[0] in ("PASSED", "FAILED", "SKIPPED", "XFAIL", "ERROR"):
+        if len(parts) == 2 and parts[0] in ("PASSED", "FAILED", "SKIPPED", "XFAIL", "XPASS", "ERROR"):
             tests[parts[1].split("::")[-1].split(" - ")[0]] = parts[0]
-    return dict(damage=damage, tests=tests)
+    # a hostile-file test that did not pass (or was skipped: nothing was checked) fails the run
+    failed_tests = [f"{name}: {status}" for name, status in tests.items()
+                    if status in ("FAILED", "ERROR", "SKIPPED", "XPASS")]
+    if proc.returncode != 0 and not failed_tests:
+        failed_tests.append(f"pytest exited with {proc.returncode}: {proc.stdout[-500:]}")
+    return dict(damage=damage, tests=tests, failed_tests=failed_tests, failed=len(failed_tests))
 
 
 def open_cost(tmp: Path) -> dict:
@@ -215,9 +230,45 @@ def open_cost(tmp: Path) -> dict:
     return out
 
 
+# -- failing on purpose ------------------------------------------------------------------------
+SABOTAGE = {
+    "garbage": "UPDATE messages SET content = 'not an echo' WHERE id = (SELECT MIN(id) FROM "
+               "messages WHERE role = 'assistant' AND status = 'complete')",
+    "orphan": "PRAGMA foreign_keys = OFF; INSERT INTO chats (parent_id, name, fork_seq, created_at) "
+              "VALUES (999999, 'orphan', 0, 0)",
+    "unreadable": None,  # the file's header overwritten: a fresh open fails
+}
+
+
+def damage(store: Path, how: str) -> None:
+    """Damage a store after its run, the way ``--sabotage`` asks (none of these is a
+    message *lost*, and each must still fail the run)."""
+    if how == "unreadable":
+        with open(store, "r+b") as f:
+            f.write(b"not a database, not at all")
+        return
+    conn = sqlite3.connect(store)
+    conn.executescript(SABOTAGE[how])
+    conn.close()
+
+
 # -- the report -------------------------------------------------------------------------------
-def ok(lost: int) -> str:
-    return "**0**" if lost == 0 else f"**{lost}** ✗"
+def ok(part: dict) -> str:
+    """Every problem found counts, not only messages lost: integrity-check failures, failed
+    fresh opens, garbage replies, orphan chats, crashes, processes that died."""
+    failed, lost = part["failed"], part.get("lost", 0)
+    if failed == 0:
+        return "**0**"
+    return f"**{failed}** ✗" + (f" ({lost} lost)" if lost else "")
+
+
+def failures(r: dict) -> int:
+    """Problems of every kind in every part of the run: the exit code is 1 unless 0."""
+    k, bw, kk, w, f, hs = (r["kills"], r["big_write_kills"], r["kernel_kills"], r["writers"],
+                           r["fuzz"], r["hostile"])
+    return (k["failed"] + bw["failed"] + kk["sigkill"]["failed"] + kk["interrupt"]["failed"]
+            + w["paced"]["failed"] + w["back_to_back"]["failed"] + w["shells"]["failed"]
+            + f["failed"] + sum(d["failed"] for d in hs["damage"].values()) + hs["failed"])
 
 
 def render(r: dict, argv: list[str]) -> str:
@@ -228,28 +279,28 @@ def render(r: dict, argv: list[str]) -> str:
     lines = [
         "# Reliability",
         "",
-        "What was done to the chat store and the magics, how many times, and what was lost.",
+        "What was done to the chat store and the magics, how many times, and what went wrong.",
         f"Produced by `{cmd}` (seed {r['seed']}) on {r['machine']}, {r['date']}, {r['source']}.",
         "Rerun it with that command (add `--seed N` for other random moments); the CI suite",
         "(`python -m pytest tests/reliability`, about a minute) runs a short version of every row.",
         "",
         "## Summary",
         "",
-        "| what was tried | how many | what was lost |",
+        "| what was tried | how many | problems found |",
         "|---|---:|---:|",
         f"| SIGKILL of a shell running cells, at random moments ({where}) | {k['kills']} kills "
-        f"| {ok(k['lost'])} of {k['done_before_kills']} completed cells |",
+        f"| {ok(k)} in {k['done_before_kills']} completed cells |",
         f"| SIGKILL inside one 64 MB write transaction (uncommitted pages in the WAL) | {bw['kills']} "
-        f"({bw['inside_transaction']} inside) | {ok(bw['lost'])} |",
+        f"({bw['inside_transaction']} inside) | {ok(bw)} |",
         f"| SIGKILL of a real kernel (jupyter_client) mid-reply | {kk['sigkill']['kills']} "
-        f"| {ok(kk['sigkill']['lost'])} |",
+        f"| {ok(kk['sigkill'])} |",
         f"| Interrupt of a real kernel mid-reply, then SIGKILL | {kk['interrupt']['kills']} "
-        f"| {ok(kk['interrupt']['lost'])} (partial reply kept, marked `interrupted`) |",
+        f"| {ok(kk['interrupt'])} (partial reply kept, marked `interrupted`) |",
         f"| Two processes appending to one store at once (paced) | {w['paced']['messages']} messages "
-        f"| {ok(w['paced']['lost'])} ({w['paced']['interleavings']} writer switches in the shared chat) |",
+        f"| {ok(w['paced'])} ({w['paced']['interleavings']} writer switches in the shared chat) |",
         f"| Two processes appending back to back | {w['back_to_back']['messages']} messages "
-        f"| {ok(w['back_to_back']['lost'])} |",
-        f"| Two shells running `%%subchat` cells at once | {w['shells']['cells']} cells | {ok(w['shells']['lost'])} |",
+        f"| {ok(w['back_to_back'])} |",
+        f"| Two shells running `%%subchat` cells at once | {w['shells']['cells']} cells | {ok(w['shells'])} |",
         f"| Fuzzed `%%subchat` / `%subchat` cells (hypothesis) | {f['examples']} cases, {f['cells']} cells "
         f"| {'**0** crashes' if f['passed'] else '**crash** ✗'} ({f['usage_errors']} clear UsageErrors) |",
     ]
@@ -258,15 +309,20 @@ def render(r: dict, argv: list[str]) -> str:
         d = hs["damage"][kind]
         o = d["outcomes"]
         lines.append(
-            f"| {label} | {d['cases']} files | {ok(len(d['problems']))} crashes or unclear messages; "
+            f"| {label} | {d['cases']} files | {ok(d)} crashes or unclear messages; "
             f"{o.get('refused', 0)} refused at open, {o.get('reported-on-read', 0)} reported on read, "
             f"{o.get('intact', 0)} unharmed, {o.get('changed-silently', 0)} changed silently |")
+    lines.append(f"| Hostile-file cases below that did not pass | {len(hs['tests'])} cases | {ok(hs)} |")
+    lines += kept_rows()
     lines += [
         "",
-        "*Lost* counts completed messages missing or changed, replies that are not exactly",
-        "the echo of their message, chats without a parent, and `PRAGMA integrity_check`",
-        "failures, checked by a fresh process after every kill (`check_store` in",
-        "`subchat_magics/testing/reliability.py`). The reply being written when a kill lands",
+        "*Problems found* counts everything a fresh process finds wrong after every kill",
+        "(`check_store` in `subchat_magics/testing/reliability.py`): completed messages missing",
+        "or changed (*lost*, in brackets), replies that are not exactly the echo of their",
+        "message, chats without a parent, `PRAGMA integrity_check` failures, a store that a",
+        "fresh process cannot open, a writer or shell that died; for damaged files, crashes and",
+        "unclear messages; a hostile-file case that failed or was skipped. Any of them fails",
+        "the run (exit code 1). The reply being written when a kill lands",
         "must be absent, or kept and marked `interrupted` holding a prefix of the echo (what was",
         "saved in time); the user message before it stays.",
         "",
@@ -326,10 +382,22 @@ def render(r: dict, argv: list[str]) -> str:
     ]
     problems = (k["problems"] + bw["problems"] + kk["sigkill"]["problems"] + kk["interrupt"]["problems"]
                 + w["paced"]["problems"] + w["back_to_back"]["problems"] + w["shells"]["problems"]
-                + f["failures"] + [p for d in hs["damage"].values() for p in d["problems"]])
+                + f["failures"] + [p for d in hs["damage"].values() for p in d["problems"]]
+                + hs["failed_tests"])
     if problems:
         lines += ["## Problems found in this run", "", *[f"- `{p[:300]}`" for p in problems[:40]], ""]
     return "\n".join(lines)
+
+
+def kept_rows() -> list[str]:
+    """Rows of the summary table that other suites wrote into the doc (they name their
+    test file, e.g. ``tests/test_hardening.py``): a rerun keeps them."""
+    try:
+        text = DOC.read_text()
+    except OSError:
+        return []
+    return [line for line in text.split("## Summary", 1)[-1].split("\n\n")[1].splitlines()
+            if line.startswith("| ") and "(`tests/" in line.split(" | ")[0]]
 
 
 def source() -> str:
@@ -356,8 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="a smoke run of every part")
     parser.add_argument("--no-write", action="store_true", help="print, do not write the doc")
+    parser.add_argument("--sabotage", choices=sorted(SABOTAGE),
+                        help="damage the first kill store before its check, to see the run fail "
+                             "(implies --no-write)")
     raw = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(raw)
+    args.no_write = args.no_write or bool(args.sabotage)
     if args.quick:
         args.kills, args.big_write_kills, args.kernel_kills = 6, 1, 1
         args.messages, args.fuzz, args.corrupt = 200, 50, 5
@@ -365,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = dict(seed=seed, args=vars(args))
     with tempfile.TemporaryDirectory(prefix="subchat-reliability-") as d:
         tmp = Path(d)
-        steps = [("kills", lambda: kills(args.kills, args.kills_per_store, seed, tmp)),
+        steps = [("kills", lambda: kills(args.kills, args.kills_per_store, seed, tmp, args.sabotage)),
                  ("big_write_kills", lambda: big_write_kills(args.big_write_kills, tmp)),
                  ("kernel_kills", lambda: kernel_kills(args.kernel_kills, tmp)),
                  ("writers", lambda: writers(args.messages, tmp)),
@@ -389,11 +461,9 @@ def main(argv: list[str] | None = None) -> int:
         RAW.parent.mkdir(parents=True, exist_ok=True)
         RAW.write_text(json.dumps(results, indent=2, default=str) + "\n")
         print(f"wrote {DOC.relative_to(ROOT)} and {RAW.relative_to(ROOT)}", file=sys.stderr)
-    lost = (results["kills"]["lost"] + results["big_write_kills"]["lost"]
-            + results["kernel_kills"]["sigkill"]["lost"] + results["kernel_kills"]["interrupt"]["lost"]
-            + results["writers"]["paced"]["lost"] + results["writers"]["back_to_back"]["lost"]
-            + results["writers"]["shells"]["lost"])
-    return 0 if lost == 0 and results["fuzz"]["passed"] else 1
+    failed = failures(results)
+    print(f"{failed} problems found: run {'FAILED' if failed else 'passed'}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -216,6 +216,9 @@ def join_thinking(reasoning: str | None, content: str | None, state: list[bool])
     return out
 
 
+NO_FIELDS: Mapping[str, Any] = {}
+
+
 def fields(obj: Any) -> Mapping[str, Any]:
     """The fields of one of the SDKs' pydantic models, declared and extra (what the server
     sent beyond the schema), as one mapping. Cheap on the hot path: a failed ``getattr``
@@ -384,7 +387,8 @@ class ChatCompletionsBackend(Backend):
                     received += 1
                     chunk_fields = fields(chunk)
                     served_model = chunk_fields.get("model") or served_model
-                    groq_fields = fields(chunk_fields.get("x_groq"))
+                    x_groq = chunk_fields.get("x_groq")  # on a few chunks only: skip the lookups
+                    groq_fields = fields(x_groq) if x_groq is not None else NO_FIELDS
                     if groq_fields.get("error"):
                         raise failure(f"{self.service(base_url)} reported an error after "
                                       f"{received} chunks: {redact(str(groq_fields['error']))}",
