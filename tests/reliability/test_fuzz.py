@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -125,8 +126,25 @@ def _safe_files(args):
 
 
 # -- running ----------------------------------------------------------------------------------
+def _rows(store):
+    """Every chat and message row of the store (empty if there is none yet): equal before
+    and after means the cell changed nothing."""
+    import sqlite3
+
+    if not store.exists():
+        return [], []
+    conn = sqlite3.connect(store)
+    try:
+        return (conn.execute("SELECT * FROM chats ORDER BY id").fetchall(),
+                conn.execute("SELECT * FROM messages ORDER BY id").fetchall())
+    finally:
+        conn.close()
+
+
 def _run(shell, source):
-    """Run one cell: it succeeds or fails with a UsageError, nothing else."""
+    """Run one cell: it succeeds, or fails with a UsageError that changed nothing."""
+    store = Path.cwd() / "subchats.db"  # the fixtures' working folder
+    before = _rows(store)
     result, cap = shell.run(source)
     err = result.error_before_exec or result.error_in_exec
     COUNTS["cases"] += 1
@@ -134,8 +152,18 @@ def _run(shell, source):
         assert isinstance(err, UsageError), f"{source[:300]!a} raised {type(err).__name__}: {err!a}"
         msg = str(err)
         assert msg.startswith(("%%subchat", "%subchat")) and "Traceback" not in msg, msg[:300]
+        assert _rows(store) == before, f"{source[:300]!a} failed ({msg[:200]!a}) but changed the store"
         COUNTS["usage_errors"] += 1
     return err
+
+
+def _bad_input(shell, workdir, source):
+    """A cell that must fail with one clear UsageError and leave every row as it was."""
+    before = _rows(workdir / "subchats.db")
+    err = _run(shell, source)
+    assert isinstance(err, UsageError), f"{source[:300]!a} succeeded; bad input must be refused"
+    assert _rows(workdir / "subchats.db") == before
+    return str(err)
 
 
 def _tree_valid(workdir):
@@ -195,9 +223,10 @@ def test_key_without_an_input_is_a_usage_error(workdir):
     assert "RESULT UsageError" in proc.stdout, proc.stdout[-500:] + proc.stderr[-500:]
 
 
-def test_export_to_an_unencodable_file_name_is_a_usage_error(shell):
+def test_export_to_an_unencodable_file_name_is_a_usage_error(shell, workdir):
     shell.ok("%%subchat\nhello")
-    _run(shell, "%subchat export --out \ud800.md")
+    _bad_input(shell, workdir, "%subchat export --out \ud800.md")
+    assert not list(workdir.glob("*.md"))
 
 
 @pytest.mark.parametrize("data", [
@@ -216,6 +245,7 @@ def test_export_to_an_unencodable_file_name_is_a_usage_error(shell):
 def test_importing_a_malformed_export_is_a_usage_error(shell, workdir, data):
     from subchat_magics.render import EXPORT_FORMAT
 
+    shell.ok("%%subchat\nalready here")  # a tree that must stay as it is
     (workdir / "bad.json").write_text(json.dumps({"format": EXPORT_FORMAT, **data}))
-    _run(shell, "%subchat import bad.json")
+    _bad_input(shell, workdir, "%subchat import bad.json")
     _tree_valid(workdir)
