@@ -60,7 +60,7 @@ class VLLMBackend(Backend):
 
     def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[str | Finish]:
         def run(stream: Stream) -> Iterator[str | Finish]:
-            events = self._consume([(messages, options)], stream)
+            events = self._consume([(messages, options)], stream, single=True)
             try:
                 for _, item in events:
                     if isinstance(item, BaseException):
@@ -77,12 +77,12 @@ class VLLMBackend(Backend):
         return Stream(lambda stream: self._consume(requests, stream))
 
     def _consume(self, requests: Sequence[tuple[Sequence[Message], GenerationOptions]],
-                 stream: Stream) -> Iterator[BatchEvent]:
-        """The one loop: prepare every request (one that cannot be sent is an error event),
-        submit them together, hand on the engine's events in order; whatever way it ends,
-        abort what the engine still holds and keep the counts of every cut reply."""
+                 stream: Stream, single: bool = False) -> Iterator[BatchEvent]:
+        """The one loop: prepare every request (one that cannot be sent is an error event,
+        raised for a ``single`` stream), submit them together, hand on the engine's events
+        in order; whatever way it ends, abort what the engine still holds and keep the
+        counts of every cut reply."""
         engine = self._engine()
-        single = len(requests) == 1
         failed: list[tuple[int, BaseException]] = []
         replies: dict[int, Reply] = {}
         items = []
