@@ -4,11 +4,13 @@ folder on sys.path, found by importlib.metadata, then picked up by ``%reload_ext
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 
 def install_plugin(site, name: str, priority: int | None) -> None:
-    module = site / f"{name}_backend.py"
+    module = site / f"{name}_plugin.py"
     module.parent.mkdir(exist_ok=True)
     module.write_text(
         "from subchat_magics.backends.base import Backend, Finish\n"
@@ -23,7 +25,7 @@ def install_plugin(site, name: str, priority: int | None) -> None:
     dist.mkdir()
     (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}-backend\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text(
-        f"[subchat_magics.backends]\n{name} = {name}_backend:Plugin\n")
+        f"[subchat_magics.backends]\n{name} = {name}_plugin:Plugin\n")
 
 
 @pytest.fixture
@@ -31,7 +33,9 @@ def site(tmp_path, monkeypatch):
     folder = tmp_path / "site"
     folder.mkdir()
     monkeypatch.syspath_prepend(str(folder))
-    return folder
+    yield folder
+    for name in [m for m in sys.modules if m.endswith("_plugin")]:
+        del sys.modules[name]  # the next test installs its own copy
 
 
 def test_a_plugin_joins_auto_at_its_declared_priority(shell, site):
