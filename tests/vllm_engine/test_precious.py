@@ -6,6 +6,7 @@ chat says which part does not fit)."""
 
 from __future__ import annotations
 
+import _thread
 import gc
 import json
 import logging
@@ -217,6 +218,29 @@ def test_a_reply_stopped_mid_stream_keeps_its_token_counts(vshell, engine):
     p = last_reply("root").provenance
     assert p["finish_reason"] == "interrupted"
     assert p["prompt_tokens"] > 5 and p["completion_tokens"] >= 5 and "cached_tokens" in p
+
+
+@CUT_BY_TURN
+def test_fanout_siblings_cut_by_ctrl_c_keep_their_token_counts(vshell, engine):
+    deltas = []
+
+    def on_event(ev, data):
+        if ev == "reply-delta":
+            deltas.append(1)
+            if len(deltas) == 6:  # mid-stream, from another thread, as a kernel interrupt is
+                threading.Timer(0.01, _thread.interrupt_main).start()
+
+    unsubscribe = default_session().tree.subscribe(on_event)
+    try:
+        result, _ = vshell.run("%%subchat root --fanout 2 --max-tokens 3000\nA very long story.")
+    finally:
+        unsubscribe()
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    for i, path in enumerate(("root/1", "root/2"), start=1):
+        p = last_reply(path).provenance
+        assert p["finish_reason"] == "interrupted" and p["seed"] == i
+        assert p["prompt_tokens"] > 5 and p["completion_tokens"] >= 1
+    assert engine.unfinished_requests() == 0
 
 
 def test_each_fanout_sibling_records_its_temperature_and_seed(vshell, engine):

@@ -118,6 +118,9 @@ def validate_engine_args(kwargs: dict[str, Any], given: set[str]) -> None:
         EngineArgs(**args).create_engine_config()
     except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
         raise InvalidInput(f"%load_vllm: vLLM rejects these engine arguments: {describe_invalid(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - anything else vLLM's check finds: the load would fail too
+        raise InvalidInput(f"%load_vllm: vLLM's check of this model and its engine arguments failed "
+                           f"({type(exc).__name__}: {first_line(exc)}); nothing was unloaded") from None
 
 
 def describe_invalid(exc: BaseException) -> str:

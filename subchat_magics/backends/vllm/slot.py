@@ -233,15 +233,15 @@ def load(settings: LoadSettings, echo: Callable[[str], None] | None = print) -> 
     vllm = compat.import_vllm()
     n, caps = compat.detect_gpus()
     plan = plan_load(settings, config, path, n, caps)
+    if plan.spawn:
+        # before CUDA is touched in this process: forked TP workers would inherit it
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     compat.validate_engine_args(plan.kwargs, set(settings.engine_args))
-    # every check is done: only now let go of the model in use
+    # every check that needs no weights is done: only now let go of the model in use
     previous = _active.label if _active is not None else None
     if previous is not None:
         say(f"Unloading {previous} first.")
         unload()
-    if plan.spawn:
-        # before CUDA is touched in this process: forked TP workers would inherit it
-        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     k = plan.kwargs
     say(f"Loading {plan.label} with vLLM {getattr(vllm, '__version__', '?')}: dtype {k['dtype']}, "
         f"TP {k['tensor_parallel_size']}, max length {k['max_model_len']}"
