@@ -53,8 +53,17 @@ CREATE TABLE messages (
 );
 """
 
+
+
+def _one_root(conn: sqlite3.Connection) -> None:
+    """0 -> 1: schema 0 is schema 1 without the ``chats_one_root`` index (a second root
+    was not yet refused by the file itself). Fails, leaving the store as it was, on a
+    store that holds two roots."""
+    conn.execute("CREATE UNIQUE INDEX chats_one_root ON chats(name) WHERE parent_id IS NULL")
+
+
 # version N -> function upgrading a connection from N to N+1 (inside one transaction)
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _one_root}
 
 
 @dataclass

@@ -4,7 +4,7 @@ deleted, and a backup is made before any migration.
 
 Read-only locations and a real full disk need a private mount namespace (root and
 ``unshare``); elsewhere the read-only case falls back to file permissions and the full
-disk to ``PRAGMA max_page_count`` (SQLite's own limit, the same SQLITE_FULL path)."""
+disk cannot be made (skipped; under ``CI`` a failure)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,8 @@ import sqlite3
 
 import pytest
 
-from subchat_magics import store as store_module
 from subchat_magics.errors import StoreError
-from subchat_magics.session import default_session
-from subchat_magics.store import SCHEMA_VERSION, Store
+from subchat_magics.store import FULL_CHECK_MAX_BYTES, SCHEMA_VERSION, Store
 from subchat_magics.testing import reliability as h
 from subchat_magics.tree import ChatTree
 
@@ -91,7 +89,7 @@ def test_damage_in_a_big_store_is_found_at_open_in_the_chats_and_on_read_in_mess
     for k in range(20):
         tree.append(chat, "user", f"{k} " + "y" * (1 << 20))
     tree.close()
-    assert path.stat().st_size > store_module.FULL_CHECK_MAX_BYTES
+    assert path.stat().st_size > FULL_CHECK_MAX_BYTES
     conn = sqlite3.connect(path)
     chats_root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'chats'").fetchone()[0]
     conn.close()
@@ -193,22 +191,56 @@ def test_a_read_only_location_is_a_clear_error_and_the_file_is_untouched(shell, 
     assert exists == path.exists()
 
 
-def test_a_full_disk_is_a_clear_error_and_what_was_saved_stays(shell, workdir):
-    shell.ok("%%subchat root\nsaved before the disk filled")
-    tree = default_session().tree
-    pages = tree.store.conn.execute("PRAGMA page_count").fetchone()[0]
-    tree.store.conn.execute(f"PRAGMA max_page_count = {pages + 2}")  # SQLite's own size limit
-    msg = shell.fails("%%subchat root\n" + "z" * 100_000)
-    assert "full" in msg and "subchats.db" in msg
-    shell.fails("%%subchat root/new\n" + "z" * 100_000)
-    tree.store.conn.execute("PRAGMA max_page_count = 1073741823")  # space freed
-    assert shell.ok("%%subchat root\nafter space was freed").startswith("echo")
-    check = h.check_store(workdir / "subchats.db")
-    assert check.ok, check.problems
-    contents = [m.content for m in ChatTree(workdir / "subchats.db").get("root").messages]
+FILL_THEN_FREE = """
+folder = Path({folder!r})
+mount("-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder))
+store = folder / "subchats.db"
+ip.run_cell(f"%config SubchatMagics.store_path = {{str(store)!r}}", store_history=False)
+def cell(src):
+    result = ip.run_cell(src, store_history=False)
+    err = result.error_before_exec or result.error_in_exec
+    return None if err is None else [type(err).__name__, str(err)]
+first = cell("%%subchat root\\nsaved before the disk filled")
+filler = folder / "filler"
+with open(filler, "wb", buffering=0) as f:  # the disk fills up: every free block taken
+    try:
+        while True:
+            f.write(b"x" * 4096)
+    except OSError:
+        pass
+full = [cell("%%subchat root\\n" + "z" * 100_000), cell("%%subchat root/new\\n" + "z" * 100_000)]
+filler.unlink()  # space freed
+after = cell("%%subchat root\\nafter space was freed")
+from subchat_magics.session import default_session
+default_session().close()
+check = h.check_store(store)
+from subchat_magics.tree import ChatTree
+tree = ChatTree(store)
+contents = [m.content for m in tree.get("root").messages]
+paths = [c.path for c in tree.chats()]
+tree.close()
+print("\\nRESULT " + json.dumps(dict(first=first, full=full, after=after, ok=check.ok,
+                      problems=check.problems, contents=contents, paths=paths)))
+"""
+
+
+def test_a_full_disk_is_a_clear_error_and_what_was_saved_stays(workdir):
+    folder = workdir / "small"
+    folder.mkdir()
+    result = h.run_unshared(h.unshared_script(FILL_THEN_FREE, folder=str(folder)))
+    if result is None:
+        pytest.skip("no private mount namespace here: a full disk cannot be made")
+    assert result["first"] is None, result
+    for err in result["full"]:
+        assert err is not None and err[0] == "UsageError", result["full"]
+        assert "full" in err[1] and "subchats.db" in err[1], err
+    assert result["after"] is None, result
+    assert result["ok"], result["problems"]
+    contents = result["contents"]
     assert contents[:2] == ["saved before the disk filled",
                             "echo (1 messages): saved before the disk filled"]
     assert contents[-1].startswith("echo") and contents[-2] == "after space was freed"
+    assert "root/new" not in result["paths"]  # the cell refused by the full disk made no chat
 
 
 FULL_DISK = """
@@ -242,7 +274,7 @@ def test_a_real_full_disk_keeps_every_saved_turn(workdir):
     folder.mkdir()
     result = h.run_unshared(h.unshared_script(FULL_DISK, folder=str(folder)))
     if result is None:
-        pytest.skip("no private mount namespace here: the max_page_count test covers SQLITE_FULL")
+        pytest.skip("no private mount namespace here: a real full disk cannot be made")
     assert result["unexpected"] == [] and result["errors"], result
     assert all("full" in e or "disk" in e for e in result["errors"]), result["errors"]
     assert result["ok"], result["problems"]
@@ -250,63 +282,58 @@ def test_a_real_full_disk_keeps_every_saved_turn(workdir):
     assert result["sent"] * 2 <= result["messages"] <= result["sent"] * 2 + len(result["errors"])
 
 
-def test_a_migration_backs_up_the_store_first_and_never_overwrites_a_backup(workdir, base, monkeypatch):
-    path = _copy(base, workdir)
+def _make_v0(path):
+    """Turn a store into a real schema-0 file: schema 1 without the one-root index,
+    ``user_version`` 0 (what the store's first release wrote)."""
+    conn = sqlite3.connect(path)
+    conn.execute("DROP INDEX chats_one_root")
+    conn.execute("PRAGMA user_version = 0")
+    conn.commit()
+    conn.close()
 
-    def downgrade():
-        conn = sqlite3.connect(path)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
+
+def _dump(p):
+    conn = sqlite3.connect(p)
+    try:
+        head = [conn.execute(f"PRAGMA {k}").fetchone()[0] for k in ("application_id", "user_version")]
+        return head, list(conn.iterdump())
+    finally:
         conn.close()
 
-    def add_index(conn):
-        conn.execute("CREATE INDEX messages_by_role ON messages(role)")
 
-    def dump(p):
-        conn = sqlite3.connect(p)
-        try:
-            head = [conn.execute(f"PRAGMA {k}").fetchone()[0] for k in ("application_id", "user_version")]
-            return head, list(conn.iterdump())
-        finally:
-            conn.close()
-
-    # a temporary step from the version before ours: configuration of the migration table
-    monkeypatch.setitem(store_module.MIGRATIONS, SCHEMA_VERSION - 1, add_index)
-    downgrade()
-    old = dump(path)
+def test_a_migration_backs_up_the_store_first_and_never_overwrites_a_backup(workdir, base):
+    assert SCHEMA_VERSION == 1, "add a fixture of the version before ours and its migration test"
+    path = _copy(base, workdir)
+    _make_v0(path)
+    old = _dump(path)
     Store(path).close()
-    backup = workdir / f"subchats.db.bak-v{SCHEMA_VERSION - 1}"
-    assert dump(backup) == old  # the copy is the store as it was before the upgrade
+    backup = workdir / "subchats.db.bak-v0"
+    assert _dump(backup) == old  # the copy is the store as it was before the upgrade
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    assert conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'messages_by_role'").fetchone()
-    conn.execute("DROP INDEX messages_by_role")
+    assert conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'chats_one_root'").fetchone()
     conn.close()
     # a second upgrade keeps the first backup and writes a new one beside it
     first_backup = h.snapshot(backup)
-    downgrade()
+    _make_v0(path)
     Store(path).close()
     assert h.snapshot(backup) == first_backup
-    assert dump(workdir / f"subchats.db.bak-v{SCHEMA_VERSION - 1}.1") == old
+    assert _dump(workdir / "subchats.db.bak-v0.1") == old
     tree = ChatTree(path)
     assert {c.path: [m.content for m in c.messages] for c in tree.chats() if c.messages} == base[1]
     tree.close()
 
 
-def test_a_failed_migration_leaves_the_store_as_it_was(workdir, base, monkeypatch):
+def test_a_failed_migration_leaves_the_store_as_it_was(workdir, base):
     path = _copy(base, workdir)
-    conn = sqlite3.connect(path)
-    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
+    _make_v0(path)
+    conn = sqlite3.connect(path)  # schema 0 allowed a second root: the upgrade cannot go on
+    conn.execute("INSERT INTO chats (parent_id, name, fork_seq, created_at) VALUES (NULL, 'root', 0, 0)")
+    conn.commit()
     conn.close()
-
-    def broken(conn):
-        conn.execute("CREATE TABLE half_done (x)")
-        raise ValueError("step failed")
-
-    monkeypatch.setitem(store_module.MIGRATIONS, SCHEMA_VERSION - 1, broken)
+    before = _dump(path)
     with pytest.raises(StoreError, match="left as it was") as err:
         Store(path)
-    assert str(path) in str(err.value) and "bak-v" in str(err.value)
-    conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION - 1
-    assert not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'half_done'").fetchone()
-    conn.close()
+    assert str(path) in str(err.value) and "bak-v0" in str(err.value)
+    assert _dump(path) == before  # version 0, no index, both roots: exactly as it was
+    assert _dump(workdir / "subchats.db.bak-v0") == before
