@@ -18,6 +18,12 @@ def set_secret(name: str, value: str) -> None:
     _secrets[name] = value
 
 
+def forget_secrets() -> None:
+    """Forget every key entered with ``%subchat key`` in this process (the environment
+    and ``.env`` are read again from then on)."""
+    _secrets.clear()
+
+
 def dotenv_values_here() -> dict[str, str | None]:
     path = Path.cwd() / ".env"
     try:

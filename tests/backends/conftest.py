@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from subchat_magics.backends.registry import registry
+from subchat_magics.settings import forget_secrets
 from subchat_magics.testing.fakeservers import FakeGroq, FakeOllama, FakeOpenAI
 
 # settings the remote backends read, beyond those tests/conftest.py clears
@@ -20,8 +21,9 @@ def remote_env(monkeypatch):
     pooled connections) are dropped after each test."""
     for var in REMOTE_VARS:
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr("subchat_magics.settings._secrets", {})  # %subchat key, per test
+    forget_secrets()  # keys entered with %subchat key live for the process: one test's only
     yield
+    forget_secrets()
     registry().close()
 
 
