@@ -79,3 +79,24 @@ def test_errors_are_one_line_usage_errors_in_the_kernel(kernel):
     assert len(lines) == 1, stderr
     assert lines[0].startswith("UsageError: %%subchat") and "root/no" in lines[0], lines[0]
     assert "Traceback" not in streams
+
+
+def _final(msgs) -> dict:
+    return [m for m in msgs if m["msg_type"] == "display_data"][-1]["content"]["data"]
+
+
+def test_format_text_shows_the_finished_reply_without_markdown(kernel):
+    _run(kernel, "import os; os.environ['SUBCHAT_ECHO_DELAY'] = '0'")
+    assert "text/markdown" in _final(_run(kernel, "%%subchat root/fmt\n*hi*"))
+    final = _final(_run(kernel, "%%subchat root/fmt --format text\n*hi*"))
+    assert "text/markdown" not in final and final["text/plain"].endswith("messages): *hi*")
+
+
+def test_config_format_sets_the_default_format(kernel):
+    _run(kernel, "%config SubchatMagics.format = 'text'")
+    try:
+        final = _final(_run(kernel, "%%subchat root/fmt2\n*hi*"))
+        assert "text/markdown" not in final and final["text/plain"].endswith("messages): *hi*")
+        assert "text/markdown" in _final(_run(kernel, "%%subchat root/fmt2 --format markdown\nx"))
+    finally:
+        _run(kernel, "%config SubchatMagics.format = 'markdown'")
