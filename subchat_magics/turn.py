@@ -13,7 +13,7 @@ from itertools import chain
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Iterator
 
-from .backends.base import Backend, Finish, GenerationOptions
+from .backends.base import Backend, Finish, GenerationOptions, cut_finish
 from .backends.registry import Selection, registry
 from .errors import BackendError, InvalidInput, SubchatError
 from .secrets import redact
@@ -191,6 +191,8 @@ class Turn:
         finally:
             if gen is not None:
                 gen.close()
+                # a cut reply keeps what the part that ran cost, where the backend knows it
+                self.finish = self.finish or cut_finish(gen)
             self._end(status, reason)
 
     def _store(self, status: str, finish_reason: str, ttft: float | None, duration: float) -> None:
@@ -266,6 +268,7 @@ class Fanout:
             for index, item in gen:
                 turn = self.turns[index]
                 if isinstance(item, BaseException):
+                    turn.finish = turn.finish or cut_finish(gen, index)
                     status, reason, to_raise = turn._fail(item)
                     turn._end(status, reason)
                     open_.discard(index)
@@ -280,7 +283,9 @@ class Fanout:
                 if self._cancel.is_set():
                     raise KeyboardInterrupt
         except BaseException as exc:
+            gen.close()
             for i in sorted(open_):
+                self.turns[i].finish = self.turns[i].finish or cut_finish(gen, i)
                 status, reason, _ = self.turns[i]._fail(exc)
                 self.turns[i]._end(status, reason)
             open_.clear()
@@ -288,6 +293,7 @@ class Fanout:
         finally:
             gen.close()
             for i in sorted(open_):  # a stream that ended without its Finish
+                self.turns[i].finish = self.turns[i].finish or cut_finish(gen, i)
                 self.turns[i]._end()
         if first_error is not None:
             raise first_error

@@ -196,11 +196,7 @@ def test_a_reply_cut_by_an_unload_keeps_its_counts(vshell, engine):
     assert f is not None and f.completion_tokens >= len(got) and f.prompt_tokens > 5
 
 
-CUT_BY_TURN = pytest.mark.xfail(strict=True, reason="turn.py must read cut_finish() after closing "
-                                "a stream (see the issue 15 report); remove this mark then")
 
-
-@CUT_BY_TURN
 def test_a_reply_stopped_mid_stream_keeps_its_token_counts(vshell, engine):
     stop_after = []
 
@@ -220,7 +216,6 @@ def test_a_reply_stopped_mid_stream_keeps_its_token_counts(vshell, engine):
     assert p["prompt_tokens"] > 5 and p["completion_tokens"] >= 5 and "cached_tokens" in p
 
 
-@CUT_BY_TURN
 def test_fanout_siblings_cut_by_ctrl_c_keep_their_token_counts(vshell, engine):
     deltas = []
 
