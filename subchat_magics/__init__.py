@@ -44,19 +44,23 @@ def __getattr__(name: str) -> Any:
 
 def load_ipython_extension(ipython: Any) -> None:
     from .magics import SubchatMagics
+    from .notebook import attach
     from .vllm_magics import VLLMMagics
 
     ipython.register_magics(SubchatMagics(ipython))
     ipython.register_magics(VLLMMagics)
+    attach(ipython)  # records each cell's error for {Err[n]} and %subchat explain
 
 
 def unload_ipython_extension(ipython: Any) -> None:
-    """Undo everything the extension holds: its magics, a vLLM engine it loaded (driver
-    thread and memory; a hand-registered ``LLM`` is left running, and ``%reload_ext``
-    keeps either), the remote backends' HTTP clients, the store connection."""
+    """Undo everything the extension holds: its magics, the handler recording cells'
+    errors, a vLLM engine it loaded (driver thread and memory; a hand-registered ``LLM`` is
+    left running, and ``%reload_ext`` keeps either), the remote backends' HTTP clients, the
+    store connection."""
     import sys
 
     from .backends.registry import registry
+    from .notebook import detach
     from .session import default_session
 
     mm = ipython.magics_manager
@@ -68,5 +72,6 @@ def unload_ipython_extension(ipython: Any) -> None:
     vllm_backend = sys.modules.get("subchat_magics.backends.vllm")
     if vllm_backend is not None:  # freed when the cell ends, unless it was %reload_ext
         vllm_backend.release_with_extension(ipython)
+    detach(ipython)
     registry().close()
     default_session().close()

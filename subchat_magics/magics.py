@@ -19,17 +19,14 @@ from IPython.core.magic_arguments import (
 )
 from traitlets import Bool, Enum, Float, Int, TraitError, Unicode, observe, validate
 
-from . import render
+from . import notebook, render
 from .backends.base import GenerationOptions, check_option
-from .errors import BackendError, InvalidInput, SubchatError
+from .errors import BackendError, SubchatError
 from .magic_args import in_kernel, parse_line, usage_errors
 from .secrets import redact
 from .session import Session, check_backend_name, default_session
 from .streaming import Coalescer
-
-_NAME = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
-# names IPython itself puts into the namespace (output and input history, its helpers)
-_IPYTHON_NAMES = re.compile(r"_{1,3}|_\d+|_i.*|_o.*|_d.*|In|Out|exit|quit|get_ipython")
+from .values import Limits
 
 
 def strip_comment(line: str) -> str:
@@ -50,66 +47,6 @@ def strip_comment(line: str) -> str:
         elif ch == "#" and (i == 0 or line[i - 1].isspace()):
             return line[:i].rstrip()
     return line
-
-
-def ipython_owned(name: str, namespace: dict[str, Any], hidden: dict[str, Any]) -> bool:
-    """Whether ``name`` is one of IPython's own names (``_``, ``In``, ``exit``, ``_i3``…)
-    holding what IPython put there, not something the notebook assigned itself."""
-    if not _IPYTHON_NAMES.fullmatch(name):
-        return False
-    value = namespace.get(name)
-    if name in hidden:
-        return hidden[name] is value  # IPython re-pushes its names; an assignment differs
-    # before the first output IPython sets _, __ and ___ to '' without marking them
-    return name in ("_", "__", "___") and isinstance(value, str) and value == ""
-
-
-def interpolate(text: str, namespace: dict[str, Any], hidden: dict[str, Any] | None = None) -> str:
-    """``{name}`` becomes ``str(namespace[name])`` when ``name`` is a simple name in the
-    namespace; any other text in braces (code, JSON, set literals) stays as written, and
-    so do IPython's own names (``{_}``, ``{In}``, ``{exit}``, ``{_i2}``…) unless the
-    notebook assigned them itself (``hidden``: the shell's ``user_ns_hidden``).
-    ``{{`` … ``}}`` are escaped braces: each ``{{`` gives ``{`` and the ``}}`` that
-    closes it gives ``}``; a ``}}`` with no ``{{`` before it (nested JSON) stays.
-    A value whose ``str()`` fails is an :class:`InvalidInput` naming it."""
-    hidden = hidden or {}
-    out: list[str] = []
-    open_escapes = 0
-    pos = 0
-    for m in _NAME.finditer(text):
-        out.append(text[pos:m.start()])
-        tok = m.group(0)
-        if tok == "{{":
-            out.append("{")
-            open_escapes += 1
-        elif tok == "}}":
-            if open_escapes:
-                out.append("}")
-                open_escapes -= 1
-            else:
-                out.append("}}")
-        else:
-            name = m.group(1)
-            if name not in namespace or ipython_owned(name, namespace, hidden):
-                out.append(tok)
-            else:
-                out.append(_text_of(name, namespace[name]))
-        pos = m.end()
-    out.append(text[pos:])
-    return "".join(out)
-
-
-def _text_of(name: str, value: Any) -> str:
-    try:
-        text = str(value)
-    except Exception as exc:  # noqa: BLE001 - any __str__ may fail; say which name
-        raise InvalidInput(
-            f"{{{name}}} in the cell cannot be written as text: str({name}) raised "
-            f"{type(exc).__name__}: {str(exc)[:100]}; fix its __str__, or write {{{{{name}}}}} "
-            "for the braces themselves") from None
-    if not isinstance(text, str):  # a str subclass whose __str__ misbehaves
-        raise InvalidInput(f"str({name}) did not give text; write {{{{{name}}}}} for the braces")
-    return text
 
 
 def _trim(cell: str) -> str:
@@ -236,6 +173,13 @@ class SubchatMagics(Magics):
     store_path = Unicode("", help="Chat store file ('' = $SUBCHAT_STORE, else ./subchats.db).").tag(config=True)
     format = Enum(["markdown", "text"], "markdown", help="How finished replies are shown.").tag(config=True)
     update_interval = Float(0.05, help="Seconds between display updates while streaming.").tag(config=True)
+    max_value_chars = Int(4000, help="Most characters a value filled into a message ({name}, "
+                          "{Out[3]}, {Err[3]}…) takes; the rest is cut with a note (0: no cut)."
+                          ).tag(config=True)
+    max_value_rows = Int(20, help="Most rows of a DataFrame, Series or array filled into a "
+                         "message.").tag(config=True)
+    max_value_columns = Int(20, help="Most columns of a DataFrame or array filled into a "
+                            "message.").tag(config=True)
 
     def __init__(self, shell: Any = None, session: Session | None = None, **kwargs: Any):
         # set before the traits load the shell's config (their observers use it)
@@ -259,6 +203,20 @@ class SubchatMagics(Magics):
             raise TraitError("SubchatMagics.update_interval must be between 0 and 10 seconds, "
                              f"not {proposal['value']!r}")
         return proposal["value"]
+
+    @validate("max_value_chars", "max_value_rows", "max_value_columns")
+    def _check_limit(self, proposal: Any) -> int:
+        name, value = proposal["trait"].name, proposal["value"]
+        if value < (0 if name == "max_value_chars" else 1):
+            raise TraitError(f"SubchatMagics.{name} must be "
+                             f"{'0 or more' if name == 'max_value_chars' else '1 or more'}, "
+                             f"not {value!r}")
+        return value
+
+    @property
+    def limits(self) -> Limits:
+        """How much of a value goes into a message (the max_value_* settings)."""
+        return Limits(self.max_value_chars, self.max_value_rows, self.max_value_columns)
 
     @validate("backend")
     def _check_backend(self, proposal: Any) -> str:
@@ -301,8 +259,10 @@ class SubchatMagics(Magics):
     @argument("--seed", type=int, default=None, help="Sampling seed (where the backend supports it).")
     @argument("--think", action="store_true", default=None, help="Let thinking models think.")
     @argument("--no-think", dest="think", action="store_false", help="Turn thinking off.")
-    @argument("-f", "--format", choices=["markdown", "text"], default=None,
-              help="Show the finished reply as Markdown or plain text.")
+    @argument("-f", "--format", choices=["markdown", "text", "code"], default=None,
+              help="Show the finished reply as Markdown or plain text; code: show it and put "
+                   "its code (the fenced blocks, else the whole reply) in a new cell below, "
+                   "not run.")
     @argument("-o", "--var", default=None,
               help="Store the reply text in this variable of the notebook namespace.")
     @argument("--fanout", type=int, default=None,
@@ -316,9 +276,13 @@ class SubchatMagics(Magics):
     def subchat(self, line: str, cell: str) -> None:
         """Send the cell as a message into a chat of the tree and stream the reply.
 
-        ``{name}`` in the cell is replaced by ``name`` from the notebook namespace; other
-        braces stay as written; ``{{``/``}}`` are literal braces. The chat used becomes
-        the current one. ``--var NAME`` stores the reply in ``NAME``.
+        ``{name}`` in the cell is replaced by ``name`` from the notebook namespace,
+        ``{In[3]}`` by the source of execution 3, ``{Out[3]}`` by its result, ``{Err[3]}``
+        by the error it raised, ``{_}`` by the last result (``{In[-1]}``: the cell before
+        this one); values are cut to ``%config SubchatMagics.max_value_chars`` (DataFrames
+        and arrays to max_value_rows/columns) and known keys are masked. Other braces stay
+        as written; ``{{``/``}}`` are literal braces. The chat used becomes the current
+        one. ``--var NAME`` stores the reply in ``NAME``.
 
         Examples::
 
@@ -330,21 +294,40 @@ class SubchatMagics(Magics):
 
             %%subchat root --fanout 3 --var answers
             Name a colour.
+
+            %%subchat root --format code
+            Fix this cell: {In[-1]} It raised: {Err[-1]}
         """
         args = parse_line(self.subchat, strip_comment(line))
         if args.var is not None and (not args.var.isidentifier() or keyword.iskeyword(args.var)):
             raise UsageError(f"%%subchat: --var needs a Python name that is not a keyword, "
                              f"not {args.var!r}")
-        text = interpolate(_trim(cell or ""), self.shell.user_ns,
-                           getattr(self.shell, "user_ns_hidden", None))
+        fanout = args.fanout is not None or args.children is not None
+        if args.format == "code" and fanout:
+            raise UsageError("%%subchat: --format code takes the code of one reply; it does "
+                             "not go with --fanout/--children")
+        filled = notebook.context(self.shell).fill(_trim(cell or ""), self.limits)
+        text = filled.text
         opts = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                     seed=args.seed, model=args.model, think=args.think)
-        if args.fanout is not None or args.children is not None:
+        if fanout:
+            self._say_masked(filled)
             return self._fanout(args, text, opts)
         if args.temperatures is not None:
             raise UsageError("%%subchat: --temperatures goes with --fanout N or --children a,b")
         turn = self.session.send(args.path, text, backend=args.backend, system=args.system, **opts)
-        view = ReplyView(self.shell, args.format or self.format, self.update_interval)
+        self._say_masked(filled)
+        self._stream(turn, args.format or self.format, args.var)
+
+    def _say_masked(self, filled: notebook.Filled) -> None:
+        if filled.masked:
+            print(f"note: a key was masked in {', '.join(dict.fromkeys(filled.masked))} "
+                  "before sending")
+
+    def _stream(self, turn: Any, fmt: str, var: str | None, magic: str = "%%subchat") -> None:
+        """Stream a turn into a reply display; ``fmt`` ``code`` also puts the reply's code
+        in a new cell below (never run). ``var`` gets the reply text."""
+        view = ReplyView(self.shell, "markdown" if fmt == "code" else fmt, self.update_interval)
         view.start()
         stream = iter(turn)
         try:
@@ -354,19 +337,31 @@ class SubchatMagics(Magics):
             stream.close()  # Ctrl-C may land in the display code: end the turn now
             view.finish("interrupted: partial reply kept" if turn.text else
                         "interrupted: nothing arrived")
-            if args.var:
-                self.shell.user_ns[args.var] = turn.text  # what arrived, maybe ""
+            if var:
+                self.shell.user_ns[var] = turn.text  # what arrived, maybe ""
             raise KeyboardInterrupt from None  # short traceback, not the HTTP client's
         except BackendError as exc:
             view.finish(f"error: partial reply kept in {turn.chat.path}" if turn.text else None)
-            raise UsageError(f"%%subchat: {redact(str(exc))}") from None
+            raise UsageError(f"{magic}: {redact(str(exc))}") from None
         finally:
             stream.close()
         view.finish("stopped at max tokens" if turn.finish and turn.finish.reason == "length" else None)
         for note in turn.notes:
             print(f"note: {note}")
-        if args.var:
-            self.shell.user_ns[args.var] = turn.text
+        if var:
+            self.shell.user_ns[var] = turn.text
+        if fmt == "code":
+            self._next_cell(turn.text)
+
+    def _next_cell(self, reply: str) -> None:
+        """Put a reply's code in a new cell below this one (a terminal: the next input)."""
+        code = render.reply_code(reply)
+        if not code:
+            print("note: the reply has no text, so no cell was added (it is stored)")
+            return
+        self.shell.set_next_input(code, replace=False)
+        print("note: its code is in a new cell below (not run)" if in_kernel(self.shell) else
+              f"note: its code is the next input:\n{code}")
 
     def _fanout(self, args: Any, text: str, opts: dict[str, Any]) -> None:
         names = args.children.split(",") if args.children is not None else None
@@ -420,7 +415,9 @@ class SubchatMagics(Magics):
         backend [NAME]                 show or set this session's backend
         backends                       every backend: available or not, and why
         key NAME                       enter an API key for groq/openai with getpass
-        export PATH [--format md|json] [--out FILE]
+        explain [N] [--into PATH]      send the last error (or execution N's) and its cell's
+                                       code to the current chat (or PATH): cause and fix
+        export PATH [--format md|json|ipynb] [--out FILE]
         import FILE [--into PATH]      add chats from a JSON export
         rename PATH NEW_NAME           rename a chat
         system PATH [TEXT]             show or set a chat's system prompt ('' to clear)
@@ -546,9 +543,27 @@ class SubchatMagics(Magics):
         self.session.set_key(a.name, value)
         print(f"{var} set for this kernel (not saved anywhere)")
 
+    def _cmd_explain(self, rest: list[str]) -> None:
+        a = self._parse("explain", rest, (("n",), dict(nargs="?", type=int, default=None)),
+                        (("--into",), dict(default=None)))
+        ctx = notebook.context(self.shell)
+        if a.n is None:
+            error = ctx.last_error()
+            if error is None:
+                print("%subchat explain: no error recorded yet (errors are recorded from the "
+                      "cells run after %load_ext subchat_magics)")
+                return
+        else:
+            error = ctx.error(a.n, label="%subchat explain")
+        filled = notebook.explain_prompt(error, self.limits)
+        turn = self.session.send(a.into, filled.text)
+        print(f"explaining the {error.ename} of execution {error.execution} in {turn.chat.path}")
+        self._say_masked(filled)
+        self._stream(turn, self.format, None, magic="%subchat explain")
+
     def _cmd_export(self, rest: list[str]) -> None:
         a = self._parse("export", rest, (("path",), dict(nargs="?")),
-                        (("--format",), dict(choices=["md", "json"], default=None)),
+                        (("--format",), dict(choices=["md", "json", "ipynb"], default=None)),
                         (("--out",), dict(default=None)))
         chat = self.session.chat(a.path)
         text, fmt, count = self.session.export(chat, a.format, a.out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import shlex
 import time
 from typing import Any
 
@@ -295,3 +296,154 @@ def _check_messages(msgs: Any, where: str, bad: Any) -> None:
                 or not isinstance(m.get("status", "complete"), str)
                 or not isinstance(m.get("provenance") or {}, dict)):
             raise bad(f"a message of {where} has no role/content")
+
+
+# -- code in replies ---------------------------------------------------------------------------
+_FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[^\n]*\n(.*?)^[ \t]*\1[ \t]*$", re.S | re.M)
+
+
+def reply_code(text: str) -> str:
+    """The code of a reply: its fenced blocks in order (``` or ~~~), or the whole answer
+    when it has none; thinking is left out. ``""`` for a reply with no text."""
+    _, answer = split_thinking(text or "")
+    blocks = [m.group(2).rstrip("\n") for m in _FENCE.finditer(answer)]
+    code = "\n\n".join(b for b in blocks if b.strip()) if blocks else answer
+    return code.strip("\n") if code.strip() else ""
+
+
+# -- a chat as a notebook ----------------------------------------------------------------------
+def escape_braces(text: str) -> str:
+    """``text`` written so that ``%%subchat``'s brace filling gives it back unchanged: each
+    ``{`` doubled, and each ``}`` doubled where a doubled ``{`` is open (a ``}}`` with none
+    open stays as written, so an unmatched ``}`` stays single)."""
+    out, open_ = [], 0
+    for ch in text:
+        if ch == "{":
+            out.append("{{")
+            open_ += 1
+        elif ch == "}":
+            out.append("}}" if open_ else "}")
+            open_ = max(0, open_ - 1)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _nb_cell(kind: str, source: str, index: int, **extra: Any) -> dict[str, Any]:
+    cell: dict[str, Any] = {"cell_type": kind, "id": f"subchat-{index:04d}", "metadata": {},
+                            "source": source}
+    if kind == "code":
+        cell.update(execution_count=None, outputs=[])
+    cell.update(extra)
+    return cell
+
+
+def _reply_outputs(m: Message) -> list[dict[str, Any]]:
+    """What ``%%subchat`` showed for a stored reply: its live display (ended empty), then
+    the final Markdown with a text/plain copy."""
+    text = m.content
+    tag = {"interrupted": "interrupted: partial reply kept"}.get(m.status)
+    if m.status.startswith("error"):
+        tag = "error: partial reply kept" if text else None
+    elif m.status == "complete" and m.finish_reason == "length":
+        tag = "stopped at max tokens"
+    if tag:
+        text += f"\n[{tag}]"
+    return [{"output_type": "display_data", "data": {"text/plain": ""}, "metadata": {}},
+            {"output_type": "display_data", "metadata": {},
+             "data": {"text/plain": text or "(empty reply)", "text/markdown": reply_markdown(text)}}]
+
+
+def export_notebook(tree: ChatTree, chat: Chat, default_system: str | None = None) -> str:
+    """The subtree of ``chat`` as a Jupyter notebook (nbformat 4.5 JSON) that reruns it: a
+    cell that loads the extension on a fresh store, then one ``%%subchat PATH`` cell per
+    user message with the stored reply as its output, each chat under a Markdown heading
+    with its path. A subchat's cells come where its parent had reached when it branched, so
+    a rerun gives every chat the context it had; a subtree below the root is preceded by
+    the messages it inherited (its ancestors' cells up to where it branched)."""
+    cells: list[dict[str, Any]] = []
+
+    def add(kind: str, source: str, **extra: Any) -> None:
+        cells.append(_nb_cell(kind, source, len(cells), **extra))
+
+    add("markdown", f"# Chat tree export: {chat.path}\n\nEach `%%subchat` cell below is one "
+        "message of the chat; its output is the reply that was stored. Run the notebook to "
+        "ask again, on whichever backend this kernel chooses (`LLM_BACKEND`, `%subchat "
+        "backend`).")
+    load = ("import os, tempfile\n"
+            "# a fresh store, so the rerun adds to no existing tree (name a file to keep it)\n"
+            "os.environ[\"SUBCHAT_STORE\"] = os.path.join(tempfile.mkdtemp(), \"rerun.db\")\n"
+            "del os, tempfile\n"
+            "%load_ext subchat_magics")
+    if default_system:
+        load += f"\n%config SubchatMagics.system_prompt = {default_system!r}"
+    add("code", load)
+    made: set[int] = {tree.root.id}
+
+    def create(c: Chat, system: str | None) -> None:
+        """Cells that make ``c`` exist (a child branches off it before its first message,
+        or it has none) and set a system prompt a magic line cannot carry."""
+        lines = []
+        if c.id not in made:
+            lines.append(f"default_session().branch({c.parent.path!r}, {c.name!r});")
+            made.add(c.id)
+        if system:
+            lines.append(f"default_session().set_system({c.path!r}, {system!r});")
+        if lines:
+            add("code", "from subchat_magics import default_session\n" + "\n".join(lines))
+
+    def section(c: Chat, msgs: list[Message], children: list[Chat], note: str = "") -> None:
+        head = f"## {c.path}{note}"
+        if c.parent is not None:
+            n = c.fork_seq
+            head += (f"\n\n*branched from {c.parent.path} at its start*" if n == 0 else
+                     f"\n\n*branched from {c.parent.path} after its message {n}*")
+        if c.system_prompt:
+            head += f"\n\n*system prompt:* {c.system_prompt}"
+        add("markdown", head)
+        system = c.system_prompt or None
+        if system and "\n" in system:  # several lines cannot go on a magic line
+            create(c, system)
+            system = None
+        pending = sorted(children, key=lambda k: k.fork_seq)
+        i = 0
+        while True:
+            while pending and (pending[0].fork_seq <= i or i >= len(msgs)):
+                create(c, system)
+                system = None
+                walk(pending.pop(0))
+                if i < len(msgs) and not (pending and pending[0].fork_seq <= i):
+                    add("markdown", f"## {c.path} (continued)")
+            if i >= len(msgs):
+                break
+            m = msgs[i]
+            if m.role != "user":
+                i += 1
+                continue
+            reply = msgs[i + 1] if i + 1 < len(msgs) and msgs[i + 1].role == "assistant" else None
+            line = f"%%subchat {c.path}"
+            if system:
+                line += f" --system {shlex.quote(system)}"
+                system = None
+            made.add(c.id)
+            extra: dict[str, Any] = {}
+            if reply is not None:
+                extra["outputs"] = _reply_outputs(reply)
+                if reply.status != "complete":  # a rerun completes it: nbval may not compare
+                    extra["metadata"] = {"tags": ["nbval-ignore-output"]}
+            add("code", f"{line}\n{escape_braces(m.content)}", **extra)
+            i += 2 if reply is not None else 1
+        create(c, system)  # a chat with no message still exists in the rerun
+
+    def walk(c: Chat) -> None:
+        section(c, c.messages, c.children)
+
+    lineage = tree.lineage(chat)
+    for a, nxt in zip(lineage, lineage[1:]):  # the context a subtree inherits
+        section(a, a.messages[: nxt.fork_seq], [], note=" (the context it inherits)")
+    walk(chat)
+    nb = {"nbformat": 4, "nbformat_minor": 5, "cells": cells,
+          "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                      "language": "python"},
+                       "language_info": {"name": "python"}}}
+    return json.dumps(nb, indent=1, ensure_ascii=False) + "\n"

@@ -500,15 +500,18 @@ class Session:
     # -- export / import ---------------------------------------------------------------------
     def export(self, ref: "str | int | Chat | None", fmt: str | None = None,
                out: str | os.PathLike[str] | None = None) -> tuple[str, str, int]:
-        """The subtree of a chat as Markdown (``md``) or re-importable JSON (``json``),
-        keys masked. With ``out`` the file is written. Returns (text, format, chats)."""
+        """The subtree of a chat as Markdown (``md``), re-importable JSON (``json``) or a
+        notebook that reruns it (``ipynb``), keys masked. With ``out`` the file is written.
+        Returns (text, format, chats)."""
         tree = self.tree
         chat = self.chat(ref)
         if fmt is None:
-            fmt = "json" if out is not None and str(out).endswith(".json") else "md"
-        if fmt not in ("md", "json"):
-            raise InvalidInput(f"export format is md or json, not {fmt!r}")
-        render_ = render.export_json if fmt == "json" else render.export_markdown
+            suffix = str(out).rpartition(".")[2] if out is not None else ""
+            fmt = suffix if suffix in ("json", "ipynb") else "md"
+        if fmt not in ("md", "json", "ipynb"):
+            raise InvalidInput(f"export format is md, json or ipynb, not {fmt!r}")
+        render_ = {"json": render.export_json, "ipynb": render.export_notebook,
+                   "md": render.export_markdown}[fmt]
         text = render_(tree, chat, self.defaults.system_prompt)
         text = redact(text)
         if out is not None:

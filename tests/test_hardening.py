@@ -205,8 +205,10 @@ def test_a_name_whose_str_fails_is_a_one_line_error_naming_it(shell, workdir, bo
 # -- 7. IPython's own names stay literal ------------------------------------------------------------
 def test_ipython_own_names_are_not_interpolated_unless_the_notebook_assigned_them(shell):
     shell.ok("1 + 1")  # IPython now holds an output in _
-    text = "for _ in {_}: {__} {___} {In} {Out} {exit} {quit} {get_ipython} {_ih} {_oh} {_dh}"
+    text = "for x in {__}: {___} {In} {Out} {exit} {quit} {get_ipython} {_ih} {_oh} {_dh}"
     assert shell.ok(f"%%subchat root\n{text}").strip() == f"echo (1 messages): {text}"
+    # {_} is the one exception (issue 12): the last result
+    assert shell.ok("%%subchat root/last\n{_}").strip() == "echo (3 messages): 2"
     ip = shell.ip
     try:
         shell.ok("_ = 'mine'")

@@ -1,0 +1,305 @@
+"""The notebook as context: what ``{In[3]}``, ``{Out[3]}``, ``{Err[3]}``, ``{_}`` and
+``{name}`` in a message stand for, and the errors the notebook's cells raised.
+
+A face helper: it reads the IPython shell (its namespace, input and output history) and
+records every cell's error through a ``post_run_cell`` handler that the extension registers
+on load and removes on unload. :func:`interpolate` is the one place a message's braces are
+filled, so every face that takes a template (``%%subchat``, ``explain``) fills them alike;
+everything it puts in is cut to the configured limits and has every known key masked."""
+
+from __future__ import annotations
+
+import re
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InvalidInput
+from .secrets import redact
+from .values import Limits, cut, prompt_text
+
+# {{ and }} (escaped braces), {In[3]} / {Out[-1]} / {Err[2]}, {name}; anything else in
+# braces ({In[}, {Out[x]}, code, JSON) is not a token and stays as written
+_TOKEN = re.compile(r"\{\{|\}\}|\{(In|Out|Err)\[(-?\d+)\]\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# names IPython itself puts into the namespace (output and input history, its helpers)
+_IPYTHON_NAMES = re.compile(r"_{1,3}|_\d+|_i.*|_o.*|_d.*|In|Out|exit|quit|get_ipython")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
+_KEEP_ERRORS = 200  # the newest errors kept per kernel (text only, no frames)
+
+
+@dataclass(frozen=True)
+class CellError:
+    """What one execution raised: its number, the cell's source, and the error as the
+    notebook showed it (exception type, message and traceback, colours stripped)."""
+
+    execution: int
+    source: str
+    ename: str
+    evalue: str
+    traceback: str
+
+
+@dataclass
+class Filled:
+    """A message with its braces filled; ``masked`` names each reference in which a
+    known key was masked (``{In[3]}``, ``{config}``)."""
+
+    text: str
+    masked: list[str] = field(default_factory=list)
+
+
+def strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def ipython_owned(name: str, namespace: dict[str, Any], hidden: dict[str, Any]) -> bool:
+    """Whether ``name`` is one of IPython's own names (``_``, ``In``, ``exit``, ``_i3``…)
+    holding what IPython put there, not something the notebook assigned itself."""
+    if not _IPYTHON_NAMES.fullmatch(name):
+        return False
+    value = namespace.get(name)
+    if name in hidden:
+        return hidden[name] is value  # IPython re-pushes its names; an assignment differs
+    # before the first output IPython sets _, __ and ___ to '' without marking them
+    return name in ("_", "__", "___") and isinstance(value, str) and value == ""
+
+
+class NotebookContext:
+    """One shell's cells as prompt material: sources, results, the errors they raised."""
+
+    def __init__(self, shell: Any):
+        self.shell = shell
+        self.errors: dict[int, CellError] = {}
+        self._attached = False
+
+    # -- the error record ----------------------------------------------------------------------
+    def attach(self) -> None:
+        if not self._attached and getattr(self.shell, "events", None) is not None:
+            self.shell.events.register("post_run_cell", self.record)
+            self._attached = True
+
+    def detach(self) -> None:
+        if self._attached:
+            try:
+                self.shell.events.unregister("post_run_cell", self.record)
+            except ValueError:
+                pass  # someone removed it already
+            self._attached = False
+
+    def record(self, result: Any) -> None:
+        """``post_run_cell`` handler: keep the error a numbered execution raised."""
+        err = getattr(result, "error_before_exec", None) or getattr(result, "error_in_exec", None)
+        n = getattr(result, "execution_count", None)
+        # a cell run without storing history has the next cell's number: not its own
+        if err is None or n is None or n >= self.shell.execution_count:
+            return
+        info = getattr(result, "info", None)
+        source = getattr(info, "raw_cell", None)
+        if source is None:
+            source = self._input(n) or ""
+        self.errors[n] = CellError(n, source, type(err).__name__, str(err),
+                                   self._traceback_text(err))
+        for old in sorted(self.errors)[:-_KEEP_ERRORS]:
+            del self.errors[old]
+
+    def _traceback_text(self, err: BaseException) -> str:
+        import traceback
+
+        from IPython.core.error import UsageError
+
+        if isinstance(err, UsageError):
+            return f"UsageError: {err}"
+        try:
+            if isinstance(err, SyntaxError):
+                lines = traceback.format_exception_only(type(err), err)
+            elif hasattr(err, "_render_traceback_"):
+                lines = err._render_traceback_()
+            else:  # as the notebook showed it: "Cell In[3], line 2", arrows, context
+                lines = self.shell.InteractiveTB.structured_traceback(
+                    type(err), err, err.__traceback__, tb_offset=1)
+        except Exception:  # noqa: BLE001 - a formatter's failure must not fail the user's cell
+            lines = traceback.format_exception(type(err), err, err.__traceback__)
+        return strip_ansi("\n".join(line.rstrip("\n") for line in lines)).strip("\n")
+
+    # -- executions ----------------------------------------------------------------------------
+    @property
+    def current(self) -> int:
+        """The number of the execution now running (the next one outside a cell, or in a
+        cell run without storing history). IPython counts a stored cell before running it,
+        so its number is the running cell's result's, not ``execution_count``."""
+        running = getattr(getattr(self.shell, "displayhook", None), "exec_result", None)
+        n = getattr(running, "execution_count", None)
+        return int(n if n is not None else getattr(self.shell, "execution_count", 1) or 1)
+
+    def _input(self, n: int) -> str | None:
+        hist = getattr(getattr(self.shell, "history_manager", None), "input_hist_raw", None) or []
+        return hist[n] if 0 < n < len(hist) else None
+
+    def execution(self, ref: str, index: int, label: str | None = None) -> int:
+        """The execution ``{ref[index]}`` names: ``index`` itself, or counted back from
+        this cell when negative (``-1``: the cell before this one). ``label`` is how the
+        error names the reference (default: the reference in braces)."""
+        n = self.current + index if index < 0 else index
+        if not 0 < n < self.current or self._input(n) is None:
+            ran = (f"executions 1 to {self.current - 1} ran before this cell"
+                   if self.current > 1 else "no cell ran before this one")
+            raise InvalidInput(f"{label or self._ref(ref, index)}: there is no execution {n} "
+                               f"({ran}){self._hint(ref, index, label)}")
+        return n
+
+    @staticmethod
+    def _ref(ref: str, index: int) -> str:
+        return f"{{{ref}[{index}]}}"
+
+    @staticmethod
+    def _hint(ref: str, index: int, label: str | None) -> str:
+        return "" if label else f"; write {{{{{ref}[{index}]}}}} for the braces themselves"
+
+    def source(self, index: int) -> str:
+        n = self.execution("In", index)
+        return (self._input(n) or "").rstrip()
+
+    def result(self, index: int) -> tuple[int, Any]:
+        n = self.execution("Out", index)
+        out = getattr(getattr(self.shell, "history_manager", None), "output_hist", {}) or {}
+        if n not in out:
+            raise InvalidInput(f"{self._ref('Out', index)}: execution {n} returned no result"
+                               f"{self._hint('Out', index, None)}")
+        return n, out[n]
+
+    def error(self, index: int, label: str | None = None) -> CellError:
+        n = self.execution("Err", index, label)
+        if n not in self.errors:
+            raise InvalidInput(
+                f"{label or self._ref('Err', index)}: execution {n} raised no error (errors are "
+                "recorded for the cells run while the extension is loaded)"
+                f"{self._hint('Err', index, label)}")
+        return self.errors[n]
+
+    def last_error(self) -> CellError | None:
+        """The newest error of a cell that is not itself a ``%subchat``/``%%subchat``
+        magic (what the user wants explained is their code's error, not ours)."""
+        for n in sorted(self.errors, reverse=True):
+            if not self.errors[n].source.lstrip().startswith(("%subchat", "%%subchat")):
+                return self.errors[n]
+        return None
+
+    def last_result(self) -> Any:
+        """``_``: the notebook's own ``_`` if it assigned one, else the last result."""
+        ns = self.shell.user_ns
+        hidden = getattr(self.shell, "user_ns_hidden", {}) or {}
+        if "_" in ns and not ipython_owned("_", ns, hidden):
+            return ns["_"]
+        hook = getattr(self.shell, "displayhook", None)
+        out = ns.get("_oh") or {}
+        if hook is None or (not out and getattr(hook, "_", "") == ""):
+            raise InvalidInput("{_}: no cell has returned a result yet; write {{_}} for the "
+                               "braces themselves")
+        return hook._
+
+    # -- filling a message ---------------------------------------------------------------------
+    def fill(self, text: str, limits: Limits = Limits()) -> Filled:
+        return interpolate(text, self.shell.user_ns,
+                           getattr(self.shell, "user_ns_hidden", None), cells=self, limits=limits)
+
+
+def interpolate(text: str, namespace: dict[str, Any], hidden: dict[str, Any] | None = None, *,
+                cells: NotebookContext | None = None, limits: Limits = Limits()) -> Filled:
+    """Fill a message's braces.
+
+    ``{name}`` is the value of ``name`` in ``namespace`` when it is a simple name there; with
+    ``cells``, ``{In[n]}`` is execution n's source, ``{Out[n]}`` its result, ``{Err[n]}`` the
+    error it raised (negative n counts back from this cell) and ``{_}`` the last result.
+    Any other text in braces (code, JSON, ``{In[}``, unknown names) stays as written, and so
+    do IPython's own names (``{__}``, ``{In}``, ``{_i2}``…) unless the notebook assigned them
+    (``hidden``: the shell's ``user_ns_hidden``). ``{{`` … ``}}`` are escaped braces: each
+    ``{{`` gives ``{`` and the ``}}`` that closes it gives ``}``; a ``}}`` with no ``{{``
+    before it (nested JSON) stays. Values are put in by :func:`values.prompt_text` within
+    ``limits``; every known key is masked in what is put in. A reference to an execution that
+    does not exist, or that gave no result or error, is an :class:`InvalidInput` naming it."""
+    hidden = hidden or {}
+    out: list[str] = []
+    masked: list[str] = []
+    open_escapes = 0
+    pos = 0
+    for m in _TOKEN.finditer(text):
+        out.append(text[pos:m.start()])
+        pos = m.end()
+        tok = m.group(0)
+        if tok == "{{":
+            out.append("{")
+            open_escapes += 1
+            continue
+        if tok == "}}":
+            out.append("}" if open_escapes else "}}")
+            open_escapes = max(0, open_escapes - 1)
+            continue
+        piece = _reference(m, namespace, hidden, cells, limits)
+        if piece is None:
+            out.append(tok)
+            continue
+        safe = redact(piece)
+        if safe != piece:
+            masked.append(tok)
+        out.append(safe)
+    out.append(text[pos:])
+    return Filled("".join(out), masked)
+
+
+def _reference(m: re.Match, namespace: dict[str, Any], hidden: dict[str, Any],
+               cells: NotebookContext | None, limits: Limits) -> str | None:
+    """The text a token stands for, or None when it stays as written."""
+    kind, index, name = m.group(1), m.group(2), m.group(3)
+    if kind is not None:
+        if cells is None:
+            return None
+        i = int(index)
+        if kind == "In":
+            return cut(cells.source(i), limits.chars)
+        if kind == "Out":
+            n, value = cells.result(i)
+            return prompt_text(f"Out[{n}]", value, limits)
+        return cut(cells.error(i).traceback, limits.chars, keep="ends")
+    if name == "_" and cells is not None:
+        return prompt_text("_", cells.last_result(), limits)
+    if name not in namespace or ipython_owned(name, namespace, hidden):
+        return None
+    return prompt_text(name, namespace[name], limits)
+
+
+def explain_prompt(error: CellError, limits: Limits = Limits()) -> Filled:
+    """The message ``%subchat explain`` sends: the cell's code and the error it raised,
+    cut to ``limits`` and with every known key masked."""
+    code = cut(error.source.rstrip(), limits.chars)
+    tb = cut(error.traceback or f"{error.ename}: {error.evalue}", limits.chars, keep="ends")
+    text = (f"This notebook cell (execution {error.execution}) raised {error.ename}. Explain "
+            "the cause briefly and propose a fix (corrected code in a fenced block).\n\n"
+            f"The cell:\n```python\n{code}\n```\n\nThe error:\n```\n{tb}\n```")
+    safe = redact(text)
+    return Filled(safe, [f"Err[{error.execution}]"] if safe != text else [])
+
+
+# -- one context per shell, held while the extension is loaded ---------------------------------
+_contexts: "weakref.WeakKeyDictionary[Any, NotebookContext]" = weakref.WeakKeyDictionary()
+
+
+def context(shell: Any) -> NotebookContext:
+    """The notebook context of ``shell`` (created on first use)."""
+    ctx = _contexts.get(shell)
+    if ctx is None:
+        ctx = _contexts[shell] = NotebookContext(shell)
+    return ctx
+
+
+def attach(shell: Any) -> NotebookContext:
+    """Start recording the errors of ``shell``'s cells (``%load_ext``)."""
+    ctx = context(shell)
+    ctx.attach()
+    return ctx
+
+
+def detach(shell: Any) -> None:
+    """Stop recording and forget the errors (``%unload_ext``)."""
+    ctx = _contexts.pop(shell, None)
+    if ctx is not None:
+        ctx.detach()

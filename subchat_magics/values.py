@@ -1,0 +1,137 @@
+"""Values as prompt text: a form a model reads well that cannot flood the context.
+
+A pandas DataFrame or Series becomes a Markdown table of at most ``rows`` rows and
+``columns`` columns with a note of the full shape, a numpy array its shape, dtype and a
+head, anything else ``str()``; every form is cut at ``chars`` characters with a note of how
+much was left out. pandas and numpy are never imported here: a value that is one of
+theirs means its library is already in ``sys.modules``."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much of a value goes into a prompt (``0`` chars: no cut)."""
+
+    chars: int = 4000
+    rows: int = 20
+    columns: int = 20
+
+
+def cut(text: str, chars: int, keep: str = "head") -> str:
+    """``text`` cut to about ``chars`` characters with a note of what was left out.
+    ``keep="ends"`` keeps its start and its end (a traceback's last line is the error)."""
+    if chars <= 0 or len(text) <= chars:
+        return text
+    if keep == "ends":
+        head = chars // 3
+        tail = chars - head
+        left = len(text) - head - tail
+        return f"{text[:head]}\n… ({left} characters left out) …\n{text[-tail:]}"
+    return f"{text[:chars]}\n… ({len(text) - chars} more characters left out)"
+
+
+def prompt_text(name: str, value: Any, limits: Limits = Limits()) -> str:
+    """``value`` as prompt text within ``limits``; ``name`` is how the cell wrote it
+    (``df``, ``Out[3]``), for the error when its ``str()`` fails."""
+    if type(value) is str:
+        return cut(value, limits.chars)
+    form = _library_form(value, limits)
+    if form is None:
+        form = _str_of(name, value)
+    return cut(form, limits.chars)
+
+
+def _library_form(value: Any, limits: Limits) -> str | None:
+    modules = {c.__module__.partition(".")[0] for c in type(value).__mro__}
+    if "pandas" in modules and "pandas" in sys.modules:
+        pd = sys.modules["pandas"]
+        if isinstance(value, pd.DataFrame):
+            return _frame_markdown(value, limits)
+        if isinstance(value, pd.Series):
+            return _series_markdown(value, limits)
+    if "numpy" in modules and "numpy" in sys.modules:
+        np = sys.modules["numpy"]
+        if isinstance(value, np.ndarray):
+            return _array_text(np, value, limits)
+    return None
+
+
+def _str_of(name: str, value: Any) -> str:
+    try:
+        text = str(value)
+    except Exception as exc:  # noqa: BLE001 - any __str__ may fail; say which name
+        raise InvalidInput(
+            f"{{{name}}} in the cell cannot be written as text: str({name}) raised "
+            f"{type(exc).__name__}: {str(exc)[:100]}; fix its __str__, or write {{{{{name}}}}} "
+            "for the braces themselves") from None
+    if not isinstance(text, str):  # a str subclass whose __str__ misbehaves
+        raise InvalidInput(f"str({name}) did not give text; write {{{{{name}}}}} for the braces")
+    return str.__str__(text)
+
+
+def _cell(value: Any, width: int = 60) -> str:
+    text = " ".join(str(value).split())
+    if len(text) > width:
+        text = text[: width - 1] + "…"
+    return text.replace("|", "\\|")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _shown(total: int, shown: int, what: str) -> str | None:
+    return f"the first {shown} of {total} {what}" if shown < total else None
+
+
+def _frame_markdown(df: Any, limits: Limits) -> str:
+    n_rows, n_cols = df.shape
+    rows, cols = max(1, limits.rows), max(1, limits.columns)
+    part = df.iloc[:rows, :cols]
+    header = [_cell(df.index.name or "")] + [_cell(c) for c in part.columns]
+    body = [[_cell(idx)] + [_cell(v) for v in row]
+            for idx, row in zip(part.index, part.itertuples(index=False, name=None))]
+    note = f"DataFrame: {n_rows} rows × {n_cols} columns"
+    shown = [s for s in (_shown(n_rows, len(part), "rows"), _shown(n_cols, part.shape[1], "columns"))
+             if s]
+    if shown:
+        note += f" (showing {' and '.join(shown)})"
+    return f"{note}\n\n{_table(header, body)}"
+
+
+def _series_markdown(s: Any, limits: Limits) -> str:
+    rows = max(1, limits.rows)
+    part = s.iloc[:rows]
+    name = "" if s.name is None else str(s.name)
+    header = [_cell(s.index.name or ""), _cell(name or "value")]
+    body = [[_cell(idx), _cell(v)] for idx, v in zip(part.index, part.tolist())]
+    note = f"Series{f' {name!r}' if name else ''}: {len(s)} rows, dtype {s.dtype}"
+    shown = _shown(len(s), len(part), "rows")
+    if shown:
+        note += f" (showing {shown})"
+    return f"{note}\n\n{_table(header, body)}"
+
+
+def _array_text(np: Any, a: Any, limits: Limits) -> str:
+    note = f"numpy array: shape {a.shape}, dtype {a.dtype}"
+    if a.ndim == 0:
+        return f"{note}\n\n{a!s}"
+    head = a[: max(1, limits.rows)]
+    shown = [_shown(a.shape[0], head.shape[0], "rows")]
+    if a.ndim >= 2:
+        head = head[:, : max(1, limits.columns)]
+        shown.append(_shown(a.shape[1], head.shape[1], "columns"))
+    shown = [s for s in shown if s]
+    if shown:
+        note += f" (showing {' and '.join(shown)})"
+    body = np.array2string(head, threshold=sys.maxsize, max_line_width=200)
+    return f"{note}\n\n{body}"
