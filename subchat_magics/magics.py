@@ -412,6 +412,8 @@ class SubchatMagics(Magics):
         status                         store, current chat, active backend and why
         reopen [--restore]             open the store file again after it was removed or
                                        replaced (--restore: write back the tree still held)
+        copy-to FILE                   copy the store to FILE and continue there (a store
+                                       that opened read-only, e.g. from /kaggle/input)
         backend [NAME]                 show or set this session's backend
         backends                       every backend: available or not, and why
         key NAME                       enter an API key for groq/openai with getpass
@@ -432,12 +434,16 @@ class SubchatMagics(Magics):
             print(self.subchat_line.__doc__.replace("        ", "  "))
             return None
         cmd, rest = words[0], words[1:]
-        handler = getattr(self, f"_cmd_{cmd}", None)
+        handler = getattr(self, f"_cmd_{cmd.replace('-', '_')}", None) if "_" not in cmd else None
         if handler is None:
             raise UsageError(
                 f"%subchat: unknown subcommand {cmd!r}; one of: {', '.join(SUBCOMMANDS)} "
                 "(%subchat help explains them)")
-        return handler(rest)
+        result = handler(rest)
+        note = self.session.store_note()
+        if note:
+            print(f"note: {note}")
+        return result
 
     def _parser(self, cmd: str, *specs: tuple[tuple[str, ...], dict[str, Any]]) -> MagicArgumentParser:
         p = MagicArgumentParser(prog=f"%subchat {cmd}", add_help=False)
@@ -492,7 +498,8 @@ class SubchatMagics(Magics):
         tree = self.session.tree
         counts = tree.store.message_counts()
         lines = [
-            f"store:    {st['store']} ({len(tree.chats())} chats, {sum(counts.values())} messages)",
+            f"store:    {st['store']} ({len(tree.chats())} chats, {sum(counts.values())} messages)"
+            + (f", read-only: {tree.store.read_only}" if tree.store.read_only else ""),
             f"current:  {st['current']}",
             f"backend:  {st['active'] or 'none'} (asked for {st['requested']!r} by {st['requested_from']})",
         ]
@@ -512,6 +519,14 @@ class SubchatMagics(Magics):
         a = self._parse("reopen", rest, (("--restore",), dict(action="store_true")))
         tree = self.session.reopen(restore=a.restore)
         print(f"store: {tree.store.path} ({len(tree.chats())} chats); current chat: root")
+
+    def _cmd_copy_to(self, rest: list[str]) -> None:
+        a = self._parse("copy-to", rest, (("file",), {}))
+        old = self.session.store_path()
+        tree = self.session.copy_to(a.file)
+        self.store_path = str(tree.store.path)  # %config shows the store in use
+        print(f"copied {old} to {tree.store.path} ({len(tree.chats())} chats); now writing "
+              f"there, current chat: {self.session.current} (the original is untouched)")
 
     def _cmd_backend(self, rest: list[str]) -> None:
         a = self._parse("backend", rest, (("name",), dict(nargs="?")))
@@ -607,7 +622,8 @@ class SubchatMagics(Magics):
             print(f"current chat: {done.current_moved_to} (the deleted one was current)")
 
 
-SUBCOMMANDS = sorted(n[5:] for n in dir(SubchatMagics) if n.startswith("_cmd_")) + ["help"]
+SUBCOMMANDS = sorted(n[5:].replace("_", "-") for n in dir(SubchatMagics)
+                     if n.startswith("_cmd_")) + ["help"]
 
 
 def _align_usage(doc: str) -> str:

@@ -106,6 +106,7 @@ class Session:
         self._current_id: int | None = None  # None: the root
         self._current_chain: list[tuple[int, str]] = []  # (id, path) root..current, as last seen
         self._streaming: dict[int, set[Turn]] = {}  # chat id -> turns streaming into it
+        self._noted: set[Path] = set()  # read-only stores whose note was given
 
     @classmethod
     def on_tree(cls, tree: ChatTree) -> "Session":
@@ -208,6 +209,36 @@ class Session:
                 old.copy_to(old.path)
             self._close_tree()
             return self.tree
+
+    def store_note(self) -> str | None:
+        """Once per store opened: that it opened read-only, and how to continue in a copy
+        (``None`` otherwise, and when no store is open)."""
+        tree = self._tree
+        if tree is None or not tree.store.read_only or tree.store.path in self._noted:
+            return None
+        self._noted.add(tree.store.path)
+        return (f"{tree.store.path} opened read-only ({tree.store.read_only}): tree, show, "
+                "export and the tree view work; to add to it, %subchat copy-to "
+                "/kaggle/working/subchats.db (any writable file) copies it and continues there")
+
+    def copy_to(self, dest: str | os.PathLike[str]) -> Tree:
+        """Copy the open store to ``dest`` (a new file) and continue there: the current
+        chat stays current (ids are kept). The original is not touched."""
+        target = Path(dest).expanduser().resolve()
+        source = self.tree.store
+        if target == source.path:
+            raise InvalidInput(f"{target} is the store in use; give another file")
+        if target.exists():
+            raise InvalidInput(f"{target} exists already; give a new file (or delete that one)")
+        if not target.parent.is_dir():
+            raise InvalidInput(f"folder {target.parent} does not exist; create it first")
+        keep = self._current_id
+        source.copy_to(target)
+        self.defaults.store_path = str(target)
+        tree = self.tree  # reopens at the copy
+        if keep is not None and tree.find(keep) is not None:
+            self._set_current(tree.get(keep), reason="copy-to")
+        return tree
 
     def store_problem(self) -> str | None:
         """Why the open store can no longer be written (its file was removed or replaced
@@ -582,32 +613,33 @@ def import_data(tree: ChatTree, data: dict[str, Any], into: str | None = None) -
             check_text(m["content"], f"a message of {c['path']!r}")
         normalize_path(target(c["path"]))
     copied, top_fork, top_system = _place_top(tree, data, chats, top, target(top), notes)
-    made = []
-    for c in chats:
-        p = target(c["path"])
-        is_top = c["path"] == top
-        system = c.get("system_prompt") or (top_system if is_top else None)
-        if p in tree:
-            existing = tree.get(p)
-            if existing.messages:
-                raise InvalidInput(
-                    f"chat {existing.path!r} already exists with messages; import with "
-                    "--into PATH to put the chats somewhere else")
-            if system:
-                tree.set_system_prompt(existing, system)
-            chat = existing
-        else:
-            chat = tree.create(p, system_prompt=system)
-        fork = top_fork if is_top else c.get("fork_seq", chat.fork_seq)
-        if c["path"].rpartition("/")[0] == top:
-            fork += len(copied)  # the top chat's own messages now start with the copied ones
-        if chat.path != ROOT and chat.fork_seq != fork:
-            tree.store.update_chat(chat.id, fork_seq=int(fork))
-            tree.refresh(force=True)
-        for m in (copied if is_top else []) + c.get("messages", []):
-            tree.append(chat, m["role"], m["content"], m.get("status", "complete"),
-                        m.get("provenance") or None)
-        made.append(chat.path)
+    made: list[str] = []
+    with tree.atomic():  # every chat of the file, or none
+        for c in chats:
+            p = target(c["path"])
+            is_top = c["path"] == top
+            system = c.get("system_prompt") or (top_system if is_top else None)
+            if p in tree:
+                existing = tree.get(p)
+                if existing.messages:
+                    raise InvalidInput(
+                        f"chat {existing.path!r} already exists with messages; import with "
+                        "--into PATH to put the chats somewhere else")
+                if system:
+                    tree.set_system_prompt(existing, system)
+                chat = existing
+            else:
+                chat = tree.create(p, system_prompt=system)
+            fork = top_fork if is_top else c.get("fork_seq", chat.fork_seq)
+            if c["path"].rpartition("/")[0] == top:
+                fork += len(copied)  # the top chat's own messages now start with the copied ones
+            if chat.path != ROOT and chat.fork_seq != fork:
+                tree.store.update_chat(chat.id, fork_seq=int(fork))
+                tree.refresh(force=True)
+            for m in (copied if is_top else []) + c.get("messages", []):
+                tree.append(chat, m["role"], m["content"], m.get("status", "complete"),
+                            m.get("provenance") or None)
+            made.append(chat.path)
     return Imported(made, notes)
 
 

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from urllib.parse import quote
 
 from .errors import StoreError
 
@@ -98,6 +99,15 @@ def _opens_for_writing(path: Path) -> bool:
         return False
 
 
+def _read_only_mount(path: Path) -> bool:
+    """Whether ``path`` lies on a file system mounted read-only (a Kaggle input dataset,
+    a read-only bind mount): even root cannot write there, whatever the permissions say."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _fix_hint(path: Path) -> str:
     return (
         "choose another file with the SUBCHAT_STORE environment variable or "
@@ -125,13 +135,16 @@ class Store:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path).expanduser().resolve()
-        self._check_location()
+        #: why this store opened read-only (a Kaggle input, a read-only folder or file),
+        #: or ``None``: it can be read and written
+        self.read_only: str | None = self._check_location()
         # one connection may serve the kernel's thread and generation threads
         self._lock = threading.RLock()
+        self._depth = 0  # transactions open on this connection (an outer one holds the rest)
         try:
             self.conn = sqlite3.connect(
-                str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                check_same_thread=False,
+                self._uri(), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                check_same_thread=False, uri=True,
             )
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open chat store {self.path}: {exc}; {_fix_hint(self.path)}") from None
@@ -198,22 +211,42 @@ class Store:
                 raise StoreError(f"cannot copy chat store {self.path} to {dest}: {exc}") from None
 
     # -- opening ------------------------------------------------------------------------
-    def _check_location(self) -> None:
+    def _uri(self) -> str:
+        """The SQLite URI to open: read-write, or read-only. In a folder nobody can write
+        (a Kaggle input), ``immutable=1``: SQLite then needs no lock or index files beside
+        the store, which it could not create there."""
+        uri = f"file:{quote(str(self.path))}"
+        if self.read_only is None:
+            return uri
+        folder_writable = os.access(self.path.parent, os.W_OK) and not _read_only_mount(self.path)
+        return uri + ("?mode=ro" if folder_writable else "?mode=ro&immutable=1")
+
+    def read_only_error(self) -> StoreError:
+        return StoreError(
+            f"chat store {self.path} is read-only ({self.read_only}): it can be read, shown "
+            "and exported, not written; to continue the tree, copy it somewhere writable and "
+            "switch to the copy: %subchat copy-to /kaggle/working/subchats.db (or any writable "
+            "file)")
+
+    def _check_location(self) -> str | None:
+        """Refuse a path that cannot be a store; say why an existing store can only be
+        read (it then opens read-only), or ``None``."""
         p = self.path
         if p.is_dir():
             raise StoreError(f"chat store path {p} is a folder; give a file name, e.g. {p / 'subchats.db'}")
         if p.exists():
             if not os.access(p, os.R_OK):
                 raise StoreError(f"chat store {p} cannot be read (permissions); {_fix_hint(p)}")
-            if not os.access(p, os.W_OK) or not os.access(p.parent, os.W_OK) or not _opens_for_writing(p):
-                raise StoreError(
-                    f"chat store {p} is read-only (the file or its folder cannot be written); "
-                    f"{_fix_hint(p)}"
-                )
-            return
+            if _read_only_mount(p):
+                return "it is on a read-only file system"
+            if not os.access(p.parent, os.W_OK):
+                return "its folder cannot be written"
+            if not os.access(p, os.W_OK) or not _opens_for_writing(p):
+                return "the file cannot be written"
+            return None
         if not p.parent.exists():
             raise StoreError(f"folder {p.parent} for the chat store does not exist; create it or {_fix_hint(p)}")
-        if not os.access(p.parent, os.W_OK):
+        if not os.access(p.parent, os.W_OK) or _read_only_mount(p.parent):
             raise StoreError(
                 f"cannot create the chat store {p}: folder {p.parent} is read-only; "
                 "set SUBCHAT_STORE or %config SubchatMagics.store_path to a writable file"
@@ -235,6 +268,14 @@ class Store:
 
         app_id, version, objects = self._retry(snapshot)
         tables = [name for kind, name in objects if kind == "table"]
+        if self.read_only and app_id == APPLICATION_ID and version < SCHEMA_VERSION:
+            raise StoreError(
+                f"chat store {self.path} has the older schema version {version} and is read-only "
+                f"({self.read_only}), so it cannot be upgraded in place; copy the file somewhere "
+                "writable (e.g. cp it to /kaggle/working/) and open the copy")
+        if self.read_only and app_id == 0 and version == 0 and not objects:
+            raise StoreError(f"{self.path} is an empty file in a read-only place, not a chat store; "
+                             f"{_fix_hint(self.path)}")
         if app_id == 0 and version == 0 and not objects:
             # an empty file (or one just made by another kernel: _create re-checks)
             self._create()
@@ -254,6 +295,8 @@ class Store:
             if version < SCHEMA_VERSION:
                 self._migrate(version)
         c.execute("PRAGMA foreign_keys = ON")
+        if self.read_only:
+            return  # journal settings are written to the file: nothing to set on a read-only one
         mode = self._retry(lambda: c.execute("PRAGMA journal_mode = WAL").fetchone()[0])
         if str(mode).lower() != "wal":  # e.g. a file system without shared memory
             c.execute("PRAGMA journal_mode = DELETE")
@@ -331,11 +374,21 @@ class Store:
 
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         c = self.conn
+        if self._depth:  # inside an outer transaction (an import): its commit is ours
+            self._depth += 1
+            try:
+                yield c
+            finally:
+                self._depth -= 1
+            return
+        if self.read_only:
+            raise self.read_only_error()
         self.check_file()
         try:
             self._retry(lambda: c.execute("BEGIN IMMEDIATE"))
         except sqlite3.Error as exc:
             raise self._wrap(exc) from None
+        self._depth = 1
         try:
             yield c
         except (sqlite3.Error, UnicodeEncodeError) as exc:
@@ -350,6 +403,8 @@ class Store:
             except sqlite3.Error as exc:
                 self._rollback()
                 raise self._wrap(exc) from None
+        finally:
+            self._depth = 0
 
     def _rollback(self) -> None:
         # SQLite rolls back by itself after some errors (a full disk, an I/O error)

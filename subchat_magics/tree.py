@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import re
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import ChatNotFound, InvalidInput
 from .settings import getenv
@@ -148,10 +149,31 @@ class ChatTree:
         self._by_id: dict[int, Chat] = {}
         self._by_path: dict[str, Chat] = {}
         self._children: dict[int | None, list[int]] = {}
+        self._held: tuple[int, list[tuple[str, dict[str, Any]]]] | None = None  # see atomic()
         self.refresh(force=True)
         if ROOT not in self._by_path:
             self.store.insert_chat(None, ROOT, None, 0)
             self.refresh(force=True)
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Every change made in the block is one transaction: all of it is kept, or (on
+        any exception) none. Events are held and sent only once it is committed."""
+        with self._lock:
+            if self._held is not None:  # already inside one: part of it
+                yield
+                return
+            self._held = (threading.get_ident(), [])
+            try:
+                with self.store.transaction():
+                    yield
+            except BaseException:
+                self._held = None
+                self.refresh(force=True)  # the index saw rows that were rolled back
+                raise
+            held, self._held = self._held[1], None
+        for event, data in held:
+            self.emit(event, **data)
 
     # -- index -------------------------------------------------------------------------------
     def refresh(self, force: bool = False) -> bool:
@@ -218,6 +240,10 @@ class ChatTree:
         return unsubscribe
 
     def emit(self, event: str, **data: Any) -> None:
+        held = self._held
+        if held is not None and held[0] == threading.get_ident():
+            held[1].append((event, data))  # inside atomic(): sent once committed
+            return
         for listener in list(self._listeners):
             try:
                 listener(event, data)

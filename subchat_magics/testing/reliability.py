@@ -658,7 +658,7 @@ def kill_inside_write(store: Path, before: int = 20, size: int = 64 << 20,
 # -- hostile store files -----------------------------------------------------------------------
 # what a message about the store must offer: another file, a salvage, an upgrade, a retry...
 HINTS = ("SUBCHAT_STORE", ".recover", "pip install", "run the cell again", "free space",
-         "give a file name", "create it")
+         "give a file name", "create it", "%subchat copy-to")
 
 
 def snapshot(path: Path) -> tuple[str, int, int]:
