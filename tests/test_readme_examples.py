@@ -12,7 +12,8 @@ import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # sections whose examples need a GPU, the network or a terminal, or are not code
-SKIPPED_SECTIONS = ("On a fresh machine", "Install", "vLLM in the kernel", "Layout")
+SKIPPED_SECTIONS = ("On a fresh machine", "Install", "vLLM in the kernel", "Layout",
+                    "On Kaggle")  # /kaggle paths; tests/test_read_only_store.py runs the same
 _FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```", re.S | re.M)
 
 
