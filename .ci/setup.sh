@@ -55,7 +55,7 @@ demo)
     make_venv "$venv"
     say "installing IPython, ipywidgets, ipykernel, nbclient"
     "$venv/bin/pip" install -q "ipython>=8" "ipywidgets>=8" "traitlets>=5" "python-dotenv>=1" \
-      "ipykernel>=6.29" "nbclient>=0.10" "nbformat>=5.10"
+      "jsonschema>=4.18" "ipykernel>=6.29" "nbclient>=0.10" "nbformat>=5.10"
     echo "$want" > "$venv/.stamp"
   fi
   install_checkout "$venv"

@@ -383,7 +383,7 @@ class Session:
         check_text(system, "the system prompt")
         opts = self.options(**options)
         check_text(opts.model, "the model name")
-        selection = self.select(backend)
+        selection = check_constraint(self.select(backend), opts)
         if isinstance(path, str):
             normalize_path(path)  # a bad path is refused before anything is made
         chat = self._target(path, create=True, system=system)
@@ -458,7 +458,7 @@ class Session:
             if opts.seed is None and count > 1:
                 opts.seed = i + 1
             per_chat.append(opts.validate())
-        selection = self.select(backend)
+        selection = check_constraint(self.select(backend), base)
         parent = self._target(path, create=False)  # must exist: fan-out branches from it
         if names is None:
             names = self.next_child_names(parent, count)
@@ -689,6 +689,29 @@ def _place_top(tree: ChatTree, data: dict[str, Any], chats: list[dict[str, Any]]
         f"cannot import {top} under {parent.path}: {parent.path} inherits {parent_inherits} "
         f"message(s) that {top} never had in its context; import it --into a chat that "
         "inherits nothing (e.g. --into root), where it keeps its own context")
+
+
+def check_constraint(selection: Selection, opts: GenerationOptions) -> Selection:
+    """Refuse, before anything is sent, a constraint the chosen backend cannot enforce
+    (unless it is best effort) and a ``--choice`` that ``max_tokens`` cannot spell. Under
+    ``auto`` the fallbacks that cannot enforce it are dropped. Returns the selection."""
+    c = opts.constraint
+    if c is None or not selection.candidates:
+        return selection
+    first, *rest = selection.candidates
+    why = first.cannot_enforce(opts)
+    if why and not c.best_effort:
+        raise InvalidInput(f"{why}; add --best-effort to send it anyway and validate the reply")
+    if not c.best_effort:
+        rest = [b for b in rest if b.cannot_enforce(opts) is None]
+    if c.kind == "choice":
+        need = {x: first.count_tokens(x, opts) or 1 for x in c.choices}
+        longest = max(need, key=lambda x: need[x])
+        if opts.max_tokens < need[longest]:
+            raise InvalidInput(f"--max-tokens {opts.max_tokens} is too few to write the choice "
+                               f"{longest!r} ({need[longest]} tokens on {first.id}); give at "
+                               f"least --max-tokens {need[longest]}")
+    return Selection(selection.requested, [first, *rest], selection.passed_over)
 
 
 def check_text(text: str | None, what: str) -> None:

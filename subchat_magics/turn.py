@@ -17,6 +17,7 @@ from .backends.base import Backend, Finish, GenerationOptions, cut_finish
 from .backends.registry import Selection, registry
 from .errors import BackendError, InvalidInput, SubchatError
 from .secrets import redact
+from .structured import InvalidOutput
 
 if TYPE_CHECKING:
     from .tree import Chat, ChatTree, Message
@@ -63,6 +64,9 @@ class Turn:
         self.error: BaseException | None = None
         self.backend: Backend | None = None
         self.finish: Finish | None = None
+        #: the parsed, validated reply when ``options.constraint`` is set (None otherwise,
+        #: and for a reply that is cut or does not satisfy it)
+        self.value: Any = None
         self._cancel = threading.Event()
         self._started = False
 
@@ -167,7 +171,26 @@ class Turn:
     def _end(self, status: str = "complete", finish_reason: str | None = None) -> None:
         if finish_reason is None:
             finish_reason = (self.finish.reason if self.finish else None) or "stop"
+        if status == "complete" and self.options.constraint is not None and self.reply is None:
+            status, finish_reason = self._validate(finish_reason)
         self._store(status, finish_reason, self._ttft, time.perf_counter() - self._t0)
+
+    def _enforced(self) -> bool:
+        try:
+            return self.backend is not None and self.backend.cannot_enforce(self.options) is None
+        except SubchatError:
+            return False
+
+    def _validate(self, finish_reason: str) -> tuple[str, str]:
+        """Parse the finished reply against the constraint: its value, or the reply kept
+        as text and marked ``error: invalid output (why)``."""
+        try:
+            self.value = self.options.constraint.parse(self.text)  # type: ignore[union-attr]
+        except InvalidOutput as exc:
+            why = str(exc) + ("; it stopped at max tokens" if finish_reason == "length" else "")
+            self.error = InvalidOutput(f"invalid output ({why})")
+            return "error", f"error: invalid output ({why})"
+        return "complete", finish_reason
 
     def _stream(self) -> Iterator[str]:
         self._begin()
@@ -214,6 +237,9 @@ class Turn:
             prov["error"] = redact(str(self.error))[:500]
         if self.notes:
             prov["notes"] = list(self.notes)
+        c = self.options.constraint
+        if c is not None:  # what the reply had to be, and whether the backend enforced it
+            prov["constraint"] = dict(c.provenance(), enforced=self._enforced())
         if f.extra:
             prov.update({k: v for k, v in f.extra.items() if k not in prov})
         prov.update({k: v for k, v in self.provenance_extra.items() if k not in prov})

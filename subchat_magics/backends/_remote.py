@@ -288,6 +288,11 @@ class ChatCompletionsBackend(Backend):
     def require_key(self, base_url: str | None, key: str | None) -> None:
         """Raise :class:`BackendUnavailable` when this configuration cannot work."""
 
+    def request_fields(self, options: GenerationOptions, model: str) -> dict[str, Any]:
+        """More keyword arguments of ``chat.completions.create`` for ``options`` (the
+        constraint's ``response_format``/``extra_body``)."""
+        return {}
+
     # -- settings ------------------------------------------------------------------------------
     def base_url(self) -> str | None:
         return getenv(self.url_var)
@@ -354,6 +359,8 @@ class ChatCompletionsBackend(Backend):
             kwargs["seed"] = options.seed
         if self.ask_usage:
             kwargs["stream_options"] = {"include_usage": True}
+        if options.constraint is not None:
+            kwargs.update(self.request_fields(options, model))
         budget = RetryBudget()
         while True:
             try:

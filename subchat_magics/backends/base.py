@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 from ..errors import InvalidInput
+from ..structured import Constraint
 
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
 
@@ -34,6 +35,8 @@ class GenerationOptions:
     model: str | None = None
     think: bool | None = None  # None: the backend's or model's default
     extra: dict[str, Any] = field(default_factory=dict)
+    #: what the reply must be (``--json``/``--choice``/``--regex``); None: free text
+    constraint: Constraint | None = None
 
     def validate(self) -> "GenerationOptions":
         """Check every value once (the one place the ranges are written); returns self."""
@@ -69,6 +72,10 @@ def check_option(name: str, value: Any) -> None:
     elif name == "seed":
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise InvalidInput(f"seed must be a whole number, not {value!r}")
+    elif name == "constraint":
+        if value is not None and not isinstance(value, Constraint):
+            raise InvalidInput("constraint must be made with subchat_magics.structured "
+                               f"(json_schema, choice, regex), not {type(value).__name__}")
 
 
 def _number(value: Any) -> bool:
@@ -116,12 +123,30 @@ class Backend:
     #: the generation options this backend honours (the rest are ignored by it)
     options: ClassVar[tuple[str, ...]] = ("max_tokens", "temperature", "top_p", "stop", "seed",
                                           "model", "think")
+    #: the kinds of :class:`~subchat_magics.structured.Constraint` this backend enforces
+    #: while generating (``json``, ``choice``, ``regex``); others only with best effort
+    constraints: ClassVar[tuple[str, ...]] = ()
 
     def available(self) -> Availability:
         """Whether ``auto`` selection may use this backend now, and why (not)."""
         return Availability(True, "ready")
 
     def default_model(self) -> str | None:
+        return None
+
+    def cannot_enforce(self, options: GenerationOptions) -> str | None:
+        """Why this backend cannot enforce ``options.constraint`` while generating (one
+        clause, said before anything is sent), or None when it can or there is none.
+        The default reads :attr:`constraints`; backends whose answer depends on the model
+        or the server override it."""
+        c = options.constraint
+        if c is None or c.kind in self.constraints:
+            return None
+        return f"the {self.id} backend cannot enforce {c} while generating"
+
+    def count_tokens(self, text: str, options: GenerationOptions) -> int | None:
+        """How many tokens ``text`` takes in a reply, where the backend can count them
+        exactly (a tokenizer at hand); None: it cannot say."""
         return None
 
     def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[str | Finish]:

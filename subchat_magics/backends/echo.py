@@ -2,7 +2,10 @@
 was given, so that context inheritance is visible.
 
 Its reply is exactly ``echo (N messages): <last user message>`` where N counts the
-messages it received, system prompt included. ``max_tokens`` counts words.
+messages it received, system prompt included; with a constraint (``--json``, ``--choice``,
+``--regex``) it is a value that satisfies it instead (the first choice, a minimal instance
+of the schema, a string the pattern matches), so notebooks that read replies run offline.
+``max_tokens`` counts words.
 ``SUBCHAT_ECHO_DELAY`` (seconds per word, default 0; environment or ``./.env``) slows it
 down for demos."""
 
@@ -23,6 +26,7 @@ class EchoBackend(Backend):
     description = "offline, built in: repeats the last message with the count of messages it got"
     auto_priority = 1000  # the offline fallback: always available, always last
     options = ("max_tokens",)  # counts words; the rest cannot change an echo
+    constraints = ("json", "choice", "regex")  # answers with an example that satisfies it
 
     def __init__(self, delay: float | None = None):
         self._fixed = delay  # None: read SUBCHAT_ECHO_DELAY at each reply
@@ -39,9 +43,14 @@ class EchoBackend(Backend):
     def default_model(self) -> str:
         return "echo"
 
+    def count_tokens(self, text: str, options: GenerationOptions) -> int:
+        return len(_WORDS.findall(text))
+
     def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[str | Finish]:
         last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         text = f"echo ({len(messages)} messages): {last_user}"
+        if options.constraint is not None:
+            text = options.constraint.example()
         tokens = _WORDS.findall(text)
         limit = options.max_tokens if options.max_tokens and options.max_tokens > 0 else len(tokens)
         prompt_tokens = sum(len(m["content"].split()) for m in messages)

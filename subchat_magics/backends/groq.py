@@ -15,6 +15,9 @@ from ._remote import ChatCompletionsBackend, Timeouts, installed, safe_url
 from .base import Availability, GenerationOptions
 
 DEFAULT_MODEL = "llama-3.3-70b-versatile"
+#: models that take ``response_format: json_schema`` (Groq's structured outputs); every
+#: model takes ``json_object`` (valid JSON, no schema), used with --best-effort
+JSON_SCHEMA_MODELS = ("openai/gpt-oss-", "moonshotai/kimi-k2-", "meta-llama/llama-4-")
 
 
 class GroqBackend(ChatCompletionsBackend):
@@ -27,6 +30,8 @@ class GroqBackend(ChatCompletionsBackend):
     sdk_module = "groq"
     key_var = "GROQ_API_KEY"
     url_var = "GROQ_BASE_URL"
+
+    constraints = ("json",)  # on the models of JSON_SCHEMA_MODELS
 
     def available(self) -> Availability:
         """A key is present (nothing is sent to check it)."""
@@ -60,3 +65,32 @@ class GroqBackend(ChatCompletionsBackend):
     def resolve_model(self, client: Any, base_url: str | None, options: GenerationOptions,
                       t: Timeouts) -> str:
         return options.model or self.default_model()
+
+    # -- structured output ---------------------------------------------------------------------
+    def cannot_enforce(self, options: GenerationOptions) -> str | None:
+        c = options.constraint
+        if c is None:
+            return None
+        if c.kind != "json":
+            return f"Groq cannot enforce {c} (it takes a JSON schema only)"
+        model = options.model or self.default_model()
+        if not model.startswith(JSON_SCHEMA_MODELS) and not _any_object(c):
+            return (f"Groq's {model} takes no JSON schema (models that do: "
+                    f"{', '.join(p + '*' for p in JSON_SCHEMA_MODELS)})")
+        return None
+
+    def request_fields(self, options: GenerationOptions, model: str) -> dict[str, Any]:
+        """``response_format``: the JSON schema where the model takes one, else JSON mode
+        (best effort: valid JSON, the schema checked when the reply is in)."""
+        c = options.constraint
+        if c is None or c.kind != "json":
+            return {}
+        if not model.startswith(JSON_SCHEMA_MODELS):  # JSON mode: any object, enforced
+            return {"response_format": {"type": "json_object"}}
+        return {"response_format": {"type": "json_schema", "json_schema": {
+            "name": "reply", "schema": c.schema or {"type": "object"}}}}
+
+
+def _any_object(c: Any) -> bool:
+    """``--json`` without a schema: any JSON object, which JSON mode enforces."""
+    return c.model is None and c.schema == {"type": "object"}

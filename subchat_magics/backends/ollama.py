@@ -65,6 +65,7 @@ class OllamaBackend(Backend):
     description = "a local Ollama server (OLLAMA_HOST)"
     extra = "ollama"
     auto_priority = 20
+    constraints = ("json",)  # format: the JSON schema (it has no choice or regex option)
 
     def __init__(self) -> None:
         self._clients = _remote.ClientCache()
@@ -172,7 +173,9 @@ class OllamaBackend(Backend):
         if options.seed is not None:
             sampling["seed"] = options.seed
         # thinking models think unless told otherwise; only ask for it when wanted
-        extra = {"think": True} if options.think else {}
+        extra: dict[str, Any] = {"think": True} if options.think else {}
+        if options.constraint is not None and options.constraint.kind == "json":
+            extra["format"] = options.constraint.schema or {"type": "object"}  # the answer only
         budget = _remote.RetryBudget()
         while True:
             received = 0

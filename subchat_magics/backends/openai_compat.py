@@ -36,9 +36,12 @@ class OpenAIBackend(ChatCompletionsBackend):
     ask_usage = True
     url_hint = " (it usually ends in /v1)"
 
+    constraints = ("json",)  # response_format; --choice/--regex where the server is vLLM
+
     def __init__(self) -> None:
         super().__init__()
         self._first_model: dict[tuple, tuple[float, str]] = {}
+        self._vllm: dict[tuple, tuple[float, bool]] = {}
         self._lock = threading.Lock()
 
     def available(self) -> Availability:
@@ -90,6 +93,47 @@ class OpenAIBackend(ChatCompletionsBackend):
         with self._lock:
             self._first_model[cache_key] = (time.monotonic() + MODELS_TTL_S, names[0])
         return names[0]
+
+    # -- structured output ---------------------------------------------------------------------
+    def is_vllm(self) -> bool:
+        """Whether the server is vLLM (``vllm serve``): its ``/models`` say ``owned_by:
+        "vllm"``. Asked once a minute per server; a server that does not answer is not."""
+        client, base_url, t = self.client()
+        cache_key = (base_url, secret_digest(self.api_key()))
+        hit = self._vllm.get(cache_key)
+        if hit and time.monotonic() < hit[0]:
+            return hit[1]
+        try:
+            listed = client.models.list()
+            owners = {getattr(m, "owned_by", None) for m in getattr(listed, "data", None) or listed}
+        except Exception:  # noqa: BLE001 - cannot tell: the request itself will say what is wrong
+            owners = set()
+        with self._lock:
+            self._vllm[cache_key] = (time.monotonic() + MODELS_TTL_S, "vllm" in owners)
+        return "vllm" in owners
+
+    def cannot_enforce(self, options: GenerationOptions) -> str | None:
+        c = options.constraint
+        if c is None or c.kind in self.constraints:
+            return None
+        if self.is_vllm():
+            return None
+        return (f"{self.service(self.base_url())} is not a vLLM server (its /models do not say "
+                f"owned_by vllm), and only vLLM's server enforces {c}")
+
+    def request_fields(self, options: GenerationOptions, model: str) -> dict[str, Any]:
+        """``response_format`` with the JSON schema; for ``--choice``/``--regex`` vLLM's own
+        ``structured_outputs`` field (in the body, beside OpenAI's fields)."""
+        c = options.constraint
+        if c is None:
+            return {}
+        if c.kind == "json":
+            return {"response_format": {"type": "json_schema", "json_schema": {
+                "name": "reply", "schema": c.schema or {"type": "object"}, "strict": True}}}
+        if not self.is_vllm():
+            return {}  # best effort: sent as asked, validated when it is in
+        spec = {"choice": list(c.choices)} if c.kind == "choice" else {"regex": c.pattern}
+        return {"extra_body": {"structured_outputs": spec}}
 
     def auth_error(self, service: str, code: int, text: str) -> Any:
         if not self.api_key():

@@ -31,6 +31,7 @@ class VLLMBackend(Backend):
     description = "vLLM in this kernel (%load_vllm)"
     extra = "vllm"
     auto_priority = 10
+    constraints = ("json", "choice", "regex")  # structured outputs, in the engine
 
     @property
     def engine(self) -> slot.Engine | None:
@@ -48,6 +49,17 @@ class VLLMBackend(Backend):
     def default_model(self) -> str | None:
         engine = slot.active_engine()
         return engine.label if engine is not None else None
+
+    def cannot_enforce(self, options: GenerationOptions) -> str | None:
+        engine = slot.active_engine()
+        if options.constraint is not None and engine is not None and engine.thinks(options):
+            return (f"vLLM applies {options.constraint} from the first token, thinking included, "
+                    "so it does not go with thinking; add --no-think")
+        return super().cannot_enforce(options)
+
+    def count_tokens(self, text: str, options: GenerationOptions) -> int | None:
+        engine = slot.active_engine()
+        return engine.count_tokens(text) if engine is not None else None
 
     def _engine(self) -> slot.Engine:
         engine = slot.active_engine()

@@ -8,12 +8,17 @@ functions (never at module level); imports only :mod:`subchat_magics.errors` and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+import json
+import logging
+import logging.config
+import os
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from ...errors import BackendError, BackendUnavailable, InvalidInput
 from .plan import first_line
@@ -146,6 +151,66 @@ def describe_invalid(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first_line(exc)}"
 
 
+# -- vLLM's log while an engine is built ------------------------------------------------------
+LOG_LINE_FORMAT = "%(levelname)s %(message)s"
+
+
+def _log_config(path: str) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "subchat": {"format": LOG_LINE_FORMAT},
+            "vllm_errors": {"format": "%(levelname)s %(asctime)s %(name)s: %(message)s"},
+        },
+        "handlers": {
+            "subchat": {"class": "logging.FileHandler", "filename": path, "encoding": "utf-8",
+                        "formatter": "subchat", "level": "INFO"},
+            "vllm_errors": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
+                            "formatter": "vllm_errors", "level": "ERROR"},
+        },
+        "loggers": {"vllm": {"handlers": ["subchat", "vllm_errors"], "level": "INFO",
+                             "propagate": False}},
+    }
+
+
+@contextlib.contextmanager
+def log_to_file(path: str | None) -> Iterator[dict[str, Any]]:
+    """While an engine is built, vLLM's log (INFO and up, one record a line:
+    ``LEVEL message``) goes to the file ``path`` instead of the cell, from this process
+    and from the engine's own processes; only errors still reach stderr. Yields the
+    engine arguments that carry this to the engine's processes (``log_config_file``,
+    vLLM >= 0.3x; older ones read ``VLLM_LOGGING_CONFIG_PATH`` when they start).
+    Afterwards this process logs as before. ``path`` None, logging configured by the
+    user (``VLLM_LOGGING_CONFIG_PATH``) or switched off (``VLLM_CONFIGURE_LOGGING=0``):
+    nothing changes."""
+    if path is None or os.environ.get("VLLM_LOGGING_CONFIG_PATH") \
+            or os.environ.get("VLLM_CONFIGURE_LOGGING", "1").strip() == "0":
+        yield {}
+        return
+    config_path = path + ".json"
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(_log_config(path), f)
+    logger = logging.getLogger("vllm")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    logging.config.dictConfig(_log_config(path))
+    os.environ["VLLM_LOGGING_CONFIG_PATH"] = config_path
+    names = engine_arg_names()
+    try:
+        yield {"log_config_file": config_path} if names and "log_config_file" in names else {}
+    finally:
+        os.environ.pop("VLLM_LOGGING_CONFIG_PATH", None)
+        for handler in list(logger.handlers):
+            if handler not in saved[0]:
+                logger.removeHandler(handler)
+                handler.close()
+        for handler in saved[0]:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
+
+
 # -- building, checking and shutting engines down --------------------------------------------
 def build_llm(vllm: Any, kwargs: dict[str, Any], holder: dict[str, Any]) -> None:
     """Build a ``vllm.LLM`` into ``holder["llm"]`` (never a local of a long-lived frame)."""
@@ -224,6 +289,26 @@ def engine_facts(llm: Any) -> dict[str, Any]:
         "block_size": int(cc.block_size or 0),
         "prefix_caching": bool(cc.enable_prefix_caching),
     }
+
+
+#: the grammar backend %load_vllm sets for structured outputs (an engine-level choice)
+STRUCTURED_OUTPUTS_BACKEND = "xgrammar"
+
+
+def structured_outputs_defaults(names: set[str] | None) -> dict[str, Any]:
+    """Engine arguments %load_vllm adds unless given: compact structured outputs. Without
+    them JSON may hold any whitespace, and a weak model fills it until ``max_tokens``;
+    vLLM honours ``disable_any_whitespace`` only at engine level and only with a named
+    grammar backend (``structured_outputs_config`` from 0.11, ``guided_decoding_*`` before)."""
+    if names is None or "structured_outputs_config" in names:
+        return {"structured_outputs_config": {"backend": STRUCTURED_OUTPUTS_BACKEND,
+                                              "disable_any_whitespace": True}}
+    out: dict[str, Any] = {}
+    if "guided_decoding_backend" in names:
+        out["guided_decoding_backend"] = STRUCTURED_OUTPUTS_BACKEND
+        if "guided_decoding_disable_any_whitespace" in names:
+            out["guided_decoding_disable_any_whitespace"] = True
+    return out
 
 
 # -- requests -------------------------------------------------------------------------------

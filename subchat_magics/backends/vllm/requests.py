@@ -12,13 +12,25 @@ from typing import Any
 
 from ...errors import BackendError, InvalidInput, SubchatError
 from ...prompting import Prompt
+from ...structured import Constraint
 from ..base import Finish, GenerationOptions
 from .compat import Delta, delta_sampling_params, is_request_rejection
 
 
-def sampling_params(options: GenerationOptions, max_tokens: int) -> Any:
+def structured_outputs(constraint: Constraint) -> dict[str, Any]:
+    """The structured-output fields for ``constraint`` (the same names in vLLM's
+    ``StructuredOutputsParams`` and the older ``GuidedDecodingParams``)."""
+    return {"json": dict(constraint.schema or {"type": "object"})} if constraint.kind == "json" \
+        else {"choice": list(constraint.choices)} if constraint.kind == "choice" \
+        else {"regex": constraint.pattern}
+
+
+def sampling_params(options: GenerationOptions, max_tokens: int, constrain: bool = True) -> Any:
     """vLLM ``SamplingParams`` for ``options`` (streaming deltas); ``options.extra`` keys
-    that are ``SamplingParams`` fields (``top_k``, ``repetition_penalty``…) pass through."""
+    that are ``SamplingParams`` fields (``top_k``, ``repetition_penalty``…) pass through.
+    ``options.constraint`` becomes vLLM's structured outputs unless ``constrain`` is false
+    (thinking is on: the constraint would bind the thinking too; the reply is validated
+    afterwards instead)."""
     base: dict[str, Any] = {
         "max_tokens": max_tokens,
         "temperature": float(options.temperature),
@@ -28,7 +40,10 @@ def sampling_params(options: GenerationOptions, max_tokens: int) -> Any:
         base["seed"] = int(options.seed)
     if options.stop:
         base["stop"] = list(options.stop)
-    return delta_sampling_params(base, options.extra)
+    extra = options.extra
+    if options.constraint is not None and constrain:
+        extra = {**extra, "structured_outputs": structured_outputs(options.constraint)}
+    return delta_sampling_params(base, extra)
 
 
 @dataclass

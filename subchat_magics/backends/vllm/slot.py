@@ -90,7 +90,16 @@ class Engine:
                                 "thinking is not on, and --think changes nothing")
         else:
             thinking = None
-        return Reply(prompt, options, thinking), sampling_params(options, prompt.max_tokens)
+        return Reply(prompt, options, thinking), sampling_params(
+            options, prompt.max_tokens, constrain=thinking != "on")
+
+    def thinks(self, options: GenerationOptions) -> bool:
+        """Whether a request with ``options`` runs with thinking on."""
+        think = self.think if options.think is None else bool(options.think)
+        return think and self.builder.has_thinking_switch
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.builder.encode(text))
 
     def remember(self, reply: Reply) -> None:
         """Keep the ids a request generated, for the prompts that continue its chat."""
@@ -233,6 +242,8 @@ def load(settings: LoadSettings, echo: Callable[[str], None] | None = print) -> 
     vllm = compat.import_vllm()
     n, caps = compat.detect_gpus()
     plan = plan_load(settings, config, path, n, caps)
+    for key, value in compat.structured_outputs_defaults(compat.engine_arg_names()).items():
+        plan.kwargs.setdefault(key, value)  # an --engine-arg of the same name wins
     if plan.spawn:
         # before CUDA is touched in this process: forked TP workers would inherit it
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
