@@ -304,10 +304,11 @@ _FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[^\n]*\n(.*?)^[ \t]*\1[ \t]*$", re.S |
 
 def reply_code(text: str) -> str:
     """The code of a reply: its fenced blocks in order (``` or ~~~), or the whole answer
-    when it has none; thinking is left out. ``""`` for a reply with no text."""
+    when it has none (or only empty ones); thinking is left out. ``""`` for a reply with
+    no text."""
     _, answer = split_thinking(text or "")
     blocks = [m.group(2).rstrip("\n") for m in _FENCE.finditer(answer)]
-    code = "\n\n".join(b for b in blocks if b.strip()) if blocks else answer
+    code = "\n\n".join(b for b in blocks if b.strip()) or answer  # empty blocks: no code
     return code.strip("\n") if code.strip() else ""
 
 
@@ -334,7 +335,7 @@ def _nb_cell(kind: str, source: str, index: int, **extra: Any) -> dict[str, Any]
                             "source": source}
     if kind == "code":
         cell.update(execution_count=None, outputs=[])
-    cell.update(extra)
+    cell.update(extra)  # after: a code cell's number and outputs
     return cell
 
 
@@ -364,6 +365,8 @@ def export_notebook(tree: ChatTree, chat: Chat, default_system: str | None = Non
     cells: list[dict[str, Any]] = []
 
     def add(kind: str, source: str, **extra: Any) -> None:
+        if kind == "code":  # numbered as if run in order: a checker (nbval) compares them
+            extra["execution_count"] = sum(c["cell_type"] == "code" for c in cells) + 1
         cells.append(_nb_cell(kind, source, len(cells), **extra))
 
     add("markdown", f"# Chat tree export: {chat.path}\n\nEach `%%subchat` cell below is one "
@@ -383,12 +386,14 @@ def export_notebook(tree: ChatTree, chat: Chat, default_system: str | None = Non
     def create(c: Chat, system: str | None) -> None:
         """Cells that make ``c`` exist (a child branches off it before its first message,
         or it has none) and set a system prompt a magic line cannot carry."""
+        # assignments, not expressions: a checker running cells without history (nbval)
+        # would show a result even after a trailing semicolon
         lines = []
         if c.id not in made:
-            lines.append(f"default_session().branch({c.parent.path!r}, {c.name!r});")
+            lines.append(f"chat = default_session().branch({c.parent.path!r}, {c.name!r})")
             made.add(c.id)
         if system:
-            lines.append(f"default_session().set_system({c.path!r}, {system!r});")
+            lines.append(f"chat = default_session().set_system({c.path!r}, {system!r})")
         if lines:
             add("code", "from subchat_magics import default_session\n" + "\n".join(lines))
 
