@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import (
     MagicArgumentParser,
     argument,
@@ -19,7 +19,7 @@ from IPython.core.magic_arguments import (
 )
 from traitlets import Bool, Enum, Float, Int, TraitError, Unicode, observe, validate
 
-from . import notebook, render
+from . import notebook, render, structured
 from .backends.base import GenerationOptions, check_option
 from .errors import BackendError, SubchatError
 from .magic_args import in_kernel, parse_line, usage_errors
@@ -75,6 +75,7 @@ class ReplyView:
         self.text = ""
         self.handle = None
         self._written = 0
+        self.shown: dict[str, str] | None = None  # the final bundle of a parsed value
 
     def start(self) -> None:
         if self.kernel:
@@ -89,7 +90,9 @@ class ReplyView:
 
     def _flush(self, final: bool) -> None:
         if self.kernel:
-            if final:
+            if final and self.shown is not None:
+                _show_final(self.handle, self.shown)
+            elif final:
                 bundle = {"text/plain": self.text or "(empty reply)"}
                 if self.fmt == "markdown":
                     bundle["text/markdown"] = render.reply_markdown(self.text)
@@ -245,6 +248,7 @@ class SubchatMagics(Magics):
         d.update_interval = self.update_interval
 
     # -- %%subchat ---------------------------------------------------------------------------
+    @no_var_expand  # the line gets the cell's own {name} rule (_line), not IPython's
     @magic_arguments()
     @argument("path", nargs="?", default=None,
               help="Chat path, e.g. root/physics (a path without 'root/' is under root). "
@@ -271,6 +275,17 @@ class SubchatMagics(Magics):
               help="Comma-separated names of the subchats of PATH to fan out to, e.g. a,b,c.")
     @argument("--temperatures", default=None,
               help="With --fanout/--children: comma-separated temperatures, one per subchat.")
+    @argument("--json", nargs="?", const="", default=None, metavar="SCHEMA",
+              help="The reply is JSON: valid against SCHEMA (a variable holding a JSON Schema "
+                   "dict or a pydantic model class), else any JSON object. --var gets the "
+                   "parsed value. Put PATH before it (or write --json=SCHEMA).")
+    @argument("--choice", default=None, metavar="A,B,C",
+              help="The reply is exactly one of A,B,C (or of the list in variable NAME).")
+    @argument("--regex", default=None, metavar="PATTERN",
+              help="The whole reply matches PATTERN (braces stay as typed: '[0-9]{3}').")
+    @argument("--best-effort", action="store_true", default=None,
+              help="With --json/--choice/--regex: use a backend that cannot enforce it and "
+                   "validate the reply when it is in.")
     @cell_magic
     @usage_errors("%%subchat")
     def subchat(self, line: str, cell: str) -> None:
@@ -298,7 +313,7 @@ class SubchatMagics(Magics):
             %%subchat root --format code
             Fix this cell: {In[-1]} It raised: {Err[-1]}
         """
-        args = parse_line(self.subchat, strip_comment(line))
+        args = parse_line(self.subchat, self._line(line))
         if args.var is not None and (not args.var.isidentifier() or keyword.iskeyword(args.var)):
             raise UsageError(f"%%subchat: --var needs a Python name that is not a keyword, "
                              f"not {args.var!r}")
@@ -309,7 +324,10 @@ class SubchatMagics(Magics):
         filled = notebook.context(self.shell).fill(_trim(cell or ""), self.limits)
         text = filled.text
         opts = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                    seed=args.seed, model=args.model, think=args.think)
+                    seed=args.seed, model=args.model, think=args.think,
+                    constraint=structured.from_options(
+                        json=args.json, choice=args.choice, regex=args.regex,
+                        best_effort=args.best_effort, namespace=self.shell.user_ns))
         if fanout:
             self._say_masked(filled)
             return self._fanout(args, text, opts)
@@ -318,6 +336,13 @@ class SubchatMagics(Magics):
         turn = self.session.send(args.path, text, backend=args.backend, system=args.system, **opts)
         self._say_masked(filled)
         self._stream(turn, args.format or self.format, args.var)
+
+    def _line(self, line: str) -> str:
+        """A magic's options line as typed, without its ``# comment``, with ``{name}`` of
+        a notebook variable filled in by the cell's own rule (other braces stay)."""
+        return notebook.interpolate(strip_comment(line), self.shell.user_ns,
+                                    getattr(self.shell, "user_ns_hidden", None),
+                                    limits=Limits(chars=0)).text
 
     def _say_masked(self, filled: notebook.Filled) -> None:
         if filled.masked:
@@ -345,11 +370,16 @@ class SubchatMagics(Magics):
             raise UsageError(f"{magic}: {redact(str(exc))}") from None
         finally:
             stream.close()
-        view.finish("stopped at max tokens" if turn.finish and turn.finish.reason == "length" else None)
+        constrained = turn.options.constraint is not None
+        if constrained and turn.value is not None:
+            view.shown = structured.bundle(turn.value, turn.text)
+        view.finish(structured.mark(turn.reply) if constrained and structured.mark(turn.reply)
+                    else "stopped at max tokens" if turn.finish and turn.finish.reason == "length"
+                    else None)
         for note in turn.notes:
             print(f"note: {note}")
         if var:
-            self.shell.user_ns[var] = turn.text
+            self.shell.user_ns[var] = turn.value if constrained else turn.text
         if fmt == "code":
             self._next_cell(turn.text)
 
@@ -396,11 +426,13 @@ class SubchatMagics(Magics):
                      (t.reply.provenance.get("finish_reason") if t.reply else "error")
                      for t in fan.turns])
         if args.var:
-            self.shell.user_ns[args.var] = [t.text for t in fan.turns]
+            self.shell.user_ns[args.var] = [t.value if t.options.constraint is not None
+                                            else t.text for t in fan.turns]
         if error is not None:
             raise UsageError(f"%%subchat: {redact(str(error))}")
 
     # -- %subchat ----------------------------------------------------------------------------
+    @no_var_expand  # the line gets the cell's own {name} rule (_line), not IPython's
     @line_magic("subchat")
     @usage_errors("%subchat")
     def subchat_line(self, line: str = "") -> Any:
@@ -427,7 +459,7 @@ class SubchatMagics(Magics):
         help                           this help
         """
         try:
-            words = shlex.split(strip_comment(line))
+            words = shlex.split(self._line(line))
         except ValueError as exc:
             raise UsageError(f"%subchat: cannot parse {line!r}: {exc}") from None
         if not words or words[0] in ("help", "-h", "--help"):
@@ -572,7 +604,7 @@ class SubchatMagics(Magics):
             error = ctx.error(a.n, label="%subchat explain")
         filled = notebook.explain_prompt(error, self.limits)
         turn = self.session.send(a.into, filled.text)
-        print(f"explaining the {error.ename} of execution {error.execution} in {turn.chat.path}")
+        print(f"explaining the {error.ename} of {error.where} in {turn.chat.path}")
         self._say_masked(filled)
         self._stream(turn, self.format, None, magic="%subchat explain")
 

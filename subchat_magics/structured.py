@@ -161,6 +161,68 @@ def regex(pattern: str, *, best_effort: bool = False) -> Constraint:
     return Constraint("regex", pattern=pattern, best_effort=best_effort)
 
 
+_choice, _regex = choice, regex  # from_options' keywords shadow the builders' names
+
+
+def from_options(*, json: str | None = None, choice: str | None = None,  # noqa: A002
+                 regex: str | None = None, best_effort: bool | None = None,
+                 namespace: dict[str, Any] | None = None) -> Constraint | None:
+    """The constraint the options of ``%%subchat`` ask for (``--json [SCHEMA]``,
+    ``--choice A,B|NAME``, ``--regex PATTERN``, ``--best-effort``), names looked up in
+    ``namespace``; None when none is given. Two at once, an unknown name or a bad value is
+    an :class:`InvalidInput`."""
+    given = [flag for flag, v in (("--json", json), ("--choice", choice), ("--regex", regex))
+             if v is not None]
+    if len(given) > 1:
+        raise InvalidInput(f"{' and '.join(given)} are two constraints on one reply; give one")
+    if not given:
+        if best_effort:
+            raise InvalidInput("--best-effort goes with --json, --choice or --regex")
+        return None
+    ns = namespace or {}
+    be = bool(best_effort)
+    if json is not None:
+        if not json:
+            return json_schema(None, best_effort=be)
+        if not json.isidentifier() or json not in ns:
+            raise InvalidInput(f"--json {json}: no variable {json!r} in the notebook (it takes "
+                               "the name of a JSON Schema dict or a pydantic model class; bare "
+                               "--json asks for any JSON object; put PATH before --json)")
+        return json_schema(ns[json], best_effort=be)
+    if choice is not None:
+        value: Any = choice
+        held = ns.get(choice) if choice.isidentifier() else None
+        if held is not None and not isinstance(held, (str, bytes, dict)) \
+                and hasattr(held, "__iter__"):
+            value = sorted(held, key=str) if isinstance(held, (set, frozenset)) else list(held)
+        return _choice(value, best_effort=be)
+    return _regex(regex, best_effort=be)
+
+
+def pretty(value: Any) -> str:
+    """A parsed JSON value (or pydantic instance) as indented JSON."""
+    if hasattr(value, "model_dump_json"):
+        return value.model_dump_json(indent=2)
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def bundle(value: Any, text: str) -> dict[str, str] | None:
+    """How a parsed reply is shown: a JSON value as pretty JSON (Markdown) with its repr
+    as text/plain; a choice or a matched string as itself (None: show the reply)."""
+    if isinstance(value, str) or value is None and text.strip() != "null":
+        return None
+    import pprint
+
+    return {"text/plain": pprint.pformat(value, width=88, sort_dicts=False),
+            "text/markdown": f"```json\n{pretty(value)}\n```"}
+
+
+def mark(reply: Any) -> str | None:
+    """The ``error: invalid output (…)`` mark of a stored reply, or None."""
+    reason = (getattr(reply, "provenance", None) or {}).get("finish_reason") or ""
+    return reason if reason.startswith("error: invalid output") else None
+
+
 # -- helpers ------------------------------------------------------------------------------------
 def _short(text: str, n: int = 60) -> str:
     return repr(text if len(text) <= n else text[:n] + "…")
@@ -272,6 +334,9 @@ def _expand(pattern: str) -> str | None:
                 out.pop() if out else None
                 i += 1
             elif ch == "+":
+                i += 1
+            elif ch == "{" and not re.match(r"\{\d+(,\d*)?\}", pattern[i:]):
+                out.append(ch)  # not a repeat: a literal brace, as Python's re reads it
                 i += 1
             elif ch == "{":
                 j = pattern.index("}", i)
