@@ -24,19 +24,36 @@ _TOKEN = re.compile(r"\{\{|\}\}|\{(In|Out|Err)\[(-?\d+)\]\}|\{([A-Za-z_][A-Za-z0
 # names IPython itself puts into the namespace (output and input history, its helpers)
 _IPYTHON_NAMES = re.compile(r"_{1,3}|_\d+|_i.*|_o.*|_d.*|In|Out|exit|quit|get_ipython")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
-_KEEP_ERRORS = 200  # the newest errors kept per kernel (text only, no frames)
+_KEEP = 200  # the newest errors kept per kernel (text only, no frames)
+_KEEP_RUNS = 50  # the newest cells run without history kept (their results are held)
 
 
 @dataclass(frozen=True)
 class CellError:
-    """What one execution raised: its number, the cell's source, and the error as the
-    notebook showed it (exception type, message and traceback, colours stripped)."""
+    """What one cell raised: its execution number (``None`` for a cell run without
+    history), its source, and the error as the notebook showed it (exception type,
+    message and traceback, colours stripped)."""
 
-    execution: int
+    execution: int | None
     source: str
     ename: str
     evalue: str
     traceback: str
+
+    @property
+    def where(self) -> str:
+        return f"execution {self.execution}" if self.execution is not None else "a cell"
+
+
+@dataclass
+class Run:
+    """A cell run without history (nbval, some frontends): IPython numbers and keeps none
+    of it, so its source, result and error are kept here for ``{In[-1]}`` and the like."""
+
+    source: str
+    result: Any
+    has_result: bool
+    error: CellError | None
 
 
 @dataclass
@@ -65,14 +82,21 @@ def ipython_owned(name: str, namespace: dict[str, Any], hidden: dict[str, Any]) 
 
 
 class NotebookContext:
-    """One shell's cells as prompt material: sources, results, the errors they raised."""
+    """One shell's cells as prompt material: sources, results, the errors they raised.
+
+    Cells are named by IPython's execution numbers (``{In[3]}``; negative: counted back
+    from the running cell). A runner that executes cells without history (nbval does)
+    leaves them unnumbered; then negative references count back through the unnumbered
+    cells run since the extension was loaded, which this context keeps."""
 
     def __init__(self, shell: Any):
         self.shell = shell
-        self.errors: dict[int, CellError] = {}
+        self.errors: dict[int, CellError] = {}  # by execution number
+        self.recent_errors: list[CellError] = []  # every recorded error, newest last
+        self.unnumbered: list[Run] = []  # cells run without history, newest last
         self._attached = False
 
-    # -- the error record ----------------------------------------------------------------------
+    # -- the record ----------------------------------------------------------------------------
     def attach(self) -> None:
         if not self._attached and getattr(self.shell, "events", None) is not None:
             self.shell.events.register("post_run_cell", self.record)
@@ -87,20 +111,30 @@ class NotebookContext:
             self._attached = False
 
     def record(self, result: Any) -> None:
-        """``post_run_cell`` handler: keep the error a numbered execution raised."""
+        """``post_run_cell`` handler: keep the error a cell raised; of a cell run without
+        history, keep its source and result too."""
+        if result is None:
+            return
         err = getattr(result, "error_before_exec", None) or getattr(result, "error_in_exec", None)
         n = getattr(result, "execution_count", None)
-        # a cell run without storing history has the next cell's number: not its own
-        if err is None or n is None or n >= self.shell.execution_count:
-            return
+        numbered = n is not None and n < self.shell.execution_count  # else: the next number
         info = getattr(result, "info", None)
         source = getattr(info, "raw_cell", None)
         if source is None:
-            source = self._input(n) or ""
-        self.errors[n] = CellError(n, source, type(err).__name__, str(err),
-                                   self._traceback_text(err))
-        for old in sorted(self.errors)[:-_KEEP_ERRORS]:
-            del self.errors[old]
+            source = (self._input(n) if numbered else None) or ""
+        error = None
+        if err is not None:
+            error = CellError(n if numbered else None, source, type(err).__name__, str(err),
+                              self._traceback_text(err))
+            if numbered:
+                self.errors[n] = error
+            self.recent_errors = (self.recent_errors + [error])[-_KEEP:]
+            for old in sorted(self.errors)[:-_KEEP]:
+                del self.errors[old]
+        if not numbered:
+            value = getattr(result, "result", None)
+            run = Run(source, value, value is not None, error)
+            self.unnumbered = (self.unnumbered + [run])[-_KEEP_RUNS:]
 
     def _traceback_text(self, err: BaseException) -> str:
         import traceback
@@ -122,27 +156,40 @@ class NotebookContext:
         return strip_ansi("\n".join(line.rstrip("\n") for line in lines)).strip("\n")
 
     # -- executions ----------------------------------------------------------------------------
-    @property
-    def current(self) -> int:
-        """The number of the execution now running (the next one outside a cell, or in a
-        cell run without storing history). IPython counts a stored cell before running it,
-        so its number is the running cell's result's, not ``execution_count``."""
+    def _running(self) -> tuple[int, bool]:
+        """The running cell's number (the next one outside a cell) and whether it is
+        numbered. IPython counts a numbered cell before running it, so the number is the
+        running cell's result's; a cell run without history carries the next number."""
+        count = int(getattr(self.shell, "execution_count", 1) or 1)
         running = getattr(getattr(self.shell, "displayhook", None), "exec_result", None)
         n = getattr(running, "execution_count", None)
-        return int(n if n is not None else getattr(self.shell, "execution_count", 1) or 1)
+        if n is None:
+            return count, True
+        return int(n), int(n) < count
 
-    def _input(self, n: int) -> str | None:
+    @property
+    def current(self) -> int:
+        return self._running()[0]
+
+    def _input(self, n: int | None) -> str | None:
         hist = getattr(getattr(self.shell, "history_manager", None), "input_hist_raw", None) or []
-        return hist[n] if 0 < n < len(hist) else None
+        return hist[n] if n is not None and 0 < n < len(hist) else None
 
-    def execution(self, ref: str, index: int, label: str | None = None) -> int:
-        """The execution ``{ref[index]}`` names: ``index`` itself, or counted back from
-        this cell when negative (``-1``: the cell before this one). ``label`` is how the
-        error names the reference (default: the reference in braces)."""
-        n = self.current + index if index < 0 else index
-        if not 0 < n < self.current or self._input(n) is None:
-            ran = (f"executions 1 to {self.current - 1} ran before this cell"
-                   if self.current > 1 else "no cell ran before this one")
+    def _locate(self, ref: str, index: int, label: str | None) -> int | Run:
+        """The cell ``{ref[index]}`` names: an execution number, or (counting back from a
+        cell run without history) one of the unnumbered runs."""
+        current, numbered = self._running()
+        if index < 0 and not numbered:
+            if -index > len(self.unnumbered):
+                raise InvalidInput(
+                    f"{label or self._ref(ref, index)}: only {len(self.unnumbered)} cell(s) "
+                    "ran before this one since the extension was loaded (these cells run "
+                    f"without history, so only those are known){self._hint(ref, index, label)}")
+            return self.unnumbered[index]
+        n = current + index if index < 0 else index
+        if not 0 < n < current or self._input(n) is None:
+            ran = (f"executions 1 to {current - 1} ran before this cell"
+                   if current > 1 else "no cell ran before this one")
             raise InvalidInput(f"{label or self._ref(ref, index)}: there is no execution {n} "
                                f"({ran}){self._hint(ref, index, label)}")
         return n
@@ -156,32 +203,40 @@ class NotebookContext:
         return "" if label else f"; write {{{{{ref}[{index}]}}}} for the braces themselves"
 
     def source(self, index: int) -> str:
-        n = self.execution("In", index)
-        return (self._input(n) or "").rstrip()
+        cell = self._locate("In", index, None)
+        return (cell.source if isinstance(cell, Run) else self._input(cell) or "").rstrip()
 
-    def result(self, index: int) -> tuple[int, Any]:
-        n = self.execution("Out", index)
+    def result(self, index: int) -> tuple[str, Any]:
+        """(how to name it, the value) of ``{Out[index]}``."""
+        cell = self._locate("Out", index, None)
+        if isinstance(cell, Run):
+            if not cell.has_result:
+                raise InvalidInput(f"{self._ref('Out', index)}: that cell returned no result"
+                                   f"{self._hint('Out', index, None)}")
+            return f"Out[{index}]", cell.result
         out = getattr(getattr(self.shell, "history_manager", None), "output_hist", {}) or {}
-        if n not in out:
-            raise InvalidInput(f"{self._ref('Out', index)}: execution {n} returned no result"
+        if cell not in out:
+            raise InvalidInput(f"{self._ref('Out', index)}: execution {cell} returned no result"
                                f"{self._hint('Out', index, None)}")
-        return n, out[n]
+        return f"Out[{cell}]", out[cell]
 
     def error(self, index: int, label: str | None = None) -> CellError:
-        n = self.execution("Err", index, label)
-        if n not in self.errors:
+        cell = self._locate("Err", index, label)
+        error = cell.error if isinstance(cell, Run) else self.errors.get(cell)
+        if error is None:
+            where = "that cell" if isinstance(cell, Run) else f"execution {cell}"
             raise InvalidInput(
-                f"{label or self._ref('Err', index)}: execution {n} raised no error (errors are "
+                f"{label or self._ref('Err', index)}: {where} raised no error (errors are "
                 "recorded for the cells run while the extension is loaded)"
                 f"{self._hint('Err', index, label)}")
-        return self.errors[n]
+        return error
 
     def last_error(self) -> CellError | None:
         """The newest error of a cell that is not itself a ``%subchat``/``%%subchat``
         magic (what the user wants explained is their code's error, not ours)."""
-        for n in sorted(self.errors, reverse=True):
-            if not self.errors[n].source.lstrip().startswith(("%subchat", "%%subchat")):
-                return self.errors[n]
+        for error in reversed(self.recent_errors):
+            if not error.source.lstrip().startswith(("%subchat", "%%subchat")):
+                return error
         return None
 
     def last_result(self) -> Any:
@@ -257,8 +312,8 @@ def _reference(m: re.Match, namespace: dict[str, Any], hidden: dict[str, Any],
         if kind == "In":
             return cut(cells.source(i), limits.chars)
         if kind == "Out":
-            n, value = cells.result(i)
-            return prompt_text(f"Out[{n}]", value, limits)
+            name, value = cells.result(i)
+            return prompt_text(name, value, limits)
         return cut(cells.error(i).traceback, limits.chars, keep="ends")
     if name == "_" and cells is not None:
         return prompt_text("_", cells.last_result(), limits)
@@ -272,11 +327,12 @@ def explain_prompt(error: CellError, limits: Limits = Limits()) -> Filled:
     cut to ``limits`` and with every known key masked."""
     code = cut(error.source.rstrip(), limits.chars)
     tb = cut(error.traceback or f"{error.ename}: {error.evalue}", limits.chars, keep="ends")
-    text = (f"This notebook cell (execution {error.execution}) raised {error.ename}. Explain "
+    where = f" (execution {error.execution})" if error.execution is not None else ""
+    text = (f"This notebook cell{where} raised {error.ename}. Explain "
             "the cause briefly and propose a fix (corrected code in a fenced block).\n\n"
             f"The cell:\n```python\n{code}\n```\n\nThe error:\n```\n{tb}\n```")
     safe = redact(text)
-    return Filled(safe, [f"Err[{error.execution}]"] if safe != text else [])
+    return Filled(safe, ["the error and its cell"] if safe != text else [])
 
 
 # -- one context per shell, held while the extension is loaded ---------------------------------
