@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from . import batch as batch_mod
 from . import render
 from .backends.base import Availability, GenerationOptions
 from .backends.registry import Selection, registry
-from .errors import ChatNotFound, InvalidInput
+from .batch import Batch, BatchResult
+from .errors import ChatNotFound, InvalidInput, SubchatError
 from .secrets import redact, register_secret
 from .settings import getenv, set_secret, where
 from .tree import ROOT, Chat, ChatTree, default_store_path, normalize_path
@@ -45,6 +47,14 @@ class Tree(ChatTree):
         check_prompt(text)  # before the chat is made
         target = self.ensure(chat) if isinstance(chat, str) else self.get(chat)
         return Turn(self, target, text, **kwargs)
+
+    def batch(self, path: "str | int | Chat", items: Any, prompt: Callable[[Any, Any], str],
+              progress: Callable[[Any], None] | None = None, **kwargs: Any) -> BatchResult:
+        """Send ``prompt(item, index)`` for every item into ``PATH/NAME/<index>`` and wait:
+        ``tree.batch("root", questions, lambda q, i: f"Answer briefly: {q}", name="qs")``.
+        Returns the results in input order and the run's figures (see
+        :meth:`Session.batch` for the options); a rerun sends only what is not done."""
+        return Session.on_tree(self).batch(path, items, prompt, **kwargs).run(progress)
 
 
 def open_tree(path: str | os.PathLike[str] | None = None) -> Tree:
@@ -475,6 +485,141 @@ class Session:
             turns.append(self._turn(chat, text, selection, opts))
         self._set_current(parent, reason="fanout")
         return Fanout(turns)
+
+    def batch(self, path: "str | int | Chat | None", items: Any,
+              prompt: Callable[[Any, Any], str], *, name: str = "items", fresh: bool = False,
+              limit: int | None = None, concurrency: int | None = None,
+              backend: str | None = None, system: str | None = None,
+              known: Callable[[str], bool] | None = None, template: str | None = None,
+              **options: Any) -> Batch:
+        """Plan a batch: ``prompt(item, index)`` is the message of each item of ``items``
+        (a list, tuple, dict, sized iterable, pandas Series or DataFrame), sent into its
+        own chat ``PATH/NAME/<index>`` under a batch chat ``PATH/NAME`` that holds no
+        messages. Rows already completed with the same message are reused; ``fresh``
+        starts a new batch chat (``NAME-2``…). ``limit``: the first K items. ``concurrency``:
+        requests in flight (remote default 4; vLLM: up to 1024 in the engine). ``system``
+        sets the batch chat's system prompt. ``template`` with ``known`` (names of the
+        namespace) checks that every ``{field}`` it names is in every item. Everything is
+        checked before the tree is touched; ``.run()`` sends."""
+        name = batch_mod.check_name(name)
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise InvalidInput(f"--limit takes a number of items >= 1, not {limit!r}")
+        if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
+            raise InvalidInput(f"--concurrency takes a number of requests >= 1, not {concurrency!r}")
+        check_text(system, "the system prompt")
+        opts = self.options(**options)
+        check_text(opts.model, "the model name")
+        selection = check_constraint(self.select(backend), opts)
+        if not selection.candidates:
+            raise InvalidInput("no backend is available")
+        found = items if isinstance(items, batch_mod.Items) else batch_mod.items_of(items, name)
+        entries = found.entries[:limit] if limit is not None else found.entries
+        if not entries:
+            raise InvalidInput(f"{name} is empty: there is nothing to send")
+        if template is not None:
+            batch_mod.check_fields(template, batch_mod.Items(entries), known or (lambda _: False))
+        texts = []
+        for e in entries:
+            text = prompt(e.item, e.label)
+            try:
+                check_prompt(text)
+            except InvalidInput as exc:
+                raise InvalidInput(f"item {e.label!r} (position {e.pos}): {exc}") from None
+            texts.append(text)
+        tree = self.tree
+        parent: Chat | None = None
+        if isinstance(path, str):
+            full = normalize_path(path)
+            if full in tree:
+                parent = tree.get(full)
+            else:
+                tree.get(full.rpartition("/")[0])  # its parent must exist (ChatNotFound)
+        else:
+            parent = self._target(path, create=False)
+        names = batch_mod.row_names(entries)
+        chat_path = self._batch_chat_path(parent, name, fresh) if parent is not None else None
+        rows = [batch_mod.Row(e.pos, e.label, n, t) for e, n, t in zip(entries, names, texts)]
+        stale: list[int] = []
+        notes: list[str] = []
+        if chat_path is not None and chat_path in tree:
+            stale, notes = self._match_rows(tree.get(chat_path), rows, opts)
+        # every check passed: now the tree may change
+        if parent is None:
+            parent = self._target(path, create=True)
+            chat_path = self._batch_chat_path(parent, name, fresh)
+        chat = tree.ensure(chat_path)
+        if system is not None and chat.system_prompt != (system or None):
+            tree.set_system_prompt(chat, system)
+            chat = tree.get(chat.id)
+        self._set_current(parent, reason="batch")
+        backend_ = selection.candidates[0]
+        if concurrency is None:
+            concurrency = (batch_mod.ENGINE_IN_FLIGHT if hasattr(backend_, "open_pool")
+                           else batch_mod.DEFAULT_CONCURRENCY)
+        return batch_mod.Batch(tree, chat, rows, backend=backend_,
+                               make_turn=lambda c, text: self._turn(c, text, selection, opts),
+                               in_flight=concurrency, stale=stale, notes=notes)
+
+    def _batch_chat_path(self, parent: Chat, name: str, fresh: bool) -> str:
+        """``PARENT/NAME``; with ``fresh`` the first of ``NAME``, ``NAME-2``… that is free."""
+        path = normalize_path(f"{parent.path}/{name}")
+        if not fresh:
+            chat = self.tree.get(path) if path in self.tree else None
+            if chat is not None and self.tree.store.message_count(chat.id):
+                raise InvalidInput(f"{path} holds messages, so it is not a batch chat; name the "
+                                   "batch otherwise (--each of another variable) or use --fresh")
+            return path
+        k, candidate = 1, path
+        while candidate in self.tree:
+            k += 1
+            candidate = f"{path}-{k}"
+        return candidate
+
+    def _match_rows(self, chat: Chat, rows: list["batch_mod.Row"],
+                    opts: GenerationOptions) -> tuple[list[int], list[str]]:
+        """Mark the rows an earlier run completed with the same message as reused; return
+        the row chats holding only a cut or failed reply (made again before sending) and
+        notes. A row chat holding another message is refused: the data or the template
+        changed since, and mixing two runs in one batch would lie."""
+        tree = self.tree
+        kids = {c.name: c for c in tree.children(chat)}
+        have = [kids[r.name] for r in rows if r.name in kids]
+        firsts = batch_mod.first_exchanges(tree, [c.id for c in have])
+        stale: list[int] = []
+        notes: list[str] = []
+        kept = 0
+        for r in rows:
+            c = kids.get(r.name)
+            if c is None:
+                continue
+            ex = firsts.get(c.id) or []
+            if not ex:
+                continue  # made, never sent
+            if ex[0][0] != "user" or ex[0][1] != r.text:
+                raise InvalidInput(
+                    f"{c.path} holds another message than item {r.label!r} gives now (the data "
+                    f"or the template changed since that batch ran); --fresh starts a new batch "
+                    f"chat, or %subchat delete {chat.path} --force removes the old one")
+            if len(ex) > 1 and ex[1][2] == "complete":
+                r.reused, r.status, r.chat_id = True, "done", c.id
+                r.result = ex[1][1]
+                if opts.constraint is not None:
+                    try:
+                        r.result = opts.constraint.parse(ex[1][1])
+                    except SubchatError:
+                        r.reused, r.status, r.result = False, "pending", None
+                        stale.append(c.id)
+                continue
+            if tree.store.message_count(c.id) <= 2 and not c.children:
+                stale.append(c.id)
+            else:  # a cut row that was continued by hand: kept as it is, not sent again
+                r.reused, r.status, r.chat_id = True, "failed", c.id
+                r.reason = ex[1][2] if len(ex) > 1 else "no reply"
+                kept += 1
+        if kept:
+            notes.append(f"{kept} row(s) without a complete first reply were continued by hand; "
+                         "they are kept as they are (not sent again)")
+        return stale, notes
 
     def streaming(self, ref: "str | int | Chat") -> list[Turn]:
         """The replies streaming into the chat ``ref`` names right now (any face)."""

@@ -1,0 +1,121 @@
+"""A pool of requests in flight: what a batch over many items streams through.
+
+Unlike :meth:`Backend.stream_batch`, which takes every request at once, a pool takes
+requests one at a time while others run, so a batch of 100,000 items keeps only ``size``
+in flight (flat memory, a server never flooded) and the next item starts the moment one
+ends. Events are ``(index, item)`` as from ``stream_batch`` (a delta, the request's
+:class:`~subchat_magics.backends.base.Finish`, or the exception that ended it), then
+``(index, END)`` once the request is over, whichever way it ended.
+
+:func:`open_pool` uses the backend's own pool when it has one (vLLM hands every request
+to its engine, which batches them continuously) and otherwise runs each request's
+:meth:`~subchat_magics.backends.base.Backend.stream` on one of ``size`` threads (remote
+servers: ``size`` requests in flight).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Sequence
+
+from .base import Backend, BatchEvent, Finish, GenerationOptions, Message, cut_finish
+
+END = object()  # (index, END): request ``index`` is over
+
+
+class Pool:
+    """Requests streamed together, ``size`` at most in flight (the caller keeps count)."""
+
+    size: int
+
+    def submit(self, index: int, messages: Sequence[Message], options: GenerationOptions) -> None:
+        raise NotImplementedError
+
+    def next_event(self, timeout: float = 0.05) -> BatchEvent | None:
+        """The next ``(index, item)``, or None after ``timeout`` seconds without one."""
+        raise NotImplementedError
+
+    def cut_finish(self, index: int) -> Finish | None:
+        """What a request cut before its Finish cost, where the backend can say."""
+        return None
+
+    def close(self) -> None:
+        """Stop every request in flight at once (abort them in an engine, close streams)."""
+
+
+class ThreadPool(Pool):
+    """Each request's ``backend.stream`` on one of ``size`` threads (started as needed)."""
+
+    def __init__(self, backend: Backend, size: int):
+        self.backend = backend
+        self.size = max(1, int(size))
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._lock = threading.Lock()
+        self._cut: dict[int, Finish] = {}
+
+    def submit(self, index: int, messages: Sequence[Message], options: GenerationOptions) -> None:
+        with self._lock:
+            start = self._idle == 0 and len(self._threads) < self.size
+            if not start:
+                self._idle -= 1
+        if start:
+            t = threading.Thread(target=self._work_loop, daemon=True,
+                                 name=f"subchat-pool-{len(self._threads)}")
+            self._threads.append(t)
+            t.start()
+        self._work.put((index, messages, options))
+
+    def _work_loop(self) -> None:
+        while not self._stop.is_set():
+            job = self._work.get()
+            if job is None:
+                return
+            index, messages, options = job
+            gen = None
+            try:
+                gen = self.backend.stream(messages, options)
+                for item in gen:
+                    if self._stop.is_set():
+                        break
+                    self._events.put((index, item))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                self._events.put((index, exc))
+            finally:
+                if gen is not None:
+                    gen.close()
+                    cut = cut_finish(gen)
+                    if cut is not None:
+                        self._cut[index] = cut
+                self._events.put((index, END))
+            with self._lock:
+                self._idle += 1
+
+    def next_event(self, timeout: float = 0.05) -> BatchEvent | None:
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def cut_finish(self, index: int) -> Finish | None:
+        return self._cut.get(index)
+
+    def close(self) -> None:
+        """Every thread stops at its stream's next chunk (a blocked read ends with the
+        server's next token or its timeout); the caller does not wait for them."""
+        self._stop.set()
+        for _ in self._threads:
+            self._work.put(None)
+
+
+def open_pool(backend: Backend, size: int) -> Pool:
+    """The pool ``backend`` streams a batch through: its own (``backend.open_pool``) if it
+    has one, else ``size`` threads."""
+    make: Any = getattr(backend, "open_pool", None)
+    if callable(make):
+        return make(size)
+    return ThreadPool(backend, size)

@@ -1,0 +1,88 @@
+"""A batch's requests in the engine: each is prepared and handed to the engine driver the
+moment the batch submits it, so the engine batches every request in flight continuously
+(a new one joins the running batch at the next step, as soon as another ends), and
+requests that share a prompt prefix reuse it from the prefix cache.
+
+Closing the pool aborts every request the engine still holds at once, and keeps the
+counts of each cut reply (:meth:`EnginePool.cut_finish`).
+
+Imports the pool protocol, :mod:`.slot` and :mod:`.requests`; never vLLM itself."""
+
+from __future__ import annotations
+
+import queue
+from typing import Sequence
+
+from ...errors import SubchatError
+from ..base import BatchEvent, Finish, GenerationOptions, Message
+from ..pool import END, Pool
+from . import slot
+from .requests import Reply, as_error
+
+
+class EnginePool(Pool):
+    """Requests in the loaded engine; ``size`` is how many the batch keeps in flight."""
+
+    def __init__(self, engine: slot.Engine, size: int):
+        self.engine = engine
+        self.size = max(1, int(size))
+        self._sink: queue.SimpleQueue = queue.SimpleQueue()
+        self._replies: dict[int, Reply] = {}
+        self._cut: dict[int, Finish] = {}
+        self._ready: list[BatchEvent] = []  # events to hand out before the engine's
+
+    def submit(self, index: int, messages: Sequence[Message], options: GenerationOptions) -> None:
+        engine = self.engine
+        try:
+            reply, params = engine.prepare(messages, options)  # a chat that cannot fit raises
+        except SubchatError as exc:
+            self._ready += [(index, exc), (index, END)]
+            return
+        self._replies[index] = reply
+        reply.rid = engine.submit([(reply.prompt.token_ids, params, index)], self._sink)[0]
+        reply.in_engine = True
+
+    def next_event(self, timeout: float = 0.05) -> BatchEvent | None:
+        if self._ready:
+            return self._ready.pop(0)
+        try:
+            index, ev = self._sink.get(timeout=timeout)
+        except queue.Empty:
+            self.engine.driver.check()  # an engine that failed or was unloaded says so
+            return None
+        reply = self._replies[index]
+        if isinstance(ev, BaseException):
+            reply.in_engine = False
+            self._cut[index] = reply.finish(self.engine.label, "error")
+            self._end(index)
+            return index, as_error(ev)
+        reply.add(ev)
+        if ev.finished:
+            reply.finished, reply.in_engine = True, False
+            self._end(index)
+            return index, reply.finish(self.engine.label, ev.finish_reason)
+        return (index, ev.text) if ev.text else (index, "")
+
+    def _end(self, index: int) -> None:
+        reply = self._replies.pop(index)
+        self.engine.remember(reply)
+        self._ready.append((index, END))
+
+    def cut_finish(self, index: int) -> Finish | None:
+        return self._cut.get(index)
+
+    def close(self) -> None:
+        held = [r.rid for r in self._replies.values() if r.in_engine]
+        self.engine.abort(held)  # all at once; returns when the engine let go of them
+        for index, reply in list(self._replies.items()):
+            if not reply.finished:
+                self._cut[index] = reply.finish(self.engine.label, "interrupted")
+                self.engine.remember(reply)
+        self._replies.clear()
+
+
+def open_engine_pool(size: int) -> EnginePool:
+    """A pool over the engine loaded in this kernel (an error if none is)."""
+    from .backend import VLLMBackend
+
+    return EnginePool(VLLMBackend()._engine(), size)
