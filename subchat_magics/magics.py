@@ -604,7 +604,9 @@ class SubchatMagics(Magics):
             error = ctx.error(a.n, label="%subchat explain")
         filled = notebook.explain_prompt(error, self.limits)
         turn = self.session.send(a.into, filled.text)
-        print(f"explaining the {error.ename} of {error.where} in {turn.chat.path}")
+        which = f"the {error.ename} of {error.where}" if a.n is not None else \
+            f"the last error ({error.ename})"
+        print(f"explaining {which} in {turn.chat.path}")
         self._say_masked(filled)
         self._stream(turn, self.format, None, magic="%subchat explain")
 

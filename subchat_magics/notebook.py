@@ -327,8 +327,7 @@ def explain_prompt(error: CellError, limits: Limits = Limits()) -> Filled:
     cut to ``limits`` and with every known key masked."""
     code = cut(error.source.rstrip(), limits.chars)
     tb = cut(error.traceback or f"{error.ename}: {error.evalue}", limits.chars, keep="ends")
-    where = f" (execution {error.execution})" if error.execution is not None else ""
-    text = (f"This notebook cell{where} raised {error.ename}. Explain "
+    text = (f"This notebook cell raised {error.ename}. Explain "
             "the cause briefly and propose a fix (corrected code in a fenced block).\n\n"
             f"The cell:\n```python\n{code}\n```\n\nThe error:\n```\n{tb}\n```")
     safe = redact(text)

@@ -129,6 +129,22 @@ def test_errors_before_the_extension_was_loaded_or_after_unload_are_not_recorded
     assert "no error recorded yet" in ok(nb, "%subchat explain")
 
 
+def test_counting_back_works_when_cells_run_without_history(nb):
+    """A runner like nbval runs cells without history: no numbers, no In/Out; negative
+    references count back through the cells run since the extension was loaded."""
+    nb.ok("total = 2 + 3\ntotal * 2")
+    nb.run("{}['missing']")
+    nb.ok("'no error here'")
+    out = nb.ok("%%subchat root --var reply_\n[{In[-3]}] [{Out[-3]}] [{Err[-2]}] [{Out[-1]}]")
+    text = nb.ns["reply_"].split("): ", 1)[1]
+    assert text.startswith("[total = 2 + 3\ntotal * 2] [10] [")
+    assert "KeyError" in text and "'missing'" in text and text.endswith("] [no error here]")
+    assert "note" not in out
+    assert "raised no error" in nb.fails("%%subchat root\n{Err[-1]}")
+    assert "only" in nb.fails("%%subchat root\n{In[-999]}")
+    assert "explaining the last error (KeyError) in root" in nb.ok("%subchat explain")
+
+
 # -- values that fit ----------------------------------------------------------------------------
 def test_a_dataframe_is_a_markdown_table_within_the_row_and_column_limits(nb):
     nb.ns["df"] = pd.DataFrame({f"c{i}": range(i, i + 100) for i in range(30)})
@@ -226,10 +242,9 @@ def test_explain_sends_the_last_error_with_its_code_to_the_current_chat(nb, work
         "after %load_ext subchat_magics)")
     sent(nb, "hello", path="root/debug")
     run(nb, "data = {'a': 1}\ndata['b']")
-    n = nb.ip.execution_count - 1
     run(nb, "%%subchat root/nowhere/deep\nan error of ours is not the one explained")
     out = ok(nb, "%subchat explain")
-    assert f"explaining the KeyError of execution {n} in root/debug" in out
+    assert "explaining the last error (KeyError) in root/debug" in out
     msgs = store_rows(workdir / "subchats.db",
                       "SELECT m.content FROM messages m JOIN chats c ON c.id = m.chat_id "
                       "WHERE c.name = 'debug' AND m.role = 'user' ORDER BY m.id")
@@ -244,7 +259,7 @@ def test_explain_n_into_a_path_and_its_bad_input(nb, workdir):
     n = nb.ip.execution_count - 1
     ok(nb, "1 + 1")
     out = ok(nb, f"%subchat explain {n} --into root/why")
-    assert f"ValueError of execution {n} in root/why" in out
+    assert f"explaining the ValueError of execution {n} in root/why" in out
     before = (rows(workdir), chats(workdir))
     assert fails(nb, f"%subchat explain {n + 1}").startswith(
         f"%subchat explain: execution {n + 1} raised no error")

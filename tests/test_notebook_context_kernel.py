@@ -133,11 +133,12 @@ def test_explain_after_a_real_exception_streams_the_cause_and_fix_request(kernel
     n = number(kernel, "import json\njson.loads('{not json')")
     msgs, reply = execute(kernel, "%subchat explain")
     assert reply["status"] == "ok"
-    assert f"explaining the JSONDecodeError of execution {n} in root/explained" in stdout(msgs)
+    assert "explaining the last error (JSONDecodeError) in root/explained" in stdout(msgs)
     answer = final_reply(msgs)
     assert re.match(r"echo \(\d+ messages\): This notebook cell", answer), answer[:80]
     assert "```python\nimport json\njson.loads('{not json')\n```" in answer
     assert "JSONDecodeError" in answer and "Expecting property name" in answer
+    assert f"Cell In[{n}], line 2" in answer  # the traceback as the notebook showed it
     assert "\x1b[" not in answer
     shown = [m for m in msgs if m["msg_type"] == "display_data"][-1]["content"]["data"]
     assert "text/markdown" in shown  # streamed and shown like any cell
