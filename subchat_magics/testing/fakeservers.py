@@ -437,6 +437,7 @@ class _FakeChatCompletions(FakeServer):
 
     prefix = ""
     reasoning_field = "reasoning_content"  # vLLM's and DeepSeek's name
+    owned_by = "fake"  # what /models says of each model ("vllm" for a vllm serve)
 
     @property
     def chat_path(self) -> str:  # type: ignore[override]
@@ -452,7 +453,8 @@ class _FakeChatCompletions(FakeServer):
                 self._error(h, 401)
                 return
             h.send_json(200, {"object": "list", "data": [
-                {"id": m, "object": "model", "created": 1_700_000_000, "owned_by": "fake"}
+                {"id": m, "object": "model", "created": 1_700_000_000,
+                 "owned_by": self.owned_by}
                 for m in self.models]})
         elif req.path == self.chat_path and req.method == "POST":
             self._chat(h, req)
