@@ -223,10 +223,20 @@ class BatchResult:
     stats: Progress
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)
+    index: Any = None  # the pandas index of the input's rows, if it was pandas
 
     @property
     def results(self) -> list[Any]:
         return [r.result if r.status == "done" else None for r in self.rows]
+
+    def output(self, name: str | None = None) -> Any:
+        """The results as the input was: a list, or a pandas Series with the input's index
+        (``name`` its name) when the input was a Series or a DataFrame."""
+        values = self.results
+        if self.index is None:
+            return values
+        pd = sys.modules["pandas"]
+        return pd.Series(values, index=self.index, name=name, dtype=object)
 
     def summary(self) -> str:
         s = self.stats
@@ -251,8 +261,10 @@ class Batch:
 
     def __init__(self, tree: ChatTree, chat: Chat, rows: list[Row], *, backend: Backend,
                  make_turn: Callable[[Chat, str], "Turn"], in_flight: int,
-                 stale: list[int] | None = None, notes: list[str] | None = None):
+                 stale: list[int] | None = None, notes: list[str] | None = None,
+                 index: Any = None):
         self.tree = tree
+        self.index = index
         self.chat = chat
         self.rows = rows
         self.backend = backend
@@ -342,7 +354,7 @@ class Batch:
         """The rows as they stand (after :meth:`run`, or after it was interrupted)."""
         return BatchResult(self.path, self.rows, self.progress,
                            interrupted=any(r.status == "interrupted" for r in self.rows),
-                           notes=list(self.notes))
+                           notes=list(self.notes), index=self.index)
 
     # -- inside the run ----------------------------------------------------------------------------
     def _drop_stale(self) -> None:

@@ -7,6 +7,7 @@ import keyword
 import re
 import shlex
 import sys
+from collections import ChainMap
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from traitlets import Bool, Enum, Float, Int, TraitError, Unicode, observe, vali
 
 from . import notebook, render, structured
 from .backends.base import GenerationOptions, check_option
+from .batch import check_var, fields_of
+from .batch_view import BatchProgress
 from .errors import BackendError, SubchatError
 from .magic_args import in_kernel, parse_line, usage_errors
 from .secrets import redact
@@ -286,6 +289,21 @@ class SubchatMagics(Magics):
     @argument("--best-effort", action="store_true", default=None,
               help="With --json/--choice/--regex: use a backend that cannot enforce it and "
                    "validate the reply when it is in.")
+    @argument("--each", default=None, metavar="NAME",
+              help="Send the cell once per item of the variable NAME (a list, tuple, dict, "
+                   "pandas Series or DataFrame), each into its own chat PATH/NAME/<index>: "
+                   "{item} is the item, {index} its index, {field} a field of a dict, "
+                   "DataFrame row or named tuple. A rerun sends only the rows not done.")
+    @argument("--as", dest="as_var", default=None, metavar="VAR",
+              help="With --each: the replies in VAR, in input order (a list, or a pandas "
+                   "Series with the input's index); None for a row that failed.")
+    @argument("--limit", type=int, default=None, metavar="K",
+              help="With --each: only the first K items (to try a prompt first).")
+    @argument("--concurrency", type=int, default=None, metavar="N",
+              help="With --each: requests in flight (remote backends, default 4; vLLM: all, "
+                   "up to 1024, in the engine at once).")
+    @argument("--fresh", action="store_true", default=None,
+              help="With --each: start a new batch chat (NAME-2, ...) instead of resuming.")
     @cell_magic
     @usage_errors("%%subchat")
     def subchat(self, line: str, cell: str) -> None:
@@ -321,13 +339,16 @@ class SubchatMagics(Magics):
         if args.format == "code" and fanout:
             raise UsageError("%%subchat: --format code takes the code of one reply; it does "
                              "not go with --fanout/--children")
-        filled = notebook.context(self.shell).fill(_trim(cell or ""), self.limits)
-        text = filled.text
         opts = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                     seed=args.seed, model=args.model, think=args.think,
                     constraint=structured.from_options(
                         json=args.json, choice=args.choice, regex=args.regex,
                         best_effort=args.best_effort, namespace=self.shell.user_ns))
+        if args.each is not None or any(v is not None for v in (
+                args.as_var, args.limit, args.concurrency, args.fresh)):
+            return self._each(args, _trim(cell or ""), opts)  # one message per item
+        filled = notebook.context(self.shell).fill(_trim(cell or ""), self.limits)
+        text = filled.text
         if fanout:
             self._say_masked(filled)
             return self._fanout(args, text, opts)
@@ -392,6 +413,70 @@ class SubchatMagics(Magics):
         self.shell.set_next_input(code, replace=False)
         print("note: its code is in a new cell below (not run)" if in_kernel(self.shell) else
               f"note: its code is the next input:\n{code}")
+
+    def _each(self, args: Any, template: str, opts: dict[str, Any]) -> None:
+        """``--each NAME``: the cell is a template sent once per item (batch.py does it)."""
+        if args.each is None:
+            raise UsageError("%%subchat: --as, --limit, --concurrency and --fresh go with "
+                             "--each NAME")
+        clash = [flag for flag, v in (("--fanout", args.fanout), ("--children", args.children),
+                                      ("--temperatures", args.temperatures), ("--var", args.var))
+                 if v is not None] + (["--format code"] if args.format == "code" else [])
+        if clash:
+            raise UsageError(f"%%subchat: --each does not go with {', '.join(clash)} "
+                             "(each item is its own chat; --as VAR takes the replies)")
+        try:
+            check_var(args.as_var)
+        except SubchatError as exc:
+            raise UsageError(f"%%subchat: {exc}") from None
+        ns = self.shell.user_ns
+        if args.each not in ns:
+            raise UsageError(f"%%subchat: --each {args.each}: no variable {args.each!r} in the "
+                             "notebook; assign the list or DataFrame first")
+        hidden = getattr(self.shell, "user_ns_hidden", None) or {}
+        cells = notebook.context(self.shell)
+        masked: list[str] = []
+
+        def prompt(item: Any, index: Any) -> str:
+            own = {"item": item, "index": index, **(fields_of(item) or {})}
+            filled = notebook.interpolate(template, ChainMap(own, ns), hidden, cells=cells,
+                                          limits=self.limits)
+            masked.extend(filled.masked)
+            return filled.text
+
+        def known(name: str) -> bool:
+            return name in ns and not notebook.ipython_owned(name, ns, hidden)
+
+        batch = self.session.batch(args.path, ns[args.each], prompt, name=args.each,
+                                   fresh=bool(args.fresh), limit=args.limit,
+                                   concurrency=args.concurrency, backend=args.backend,
+                                   system=args.system, known=known, template=template, **opts)
+        if masked:
+            print(f"note: a key was masked in {', '.join(dict.fromkeys(masked))} before sending")
+        view = BatchProgress(self.shell, batch.path)
+        try:
+            batch.run(view)
+        except KeyboardInterrupt:
+            view.close()
+            self._each_done(batch.result(), args.as_var, interrupted=True)
+            raise KeyboardInterrupt from None
+        view.close()
+        self._each_done(batch.result(), args.as_var)
+
+    def _each_done(self, result: Any, var: str | None, interrupted: bool = False) -> None:
+        print(result.summary())
+        failed = [r for r in result.rows if r.status == "failed"]
+        if failed:
+            r = failed[0]
+            print(f"failed: {len(failed)} row(s), e.g. {result.path}/{r.name}: "
+                  f"{redact(str(r.reason))[:200]}")
+        if interrupted:
+            cut = sum(1 for r in result.rows if r.status in ("interrupted", "pending"))
+            print(f"interrupted: {cut} row(s) not done; run the cell again to send only those")
+        for note in result.notes:
+            print(f"note: {note}")
+        if var:
+            self.shell.user_ns[var] = result.output(var)
 
     def _fanout(self, args: Any, text: str, opts: dict[str, Any]) -> None:
         names = args.children.split(",") if args.children is not None else None

@@ -9,6 +9,7 @@ import shlex
 import time
 from typing import Any
 
+from . import batch
 from .errors import InvalidInput
 from .tree import Chat, ChatTree, Message
 
@@ -120,12 +121,23 @@ def chat_label(name: str, count: int, last_reply: Message | None = None,
 
 
 def tree_text(tree: ChatTree, current: str | None = None) -> str:
-    """The tree as indented text: name, message count, last reply's backend/model."""
+    """The tree as indented text: name, message count, last reply's backend/model. A batch
+    (``%%subchat --each``) is one line, ``NAME  [987/1000 done, 13 failed]``; its rows
+    show only when one of them is on the current chat's path."""
     counts = tree.store.message_counts()
     last = tree.store.last_replies()
+    batches = batch.summaries(tree, counts)
     lines = []
     for chat in tree.chats():
         depth = chat.path.count("/")
+        folded = next((a for a in tree.lineage(chat)[:-1] if a.id in batches), None)
+        if folded is not None and not (current == chat.path
+                                       or (current or "").startswith(chat.path + "/")):
+            continue
+        if chat.id in batches:
+            mark = "*" if chat.path == current else " "
+            lines.append(f"{mark} {'  ' * depth}{chat.name}  {batches[chat.id].label()}")
+            continue
         n = counts.get(chat.id, 0)
         mark = "*" if chat.path == current else " "
         info = f"{n} message{'s' if n != 1 else ''}"

@@ -558,7 +558,9 @@ class Session:
                            else batch_mod.DEFAULT_CONCURRENCY)
         return batch_mod.Batch(tree, chat, rows, backend=backend_,
                                make_turn=lambda c, text: self._turn(c, text, selection, opts),
-                               in_flight=concurrency, stale=stale, notes=notes)
+                               in_flight=concurrency, stale=stale, notes=notes,
+                               index=None if found.pandas_index is None
+                               else found.pandas_index[:len(entries)])
 
     def _batch_chat_path(self, parent: Chat, name: str, fresh: bool) -> str:
         """``PARENT/NAME``; with ``fresh`` the first of ``NAME``, ``NAME-2``… that is free."""
