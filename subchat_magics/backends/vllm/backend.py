@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 from ...errors import BackendUnavailable, SubchatError
 from ..base import Availability, Backend, BatchEvent, Finish, GenerationOptions, Message, Stream
 from . import slot
+from .pool import EnginePool
 from .requests import Reply, as_error
 
 
@@ -146,6 +147,11 @@ class VLLMBackend(Backend):
                 if not reply.finished and index not in stream.cut:
                     cut(index, "interrupted")
                     engine.remember(reply)  # what was kept of it can still be reused
+
+    def open_pool(self, size: int) -> EnginePool:
+        """What a batch (``%%subchat --each``) streams through: each request goes into the
+        engine when the batch submits it, so every request in flight is batched."""
+        return EnginePool(self._engine(), size)
 
     def unfinished_requests(self) -> int:
         """Requests the engine still holds (0 when idle)."""

@@ -80,9 +80,3 @@ class EnginePool(Pool):
                 self.engine.remember(reply)
         self._replies.clear()
 
-
-def open_engine_pool(size: int) -> EnginePool:
-    """A pool over the engine loaded in this kernel (an error if none is)."""
-    from .backend import VLLMBackend
-
-    return EnginePool(VLLMBackend()._engine(), size)
