@@ -125,7 +125,8 @@ class NotebookContext:
         error = None
         if err is not None:
             error = CellError(n if numbered else None, source, type(err).__name__, str(err),
-                              self._traceback_text(err))
+                              (self._stored_traceback(n) if numbered else None)
+                              or self._traceback_text(err))
             if numbered:
                 self.errors[n] = error
             self.recent_errors = (self.recent_errors + [error])[-_KEEP:]
@@ -135,6 +136,16 @@ class NotebookContext:
             value = getattr(result, "result", None)
             run = Run(source, value, value is not None, error)
             self.unnumbered = (self.unnumbered + [run])[-_KEEP_RUNS:]
+
+    def _stored_traceback(self, n: int) -> str | None:
+        """The traceback IPython (9 and later) already formatted and stored for execution
+        ``n``, so a deep one is not formatted twice."""
+        stored = getattr(getattr(self.shell, "history_manager", None), "exceptions", None)
+        entry = stored.get(n) if isinstance(stored, dict) else None
+        lines = entry.get("traceback") if isinstance(entry, dict) else None
+        if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
+            return None
+        return strip_ansi("\n".join(x.rstrip("\n") for x in lines)).strip("\n") or None
 
     def _traceback_text(self, err: BaseException) -> str:
         import traceback
