@@ -27,7 +27,9 @@ class VLLMMagics(Magics):
     @magic_arguments()
     @argument("model_path", nargs="?", default=None,
               help="Folder of the model (config.json and weights), e.g. "
-                   "/kaggle/input/qwen-3/transformers/14b-awq/1. $VAR and {var} are expanded.")
+                   "/kaggle/input/qwen-3/transformers/14b-awq/1, or a Hugging Face model id "
+                   "(org/name, e.g. Qwen/Qwen3-14B-AWQ: from the local Hugging Face cache, or "
+                   "downloaded by vLLM). $VAR and {var} are expanded.")
     @argument("--tp", type=int, default=None,
               help="Tensor parallel size. Default: the number of visible CUDA devices (1 on CPU).")
     @argument("--gpu-memory-utilization", type=float, default=None,
@@ -49,6 +51,9 @@ class VLLMMagics(Magics):
     @argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
               help="Any other vllm.LLM argument, e.g. --engine-arg max_num_seqs=16 (repeatable); "
                    "vLLM checks them before a loaded model is let go.")
+    @argument("--verbose", action="store_true",
+              help="Show vLLM's own log in the cell while loading (by default: one line per "
+                   "phase, and the summary).")
     @argument("--unload", action="store_true", help="Unload the loaded model (same as %%unload_vllm).")
     @line_magic
     @usage_errors("%load_vllm")
@@ -60,9 +65,17 @@ class VLLMMagics(Magics):
         gpu_memory_utilization 0.91, enforce_eager, max_model_len 5120, prefix caching,
         trust_remote_code. A model already loaded is unloaded first.
 
+        MODEL_PATH is a folder, or a Hugging Face model id (``org/name`` that is not a
+        folder here): vLLM takes it from the local Hugging Face cache (``HF_HUB_CACHE``,
+        ``HF_HOME``) or downloads it; the line before loading says which. With
+        ``HF_HUB_OFFLINE=1`` only the cache is used. While loading, one line per phase
+        (reading the config, loading weights, profiling memory, capturing graphs);
+        ``--verbose`` shows vLLM's own log instead.
+
         Examples::
 
             %load_vllm /kaggle/input/qwen-3/transformers/14b-awq/1
+            %load_vllm Qwen/Qwen3-14B-AWQ
             %load_vllm $MODEL_PATH --max-model-len 8192 --think
             %load_vllm ./my-model --engine-arg max_num_seqs=16 --engine-arg seed=1
             %load_vllm --unload
@@ -78,7 +91,8 @@ class VLLMMagics(Magics):
             return
         if not args.model_path:
             raise UsageError("%load_vllm: give MODEL_PATH, the folder of the model "
-                             "(e.g. %load_vllm /kaggle/input/qwen-3/transformers/14b-awq/1)")
+                             "(e.g. %load_vllm /kaggle/input/qwen-3/transformers/14b-awq/1) "
+                             "or a Hugging Face model id (e.g. %load_vllm Qwen/Qwen3-14B-AWQ)")
         if args.tp is not None and args.tp < 1:
             raise UsageError(f"%load_vllm: --tp must be 1 or more, not {args.tp}")
         gmu = args.gpu_memory_utilization
@@ -93,6 +107,7 @@ class VLLMMagics(Magics):
             enforce_eager=not args.no_enforce_eager,
             enable_prefix_caching=not args.no_prefix_caching,
             quantization=args.quantization, think=args.think, engine_args=engine_args,
+            verbose=args.verbose,
         )
         backend.load(settings, echo=_say)
         self._note_selection()

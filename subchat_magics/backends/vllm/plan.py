@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -85,16 +86,31 @@ def model_label(path: str | os.PathLike[str]) -> str:
     return named[-1] if named else str(path)
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]*[A-Za-z0-9_]")
+
+
+def clean_model_arg(raw: str | os.PathLike[str]) -> str:
+    return str(raw).strip().strip("'\"")
+
+
+def is_hub_id(raw: str | os.PathLike[str]) -> bool:
+    """``org/name`` (one slash, the Hub's characters) that is not an existing path: a
+    Hugging Face model id such as ``Qwen/Qwen3-14B-AWQ``. ``./org/name`` is a folder."""
+    text = clean_model_arg(raw)
+    return bool(_HUB_ID.fullmatch(text)) and ".." not in text and not Path(text).exists()
+
+
 def check_model_path(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
     """The model folder and its ``config.json``; :class:`InvalidInput` if either is missing."""
-    raw = str(path).strip().strip("'\"")
+    raw = clean_model_arg(path)
     if not raw:
         raise InvalidInput("%load_vllm needs MODEL_PATH, a folder holding a model (config.json, weights)")
     p = Path(raw).expanduser()
     if not p.exists():
         raise InvalidInput(
             f"%load_vllm: no such folder {raw!r}; give the path of a local model folder "
-            "(with config.json), e.g. /kaggle/input/qwen-3/transformers/14b-awq/1"
+            "(with config.json), e.g. /kaggle/input/qwen-3/transformers/14b-awq/1, or a "
+            "Hugging Face model id, e.g. Qwen/Qwen3-14B-AWQ"
         )
     if not p.is_dir() or not (p / "config.json").is_file():
         raise InvalidInput(
@@ -125,13 +141,15 @@ class LoadSettings:
     quantization: str | None = None
     think: bool = False
     engine_args: dict[str, Any] = field(default_factory=dict)
+    verbose: bool = False  # vLLM's own log in the cell while loading
 
 
 @dataclass
 class Plan:
-    """The engine arguments worked out for a load, and what to say about them."""
+    """The engine arguments worked out for a load, and what to say about them. ``path``
+    is the model folder, or a Hugging Face model id (a ``str``)."""
 
-    path: Path
+    path: Path | str
     label: str
     kwargs: dict[str, Any]
     quantization_label: str | None
@@ -145,9 +163,10 @@ def check_engine_arg_keys(engine_args: dict[str, Any]) -> None:
             raise InvalidInput(f"%load_vllm: --engine-arg {key}=... cannot be set here")
 
 
-def plan_load(settings: LoadSettings, config: dict[str, Any], path: Path,
+def plan_load(settings: LoadSettings, config: dict[str, Any], path: Path | str,
               cuda_device_count: int, capabilities: Sequence[tuple[int, int]]) -> Plan:
-    """The ``vllm.LLM`` keyword arguments for ``settings`` on a machine with these GPUs."""
+    """The ``vllm.LLM`` keyword arguments for ``settings`` on a machine with these GPUs.
+    ``path``: the model folder, or a Hugging Face model id (a ``str``: vLLM fetches it)."""
     tp = settings.tensor_parallel_size or tensor_parallel_size(cuda_device_count)
     if settings.tensor_parallel_size and cuda_device_count and tp > cuda_device_count:
         raise InvalidInput(
@@ -181,7 +200,8 @@ def plan_load(settings: LoadSettings, config: dict[str, Any], path: Path,
     if quant:
         kwargs["quantization"] = quant
     kwargs.update(settings.engine_args)
-    return Plan(path, model_label(path), kwargs, quant_label, needs_spawn(kwargs["tensor_parallel_size"]))
+    label = path if isinstance(path, str) else model_label(path)
+    return Plan(path, label, kwargs, quant_label, needs_spawn(kwargs["tensor_parallel_size"]))
 
 
 def parse_engine_arg(item: str) -> tuple[str, Any]:

@@ -12,26 +12,31 @@ passed in)."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import queue
 import sys
+import tempfile
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ...errors import BackendError, InvalidInput
 from ...prompting import PromptBuilder
 from ..base import GenerationOptions, Message
-from . import compat
+from . import compat, hub
 from .driver import Driver
 from .plan import (
     LoadSettings,
     check_engine_arg_keys,
     check_model_path,
+    clean_model_arg,
     first_line,
+    is_hub_id,
     model_label,
     plan_load,
 )
+from .progress import LogPhases, LogTail
 from .requests import Reply, sampling_params
 
 
@@ -231,12 +236,21 @@ def load(settings: LoadSettings, echo: Callable[[str], None] | None = print) -> 
     """Load a model as ``%load_vllm`` does and make it the active engine.
 
     Everything that needs no weights is checked before a loaded model is let go: the
-    folder and its config, our flags, and vLLM's own validation of the engine arguments.
-    Only a failure while building the new engine costs the old model, and the error
-    then says so."""
-    path, config = check_model_path(settings.model)
-    check_engine_arg_keys(settings.engine_args)
+    folder and its config (or the model id, in the Hugging Face cache or on the Hub),
+    our flags, and vLLM's own validation of the engine arguments. Only a failure while
+    building the new engine costs the old model, and the error then says so.
+
+    While the engine builds, vLLM's log goes to a file (``settings.verbose``: to the
+    cell, as vLLM writes it) and ``echo`` gets a line per phase read from it."""
     say = echo or (lambda _s: None)
+    path: Any
+    found = None
+    if is_hub_id(settings.model):
+        found = hub.resolve(clean_model_arg(settings.model))
+        path, config = found.repo_id, found.config
+    else:
+        path, config = check_model_path(settings.model)
+    check_engine_arg_keys(settings.engine_args)
     if "vllm" not in sys.modules:
         say("Importing vLLM…")
     vllm = compat.import_vllm()
@@ -247,37 +261,63 @@ def load(settings: LoadSettings, echo: Callable[[str], None] | None = print) -> 
     if plan.spawn:
         # before CUDA is touched in this process: forked TP workers would inherit it
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    compat.validate_engine_args(plan.kwargs, set(settings.engine_args))
-    # every check that needs no weights is done: only now let go of the model in use
-    previous = _active.label if _active is not None else None
-    if previous is not None:
-        say(f"Unloading {previous} first.")
-        unload()
-    k = plan.kwargs
-    say(f"Loading {plan.label} with vLLM {getattr(vllm, '__version__', '?')}: dtype {k['dtype']}, "
-        f"TP {k['tensor_parallel_size']}, max length {k['max_model_len']}"
-        + (f", {plan.quantization_label}" if plan.quantization_label else "") + "…")
-    t0 = time.perf_counter()
-    holder: dict[str, Any] = {}
-    try:
-        compat.build_llm(vllm, k, holder)
-    except KeyboardInterrupt:
-        holder.clear()
-        compat.free_memory()
-        raise
-    except Exception as exc:  # noqa: BLE001 - vLLM raises many kinds; say what failed
-        holder.clear()
-        compat.free_memory()
-        lost = (f"; {previous} was unloaded to make room for it and is no longer loaded "
-                "(load it again with %load_vllm)") if previous is not None else ""
-        raise BackendError(f"vLLM could not load {plan.label}: {type(exc).__name__}: {first_line(exc)}"
-                           f"{_load_hint(exc)}{lost}", reason="model") from None
+    phases = LogPhases(lambda line: say(f"  · {line}"))
+    with _vllm_log(phases, settings.verbose) as more:
+        say(f"Reading the config of {plan.label} and checking the engine arguments…")
+        compat.validate_engine_args({**plan.kwargs, **more}, set(settings.engine_args))
+        # every check that needs no weights is done: only now let go of the model in use
+        previous = _active.label if _active is not None else None
+        if previous is not None:
+            say(f"Unloading {previous} first.")
+            unload()
+        k = plan.kwargs
+        if found is not None:
+            say(found.plan_line())
+        say(f"Loading {plan.label} with vLLM {getattr(vllm, '__version__', '?')}: dtype {k['dtype']}, "
+            f"TP {k['tensor_parallel_size']}, max length {k['max_model_len']}"
+            + (f", {plan.quantization_label}" if plan.quantization_label else "") + "…")
+        t0 = time.perf_counter()
+        holder: dict[str, Any] = {}
+        try:
+            compat.build_llm(vllm, {**k, **more}, holder)
+        except KeyboardInterrupt:
+            holder.clear()
+            compat.free_memory()
+            raise
+        except Exception as exc:  # noqa: BLE001 - vLLM raises many kinds; say what failed
+            holder.clear()
+            compat.free_memory()
+            lost = (f"; {previous} was unloaded to make room for it and is no longer loaded "
+                    "(load it again with %load_vllm)") if previous is not None else ""
+            raise BackendError(f"vLLM could not load {plan.label}: {type(exc).__name__}: "
+                               f"{first_line(exc)}{_load_hint(exc)}{lost}", reason="model") from None
     engine = Engine(holder.pop("llm"), owned=True, label=plan.label, think=settings.think,
                     load_seconds=time.perf_counter() - t0, quantization=plan.quantization_label,
                     model_path=str(path))
     _activate(engine)
-    say(f"vLLM ready: {engine.summary()}")
+    said = engine.summary()
+    if phases.warnings:
+        said += (f" ({phases.warnings} warning{'s' if phases.warnings != 1 else ''} from vLLM "
+                 "not shown: %load_vllm --verbose shows its log)")
+    say(f"vLLM ready: {said}")
     return engine
+
+
+@contextlib.contextmanager
+def _vllm_log(phases: LogPhases, verbose: bool) -> Iterator[dict[str, Any]]:
+    """While a load is checked and built: vLLM's log in a file read by ``phases`` (or,
+    ``verbose``, left to vLLM). Yields the engine arguments that say so to vLLM."""
+    if verbose:
+        yield {}
+        return
+    fd, log_path = tempfile.mkstemp(prefix="subchat-vllm-load-", suffix=".log")
+    os.close(fd)
+    tail = LogTail(log_path, phases).start()
+    try:
+        with compat.log_to_file(log_path) as more:
+            yield more
+    finally:
+        tail.stop()
 
 
 def _load_hint(exc: BaseException) -> str:
