@@ -266,6 +266,9 @@ class SubchatMagics(Magics):
     @argument("--seed", type=int, default=None, help="Sampling seed (where the backend supports it).")
     @argument("--think", action="store_true", default=None, help="Let thinking models think.")
     @argument("--no-think", dest="think", action="store_false", help="Turn thinking off.")
+    @argument("--num-ctx", type=int, default=None,
+              help="Ollama's context window in tokens. Default: OLLAMA_NUM_CTX, else what the "
+                   "chat needs (powers of two from 4096) up to the model's limit.")
     @argument("-f", "--format", choices=["markdown", "text", "code"], default=None,
               help="Show the finished reply as Markdown or plain text; code: show it and put "
                    "its code (the fenced blocks, else the whole reply) in a new cell below, "
@@ -341,6 +344,7 @@ class SubchatMagics(Magics):
                              "not go with --fanout/--children")
         opts = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                     seed=args.seed, model=args.model, think=args.think,
+                    extra={"num_ctx": args.num_ctx} if args.num_ctx is not None else None,
                     constraint=structured.from_options(
                         json=args.json, choice=args.choice, regex=args.regex,
                         best_effort=args.best_effort, namespace=self.shell.user_ns))

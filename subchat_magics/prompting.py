@@ -25,7 +25,8 @@ that contains ``</think>`` or starts with ``<think>`` ran with thinking on), and
 below the system prompt are dropped (a turn: a user message and what answered it); if
 the newest message alone leaves no room, :class:`~subchat_magics.errors.InvalidInput`
 says what to shorten. When only the newest exchange is left and it fits but leaves
-less than ``max_tokens``, ``max_tokens`` is lowered to what is left.
+less than ``max_tokens``, ``max_tokens`` is lowered to what is left. The rule itself is
+:func:`fit_window`, shared with backends that can only estimate token counts (Ollama).
 
 No vLLM import here: the tokenizer is any Hugging Face-style tokenizer
 (``apply_chat_template``, ``encode``, ``convert_ids_to_tokens``).
@@ -302,42 +303,83 @@ class PromptBuilder:
         msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
         if not msgs:
             raise InvalidInput("there is no message to send")
-        limit = self.max_model_len
-        head = 1 if msgs[0]["role"] == "system" else 0
-        # turn boundaries: each user message after the system prompt starts a turn
-        starts = [i for i in range(head, len(msgs)) if msgs[i]["role"] == "user" or i == head]
-        last = starts[-1]
 
-        def attempt(k: int) -> Prompt:
-            cut = starts[k] if k < len(starts) else last
-            kept = msgs[:head] + msgs[cut:]
+        def measure(kept: list[dict[str, str]]) -> tuple[int, Any]:
             ids, exact = self.token_ids(kept, think=think)
-            return Prompt(ids, max_tokens, kept, cut - head, k, exact)
+            return len(ids), (ids, exact)
 
-        p = attempt(0)
-        if p.length + max_tokens > limit and len(starts) > 1:
-            # the fewest dropped turns that fit (binary search: fewer turns, fewer tokens)
-            lo, hi = 1, len(starts) - 1
-            best = attempt(hi)
-            if best.length + max_tokens <= limit:
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    cand = attempt(mid)
-                    if cand.length + max_tokens <= limit:
-                        best, hi = cand, mid
-                    else:
-                        lo = mid + 1
-            p = best
-            n = p.dropped_turns
-            p.notes.append(
-                f"dropped the {n} oldest turn{'s' if n != 1 else ''} ({p.dropped_messages} messages) "
-                f"to fit max_model_len {limit}"
-            )
-        if p.length >= limit:
-            raise InvalidInput(self._too_long(msgs[:head], msgs[last:], think))
-        if p.length + max_tokens > limit:
-            p.max_tokens = limit - p.length
-            p.notes.append(
-                f"max_tokens lowered from {max_tokens} to {p.max_tokens} to fit max_model_len {limit}"
-            )
+        def too_long(system: list[dict[str, str]], newest: list[dict[str, str]]) -> str:
+            return self._too_long(system, newest, think)
+
+        fit = fit_window(msgs, max_tokens, self.max_model_len, measure, too_long)
+        ids, exact = fit.payload
+        p = Prompt(ids, fit.max_tokens, fit.messages, fit.dropped_messages, fit.dropped_turns, exact)
+        p.notes.extend(fit.notes)
         return p
+
+
+@dataclass
+class Fit:
+    """Messages fitted into a context window: what was kept, its length in tokens, the
+    ``max_tokens`` left for the reply, what was dropped and the notes that say so."""
+
+    messages: list[dict[str, str]]
+    length: int
+    max_tokens: int
+    dropped_messages: int = 0
+    dropped_turns: int = 0
+    payload: Any = None  # what ``measure`` gave with the length (the token ids, say)
+    notes: list[str] = field(default_factory=list)
+
+
+def fit_window(msgs: Sequence[dict[str, str]], max_tokens: int, limit: int,
+               measure: Any, too_long: Any, window: str = "max_model_len") -> Fit:
+    """The one fitting rule, for any backend that can count tokens (exactly or not).
+
+    ``measure(kept) -> (length, payload)`` counts a list of messages; ``too_long(system,
+    newest) -> str`` says what to shorten when the newest message cannot fit at all.
+    When prompt + ``max_tokens`` exceeds ``limit``, the fewest oldest turns below the
+    system prompt are dropped (a turn: a user message and what answered it); when only
+    the newest exchange is left and it fits but leaves less than ``max_tokens``,
+    ``max_tokens`` is lowered to what is left. ``window`` names the limit in the notes."""
+    msgs = list(msgs)
+    if not msgs:
+        raise InvalidInput("there is no message to send")
+    head = 1 if msgs[0]["role"] == "system" else 0
+    # turn boundaries: each user message after the system prompt starts a turn
+    starts = [i for i in range(head, len(msgs)) if msgs[i]["role"] == "user" or i == head]
+    last = starts[-1]
+
+    def attempt(k: int) -> Fit:
+        cut = starts[k] if k < len(starts) else last
+        kept = msgs[:head] + msgs[cut:]
+        length, payload = measure(kept)
+        return Fit(kept, length, max_tokens, cut - head, k, payload)
+
+    p = attempt(0)
+    if p.length + max_tokens > limit and len(starts) > 1:
+        # the fewest dropped turns that fit (binary search: fewer turns, fewer tokens)
+        lo, hi = 1, len(starts) - 1
+        best = attempt(hi)
+        if best.length + max_tokens <= limit:
+            while lo < hi:
+                mid = (lo + hi) // 2
+                cand = attempt(mid)
+                if cand.length + max_tokens <= limit:
+                    best, hi = cand, mid
+                else:
+                    lo = mid + 1
+        p = best
+        n = p.dropped_turns
+        p.notes.append(
+            f"dropped the {n} oldest turn{'s' if n != 1 else ''} ({p.dropped_messages} messages) "
+            f"to fit {window} {limit}"
+        )
+    if p.length >= limit:
+        raise InvalidInput(too_long(msgs[:head], msgs[last:]))
+    if p.length + max_tokens > limit:
+        p.max_tokens = limit - p.length
+        p.notes.append(
+            f"max_tokens lowered from {max_tokens} to {p.max_tokens} to fit {window} {limit}"
+        )
+    return p

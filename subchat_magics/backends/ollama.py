@@ -4,18 +4,22 @@ client, reading the NDJSON stream as plain dicts: a pydantic model built per chu
 sixth of the time of a streamed token.
 
 Settings (environment, then ``./.env``): ``OLLAMA_HOST`` (default
-``http://127.0.0.1:11434``), ``OLLAMA_MODEL`` (else ``--model``/``%config``, else the
+``http://127.0.0.1:11434``), ``OLLAMA_NUM_CTX`` (the context window; else worked out per
+request, see :meth:`OllamaBackend.window`), ``OLLAMA_MODEL`` (else ``--model``/``%config``, else the
 most recently pulled model), ``OLLAMA_API_KEY`` for servers behind a key,
 ``SUBCHAT_TIMEOUT``/``SUBCHAT_CONNECT_TIMEOUT``."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import urllib.parse
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from ..errors import BackendError, BackendUnavailable
+from ..errors import BackendError, BackendUnavailable, InvalidInput
+from ..prompting import fit_window
 from ..secrets import mask, register_secret
 from ..settings import getenv
 from . import _remote
@@ -27,6 +31,50 @@ PROBE_TIMEOUT_S = 0.5
 PROBE_TTL_OK_S = 10.0
 PROBE_TTL_DOWN_S = 3.0  # a server started a moment ago is found a few seconds later
 INSTALL_HINT = "install it with: pip install 'subchat-magics[ollama]'"
+# The context window: Ollama's own default (4096 since 0.6; 2048 before) silently cuts the
+# start of a longer prompt, so num_ctx is sent with every request. It grows in powers of
+# two from this floor (Ollama reloads the model when num_ctx changes: steps, not every
+# size), up to the model's own limit (/api/show).
+MIN_NUM_CTX = 4096
+BYTES_PER_TOKEN = 3.0  # no tokenizer here: UTF-8 bytes / 3 overestimates English, fits CJK
+TOKENS_PER_MESSAGE = 8  # the chat template's markers around each message
+SHOW_TTL_S = 300.0
+
+
+def estimate_tokens(messages: Sequence[Message]) -> int:
+    """Tokens ``messages`` take in a prompt, estimated without a tokenizer (on the high
+    side for English text, so that a chat is cut by us, with a note, not by Ollama)."""
+    return sum(TOKENS_PER_MESSAGE + math.ceil(len(str(m.get("content") or "").encode("utf-8"))
+                                              / BYTES_PER_TOKEN) for m in messages) + 4
+
+
+def step_num_ctx(need: int) -> int:
+    """The smallest power of two >= ``need``, and at least :data:`MIN_NUM_CTX`."""
+    return max(MIN_NUM_CTX, 1 << max(0, int(need) - 1).bit_length())
+
+
+def check_num_ctx(value: Any, source: str) -> int:
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        n = 0
+    if n < 256:
+        raise InvalidInput(f"{source} must be a whole number of tokens, at least 256 (e.g. 8192), "
+                           f"not {value!r}")
+    return n
+
+
+@dataclass
+class Window:
+    """The context window of one request: ``num_ctx``, the messages kept, the reply's
+    ``num_predict``, and the notes that say what was dropped or lowered."""
+
+    num_ctx: int
+    messages: list[Message]
+    max_tokens: int
+    model_limit: int | None = None
+    dropped_messages: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
 def normalize_host(host: str | None) -> str:
@@ -100,6 +148,7 @@ class OllamaBackend(Backend):
     def __init__(self) -> None:
         self._clients = _remote.ClientCache()
         self._probes: dict[str, tuple[float, Availability, list[str]]] = {}
+        self._limits: dict[tuple[str, str], tuple[float, int | None]] = {}
         self._local = threading.local()  # the last response's headers, per thread
 
     # -- settings ------------------------------------------------------------------------------
@@ -205,19 +254,25 @@ class OllamaBackend(Backend):
         t = _remote.timeouts()
         client = self._client(host, t)
         model = options.model or self.default_model() or self._newest_model(host)
+        window = self.window(messages, options, self.context_length(client, host, model))
         sampling: dict[str, Any] = {"temperature": options.temperature, "top_p": options.top_p,
-                                    "num_predict": options.max_tokens}
+                                    "num_predict": window.max_tokens, "num_ctx": window.num_ctx}
         if options.stop:
             sampling["stop"] = list(options.stop)
         if options.seed is not None:
             sampling["seed"] = options.seed
-        # thinking models think unless told otherwise; only ask for it when wanted
-        extra: dict[str, Any] = {"think": True} if options.think else {}
+        # thinking models think unless told otherwise: off unless asked for, as on vLLM
+        extra: dict[str, Any] = {"think": bool(options.think)}
         if options.constraint is not None and options.constraint.kind == "json":
             extra["format"] = options.constraint.schema or {"type": "object"}  # the answer only
         budget = _remote.RetryBudget()
-        body = {"model": model, "messages": [dict(m) for m in messages], "stream": True,
+        body = {"model": model, "messages": [dict(m) for m in window.messages], "stream": True,
                 "options": sampling, **extra}
+        said = {"num_ctx": window.num_ctx}
+        if window.notes:
+            said["notes"] = list(window.notes)
+        if window.dropped_messages:
+            said["dropped_messages"] = window.dropped_messages
         while True:
             received = 0
             thinking = [False]
@@ -247,7 +302,7 @@ class OllamaBackend(Backend):
                 yield Finish(reason=final.get("done_reason") or "stop",
                              model=final.get("model") or model,
                              prompt_tokens=_count(final.get("prompt_eval_count")),
-                             completion_tokens=_count(final.get("eval_count")))
+                             completion_tokens=_count(final.get("eval_count")), extra=said)
                 return
             except ollama.ResponseError as exc:
                 if exc.status_code == 429 and received == 0:
@@ -261,6 +316,63 @@ class OllamaBackend(Backend):
                 raise self._error(exc, host, received, model, t) from None
             finally:
                 parts.close()
+
+    # -- the context window ---------------------------------------------------------------------
+    def context_length(self, client: Any, host: str, model: str) -> int | None:
+        """The model's context length (``/api/show``: ``model_info["<arch>.context_length"]``),
+        kept a few minutes; None where the server does not say."""
+        key = (host, model)
+        hit = self._limits.get(key)
+        now = time.monotonic()
+        if hit and now < hit[0]:
+            return hit[1]
+        limit = None
+        try:
+            r = client.post("/api/show", json={"model": model})
+            info = r.json().get("model_info") if r.is_success else None
+            if isinstance(info, dict):
+                lengths = [v for k, v in info.items() if k.endswith(".context_length")
+                           and isinstance(v, int) and v > 0]
+                limit = lengths[0] if lengths else None
+        except Exception:  # noqa: BLE001 - no limit known: the window grows with the chat
+            limit = None
+        self._limits[key] = (now + SHOW_TTL_S, limit)
+        return limit
+
+    def window(self, messages: Sequence[Message], options: GenerationOptions,
+               model_limit: int | None) -> Window:
+        """``num_ctx`` for this request: ``--num-ctx`` (``options.extra["num_ctx"]``), else
+        ``OLLAMA_NUM_CTX``, else the chat's estimated length plus ``max_tokens`` in powers of
+        two from 4096, at most ``model_limit``. A chat that does not fit is fitted as vLLM
+        fits it (the oldest turns below the system prompt dropped, or ``max_tokens``
+        lowered), and the notes say so; a message that cannot fit at all is an error."""
+        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        max_tokens = int(options.max_tokens)
+        given = (options.extra or {}).get("num_ctx")
+        if given is not None:
+            num_ctx = check_num_ctx(given, "--num-ctx")
+        elif getenv("OLLAMA_NUM_CTX"):
+            num_ctx = check_num_ctx(getenv("OLLAMA_NUM_CTX"), "OLLAMA_NUM_CTX")
+        else:
+            num_ctx = step_num_ctx(estimate_tokens(msgs) + max_tokens)
+            if model_limit:
+                num_ctx = min(num_ctx, model_limit)
+
+        def too_long(system: list[Message], newest: list[Message]) -> str:
+            both = estimate_tokens(system + newest)
+            what = "the system prompt" if system and estimate_tokens(system) >= num_ctx else "the message"
+            room = (f"raise --num-ctx or OLLAMA_NUM_CTX (the model allows {model_limit})"
+                    if model_limit and model_limit > num_ctx else "use a model with a longer context")
+            return (f"{what} is too long for the context window: ~{both} prompt tokens (estimated), "
+                    f"and num_ctx is {num_ctx}; shorten {what}, or {room}")
+
+        fit = fit_window(msgs, max_tokens, num_ctx, lambda kept: (estimate_tokens(kept), None),
+                         too_long, window="num_ctx")
+        notes = list(fit.notes)
+        if notes:
+            notes.append("token counts for Ollama are estimated (~3 bytes of text a token; "
+                         "no tokenizer here)")
+        return Window(num_ctx, fit.messages, fit.max_tokens, model_limit, fit.dropped_messages, notes)
 
     def _newest_model(self, host: str) -> str:
         hit = self._probes.get(host)
@@ -333,6 +445,7 @@ class OllamaBackend(Backend):
     def close(self) -> None:
         self._clients.close()
         self._probes.clear()
+        self._limits.clear()
 
     def __repr__(self) -> str:
         key = getenv("OLLAMA_API_KEY")

@@ -355,10 +355,13 @@ def _now_iso() -> str:
 
 
 class FakeOllama(FakeServer):
-    """Ollama's API: NDJSON ``/api/chat``, ``/api/tags``, ``/api/version``."""
+    """Ollama's API: NDJSON ``/api/chat``, ``/api/tags``, ``/api/version``, ``/api/show``
+    (whose ``model_info`` holds ``llama.context_length``: set ``context_length``, None for
+    a server that does not say)."""
 
     chat_path = "/api/chat"
     version = "0.12.6"
+    context_length: int | None = 131072
 
     def __init__(self, models: list[str] | tuple[str, ...] = ("llama3.2:latest", "qwen3:0.6b"),
                  key: str | None = None):
@@ -382,6 +385,17 @@ class FakeOllama(FakeServer):
                             "quantization_level": "Q4_K_M"}} for m in self.models]})
         elif req.path == "/api/chat" and req.method == "POST":
             self._chat(h, req)
+        elif req.path == "/api/show" and req.method == "POST":
+            model = (req.body or {}).get("model") if isinstance(req.body, dict) else None
+            if not self._known(model):
+                h.send_json(404, {"error": f"model '{model}' not found"})
+                return
+            info: dict[str, Any] = {"general.architecture": "llama", "general.parameter_count": 3212749888}
+            if self.context_length is not None:
+                info["llama.context_length"] = self.context_length
+            h.send_json(200, {"modelfile": "", "parameters": "", "template": "{{ .Prompt }}",
+                              "details": {"format": "gguf", "family": "llama"},
+                              "model_info": info, "capabilities": ["completion"]})
         else:
             h.send_text(404, "404 page not found")
 

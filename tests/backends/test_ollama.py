@@ -46,7 +46,7 @@ def test_generation_options_reach_the_server(shell, ollama):
     opts = req.body["options"]
     assert opts["num_predict"] == 42 and opts["temperature"] == 0.3
     assert opts["top_p"] == 0.5 and opts["seed"] == 7
-    assert "think" not in req.body  # thinking is only asked for with --think
+    assert req.body["think"] is False  # thinking is off unless asked for (--think), as on vLLM
 
 
 def test_model_comes_from_ollama_model_else_the_newest_pulled(shell, ollama, monkeypatch):
