@@ -314,6 +314,7 @@ class Batch:
                 progress(p)
 
         tick(force=True)
+        self.tree.emit("batch-start", id=self.chat.id, path=self.path, total=len(self.rows))
         self._drop_stale()
         pending = deque(r for r in self.rows if not r.reused)
         pool = open_pool(self.backend, self.in_flight)

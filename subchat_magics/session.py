@@ -134,7 +134,8 @@ class Session:
         """Call ``listener(event, data)`` for every change: ``chat-created`` (id, path),
         ``chat-renamed`` (id, old, path), ``chat-deleted`` (ids, paths), ``message`` (id,
         path, message), ``reply-start``/``reply-delta``/``reply-end`` (id, path, turn,
-        delta/message), ``current`` (id, path, reason). Returns the unsubscribe function."""
+        delta/message), ``current`` (id, path, reason), ``batch-start`` (id, path, total:
+        a batch is about to make and send its rows). Returns the unsubscribe function."""
         with self._lock:
             self._listeners.append(listener)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from .. import render
+from .. import batch, render
 from ..streaming import Coalescer
 from ..tree import Chat, ChatTree, Message
 
@@ -30,6 +30,21 @@ class ChatInfo:
     last: Message | None = None  # its last reply
     streaming: int = 0
     last_id: int = 0  # its newest message counted (events may come after a fresh read)
+
+
+@dataclass
+class BatchInfo:
+    """A batch chat (``%%subchat --each``) as one line: its rows' first replies counted."""
+
+    total: int
+    rows: dict[int, str]  # row chat id -> its first reply's status ('' while streaming)
+    streaming: int = 0
+
+    def label(self) -> str:
+        done = sum(1 for v in self.rows.values() if v == "complete")
+        failed = sum(1 for v in self.rows.values() if v == "error")
+        cut = sum(1 for v in self.rows.values() if v not in ("complete", "error", ""))
+        return batch.Summary(0, max(self.total, len(self.rows)), done, failed, cut).label()
 
 
 @dataclass
@@ -52,6 +67,7 @@ class ViewState:
         self.clock = clock
         self.info: dict[int, ChatInfo] = {}
         self.streams: dict[int, Stream] = {}
+        self.batches: dict[int, BatchInfo] = {}  # batch chat id -> its rows, folded
         self.selected_id = start.id
         self._line: list[int] = [c.id for c in tree.lineage(start)]  # root..selected
         self.load()
@@ -97,40 +113,68 @@ class ViewState:
             old = self.info.get(chat.id)
             info[chat.id] = ChatInfo(n, last, old.streaming if old else 0, last_id)
         self.info = info
+        self.load_batches(counts)
+
+    def load_batches(self, counts: dict[int, int] | None = None) -> None:
+        """Read which chats are batches and how their rows ended (one query a batch)."""
+        found = batch.summaries(self.tree, counts)
+        batches: dict[int, BatchInfo] = {}
+        for cid, summary in found.items():
+            chat = self.tree.find(cid)
+            if chat is None:
+                continue
+            kids = [k.id for k in chat.children]
+            firsts = batch.first_exchanges(self.tree, kids)
+            rows = {k: (ex[1][2] if len(ex) > 1 else "interrupted") for k, ex in firsts.items()}
+            old = self.batches.get(cid)
+            batches[cid] = BatchInfo(summary.total, rows, old.streaming if old else 0)
+        self.batches = batches
+
+    def batch_of(self, chat_id: int) -> int | None:
+        """The batch chat ``chat_id`` is a row of, or None."""
+        chat = self.tree.find(chat_id)
+        parent = chat.parent if chat is not None else None
+        return parent.id if parent is not None and parent.id in self.batches else None
 
     def outline(self) -> list[tuple[str, str]]:
         """The tree as (label, path) lines, drawn with box characters: ``├─ name · 2
-        msgs · echo``."""
-        chats = self.tree.chats()
-        last_child: set[int] = set()
-        for c in chats:
-            if c.children:
-                last_child.add(c.children[-1].id)
-        lines = []
-        for c in chats:
-            line = [c]
-            while line[-1].parent is not None:
-                line.append(line[-1].parent)
-            prefix = ""
-            for ancestor in reversed(line[1:-1]):  # below root, above c
-                prefix += NBSP * 3 if ancestor.id in last_child else "│" + NBSP * 2
-            if c.parent is not None:
-                prefix += ("└─" if c.id in last_child else "├─") + NBSP
-            i = self.info.get(c.id) or ChatInfo()
-            label = render.chat_label(c.name, i.count, i.last, bool(i.streaming))
-            lines.append((prefix + label.replace(" ", NBSP), c.path))
+        msgs · echo``. A batch is one line, ``qs · [987/1000 done, 13 failed]``, its rows
+        folded away (but the selected one, with its path)."""
+        lines: list[tuple[str, str]] = []
+        root = self.tree.root
+        stack: list[tuple[Chat, str, bool]] = [(root, "", True)]  # chat, prefix, is last
+        while stack:
+            c, prefix, last = stack.pop()
+            head = "" if c.parent is None else prefix + ("└─" if last else "├─") + NBSP
+            b = self.batches.get(c.id)
+            if b is not None:
+                bits = [c.name, b.label()]
+                if b.streaming:
+                    bits.append(f"● {b.streaming} streaming")
+                label = " · ".join(bits)
+                kids = [k for k in c.children if self.on_line(k.id)]
+            else:
+                i = self.info.get(c.id) or ChatInfo()
+                label = render.chat_label(c.name, i.count, i.last, bool(i.streaming))
+                kids = c.children
+            lines.append((head + label.replace(" ", NBSP), c.path))
+            below = "" if c.parent is None else prefix + (NBSP * 3 if last else "│" + NBSP * 2)
+            for k, kid in reversed(list(enumerate(kids))):
+                stack.append((kid, below, k == len(kids) - 1))
         return lines
 
     # -- the core's events ----------------------------------------------------------------------
-    def chat_created(self, chat_id: int) -> None:
-        self.info.setdefault(chat_id, ChatInfo())
-
     def chat_deleted(self, ids: list[int]) -> bool:
         """Forget the deleted chats; True if the selection moved (to the nearest
         surviving ancestor)."""
+        gone = set(ids)
         for cid in ids:
             self.info.pop(cid, None)
             self.streams.pop(cid, None)
+            self.batches.pop(cid, None)
+        for b in self.batches.values():
+            for cid in gone & b.rows.keys():
+                del b.rows[cid]
         root = self.tree.root
         self.info.setdefault(root.id, ChatInfo())  # (a deleted root has a fresh one)
         if self.selected_id in ids:
@@ -150,12 +194,49 @@ class ViewState:
     def reply_started(self, chat_id: int, turn: "Turn") -> Stream:
         self.streams[chat_id] = s = Stream(turn, Coalescer(self.interval, clock=self.clock))
         self.info.setdefault(chat_id, ChatInfo()).streaming += 1
+        mark = getattr(turn, "provenance_extra", {}).get(batch.MARK)
+        if mark is not None:  # a row of a batch: its batch chat is one line
+            chat = self.tree.find(chat_id)
+            parent = chat.parent if chat is not None else None
+            if parent is not None:
+                b = self.batches.get(parent.id)
+                if b is None:
+                    b = self.batches[parent.id] = BatchInfo(int(mark.get("of") or 0), {})
+                b.total = max(b.total, int(mark.get("of") or 0))
+                b.rows.setdefault(chat_id, "")
+                b.streaming += 1
         return s
+
+    def batch_started(self, chat_id: int, total: int) -> None:
+        """A batch starts in ``chat_id``: from now on its rows are one line."""
+        b = self.batches.get(chat_id)
+        if b is None:
+            self.batches[chat_id] = BatchInfo(total, {})
+        else:
+            b.total = max(b.total, total)
+
+    def chat_created(self, chat_id: int) -> None:
+        self.info.setdefault(chat_id, ChatInfo())
+        chat = self.tree.find(chat_id)
+        parent = chat.parent if chat is not None else None
+        if parent is not None and parent.id in self.batches:
+            self.batches[parent.id].rows.setdefault(chat_id, "")
+
+    def is_row(self, chat_id: int) -> bool:
+        """Whether ``chat_id`` is a row of a batch (whose events a view does not follow)."""
+        return any(chat_id in b.rows for b in self.batches.values())
 
     def reply_ended(self, chat_id: int, turn: "Turn") -> Stream | None:
         """The chat's stream, now ended, if it was this turn's."""
         info = self.info.setdefault(chat_id, ChatInfo())
         info.streaming = max(0, info.streaming - 1)
+        for b in self.batches.values():
+            if chat_id in b.rows:
+                b.streaming = max(0, b.streaming - 1)
+                reply = getattr(turn, "reply", None)
+                if not b.rows[chat_id] and reply is not None:  # its first reply ended
+                    b.rows[chat_id] = reply.status
+                break
         s = self.streams.get(chat_id)
         if s is not None and s.turn is turn:
             del self.streams[chat_id]

@@ -78,6 +78,7 @@ class TreeView(w.VBox):
         self._workers: set[threading.Thread] = set()
         self._own: set[Turn] = set()
         self._labels_dirty = False
+        self._header_dirty = False
         self._confirm_delete = False
         self._syncing = False
         try:
@@ -164,7 +165,8 @@ class TreeView(w.VBox):
         self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
             "chat-created": self._on_chat_created, "chat-renamed": self._on_chat_renamed,
             "chat-deleted": self._on_chat_deleted, "message": self._on_message,
-            "reply-start": self._on_reply_start, "reply-end": self._on_reply_end}
+            "reply-start": self._on_reply_start, "reply-end": self._on_reply_end,
+            "batch-start": self._on_batch_start}
         self._unsubscribe = session.subscribe(self._listener)
 
     # -- the public, scriptable side (the buttons call these) ---------------------------------
@@ -480,6 +482,9 @@ class TreeView(w.VBox):
         the transcript's list once each), and update the streaming reply if it is due."""
         for event, data in self.loop.drain():
             self._handlers[event](data)
+        if self._header_dirty:
+            self._header_dirty = False
+            self._update_header()
         if self._labels_dirty:
             self._set_labels()
         s = self.stream_pane.shown
@@ -502,9 +507,15 @@ class TreeView(w.VBox):
     def _on_chat_created(self, data: dict[str, Any]) -> None:
         self.state.chat_created(data["id"])
         self._labels_dirty = True
-        self._update_header()
+        self._header_dirty = True  # drawn once a frame (a batch makes thousands of chats)
         if self.compare.value:
             self._build_transcript()
+
+    def _on_batch_start(self, data: dict[str, Any]) -> None:
+        self.state.batch_started(data["id"], data["total"])
+        self._labels_dirty = True
+        self._set_status(f"{self._path_of(data['id'], data['path'])}: a batch of "
+                         f"{data['total']} items is running…")
 
     def _on_chat_deleted(self, data: dict[str, Any]) -> None:
         moved = self.state.chat_deleted(data["ids"])
@@ -542,6 +553,8 @@ class TreeView(w.VBox):
         cid, turn = data["id"], data["turn"]
         s = self.state.reply_started(cid, turn)
         self._labels_dirty = True
+        if cid != self.state.selected_id and self.state.is_row(cid):
+            return  # a batch's row: its batch line counts it; the view does not follow it
         if cid != self.state.selected_id and self.follow.value and not self._own:
             chat = self.tree.find(cid)
             if chat is not None:
@@ -561,6 +574,9 @@ class TreeView(w.VBox):
     def _on_reply_end(self, data: dict[str, Any]) -> None:
         cid, turn, message = data["id"], data["turn"], data["message"]
         s = self.state.reply_ended(cid, turn)
+        if cid != self.state.selected_id and self.state.is_row(cid):
+            self._labels_dirty = True
+            return  # counted on its batch's line; no status line per row
         if s is not None and s is self.stream_pane.shown:
             # no message event reached us (a reply stored elsewhere)
             self.stream_pane.hide()

@@ -1,0 +1,64 @@
+"""A batch (``%%subchat --each``) in the live tree view: one line with its progress and
+counts, not a line per row; what the view sends stays the same size as rows are added."""
+
+from __future__ import annotations
+
+from subchat_magics.widget import TreeView
+
+from .test_widget import labels, wait_until
+
+
+def test_a_batch_is_one_line_with_its_counts_while_it_runs_and_after(shell, echo_session, comms,
+                                                                      slow_echo):
+    shell.ok("%%subchat root\nhello")
+    v = TreeView(echo_session.tree, session=echo_session)
+    try:
+        shell.ns["qs"] = [f"q{i}" for i in range(12)]
+        seen: list[list[str]] = []
+        unsubscribe = echo_session.subscribe(
+            lambda event, data: seen.append(labels(v)) if event == "reply-end" else None)
+        try:
+            shell.ok("%%subchat root --each qs --concurrency 4\nsay {item}")
+        finally:
+            unsubscribe()
+        v.refresh()
+        wait_until(lambda: labels(v)[-1] == "└─ qs · [12/12 done]")
+        assert labels(v) == ["root · 2 msgs · echo", "└─ qs · [12/12 done]"]
+        # while it ran: never a line per row
+        assert seen and max(len(ls) for ls in seen) == 2
+    finally:
+        v.close()
+
+
+def test_a_view_opened_on_a_finished_batch_folds_it_and_shows_a_selected_row(shell,
+                                                                             echo_session, comms):
+    shell.ns["xs"] = list(range(30))
+    shell.ok("%%subchat root --each xs\nn {item}")
+    v = TreeView(echo_session.tree, session=echo_session)
+    try:
+        assert labels(v) == ["root · 0 msgs", "└─ xs · [30/30 done]"]
+        v.select("root/xs/7")
+        assert labels(v) == ["root · 0 msgs", "└─ xs · [30/30 done]",
+                             "   └─ 7 · 2 msgs · echo"]
+        assert v.chats.value == "root/xs/7"
+    finally:
+        v.close()
+
+
+def test_the_views_messages_do_not_grow_with_the_rows(shell, echo_session, comms):
+    v = TreeView(echo_session.tree, session=echo_session)
+    try:
+        sizes = []
+        for n in (20, 200):
+            shell.ns["xs"] = list(range(n))
+            mark = comms.mark()
+            shell.ok("%%subchat root --each xs --fresh\nn {item}")
+            v.refresh()
+            want = f"{n}/{n} done"
+            wait_until(lambda: any(want in label for label in labels(v)))  # noqa: B023
+            sent = [s.size for s in comms.to(v.chats, mark, "_options_labels")]
+            sizes.append(max(sent))
+        # the tree's list holds one line a batch: 10x the rows is not 10x the bytes
+        assert sizes[1] < sizes[0] * 1.5
+    finally:
+        v.close()
