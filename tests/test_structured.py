@@ -228,3 +228,27 @@ def test_an_echo_reply_cut_by_max_tokens_is_kept_marked_invalid_and_var_is_none(
     assert msg.provenance["finish_reason"].startswith("error: invalid output (not JSON")
     assert "stopped at max tokens" in msg.provenance["finish_reason"]
     assert "[error: invalid output (not JSON" in out
+
+
+def test_each_gives_one_parsed_value_per_row(shell):
+    pd = pytest.importorskip("pandas")
+    shell.ns["reviews"] = ["good film", "bad film", "odd film"]
+    shell.ok("%%subchat root --backend echo --each reviews --as labels --choice pos,neg\n"
+             "Label: {item}")
+    assert shell.ns["labels"] == ["pos", "pos", "pos"]
+    shell.ns["df"] = pd.DataFrame({"text": ["a", "b"]}, index=["r1", "r2"])
+    shell.ns["schema"] = SCHEMA
+    shell.ok("%%subchat root --backend echo --each df --as rows --json schema\nLabel: {text}")
+    assert list(shell.ns["rows"].index) == ["r1", "r2"]
+    assert list(shell.ns["rows"]) == [{"label": "pos", "score": 1}] * 2
+
+
+def test_each_with_a_constraint_the_backend_cannot_enforce_is_refused_before_any_row(
+        shell, workdir):
+    shell.ok("%%subchat root --backend echo\nfirst")
+    shell.ns["reviews"] = ["good film", "bad film"]
+    before = rows(workdir)
+    error = shell.fails("%%subchat root --backend echo --each reviews --as labels "
+                        "--choice 'very good,bad' -n 1\nLabel: {item}")
+    assert "--max-tokens 1 is too few" in error
+    assert rows(workdir) == before

@@ -164,3 +164,12 @@ def test_ollama_with_thinking_validates_the_answer_not_the_thinking(shell, ollam
     body = ollama.chat_requests()[-1].body
     assert body["think"] is True and body["format"] == SCHEMA
     assert shell.ns["v"] == {"label": "neg"}
+
+
+def test_each_rows_a_server_answers_off_constraint_get_none(shell, openai_server):
+    shell.ns["reviews"] = ["good film", "bad film"]
+    openai_server.configure(reply="I would say positive.")
+    shell.ok("%%subchat root --backend openai --each reviews --as labels --best-effort "
+             "--choice pos,neg\nLabel: {item}")
+    assert shell.ns["labels"] == [None, None]
+    assert all("structured_outputs" not in r.body for r in openai_server.chat_requests())
