@@ -1,0 +1,124 @@
+"""Batches (``%%subchat --each``) against the loopback servers: ``--concurrency N``
+requests in flight, rate limits retried as for one cell, a failing row among good ones,
+and Ctrl-C closing every stream in flight, then a rerun sending only the rest."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+
+from subchat_magics.session import default_session
+
+BACKENDS = [("ollama", "ollama"), ("groq", "groq"), ("openai", "openai_server")]
+
+
+def peak_in_flight(session) -> tuple[list[int], callable]:
+    """Track how many replies stream at once (reply-start minus reply-end events)."""
+    now, peak = [0], [0]
+
+    def listener(event, data):
+        if event == "reply-start":
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        elif event == "reply-end":
+            now[0] -= 1
+
+    return peak, session.subscribe(listener)
+
+
+@pytest.mark.parametrize("backend,fixture", BACKENDS)
+def test_concurrency_keeps_n_requests_in_flight_and_is_that_much_faster(shell, request, backend,
+                                                                         fixture):
+    server = request.getfixturevalue(fixture)
+    server.configure(reply="one two three four five", delay=0.03)  # ~0.15 s a request
+    shell.ns["qs"] = [f"q{i}" for i in range(16)]
+    times, peaks = {}, {}
+    for n in (1, 8):
+        peak, unsubscribe = peak_in_flight(default_session())
+        t0 = time.perf_counter()
+        try:
+            out = shell.ok(f"%%subchat root --each qs --fresh --concurrency {n} --as out "
+                           f"--backend {backend}\nsay {{item}}")
+        finally:
+            unsubscribe()
+        times[n], peaks[n] = time.perf_counter() - t0, peak[0]
+        assert "16 items, 16 done, 0 failed" in out
+        assert shell.ns["out"] == ["one two three four five"] * 16
+    assert peaks == {1: 1, 8: 8}
+    assert times[1] > 3 * times[8], times
+    bodies = [r.body["messages"][-1]["content"] for r in server.chat_requests()]
+    assert sorted(bodies) == sorted([f"say q{i}" for i in range(16)] * 2)
+
+
+def test_the_default_is_four_in_flight_and_rate_limits_are_retried(shell, ollama):
+    ollama.configure(reply="ok", status=429, retry_after="0.1", fail_times=3)
+    shell.ns["qs"] = list(range(10))
+    peak, unsubscribe = peak_in_flight(default_session())
+    try:
+        out = shell.ok("%%subchat root --each qs --as out --backend ollama\nn {item}")
+    finally:
+        unsubscribe()
+    assert "10 items, 10 done, 0 failed" in out and shell.ns["out"] == ["ok"] * 10
+    assert peak[0] == 4
+    assert len(ollama.chat_requests()) == 13  # 3 answered 429, each retried
+
+
+def test_a_failing_row_is_marked_with_its_reason_and_the_batch_goes_on(shell, openai_server):
+    openai_server.configure(reply="fine", status=500, fail_times=1, message="boom")
+    shell.ns["qs"] = ["a", "b", "c", "d"]
+    out = shell.ok("%%subchat root --each qs --concurrency 1 --as out --backend openai\n"
+                   "say {item}")
+    assert "4 items, 3 done, 1 failed" in out
+    assert "failed: 1 row(s), e.g. root/qs/0:" in out
+    assert shell.ns["out"] == [None, "fine", "fine", "fine"]
+    tree = default_session().tree
+    reply = tree.get("root/qs/0").messages[-1]
+    assert reply.status == "error" and reply.provenance["finish_reason"].startswith("error")
+    assert "[3/4 done, 1 failed]" in shell.ok("%subchat tree --text")
+    # a rerun sends the failed row only
+    openai_server.configure(reply="fine now")
+    out = shell.ok("%%subchat root --each qs --concurrency 1 --as out --backend openai\n"
+                   "say {item}")
+    assert "4 items, 4 done (3 reused), 0 failed" in out
+    assert [r.body["messages"][-1]["content"] for r in openai_server.chat_requests()] == ["say a"]
+    assert shell.ns["out"] == ["fine now", "fine", "fine", "fine"]
+
+
+def test_ctrl_c_closes_every_stream_in_flight_and_a_rerun_sends_only_the_rest(shell, groq):
+    words = [f"w{i} " for i in range(40)]
+    groq.configure(chunks=words, delay=0.01)  # ~0.4 s a row
+    shell.ns["qs"] = [f"q{i}" for i in range(24)]
+    main = threading.main_thread().ident
+    ended = []
+
+    def listener(event, data):
+        if event == "reply-end" and data["message"].status == "complete":
+            ended.append(1)
+            if len(ended) == 6:  # SIGINT, as Jupyter's interrupt, once six rows are stored
+                signal.pthread_kill(main, signal.SIGINT)
+
+    unsubscribe = default_session().subscribe(listener)
+    t0 = time.perf_counter()
+    try:
+        result, cap = shell.run("%%subchat root --each qs --concurrency 4 --as out "
+                                "--backend groq\nsay {item}")
+    finally:
+        unsubscribe()
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    assert time.perf_counter() - t0 < 4  # not the ~2.4 s more the other rows would take
+    out = shell.ns["out"]
+    kept = [i for i, v in enumerate(out) if v is not None]
+    assert 6 <= len(kept) < 24 and all(out[i] == "".join(words) for i in kept)
+    assert groq.disconnected.wait(5), "the server never saw a stream closed"
+    tree = default_session().tree
+    last = [tree.get(c.id).messages[-1:] for c in tree.children(tree.get("root/qs"))]
+    cut = [m[0] for m in last if m and m[0].status == "interrupted"]  # (unsent rows: empty)
+    assert 1 <= len(cut) <= 4
+    groq.configure(reply="rest")
+    out = shell.ok("%%subchat root --each qs --concurrency 4 --as out --backend groq\nsay {item}")
+    assert f"24 items, 24 done ({len(kept)} reused), 0 failed" in out
+    sent = sorted(r.body["messages"][-1]["content"] for r in groq.chat_requests())
+    assert sent == sorted(f"say q{i}" for i in range(24) if i not in kept)
