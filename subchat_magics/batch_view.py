@@ -67,12 +67,11 @@ class BatchProgress:
                       "text/html": f"<progress value='{p.ended}' max='{max(p.total, 1)}' "
                                    f"style='width:16em;vertical-align:middle'></progress> "
                                    f"<code>{html.escape(line)}</code>"}
-            if self.handle is None:
-                from IPython.display import display
+            if self.handle is None:  # it starts and ends empty: a saved notebook (and
+                from IPython.display import display  # nbval) keeps only the summary
 
-                self.handle = display(bundle, raw=True, display_id=True)
-            else:
-                self.handle.update(bundle, raw=True)
+                self.handle = display({"text/plain": ""}, raw=True, display_id=True)
+            self.handle.update(bundle, raw=True)
         elif self.tty:
             pad = max(0, self._width - len(line))
             sys.stdout.write("\r" + line + " " * pad)
