@@ -58,6 +58,12 @@ def provenance_line(m: Message) -> str:
     line = " · ".join(b for b in bits if b)
     if p.get("system_from"):
         line += f"\n  system prompt: {_source_words(p['system_from'])}"
+    c = p.get("constraint")
+    if isinstance(c, dict):  # --json/--choice/--regex: what it was, enforced or only checked
+        line += (f"\n  constraint: --{c.get('kind')} {c.get('digest')}"
+                 + (f" ({c['model']})" if c.get("model") else "")
+                 + (", enforced while generating" if c.get("enforced")
+                    else ", validated after (not enforced)"))
     for note in p.get("notes", ()):
         line += f"\n  note: {note}"
     return line

@@ -106,6 +106,8 @@ def test_choice_sets_var_to_the_choice_and_records_the_constraint(shell):
     assert msg.content == "positive" and msg.status == "complete"
     prov = msg.provenance["constraint"]
     assert prov["kind"] == "choice" and prov["enforced"] is True and len(prov["digest"]) == 12
+    shown = shell.ok("%subchat show root -p")
+    assert f"constraint: --choice {prov['digest']}, enforced while generating" in shown
 
 
 def test_json_with_a_schema_variable_sets_var_to_the_parsed_value(shell):
