@@ -23,8 +23,9 @@ import re
 import sys
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .backends.base import Backend, Finish
 from .backends.pool import END, open_pool
@@ -35,7 +36,8 @@ Turn = Any  # a subchat_magics.turn.Turn (the layer above: made by the session's
 
 DEFAULT_CONCURRENCY = 4  # remote backends: requests in flight
 ENGINE_IN_FLIGHT = 1024  # vLLM: requests in the engine at once (its scheduler takes what fits)
-CREATE_CHUNK = 256  # row chats made per store round (one index reload each)
+CREATE_CHUNK = 256  # row chats made ahead at least (one index reload a round; rounds double)
+SUBMIT_EVERY = 16  # rows handed to the pool together while the next ones are prepared
 PROGRESS_EVERY_S = 0.1  # progress callbacks at most this often
 MARK = "batch"  # the provenance key of a row's reply
 _NAME_TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -282,6 +284,7 @@ class Batch:
                     self.progress.failed += 1
         self._started = False
         self._ready: deque = deque()  # (row, chat) made ahead of sending
+        self._group: list[Any] | None = None  # the turns stored in the open _writes block
         self._kids: dict[str, Chat] | None = None
 
     @property
@@ -325,11 +328,13 @@ class Batch:
                     self._start(pending, flying, pool)
                     p.in_flight = len(flying)
                 ev = pool.next_event(0.05)
-                while ev is not None:
-                    self._handle(ev, flying, pool)
-                    if pending and len(flying) < self.in_flight // 2 + 1:
-                        break  # top up the engine before handling the rest
-                    ev = pool.next_event(0) if flying else None
+                if ev is not None:
+                    with self._writes(flying):  # the rows that ended together: one commit
+                        while ev is not None:
+                            self._handle(ev, flying, pool)
+                            if pending and len(flying) < self.in_flight // 2 + 1:
+                                break  # top up the engine before handling the rest
+                            ev = pool.next_event(0) if flying else None
                 p.in_flight = len(flying)
                 tick()
         except BaseException as exc:
@@ -358,6 +363,25 @@ class Batch:
                            notes=list(self.notes), index=self.index)
 
     # -- inside the run ----------------------------------------------------------------------------
+    @contextmanager
+    def _writes(self, flying: dict) -> Iterator[None]:
+        """One transaction for the rows stored in the block (a commit a row costs more than
+        the engine's step on a small model). If it is cut (Ctrl-C lands inside), the
+        replies it held are written again one by one, so the store says what the rows say."""
+        self._group = []
+        try:
+            with self.tree.store.transaction():
+                yield
+        except BaseException:
+            ended = [t for _, t in flying.values() if t.reply is not None]  # (cut mid-store)
+            for turn in self._group + ended:
+                r = turn.reply
+                if r is not None:
+                    self.tree.store.update_reply(r.id, r.content, r.status, r.provenance)
+            raise
+        finally:
+            self._group = None
+
     def _drop_stale(self) -> None:
         for cid in self.stale:
             chat = self.tree.find(cid)
@@ -366,30 +390,37 @@ class Batch:
         self.stale = []
 
     def _start(self, pending: deque, flying: dict, pool: Any) -> None:
-        """Submit rows until ``in_flight`` are in flight; their chats are made ahead,
-        ``CREATE_CHUNK`` at a time (one store round and one index reload each)."""
+        """Submit rows until ``in_flight`` are in flight, together; their chats are made
+        ahead, ``CREATE_CHUNK`` at a time and more (one store round and index reload each)."""
         while pending and len(flying) < self.in_flight:
-            if not self._ready:
-                chunk = [pending[i] for i in range(min(CREATE_CHUNK, len(pending)))]
+            if not self._ready:  # chunks grow with the rows made: few index reloads
+                size = max(CREATE_CHUNK, len(self._kids or ()))
+                chunk = [pending[i] for i in range(min(size, len(pending)))]
                 self._ready.extend(zip(chunk, self._row_chats(chunk)))
-            row, chat = self._ready.popleft()
-            pending.popleft()
-            turn = self.make_turn(chat, row.text)
-            turn.provenance_extra[MARK] = {"of": len(self.rows), "item": row.name}
-            turn.backend = self.backend
-            turn._started = True
-            turn._begin()
-            row.status, row.chat_id = "pending", chat.id
-            flying[row.pos] = (row, turn)
-            pool.submit(row.pos, turn.messages, turn.options)
+            batch = []
+            with self.tree.store.transaction():  # a group's messages: one commit
+                while (pending and self._ready and len(flying) < self.in_flight
+                       and len(batch) < SUBMIT_EVERY):
+                    row, chat = self._ready.popleft()
+                    pending.popleft()
+                    turn = self.make_turn(chat, row.text)
+                    turn.provenance_extra[MARK] = {"of": len(self.rows), "item": row.name}
+                    turn.backend = self.backend
+                    turn._started = True
+                    turn._begin()
+                    row.status, row.chat_id = "pending", chat.id
+                    flying[row.pos] = (row, turn)
+                    batch.append((row.pos, turn.messages, turn.options))
+            pool.submit_many(batch)  # the engine starts on these while we make the next
 
     def _row_chats(self, rows: list[Row]) -> list[Chat]:
         tree = self.tree
         if self._kids is None:
             self._kids = {c.name: c for c in tree.children(self.chat)}
         kids = self._kids
-        made = [tree.store.insert_chat(self.chat.id, r.name, None, 0).id
-                for r in rows if r.name not in kids]
+        with tree.store.transaction():
+            made = [tree.store.insert_chat(self.chat.id, r.name, None, 0).id
+                    for r in rows if r.name not in kids]
         if made:
             tree.refresh(force=True)
             for cid in made:
@@ -426,6 +457,8 @@ class Batch:
             self._record(row, turn)
 
     def _record(self, row: Row, turn: "Turn") -> None:
+        if self._group is not None:
+            self._group.append(turn)
         reply = turn.reply
         p = self.progress
         f = turn.finish

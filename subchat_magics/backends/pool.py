@@ -32,6 +32,13 @@ class Pool:
     def submit(self, index: int, messages: Sequence[Message], options: GenerationOptions) -> None:
         raise NotImplementedError
 
+    def submit_many(self, requests: Sequence[tuple[int, Sequence[Message], GenerationOptions]]
+                    ) -> None:
+        """Several requests at once (an engine adds them before its next step, so they
+        are batched from the first one)."""
+        for index, messages, options in requests:
+            self.submit(index, messages, options)
+
     def next_event(self, timeout: float = 0.05) -> BatchEvent | None:
         """The next ``(index, item)``, or None after ``timeout`` seconds without one."""
         raise NotImplementedError

@@ -48,7 +48,7 @@ def test_concurrency_keeps_n_requests_in_flight_and_is_that_much_faster(shell, r
         assert "16 items, 16 done, 0 failed" in out
         assert shell.ns["out"] == ["one two three four five"] * 16
     assert peaks == {1: 1, 8: 8}
-    assert times[1] > 3 * times[8], times
+    assert times[1] > 2.5 * times[8], times  # ~8x unloaded; the machine may be shared
     bodies = [r.body["messages"][-1]["content"] for r in server.chat_requests()]
     assert sorted(bodies) == sorted([f"say q{i}" for i in range(16)] * 2)
 

@@ -382,6 +382,16 @@ class Delta:
     num_cached_tokens: int | None
 
 
+def final_only(params: Any) -> Any:
+    """``params`` (fresh ``SamplingParams``) changed to send one output when the request
+    ends instead of a delta a step: a batch's rows, where nobody reads tokens as they come,
+    cost the engine and the consumer a step's worth of outputs less."""
+    from vllm.sampling_params import RequestOutputKind
+
+    params.output_kind = RequestOutputKind.FINAL_ONLY
+    return params
+
+
 def delta_of(out: Any) -> Delta:
     """A ``RequestOutput`` (DELTA mode) as a :class:`Delta`."""
     c = out.outputs[0]

@@ -1,7 +1,10 @@
 """A batch's requests in the engine: each is prepared and handed to the engine driver the
 moment the batch submits it, so the engine batches every request in flight continuously
 (a new one joins the running batch at the next step, as soon as another ends), and
-requests that share a prompt prefix reuse it from the prefix cache.
+requests that share a prompt prefix reuse it from the prefix cache. A row's reply comes as
+one output when it ends (no delta a step: nobody reads a batch's rows token by token, and
+per-step outputs for hundreds of rows would cost the engine's thread and ours); a row cut
+by Ctrl-C keeps no partial text and is sent again by the next run.
 
 Closing the pool aborts every request the engine still holds at once, and keeps the
 counts of each cut reply (:meth:`EnginePool.cut_finish`).
@@ -17,6 +20,7 @@ from ...errors import SubchatError
 from ..base import BatchEvent, Finish, GenerationOptions, Message
 from ..pool import END, Pool
 from . import slot
+from .compat import final_only
 from .requests import Reply, as_error
 
 
@@ -32,15 +36,25 @@ class EnginePool(Pool):
         self._ready: list[BatchEvent] = []  # events to hand out before the engine's
 
     def submit(self, index: int, messages: Sequence[Message], options: GenerationOptions) -> None:
+        self.submit_many([(index, messages, options)])
+
+    def submit_many(self, requests: Sequence[tuple[int, Sequence[Message], GenerationOptions]]
+                    ) -> None:
+        """Prepare every request, then hand them to the driver in one command: the engine
+        adds them all before its next step (no step runs with only the first few)."""
         engine = self.engine
-        try:
-            reply, params = engine.prepare(messages, options)  # a chat that cannot fit raises
-        except SubchatError as exc:
-            self._ready += [(index, exc), (index, END)]
-            return
-        self._replies[index] = reply
-        reply.rid = engine.submit([(reply.prompt.token_ids, params, index)], self._sink)[0]
-        reply.in_engine = True
+        items = []
+        for index, messages, options in requests:
+            try:
+                reply, params = engine.prepare(messages, options)  # a chat that cannot fit raises
+            except SubchatError as exc:
+                self._ready += [(index, exc), (index, END)]
+                continue
+            self._replies[index] = reply
+            items.append((reply.prompt.token_ids, final_only(params), index))
+        if items:
+            for (_, _, index), rid in zip(items, engine.submit(items, self._sink)):
+                self._replies[index].rid, self._replies[index].in_engine = rid, True
 
     def next_event(self, timeout: float = 0.05) -> BatchEvent | None:
         if self._ready:

@@ -1,0 +1,330 @@
+"""Batches over data (``%%subchat --each``), side by side in one run.
+
+1. **vLLM** (the tiny Qwen3 on this CPU, real engine): 256 items through ``--each`` against
+   the same 256 prompts (the rows' chat-template text, which tokenizes to the very ids the
+   rows sent) through one raw ``llm.generate(list)`` with the same sampling, prefix cache reset before each, order
+   alternated. Output tokens per second: ``--each`` >= 0.90x raw; and >= 5x a loop of
+   single ``%%subchat`` cells (a loop of 32 cells, its rate per token).
+2. **Remote** (a loopback OpenAI-compatible server that paces its tokens): 64 items with
+   ``--concurrency 8`` against ``--concurrency 1``: >= 6x faster.
+3. **Echo, 20,000 items** with the tree view open: the store file and Python's memory
+   (tracemalloc peak) per item at 5,000, 10,000 and 20,000 items (linear: the per-item
+   figures at 20,000 within 1.5x of those at 5,000); the view's bytes per update in the
+   first and last tenth of the run (flat: within 1.5x); the run's overhead per item.
+
+``--broken sequential`` forces every ``--each`` to one request at a time (``--concurrency
+1``): that run must FAIL (written to ``batch-broken-sequential.json``).
+
+    python bench/bench_batch.py [--items 256] [--tokens 32] [--reps 3] [--broken sequential]
+
+Writes ``bench/results/batch.json`` and prints it; exits 1 if a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+from subchat_magics.testing import tiny_model  # noqa: E402 - the tests' tiny model recipe
+
+CACHE = tiny_model.use_cpu_engine_settings()
+
+TARGETS = {"vllm_min_vs_generate": 0.90, "vllm_min_vs_loop": 5.0, "remote_min_speedup": 6.0,
+           "echo_max_growth": 1.5, "view_max_bytes_growth": 1.5}
+
+
+class Cells:
+    """Cells run in a real InteractiveShell with the extension loaded."""
+
+    def __init__(self):
+        from IPython.core.interactiveshell import InteractiveShell
+
+        self.ip = InteractiveShell.instance()
+        self.run("%load_ext subchat_magics")
+
+    def run(self, source: str) -> tuple[float, str]:
+        from IPython.utils.capture import capture_output
+
+        with capture_output() as cap:
+            t0 = time.perf_counter()
+            result = self.ip.run_cell(source, store_history=False)
+            dt = time.perf_counter() - t0
+        if not result.success:
+            raise RuntimeError(f"cell failed: {source[:80]!r}: "
+                               f"{result.error_in_exec or result.error_before_exec!r}\n{cap.stdout}")
+        return dt, cap.stdout
+
+
+def session():
+    from subchat_magics.session import default_session
+
+    return default_session()
+
+
+def rows_of(path: str) -> list:
+    """The first reply of each row of the batch chat ``path``."""
+    tree = session().tree
+    return [tree.get(c.id).messages[1] for c in tree.children(tree.get(path))]
+
+
+# -- 1. vLLM ---------------------------------------------------------------------------------------
+def bench_vllm(cells: Cells, items: int, tokens: int, reps: int, concurrency: str) -> dict:
+    from vllm import SamplingParams
+
+    from subchat_magics.backends.vllm import active_engine
+
+    engine = active_engine()
+    cells.run("%subchat backend vllm")
+    cells.run("%%subchat bv --max-tokens 4\nAnswer each question in a few words.")
+    cells.ip.user_ns["qs"] = [f"What is the number {i} made of, and why?" for i in range(items)]
+    tree = session().tree
+    # the same prompts as text, as one would hand them to llm.generate (vLLM tokenizes
+    # them, as our rows' prompts are rendered and tokenized by us); the prompt token
+    # counts of both sides are recorded
+    contexts = [tree.context("root/bv", f"Q{i}: {q}") for i, q in enumerate(cells.ip.user_ns["qs"])]
+    texts = [engine.builder.render_text(c) for c in contexts]
+    prompts = [engine.builder.build(c, tokens).token_ids for c in contexts]
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, top_p=0.9)
+    ours, raw = [], []
+    for r in range(reps):
+        for side in ((0, 1) if r % 2 == 0 else (1, 0)):
+            engine.call(lambda eng: eng.reset_prefix_cache())
+            if side == 0:
+                dt, out = cells.run(f"%%subchat bv --each qs --fresh --max-tokens {tokens} "
+                                    f"--temperature 0 --top-p 0.9 {concurrency}\nQ{{index}}: {{item}}")
+                path = out.split(":")[0].split()[-1]
+                replies = rows_of(path)
+                assert len(replies) == items and all(m.status == "complete" for m in replies), out
+                assert [m.provenance["prompt_tokens"] for m in replies] == [len(p) for p in prompts]
+                ours.append((dt, sum(m.provenance["completion_tokens"] for m in replies)))
+            else:
+                t0 = time.perf_counter()
+                outs = engine.llm.generate(texts, params.clone(), use_tqdm=False)
+                raw.append((time.perf_counter() - t0,
+                            sum(len(o.outputs[0].token_ids) for o in outs)))
+                raw_prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
+    # a loop of single cells (32 of them: their rate per token is what counts)
+    loop_n = min(32, items)
+    engine.call(lambda eng: eng.reset_prefix_cache())
+    t_loop, toks_loop = 0.0, 0
+    for i in range(loop_n):
+        dt, _ = cells.run(f"%%subchat bv/loop{i} --max-tokens {tokens} --temperature 0 "
+                          f"--top-p 0.9\nQ{i}: {cells.ip.user_ns['qs'][i]}")
+        t_loop += dt
+        toks_loop += tree.get(f"root/bv/loop{i}").messages[-1].provenance["completion_tokens"]
+    rate_ours = max(t / d for d, t in ours)
+    rate_raw = max(t / d for d, t in raw)
+    rate_loop = toks_loop / t_loop
+    vs_raw, vs_loop = rate_ours / rate_raw, rate_ours / rate_loop
+    return {
+        "what": f"{items} items through %%subchat --each vs the same {items} prompts (the rows' "
+                f"chat template text) through one llm.generate(list), {tokens} tokens max, "
+                "temperature 0; and a loop "
+                f"of {loop_n} single %%subchat cells; prefix cache reset before each",
+        "each_s": [round(d, 3) for d, _ in ours], "each_tokens": [t for _, t in ours],
+        "generate_s": [round(d, 3) for d, _ in raw], "generate_tokens": [t for _, t in raw],
+        "each_prompt_tokens": sum(len(p) for p in prompts),
+        "generate_prompt_tokens": raw_prompt_tokens,
+        "loop_cells": loop_n, "loop_s": round(t_loop, 3), "loop_tokens": toks_loop,
+        "each_tokens_per_s_best": round(rate_ours, 1),
+        "generate_tokens_per_s_best": round(rate_raw, 1),
+        "loop_tokens_per_s": round(rate_loop, 1),
+        "each_vs_generate": round(vs_raw, 3), "each_vs_loop": round(vs_loop, 2),
+        "each_vs_generate_median": round(statistics.median(t / d for d, t in ours)
+                                         / statistics.median(t / d for d, t in raw), 3),
+        "targets": {"min_vs_generate": TARGETS["vllm_min_vs_generate"],
+                    "min_vs_loop": TARGETS["vllm_min_vs_loop"]},
+        "pass": vs_raw >= TARGETS["vllm_min_vs_generate"] and vs_loop >= TARGETS["vllm_min_vs_loop"],
+        "note": "the machine is shared: the best run of each side is the figure, medians beside",
+    }
+
+
+# -- 2. remote -------------------------------------------------------------------------------------
+def bench_remote(cells: Cells, items: int, broken: bool) -> dict:
+    from subchat_magics.testing.fakeservers import FakeOpenAI
+
+    with FakeOpenAI() as server:
+        os.environ["OPENAI_BASE_URL"] = server.base_url
+        chunks = [f"t{i} " for i in range(20)]
+        server.configure(chunks=chunks, delay=0.01)  # ~0.2 s a request, paced by the server
+        cells.ip.user_ns["rq"] = [f"remote question {i}" for i in range(items)]
+        times = {}
+        for n in (1, 8):
+            flag = 1 if broken else n
+            dt, out = cells.run(f"%%subchat rr{n} --backend openai\nstart")
+            dt, out = cells.run(f"%%subchat rr{n} --each rq --concurrency {flag} --backend openai"
+                                "\n{item}")
+            assert f"{items} items, {items} done" in out, out
+            times[n] = dt
+        requests = len(server.chat_requests())
+    speedup = times[1] / times[8]
+    return {
+        "what": f"{items} items against a loopback OpenAI-compatible server sending 20 chunks "
+                "10 ms apart: --concurrency 8 vs --concurrency 1",
+        "concurrency_1_s": round(times[1], 3), "concurrency_8_s": round(times[8], 3),
+        "speedup": round(speedup, 2), "chat_requests": requests,
+        "target_min_speedup": TARGETS["remote_min_speedup"],
+        "pass": speedup >= TARGETS["remote_min_speedup"],
+    }
+
+
+# -- 3. echo at scale --------------------------------------------------------------------------------
+class Wire:
+    """Every comm message the tree view sends, serialised as a kernel would (JSON)."""
+
+    def __init__(self) -> None:
+        import comm
+        from comm.base_comm import BaseComm
+
+        self.sent: list[tuple[float, int]] = []
+        self.lock = threading.Lock()
+        wire = self
+
+        class WireComm(BaseComm):
+            def publish_msg(self, msg_type, data=None, metadata=None, buffers=None, **keys):
+                size = len(json.dumps({"data": data or {}, "comm_id": self.comm_id,
+                                       "msg_type": msg_type, **keys}, default=str))
+                with wire.lock:
+                    wire.sent.append((time.perf_counter(), size))
+
+        comm.create_comm = lambda *a, **k: WireComm(*a, **k)
+
+
+def bench_echo(cells: Cells, sizes: list[int]) -> dict:
+    from subchat_magics.widget import TreeView
+
+    cells.run("%subchat backend echo")
+    runs = []
+    wire = Wire()
+    sess = session()
+    view = None
+    for n in sizes:
+        cells.run(f"%config SubchatMagics.store_path = 'echo-{n}.db'")  # a store of its own
+        cells.run("%subchat status")
+        store = sess.store_path()
+        sess.tree.store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        before = store.stat().st_size
+        cells.ip.user_ns["xs"] = list(range(n))
+        view = TreeView(sess.tree, session=sess)  # open in every run: like is compared with like
+        mark = len(wire.sent)
+        gc.collect()
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        dt, out = cells.run(f"%%subchat e{n} --each xs\nitem {{item}}")
+        wall = time.perf_counter() - t0
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        sess.tree.store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        after = store.stat().st_size
+        assert f"{n} items, {n} done" in out, out
+        run = {"items": n, "wall_s": round(wall, 3), "ms_per_item": round(wall / n * 1000, 3),
+               "store_bytes_added": after - before, "store_bytes_per_item": round((after - before) / n, 1),
+               "python_peak_bytes": peak, "python_peak_bytes_per_item": round(peak / n, 1)}
+        time.sleep(0.3)  # the view's last frame
+        msgs = wire.sent[mark:]
+        tenth = max(1, len(msgs) // 10)
+        first, final = msgs[:tenth], msgs[-tenth:]
+        run["view_messages"] = len(msgs)
+        run["view_bytes_per_update_first_tenth"] = round(statistics.mean(s for _, s in first), 1)
+        run["view_bytes_per_update_last_tenth"] = round(statistics.mean(s for _, s in final), 1)
+        run["view_max_message_bytes"] = max(s for _, s in msgs)
+        run["view_messages_per_s"] = round(len(msgs) / wall, 1)
+        view.close()
+        runs.append(run)
+    a, b = runs[0], runs[-1]
+    growth_store = b["store_bytes_per_item"] / a["store_bytes_per_item"]
+    growth_mem = b["python_peak_bytes_per_item"] / a["python_peak_bytes_per_item"]
+    # flat: late updates of the biggest run against early ones, and against the smallest run's
+    growth_view = max(b["view_bytes_per_update_last_tenth"] / b["view_bytes_per_update_first_tenth"],
+                      b["view_bytes_per_update_last_tenth"] / a["view_bytes_per_update_last_tenth"])
+    return {
+        "what": "echo batches of " + ", ".join(f"{n:,}" for n in sizes) + " items, each in a "
+                "fresh store with the tree view open: store and Python memory per item, the view's bytes per "
+                "update early and late in the run, overhead per item (echo itself is ~free)",
+        "runs": runs,
+        "store_per_item_growth": round(growth_store, 3),
+        "memory_per_item_growth": round(growth_mem, 3),
+        "view_bytes_growth": round(growth_view, 3),
+        "overhead_ms_per_item": b["ms_per_item"],
+        "targets": {"max_growth": TARGETS["echo_max_growth"],
+                    "view_max_bytes_growth": TARGETS["view_max_bytes_growth"]},
+        "pass": growth_store <= TARGETS["echo_max_growth"]
+        and growth_mem <= TARGETS["echo_max_growth"]
+        and growth_view <= TARGETS["view_max_bytes_growth"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--items", type=int, default=256)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--remote-items", type=int, default=64)
+    ap.add_argument("--echo-items", type=int, default=20000)
+    ap.add_argument("--broken", choices=("sequential",),
+                    help="force every --each to one request at a time: the run must FAIL")
+    ap.add_argument("--skip", action="append", default=[], choices=("vllm", "remote", "echo"))
+    args = ap.parse_args(argv)
+    out_file = RESULTS / (f"batch-broken-{args.broken}.json" if args.broken else "batch.json")
+
+    work = tempfile.mkdtemp(prefix="bench-batch-")
+    os.chdir(work)  # a fresh ./subchats.db
+    for var in ("LLM_BACKEND", "SUBCHAT_STORE", "SUBCHAT_ECHO_DELAY"):
+        os.environ.pop(var, None)
+    os.environ["OLLAMA_HOST"] = "http://127.0.0.1:9"
+    cells = Cells()
+    t_start = time.perf_counter()
+    results: dict = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "command": " ".join(["python bench/bench_batch.py", *(argv if argv is not None else sys.argv[1:])]),
+        "broken": args.broken,
+    }
+    conc = "--concurrency 1" if args.broken else ""
+    if "vllm" not in args.skip:
+        model = tiny_model.build()
+        t0 = time.perf_counter()
+        cells.run(f"%load_vllm {model}")
+        import vllm
+
+        from subchat_magics.backends.vllm import active_engine, unload
+
+        engine = active_engine()
+        results["machine"]["vllm"] = vllm.__version__
+        results["model"] = {"name": model.name, "dtype": engine.dtype,
+                            "load_s_including_import": round(time.perf_counter() - t0, 2)}
+        results["vllm"] = bench_vllm(cells, args.items, args.tokens, args.reps, conc)
+        unload()
+    if "remote" not in args.skip:
+        results["remote"] = bench_remote(cells, args.remote_items, bool(args.broken))
+    if "echo" not in args.skip:
+        sizes = [args.echo_items // 4, args.echo_items // 2, args.echo_items]
+        results["echo"] = bench_echo(cells, sizes)
+    parts = [k for k in ("vllm", "remote", "echo") if k in results]
+    results["pass"] = all(results[k]["pass"] for k in parts)
+    results["total_s"] = round(time.perf_counter() - t_start, 1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(out_file)
+    print(json.dumps(results, indent=2))
+    print(f"{'PASS' if results['pass'] else 'FAIL'}: " + ", ".join(
+        f"{k} {'pass' if results[k]['pass'] else 'FAIL'}" for k in parts))
+    return 0 if results["pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
