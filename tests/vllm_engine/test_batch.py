@@ -42,6 +42,8 @@ def test_forty_rows_run_in_one_engine_batch_and_share_the_cached_prefix(vshell, 
     assert "40 items, 40 done, 0 failed" in out and "tokens/s" in out
     assert max(peak) >= 20  # many rows in the engine together, not one after another
     assert len(vshell.ns["out"]) == 40 and all(isinstance(x, str) for x in vshell.ns["out"])
+    texts = [m[1].content for m in _replies("root/qs").values()]  # the whole reply kept
+    assert sorted(vshell.ns["out"]) == sorted(texts) and all(texts)
     rows = _replies("root/qs")
     assert len(rows) == 40
     provs = [msgs[1].provenance for msgs in rows.values()]

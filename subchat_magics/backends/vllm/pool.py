@@ -73,13 +73,16 @@ class EnginePool(Pool):
         reply.add(ev)
         if ev.finished:
             reply.finished, reply.in_engine = True, False
-            self._end(index)
-            return index, reply.finish(self.engine.label, ev.finish_reason)
-        return (index, ev.text) if ev.text else (index, "")
+            self._end(index, reply.finish(self.engine.label, ev.finish_reason))
+            if not ev.text:
+                return self._ready.pop(0)
+        return index, ev.text  # (a final output holds the whole reply: its Finish follows)
 
-    def _end(self, index: int) -> None:
+    def _end(self, index: int, finish: Finish | None = None) -> None:
         reply = self._replies.pop(index)
         self.engine.remember(reply)
+        if finish is not None:
+            self._ready.append((index, finish))
         self._ready.append((index, END))
 
     def cut_finish(self, index: int) -> Finish | None:
