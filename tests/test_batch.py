@@ -7,6 +7,7 @@ import _thread
 import subprocess
 import sys
 import threading
+import time
 
 import pandas as pd
 import pytest
@@ -246,3 +247,50 @@ def test_bad_input_is_one_line_and_leaves_the_tree_as_it_was(shell, workdir, set
     assert expected in msg and "\n" not in msg
     assert (store_rows(workdir / "subchats.db", CHATS),
             store_rows(workdir / "subchats.db", MESSAGES)) == before
+
+
+def test_structured_output_applies_to_every_row_and_as_gets_the_parsed_values(shell, workdir):
+    shell.ns["reviews"] = ["great", "awful", "meh"]
+    shell.ok("%%subchat root --each reviews --as labels --choice pos,neg --backend echo\n"
+             "Label: {item}")
+    assert shell.ns["labels"] == ["pos", "pos", "pos"]  # echo answers the first choice
+    shell.ns["schema"] = {"type": "object", "properties": {"n": {"type": "integer"}},
+                          "required": ["n"]}
+    shell.ok("%%subchat root --each reviews --fresh --as values --json schema --backend echo\n"
+             "Rate: {item}")
+    assert all(isinstance(v, dict) and isinstance(v["n"], int) for v in shell.ns["values"])
+
+
+def test_a_rerun_after_the_extension_is_loaded_again_reuses_the_stored_rows(shell, workdir):
+    # what a kernel restart leaves: the store file and nothing in memory
+    shell.ns["qs"] = ["x", "y", "z"]
+    shell.ok("%%subchat root --each qs --system 'Be brief.' --as a --backend echo\n{item}?")
+    assert default_session().tree.get("root/qs").system_prompt == "Be brief."
+    assert shell.ns["a"][0] == "echo (2 messages): x?"  # the batch chat's system prompt
+    shell.ok("%unload_ext subchat_magics")
+    from subchat_magics.session import reset_default_session
+
+    reset_default_session()
+    shell.ok("%load_ext subchat_magics")
+    out = shell.ok("%%subchat root --each qs --as b --backend echo\n{item}?")
+    assert "3 items, 3 done (3 reused), 0 failed" in out and shell.ns["b"] == shell.ns["a"]
+
+
+def test_progress_is_reported_at_most_about_ten_times_a_second(tmp_path, monkeypatch):
+    from subchat_magics import open_tree
+    from subchat_magics.batch_view import progress_line
+
+    monkeypatch.setenv("SUBCHAT_ECHO_DELAY", "0.004")  # ~30 ms a row, 4 in flight: ~1 s
+    tree = open_tree(tmp_path / "t.db")
+    seen = []
+    t0 = time.perf_counter()
+    result = tree.batch("root", list(range(120)), lambda x, i: f"n {x}", name="n",
+                        backend="echo", progress=lambda p: seen.append(
+                            (time.perf_counter(), progress_line("root/n", p))))
+    wall = time.perf_counter() - t0
+    assert result.stats.done == 120 and wall > 0.5
+    assert len(seen) <= 10 * wall + 3  # the first, one per 0.1 s, the last
+    gaps = [b[0] - a[0] for a, b in zip(seen[1:-2], seen[2:-1])]
+    assert all(g >= 0.095 for g in gaps)
+    assert seen[-1][1].startswith("root/n  ████████████████████ 120/120 · ")
+    assert "tokens/s" in seen[len(seen) // 2][1] and " left" in seen[len(seen) // 2][1]

@@ -9,7 +9,7 @@ ipywidgets, never the faces.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from .. import batch, render
@@ -34,17 +34,34 @@ class ChatInfo:
 
 @dataclass
 class BatchInfo:
-    """A batch chat (``%%subchat --each``) as one line: its rows' first replies counted."""
+    """A batch chat (``%%subchat --each``) as one line: its rows' first replies counted
+    (kept counted as they change, so a frame costs the same for 10 rows or 100,000)."""
 
     total: int
-    rows: dict[int, str]  # row chat id -> its first reply's status ('' while streaming)
+    rows: dict[int, str] = field(default_factory=dict)  # row id -> first reply's status
     streaming: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: {"complete": 0, "error": 0, "cut": 0})
+
+    @staticmethod
+    def _kind(status: str) -> str:
+        return "" if not status else status if status in ("complete", "error") else "cut"
+
+    def set(self, chat_id: int, status: str) -> None:
+        """Row ``chat_id``'s first reply now has ``status`` ('' while it streams)."""
+        self.drop(chat_id)
+        self.rows[chat_id] = status
+        if self._kind(status):
+            self.counts[self._kind(status)] += 1
+
+    def drop(self, chat_id: int) -> None:
+        old = self.rows.pop(chat_id, None)
+        if old is not None and self._kind(old):
+            self.counts[self._kind(old)] -= 1
 
     def label(self) -> str:
-        done = sum(1 for v in self.rows.values() if v == "complete")
-        failed = sum(1 for v in self.rows.values() if v == "error")
-        cut = sum(1 for v in self.rows.values() if v not in ("complete", "error", ""))
-        return batch.Summary(0, max(self.total, len(self.rows)), done, failed, cut).label()
+        c = self.counts
+        return batch.Summary(0, max(self.total, len(self.rows)), c["complete"], c["error"],
+                             c["cut"]).label()
 
 
 @dataclass
@@ -125,9 +142,10 @@ class ViewState:
                 continue
             kids = [k.id for k in chat.children]
             firsts = batch.first_exchanges(self.tree, kids)
-            rows = {k: (ex[1][2] if len(ex) > 1 else "interrupted") for k, ex in firsts.items()}
             old = self.batches.get(cid)
-            batches[cid] = BatchInfo(summary.total, rows, old.streaming if old else 0)
+            b = batches[cid] = BatchInfo(summary.total, streaming=old.streaming if old else 0)
+            for k, ex in firsts.items():
+                b.set(k, ex[1][2] if len(ex) > 1 else "")
         self.batches = batches
 
     def batch_of(self, chat_id: int) -> int | None:
@@ -174,7 +192,7 @@ class ViewState:
             self.batches.pop(cid, None)
         for b in self.batches.values():
             for cid in gone & b.rows.keys():
-                del b.rows[cid]
+                b.drop(cid)
         root = self.tree.root
         self.info.setdefault(root.id, ChatInfo())  # (a deleted root has a fresh one)
         if self.selected_id in ids:
@@ -201,9 +219,10 @@ class ViewState:
             if parent is not None:
                 b = self.batches.get(parent.id)
                 if b is None:
-                    b = self.batches[parent.id] = BatchInfo(int(mark.get("of") or 0), {})
+                    b = self.batches[parent.id] = BatchInfo(int(mark.get("of") or 0))
                 b.total = max(b.total, int(mark.get("of") or 0))
-                b.rows.setdefault(chat_id, "")
+                if chat_id not in b.rows:
+                    b.set(chat_id, "")
                 b.streaming += 1
         return s
 
@@ -211,7 +230,7 @@ class ViewState:
         """A batch starts in ``chat_id``: from now on its rows are one line."""
         b = self.batches.get(chat_id)
         if b is None:
-            self.batches[chat_id] = BatchInfo(total, {})
+            self.batches[chat_id] = BatchInfo(total)
         else:
             b.total = max(b.total, total)
 
@@ -219,8 +238,9 @@ class ViewState:
         self.info.setdefault(chat_id, ChatInfo())
         chat = self.tree.find(chat_id)
         parent = chat.parent if chat is not None else None
-        if parent is not None and parent.id in self.batches:
-            self.batches[parent.id].rows.setdefault(chat_id, "")
+        if parent is not None and parent.id in self.batches \
+                and chat_id not in self.batches[parent.id].rows:
+            self.batches[parent.id].set(chat_id, "")
 
     def is_row(self, chat_id: int) -> bool:
         """Whether ``chat_id`` is a row of a batch (whose events a view does not follow)."""
@@ -235,7 +255,7 @@ class ViewState:
                 b.streaming = max(0, b.streaming - 1)
                 reply = getattr(turn, "reply", None)
                 if not b.rows[chat_id] and reply is not None:  # its first reply ended
-                    b.rows[chat_id] = reply.status
+                    b.set(chat_id, reply.status)
                 break
         s = self.streams.get(chat_id)
         if s is not None and s.turn is turn:
