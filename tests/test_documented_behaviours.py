@@ -80,12 +80,12 @@ def test_config_model_is_sent_to_the_server(shell, ollama):
 
 def test_config_think_asks_the_server_to_think(shell, ollama):
     shell.ok("%%subchat root --backend ollama\nhi")
-    assert "think" not in ollama.chat_requests()[-1].body
+    assert ollama.chat_requests()[-1].body.get("think", False) is False  # off by default
     shell.ok("%config SubchatMagics.think = True")
     shell.ok("%%subchat root --backend ollama\nhi")
     assert ollama.chat_requests()[-1].body["think"] is True
     shell.ok("%%subchat root --backend ollama --no-think\nhi")
-    assert "think" not in ollama.chat_requests()[-1].body
+    assert ollama.chat_requests()[-1].body.get("think", False) is False
 
 
 # (--format text and %config SubchatMagics.format need a kernel's display: test_kernel_display.py)
