@@ -25,7 +25,7 @@ from . import render
 from .backends.base import Availability, GenerationOptions
 from .backends.registry import Selection, registry
 from .batch import Batch, BatchResult
-from .errors import ChatNotFound, InvalidInput, SubchatError
+from .errors import BackendUnavailable, ChatNotFound, InvalidInput, SubchatError
 from .secrets import redact, register_secret
 from .settings import getenv, set_secret, where
 from .tree import ROOT, Chat, ChatTree, default_store_path, normalize_path
@@ -338,6 +338,17 @@ class Session:
                 f"LLM_BACKEND in {where('LLM_BACKEND')}"
         return "auto", "default"
 
+    def _choose(self, flag: str | None, opts: GenerationOptions) -> Selection:
+        """The backends a request goes to, checked before anything is stored: a backend
+        asked for by name that is not set up to be tried at all (no model loaded, no key,
+        no SDK) is refused here, and the constraint must be one it can keep."""
+        selection = self.select(flag)
+        if selection.explicit and selection.candidates:
+            ready = selection.candidates[0].configured()
+            if not ready.ok:
+                raise BackendUnavailable(ready.reason)
+        return check_constraint(selection, opts)
+
     def select(self, flag: str | None = None) -> Selection:
         name, _ = self.requested_backend(flag)
         return registry().select(name)
@@ -394,7 +405,7 @@ class Session:
         check_text(system, "the system prompt")
         opts = self.options(**options)
         check_text(opts.model, "the model name")
-        selection = check_constraint(self.select(backend), opts)
+        selection = self._choose(backend, opts)
         if isinstance(path, str):
             normalize_path(path)  # a bad path is refused before anything is made
         chat = self._target(path, create=True, system=system)
@@ -403,10 +414,12 @@ class Session:
         self._set_current(chat, reason="send")
         return self._turn(chat, text, selection, opts)
 
-    def _turn(self, chat: Chat, text: str, selection: Selection, opts: GenerationOptions) -> Turn:
-        turn = Turn(self.tree, chat, text, backend=selection, options=opts,
+    def _turn(self, chat: Chat, text: str, selection: Selection, opts: GenerationOptions,
+              tree: ChatTree | None = None) -> Turn:
+        tree = tree or self.tree  # (a batch passes it: its rows need not look it up again)
+        turn = Turn(tree, chat, text, backend=selection, options=opts,
                     default_system=self.defaults.system_prompt)
-        system, source = render.system_source(self.tree, chat, self.defaults.system_prompt)
+        system, source = render.system_source(tree, chat, self.defaults.system_prompt)
         if system:  # what was sent, in the reply's provenance
             turn.provenance_extra["system_from"] = source
             if source == render.CONFIG_SYSTEM:  # not in the tree: keep the text itself
@@ -469,7 +482,7 @@ class Session:
             if opts.seed is None and count > 1:
                 opts.seed = i + 1
             per_chat.append(opts.validate())
-        selection = check_constraint(self.select(backend), base)
+        selection = self._choose(backend, base)
         parent = self._target(path, create=False)  # must exist: fan-out branches from it
         if names is None:
             names = self.next_child_names(parent, count)
@@ -510,7 +523,7 @@ class Session:
         check_text(system, "the system prompt")
         opts = self.options(**options)
         check_text(opts.model, "the model name")
-        selection = check_constraint(self.select(backend), opts)
+        selection = self._choose(backend, opts)
         if not selection.candidates:
             raise InvalidInput("no backend is available")
         found = items if isinstance(items, batch_mod.Items) else batch_mod.items_of(items, name)
@@ -558,7 +571,8 @@ class Session:
             concurrency = (batch_mod.ENGINE_IN_FLIGHT if hasattr(backend_, "open_pool")
                            else batch_mod.DEFAULT_CONCURRENCY)
         return batch_mod.Batch(tree, chat, rows, backend=backend_,
-                               make_turn=lambda c, text: self._turn(c, text, selection, opts),
+                               make_turn=lambda c, text: self._turn(c, text, selection, opts,
+                                                                    tree),
                                in_flight=concurrency, stale=stale, notes=notes,
                                index=None if found.pandas_index is None
                                else found.pandas_index[:len(entries)])
