@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import ChatNotFound, InvalidInput
+from .errors import ChatNotFound, InvalidInput, StoreError
 from .settings import getenv
 from .store import ChatRow, MessageRow, Store
 
@@ -194,7 +194,16 @@ class ChatTree:
                 cur: int | None = cid
                 while cur is not None and cur not in paths:
                     chain.append(cur)
-                    cur = by_id[cur].parent_id
+                    if len(chain) > len(by_id):
+                        raise StoreError(f"chat store {self.store.path} is damaged (chats form a "
+                                         "loop); keep a copy and open another store")
+                    row = by_id.get(cur)
+                    if row is None:
+                        raise StoreError(
+                            f"chat store {self.store.path} is damaged (chat {chain[-2] if len(chain) > 1 else cid} "
+                            f"names a parent #{cur} that does not exist); keep a copy, salvage it "
+                            "with the sqlite3 tool (.recover), or open another store")
+                    cur = row.parent_id
                 base = paths[cur] if cur is not None else None
                 for c in reversed(chain):
                     base = by_id[c].name if base is None else f"{base}/{by_id[c].name}"
@@ -238,6 +247,11 @@ class ChatTree:
                     self._listeners.remove(listener)
 
         return unsubscribe
+
+    @property
+    def has_listeners(self) -> bool:
+        """Whether anyone listens (a turn builds its per-chunk event only then)."""
+        return bool(self._listeners)
 
     def emit(self, event: str, **data: Any) -> None:
         held = self._held

@@ -147,7 +147,7 @@ class Turn:
             self._ttft = now - self._t0
         self.parts.append(item)
         tree = self.tree
-        if tree._listeners:  # build the event only for someone listening (an open view)
+        if tree.has_listeners:  # build the event only for someone listening (an open view)
             tree.emit("reply-delta", id=self.chat.id, path=self.chat.path, turn=self, delta=item)
         if now - self._saved_at >= SAVE_EVERY_S:  # a killed kernel keeps most of the reply
             self._saved_at = now

@@ -151,3 +151,20 @@ def test_a_third_party_backend_is_found_by_entry_point(tmp_path, monkeypatch):
     turn = tree.send("root", "quiet please", backend=reg.get("shout"))
     assert "".join(turn) == "QUIET PLEASE"
     assert turn.reply.provenance["model"] == "shout-1"
+
+
+def test_a_store_with_an_orphan_chat_is_a_clear_error(tmp_path):
+    import sqlite3
+
+    from subchat_magics.errors import StoreError
+
+    tree = open_tree(tmp_path / "t.db")
+    tree.send("root/a", "hi", backend="echo").run()
+    tree.close()
+    conn = sqlite3.connect(tmp_path / "t.db")  # damage made by hand, as another program could
+    conn.execute("PRAGMA foreign_keys = OFF")
+    conn.execute("UPDATE chats SET parent_id = 999999 WHERE name = 'a'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="damaged .*parent #999999"):
+        open_tree(tmp_path / "t.db")

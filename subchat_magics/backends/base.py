@@ -131,6 +131,13 @@ class Backend:
         """Whether ``auto`` selection may use this backend now, and why (not)."""
         return Availability(True, "ready")
 
+    def configured(self) -> Availability:
+        """Whether this backend is set up to be tried at all (an SDK installed, a model
+        loaded, a key present), answered without asking any server. A backend asked for by
+        name that is not is refused before anything is stored. Defaults to
+        :meth:`available`; a backend whose ``available`` asks a server overrides it."""
+        return self.available()
+
     def default_model(self) -> str | None:
         return None
 

@@ -182,6 +182,13 @@ class OllamaBackend(Backend):
         self._local.headers = response.headers
 
     # -- availability --------------------------------------------------------------------------
+    def configured(self) -> Availability:
+        """Installed is enough: the server is asked when a message is sent (an
+        unreachable one is recorded with the reply, as any failed attempt)."""
+        if not _remote.installed("ollama"):
+            return Availability(False, f"the ollama client is not installed; {INSTALL_HINT}")
+        return Availability(True, "installed")
+
     def available(self) -> Availability:
         """The server answers ``/api/tags`` within 0.5 s and has a model pulled. The
         answer is kept a few seconds (``auto`` asks on every cell)."""

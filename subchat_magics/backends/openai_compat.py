@@ -55,8 +55,10 @@ class OpenAIBackend(ChatCompletionsBackend):
         if self.api_key():
             return Availability(True, f"OPENAI_API_KEY is set (from {where('OPENAI_API_KEY')}); "
                                       "using api.openai.com")
-        return Availability(False, "neither OPENAI_BASE_URL (a local server such as `vllm serve`)"
-                                   " nor OPENAI_API_KEY is set")
+        return Availability(False, "neither OPENAI_BASE_URL nor OPENAI_API_KEY is set: "
+                                   "set OPENAI_BASE_URL to your server (e.g. "
+                                   "http://127.0.0.1:8000/v1 for `vllm serve`), or OPENAI_API_KEY "
+                                   "for OpenAI's API")
 
     def default_model(self) -> str | None:
         return getenv("OPENAI_MODEL")

@@ -152,8 +152,7 @@ def _run(shell, source):
         assert isinstance(err, UsageError), f"{source[:300]!a} raised {type(err).__name__}: {err!a}"
         msg = str(err)
         assert msg.startswith(("%%subchat", "%subchat")) and "Traceback" not in msg, msg[:300]
-        if not msg.startswith(NOT_LOADED):  # a known core bug: see the xfail test below
-            assert _rows(store) == before, f"{source[:300]!a} failed ({msg[:200]!a}) but changed the store"
+        assert _rows(store) == before, f"{source[:300]!a} failed ({msg[:200]!a}) but changed the store"
         COUNTS["usage_errors"] += 1
     return err
 
@@ -255,9 +254,6 @@ def test_importing_a_malformed_export_is_a_usage_error(shell, workdir, data):
     _tree_valid(workdir)
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: --backend vllm with no model loaded is refused only "
-                   "after the turn has stored the message and an error reply (Session.send promises "
-                   "everything is checked before the tree is touched); found by the fuzzer")
 def test_a_backend_that_is_not_loaded_is_refused_before_the_tree_is_touched(shell, workdir):
     shell.ok("%%subchat\nalready here")
     msg = _bad_input(shell, workdir, "%%subchat --backend vllm\nhello")

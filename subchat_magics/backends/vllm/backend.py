@@ -41,7 +41,9 @@ class VLLMBackend(Backend):
     def available(self) -> Availability:
         engine = slot.active_engine()
         if engine is None:
-            return Availability(False, "no model loaded in this kernel (%load_vllm MODEL_PATH)")
+            return Availability(False, "no vLLM model is loaded in this kernel; load one with "
+                                       "%load_vllm MODEL_PATH, or register a vllm.LLM with "
+                                       "subchat_magics.register_vllm(llm)")
         if engine.failed is not None:
             return Availability(False, f"the engine of {engine.label} failed ({engine.failed}); "
                                        "reload it with %load_vllm")
