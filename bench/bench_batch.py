@@ -246,13 +246,13 @@ def bench_echo(cells: Cells, sizes: list[int]) -> dict:
         tracemalloc.stop()
         assert f"{n} items, {n} done" in out, out
         time.sleep(0.3)  # the view's last frame
+        msgs = wire.sent[mark:]  # (before its close messages)
         view.close()  # (its render thread reads the store: checkpoint once it is gone)
         checkpoint(sess.tree.store)
         after = store.stat().st_size
         run = {"items": n, "wall_s": round(wall, 3), "ms_per_item": round(wall / n * 1000, 3),
                "store_bytes_added": after - before, "store_bytes_per_item": round((after - before) / n, 1),
                "python_peak_bytes": peak, "python_peak_bytes_per_item": round(peak / n, 1)}
-        msgs = wire.sent[mark:]
         tenth = max(1, len(msgs) // 10)
         first, final = msgs[:tenth], msgs[-tenth:]
         run["view_messages"] = len(msgs)
