@@ -320,6 +320,10 @@ class Batch:
         self.tree.emit("batch-start", id=self.chat.id, path=self.path, total=len(self.rows))
         self._drop_stale()
         pending = deque(r for r in self.rows if not r.reused)
+        if not pending:  # every row done before: nothing to send, no backend needed
+            p.finished = True
+            tick(force=True)
+            return self.result()
         pool = open_pool(self.backend, self.in_flight)
         flying: dict[int, tuple[Row, "Turn"]] = {}
         try:
