@@ -95,10 +95,9 @@ def test_the_text_tree_folds_a_batch_into_one_line(shell, workdir):
     text = shell.ok("%subchat tree --text")
     assert "    xs  [25/25 done]" in text.splitlines()
     assert len(text.splitlines()) == 2  # root and the folded batch, not 25 rows
-    shell.ok("%subchat use root/xs/7")
-    text = shell.ok("%subchat tree --text")
-    assert any(line.strip().startswith("* ") and line.split()[-4] == "7"
-               for line in text.splitlines()) or "*       7  (2 messages, echo)" in text
+    shell.ok("%subchat use root/xs/7")  # a row on the current path shows, the rest stay folded
+    assert shell.ok("%subchat tree --text").splitlines() == [
+        "  root  (0 messages)", "    xs  [25/25 done]", "*     7  (2 messages, echo)"]
 
 
 def test_a_rerun_sends_nothing_new_and_reuses_the_rows(shell, workdir):
@@ -294,3 +293,25 @@ def test_progress_is_reported_at_most_about_ten_times_a_second(tmp_path, monkeyp
     assert all(g >= 0.095 for g in gaps)
     assert seen[-1][1].startswith("root/n  ████████████████████ 120/120 · ")
     assert "tokens/s" in seen[len(seen) // 2][1] and " left" in seen[len(seen) // 2][1]
+
+
+def test_in_a_terminal_the_progress_is_one_line_rewritten_in_place(shell, monkeypatch):
+    import io
+
+    from subchat_magics.batch import Progress
+    from subchat_magics.batch_view import BatchProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stdout", term)
+    view = BatchProgress(shell.ip, "root/qs")
+    view(Progress(total=10, done=3, failed=1, completion_tokens=40, elapsed_s=2.0))
+    view(Progress(total=10, done=10, completion_tokens=100, elapsed_s=4.0, finished=True))
+    view.close()
+    out = term.getvalue()
+    assert out.startswith("\rroot/qs  ████████░░░░░░░░░░░░ 4/10 · 1 failed · 20 tokens/s · 0:03 left")
+    assert "\rroot/qs  ████████████████████ 10/10 · 25 tokens/s · 0:04" in out
+    assert out.endswith("\r") and "\n" not in out  # taken away; the summary line follows
