@@ -331,6 +331,9 @@ class SubchatMagics(Magics):
             %%subchat root --fanout 3 --var answers
             Name a colour.
 
+            %%subchat root --each questions --as answers
+            Answer briefly ({index}): {item}
+
             %%subchat root --format code
             Fix this cell: {In[-1]} It raised: {Err[-1]}
         """
