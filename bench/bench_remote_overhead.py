@@ -26,6 +26,11 @@ per-chunk cost on a replayed in-process stream.
 
     python bench/bench_remote_overhead.py [--tokens 2000] [--reps 40] [--max-reps 240]
 
+``short_replies`` (reported, not judged): replies per second for many short replies in a
+row (8 chunks each, ``--short-replies`` of them, best of 3 rounds), our backend vs the raw
+client, where a new connection per reply would show (the ``openai`` SDK alone opens one
+for every reply; our backend keeps one).
+
 ``--handicap-us-per-chunk N`` / ``--handicap-first-ms M`` slow the turn on purpose (a
 listener subscribed to the tree that busy-waits N us on every ``reply-delta`` and M ms on
 ``reply-start``), to see the check fail. Writes ``bench/results/remote_overhead.json``
@@ -57,6 +62,7 @@ TARGET_RATIO = 1.05
 TARGET_TTFT_ADDED_MS = 5.0
 RATIO_PRECISION = 0.015  # half-width of the ratio's 95% interval: two runs agree to about +-0.02
 IMPLAUSIBLE_TTFT_MS = -1.0  # a whole interval below this: the turn "beats" its own client
+SHORT_TOKENS = 8  # the chunks of each reply in short_replies
 
 
 def serve(conn, tokens: int) -> None:
@@ -178,6 +184,38 @@ def turn_runner(name: str, tree):
 
     run.prepare = prepare  # untimed: making the chat is not part of a cell's reply
     return run
+
+
+def short_replies(names: list[str], urls: dict[str, str], n: int) -> dict:
+    """Replies per second for ``n`` short replies in a row (best of 3 rounds): the raw
+    client and our backend, each against the short-reply servers at ``urls``."""
+    env = {"OLLAMA_HOST": urls["ollama"], "GROQ_BASE_URL": urls["groq"],
+           "OPENAI_BASE_URL": urls["openai"]}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    out = {}
+    try:
+        for name in names:
+            rates = {}
+            for mode, run in (("raw", raw_runner(name, urls)), ("backend", backend_runner(name))):
+                for _ in range(3):
+                    run()
+                best = 0.0
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    for _ in range(n):
+                        run()
+                    best = max(best, n / (time.perf_counter() - t0))
+                rates[f"{mode}_replies_per_s"] = round(best)
+            rates["backend_vs_raw"] = round(rates["backend_replies_per_s"] / rates["raw_replies_per_s"], 3)
+            out[name] = rates
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return out
 
 
 def timed(run):
@@ -379,6 +417,8 @@ def main() -> int:
                     help="slow the turn on purpose by this much per chunk")
     ap.add_argument("--handicap-first-ms", type=float, default=0.0,
                     help="slow the turn's first token on purpose by this much")
+    ap.add_argument("--short-replies", type=int, default=200,
+                    help="short replies per round in short_replies (0: skip it)")
     ap.add_argument("--out", default=None, help="default: bench/results/remote_overhead.json "
                     "(a temp file when handicapped)")
     args = ap.parse_args()
@@ -394,6 +434,10 @@ def main() -> int:
     proc = ctx.Process(target=serve, args=(child, args.tokens), daemon=True)
     proc.start()
     urls = parent.recv()
+    short_parent, short_child = ctx.Pipe()
+    short_proc = ctx.Process(target=serve, args=(short_child, SHORT_TOKENS), daemon=True)
+    short_proc.start()
+    short_urls = short_parent.recv()
     workdir = tempfile.mkdtemp(prefix="subchat-bench-")
     os.chdir(workdir)  # no stray .env; the store goes here
     for var in ("LLM_BACKEND", "OLLAMA_MODEL", "GROQ_MODEL", "OPENAI_MODEL", "OPENAI_API_KEY",
@@ -442,9 +486,15 @@ def main() -> int:
                   f"{results[name]['turn_vs_raw']['ttft_added_ms_ci95']}, {rep} reps"
                   + (f"; FAILS: {'; '.join(results[name]['fails'])}" if results[name]["fails"] else ""),
                   file=sys.stderr, flush=True)
+        short = short_replies(names, short_urls, args.short_replies) if args.short_replies else {}
+        for name, rates in short.items():
+            print(f"{name}: {rates['backend_replies_per_s']} short replies/s, raw client "
+                  f"{rates['raw_replies_per_s']}/s", file=sys.stderr, flush=True)
     finally:
         parent.send("stop")
+        short_parent.send("stop")
         proc.join(timeout=10)
+        short_proc.join(timeout=10)
         tree.close()
 
     from importlib.metadata import version
@@ -465,6 +515,8 @@ def main() -> int:
         "load_average": {"before": [round(x, 2) for x in load_before],
                          "after": [round(x, 2) for x in os.getloadavg()]},
         "turn_replay": turn_replay_cost(args.tokens),
+        "short_replies": {"tokens_each": SHORT_TOKENS, "replies_per_round": args.short_replies,
+                          "judged": False, "results": short},
         "results": results,
         "fails": {name: r["fails"] for name, r in results.items() if r["fails"]},
     }
