@@ -5,6 +5,8 @@
 - :mod:`~subchat_magics.testing.fakeservers`: :class:`FakeOllama`, :class:`FakeGroq`,
   :class:`FakeOpenAI`, loopback servers that speak the real streaming wire protocols and
   can be scripted to be slow, fail, cut the connection or hang.
+- :mod:`~subchat_magics.testing.vllm_server`: :class:`VLLMServer`, a real ``vllm serve``
+  (the CPU build) on a loopback port: start, kill, restart, its metrics and log.
 - :mod:`~subchat_magics.testing.tiny_model`: ``build()``, a tiny random-weights Qwen3
   built locally (no download) to run the real vLLM engine on; ``use_cpu_engine_settings()``.
 - :mod:`~subchat_magics.testing.reliability`: the crash, concurrency and damaged-file
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .fakeservers import FakeGroq, FakeOllama, FakeOpenAI, Script
     from .shell import Shell, store_rows
+    from .vllm_server import VLLMServer
 
 _NAMES = {
     "Shell": "shell",
@@ -30,9 +33,10 @@ _NAMES = {
     "FakeGroq": "fakeservers",
     "FakeOpenAI": "fakeservers",
     "Script": "fakeservers",
+    "VLLMServer": "vllm_server",
 }
 
-__all__ = ["FakeGroq", "FakeOllama", "FakeOpenAI", "Script", "Shell", "store_rows"]
+__all__ = ["FakeGroq", "FakeOllama", "FakeOpenAI", "Script", "Shell", "VLLMServer", "store_rows"]
 
 
 def __getattr__(name: str) -> Any:
