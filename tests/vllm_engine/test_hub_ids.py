@@ -25,6 +25,7 @@ from subchat_magics.backends.vllm import hub
 
 REPO_ID = "tiny-org/tiny-qwen3"
 REVISION = "0123456789abcdef0123456789abcdef01234567"
+TINY_CONFIG = {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "max_position_embeddings": 8192}
 
 
 def hf_cache(root: Path, model: Path, repo_id: str = REPO_ID) -> Path:
@@ -78,8 +79,12 @@ def test_a_kaggle_input_holding_the_model_is_named_in_the_message(tmp_path):
     assert len(found) == 3
 
 
-def test_a_partly_downloaded_snapshot_is_not_taken_for_a_cached_model(tmp_path, tiny_model):
-    cache = hf_cache(tmp_path, tiny_model)
+def test_a_partly_downloaded_snapshot_is_not_taken_for_a_cached_model(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(TINY_CONFIG))
+    (model / "model.safetensors").write_bytes(b"\0" * 64)
+    cache = hf_cache(tmp_path, model)
     assert hub.cached_snapshot(REPO_ID, cache) == cache / f"models--tiny-org--tiny-qwen3/snapshots/{REVISION}"
     (cache / f"models--tiny-org--tiny-qwen3/snapshots/{REVISION}/model.safetensors").unlink()
     assert hub.cached_snapshot(REPO_ID, cache) is None
@@ -134,6 +139,7 @@ class FakeHub:
 
 @pytest.fixture
 def fake_hub(tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")  # installed with vLLM; not in the fast tier's venv
     server = FakeHub({})
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
@@ -155,6 +161,7 @@ def test_a_hub_id_that_does_not_exist_online_is_one_line(shell, fake_hub):
 def test_an_unreachable_hub_with_nothing_cached_says_to_turn_internet_on(shell, tmp_path, monkeypatch):
     import socket
 
+    pytest.importorskip("huggingface_hub")
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -166,8 +173,8 @@ def test_an_unreachable_hub_with_nothing_cached_says_to_turn_internet_on(shell, 
     assert "cannot reach the Hugging Face Hub" in err and "turn internet on" in err
 
 
-def test_a_hub_id_online_is_checked_before_loading(fake_hub, tiny_model):
-    fake_hub.repos[REPO_ID] = json.loads((tiny_model / "config.json").read_text())
+def test_a_hub_id_online_is_checked_before_loading(fake_hub):
+    fake_hub.repos[REPO_ID] = TINY_CONFIG
     found = hub.resolve(REPO_ID)
     assert found.config["model_type"] == "qwen3" and not found.cached
     assert found.plan_line().startswith(f"{REPO_ID} is not in the local Hugging Face cache")

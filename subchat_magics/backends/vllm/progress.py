@@ -16,10 +16,10 @@ from typing import Callable
 POLL_S = 0.25
 _RULES: list[tuple[str, re.Pattern[str], Callable[[re.Match[str]], str]]] = [
     ("weights", re.compile(r"Starting to load model"), lambda m: "loading weights…"),
-    ("loaded", re.compile(r"Model loading took ([\d.]+) GiB(?: memory)? and ([\d.]+) seconds"),
-     lambda m: f"weights loaded: {float(m[1]):.2f} GiB in {float(m[2]):.1f} s; profiling memory…"),
     ("loaded", re.compile(r"Loading weights took ([\d.]+) seconds"),
-     lambda m: f"weights loaded in {float(m[1]):.1f} s; profiling memory…"),
+     lambda m: f"weights loaded in {float(m[1]):.1f} s"),
+    ("in-memory", re.compile(r"Model loading took ([\d.]+) GiB(?: memory)? and ([\d.]+) seconds"),
+     lambda m: f"the model takes {float(m[1]):.2f} GiB; profiling memory…"),
     ("compile", re.compile(r"Dynamo bytecode transform|Compiling a graph|Warming up model for the compilation"),
      lambda m: "compiling the model (torch.compile)…"),
     ("kv", re.compile(r"KV cache size: ([\d,]+) tokens"),
