@@ -17,7 +17,6 @@ is a pandas one only if pandas is already imported).
 
 from __future__ import annotations
 
-import json
 import keyword
 import re
 import sys
@@ -511,19 +510,19 @@ def summaries(tree: ChatTree, counts: dict[int, int] | None = None) -> dict[int,
     """Every batch chat of ``tree`` (a chat holding no messages whose subchats' first
     replies carry the batch mark), by chat id, with its rows' counts: a row is done when
     its first reply completed, failed when it ended in an error, interrupted otherwise
-    (cut, or streaming now)."""
+    (cut, or streaming now). One query a candidate (a chat with subchats and no messages)."""
     counts = tree.store.message_counts() if counts is None else counts
     candidates = [c for c in tree.chats() if not counts.get(c.id) and c.children]
     out: dict[int, Summary] = {}
     for chat in candidates:
-        kids = chat.children
-        firsts = _first_replies(tree, [k.id for k in kids])
-        marked = [p for _, p in firsts.values() if isinstance(p.get(MARK), dict)]
+        firsts = {cid: ex[1] for cid, ex in first_exchanges(tree, chat).items() if len(ex) > 1}
+        marked = [ex[3] for ex in firsts.values() if isinstance(ex[3].get(MARK), dict)]
         if not marked:
             continue
         total = max(int(p[MARK].get("of") or 0) for p in marked)
-        s = Summary(chat.id, max(total, len(kids)), rows=len(kids))
-        for status, _ in firsts.values():
+        rows = len(tree.children(chat))
+        s = Summary(chat.id, max(total, rows), rows=rows)
+        for _, _, status, _ in firsts.values():
             if status == "complete":
                 s.done += 1
             elif status == "error":
@@ -534,22 +533,13 @@ def summaries(tree: ChatTree, counts: dict[int, int] | None = None) -> dict[int,
     return out
 
 
-def _first_replies(tree: ChatTree, chat_ids: list[int]) -> dict[int, tuple[str, dict]]:
-    """Each chat's first reply (the second message): ``{chat_id: (status, provenance)}``."""
-    rows = tree.store.path_messages([(cid, 2) for cid in chat_ids], full=True)
-    out = {}
-    for r in rows:
-        if r[3] == "assistant":
-            out[r[1]] = (r[5], json.loads(r[6]) if r[6] else {})
-    return out
-
-
-def first_exchanges(tree: ChatTree, chat_ids: list[int]) -> dict[int, list[tuple]]:
-    """The first two messages of each chat: ``{chat_id: [(role, content, status,
-    provenance), ...]}`` (one query for all)."""
-    out: dict[int, list[tuple]] = {cid: [] for cid in chat_ids}
-    for r in tree.store.path_messages([(cid, 2) for cid in chat_ids], full=True):
-        out[r[1]].append((r[3], r[4], r[5], json.loads(r[6]) if r[6] else {}))
+def first_exchanges(tree: ChatTree, chat: Chat) -> dict[int, list[tuple]]:
+    """The first two messages of each subchat of ``chat`` (a batch's rows): ``{chat_id:
+    [(role, content, status, provenance), ...]}``, one query for all; a subchat with no
+    messages is absent."""
+    out: dict[int, list[tuple]] = {}
+    for cid, _, role, content, status, prov in tree.store.first_exchanges(chat.id):
+        out.setdefault(cid, []).append((role, content, status, prov))
     return out
 
 

@@ -134,23 +134,24 @@ def tree_text(tree: ChatTree, current: str | None = None) -> str:
     last = tree.store.last_replies()
     batches = batch.summaries(tree, counts)
     lines = []
-    for chat in tree.chats():
+    stack = [tree.root]  # depth first, parents before children, siblings in order
+    while stack:
+        chat = stack.pop()
         depth = chat.path.count("/")
-        folded = next((a for a in tree.lineage(chat)[:-1] if a.id in batches), None)
-        if folded is not None and not (current == chat.path
-                                       or (current or "").startswith(chat.path + "/")):
-            continue
-        if chat.id in batches:
-            mark = "*" if chat.path == current else " "
-            lines.append(f"{mark} {'  ' * depth}{chat.name}  {batches[chat.id].label()}")
-            continue
-        n = counts.get(chat.id, 0)
         mark = "*" if chat.path == current else " "
-        info = f"{n} message{'s' if n != 1 else ''}"
-        source = reply_source(*last.get(chat.id, ("complete", {})))
-        if source:
-            info += f", {source}"
-        lines.append(f"{mark} {'  ' * depth}{chat.name}  ({info})")
+        kids = tree.children(chat)
+        if chat.id in batches:  # its rows folded, but one on the current path
+            lines.append(f"{mark} {'  ' * depth}{chat.name}  {batches[chat.id].label()}")
+            kids = [k for k in kids
+                    if current == k.path or (current or "").startswith(k.path + "/")]
+        else:
+            n = counts.get(chat.id, 0)
+            info = f"{n} message{'s' if n != 1 else ''}"
+            source = reply_source(*last.get(chat.id, ("complete", {})))
+            if source:
+                info += f", {source}"
+            lines.append(f"{mark} {'  ' * depth}{chat.name}  ({info})")
+        stack.extend(reversed(kids))
     return "\n".join(lines)
 
 

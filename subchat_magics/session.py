@@ -600,8 +600,7 @@ class Session:
         changed since, and mixing two runs in one batch would lie."""
         tree = self.tree
         kids = {c.name: c for c in tree.children(chat)}
-        have = [kids[r.name] for r in rows if r.name in kids]
-        firsts = batch_mod.first_exchanges(tree, [c.id for c in have])
+        firsts = batch_mod.first_exchanges(tree, chat)
         stale: list[int] = []
         notes: list[str] = []
         kept = 0

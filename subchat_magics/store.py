@@ -585,6 +585,15 @@ class Store:
                 "AND (want.lim < 0 OR m.seq < want.lim) ORDER BY want.pos, m.seq", args)
         return out
 
+    def first_exchanges(self, parent_id: int) -> list[tuple]:
+        """The first two messages (seq 0 and 1) of every child of chat ``parent_id``, in one
+        query (a batch's rows): ``(chat_id, seq, role, content, status, provenance)``."""
+        rows = self._read(
+            "SELECT m.chat_id, m.seq, m.role, m.content, m.status, m.provenance FROM chats c "
+            "JOIN messages m ON m.chat_id = c.id AND m.seq < 2 WHERE c.parent_id = ? "
+            "ORDER BY m.chat_id, m.seq", (parent_id,))
+        return [(*r[:5], json.loads(r[5]) if r[5] else {}) for r in rows]
+
     def last_replies(self) -> dict[int, tuple[str, dict[str, Any]]]:
         """Each chat's last assistant message: ``{chat_id: (status, provenance)}``."""
         rows = self._read(

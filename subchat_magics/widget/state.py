@@ -140,12 +140,12 @@ class ViewState:
             chat = self.tree.find(cid)
             if chat is None:
                 continue
-            kids = [k.id for k in chat.children]
-            firsts = batch.first_exchanges(self.tree, kids)
+            firsts = batch.first_exchanges(self.tree, chat)
             old = self.batches.get(cid)
             b = batches[cid] = BatchInfo(summary.total, streaming=old.streaming if old else 0)
-            for k, ex in firsts.items():
-                b.set(k, ex[1][2] if len(ex) > 1 else "")
+            for k in chat.children:  # (a row made but not sent yet: '')
+                ex = firsts.get(k.id, ())
+                b.set(k.id, ex[1][2] if len(ex) > 1 else "")
         self.batches = batches
 
     def batch_of(self, chat_id: int) -> int | None:

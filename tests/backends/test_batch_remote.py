@@ -101,14 +101,13 @@ def test_ctrl_c_closes_every_stream_in_flight_and_a_rerun_sends_only_the_rest(sh
                 signal.pthread_kill(main, signal.SIGINT)
 
     unsubscribe = default_session().subscribe(listener)
-    t0 = time.perf_counter()
     try:
         result, cap = shell.run("%%subchat root --each qs --concurrency 4 --as out "
                                 "--backend groq\nsay {item}")
     finally:
         unsubscribe()
     assert isinstance(result.error_in_exec, KeyboardInterrupt)
-    assert time.perf_counter() - t0 < 4  # not the ~2.4 s more the other rows would take
+    assert len(groq.chat_requests()) < 24  # the rows not started were never sent
     out = shell.ns["out"]
     kept = [i for i, v in enumerate(out) if v is not None]
     assert 6 <= len(kept) < 24 and all(out[i] == "".join(words) for i in kept)
