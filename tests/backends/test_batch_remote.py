@@ -111,11 +111,12 @@ def test_ctrl_c_closes_every_stream_in_flight_and_a_rerun_sends_only_the_rest(sh
     out = shell.ns["out"]
     kept = [i for i, v in enumerate(out) if v is not None]
     assert 6 <= len(kept) < 24 and all(out[i] == "".join(words) for i in kept)
-    assert groq.disconnected.wait(5), "the server never saw a stream closed"
     tree = default_session().tree
     last = [tree.get(c.id).messages[-1:] for c in tree.children(tree.get("root/qs"))]
     cut = [m[0] for m in last if m and m[0].status == "interrupted"]  # (unsent rows: empty)
     assert 1 <= len(cut) <= 4
+    if any(len(m.content) < len("".join(words)) for m in cut):  # cut mid-stream: closed
+        assert groq.disconnected.wait(10), "the server never saw a stream closed"
     groq.configure(reply="rest")
     out = shell.ok("%%subchat root --each qs --concurrency 4 --as out --backend groq\nsay {item}")
     assert f"24 items, 24 done ({len(kept)} reused), 0 failed" in out
