@@ -58,6 +58,7 @@ def oshell(workdir, monkeypatch, server):
     if "subchat" in ip.magics_manager.magics["cell"]:
         ip.run_cell("%unload_ext subchat_magics", store_history=False)
     monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+    ip.config.pop("SubchatMagics", None)  # %config from an earlier test (a system prompt...)
     reset_default_session()
     ip.run_cell("%load_ext subchat_magics", store_history=False)
     yield Shell(ip)
