@@ -26,12 +26,12 @@ from .backends.base import Availability, GenerationOptions
 from .backends.registry import Selection, registry
 from .batch import Batch, BatchResult
 from .errors import BackendUnavailable, ChatNotFound, InvalidInput, SubchatError
+from .events import Listener, Listeners
 from .secrets import redact, register_secret
 from .settings import getenv, set_secret, where
 from .tree import ROOT, Chat, ChatTree, default_store_path, normalize_path
 from .turn import Fanout, Turn
 
-Listener = Callable[[str, dict[str, Any]], None]
 KEY_BACKENDS = ("groq", "openai", "ollama")  # backends whose key %subchat key can take
 MAX_FANOUT = 64
 
@@ -112,7 +112,7 @@ class Session:
         self._unhook: Callable[[], None] | None = None
         self._resolved: dict[str, Path] = {}
         self._lock = threading.RLock()
-        self._listeners: list[Listener] = []
+        self._listeners = Listeners()
         self._current_id: int | None = None  # None: the root
         self._current_chain: list[tuple[int, str]] = []  # (id, path) root..current, as last seen
         self._streaming: dict[int, set[Turn]] = {}  # chat id -> turns streaming into it
@@ -136,22 +136,10 @@ class Session:
         path, message), ``reply-start``/``reply-delta``/``reply-end`` (id, path, turn,
         delta/message), ``current`` (id, path, reason), ``batch-start`` (id, path, total:
         a batch is about to make and send its rows). Returns the unsubscribe function."""
-        with self._lock:
-            self._listeners.append(listener)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                if listener in self._listeners:
-                    self._listeners.remove(listener)
-
-        return unsubscribe
+        return self._listeners.add(listener)
 
     def _emit(self, event: str, data: dict[str, Any]) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(event, data)
-            except Exception:  # noqa: BLE001 - a broken view must not break a reply
-                pass
+        self._listeners.send(event, data)
 
     def _on_tree_event(self, event: str, data: dict[str, Any]) -> None:
         """The open tree's events: keep track of streaming replies, pass everything on."""

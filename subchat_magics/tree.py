@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import ChatNotFound, InvalidInput, StoreError
+from .events import Listener, Listeners
 from .settings import getenv
 from .store import ChatRow, MessageRow, Store
 
@@ -132,7 +133,6 @@ class Chat:
         return hash((id(self.tree), self.id))
 
 
-Listener = Callable[[str, dict[str, Any]], None]
 
 
 class ChatTree:
@@ -144,7 +144,7 @@ class ChatTree:
         self.path = Path(path).expanduser() if path is not None else default_store_path()
         self.store = Store(self.path)
         self._lock = threading.RLock()
-        self._listeners: list[Listener] = []
+        self._listeners = Listeners()
         self._version = -1
         self._by_id: dict[int, Chat] = {}
         self._by_path: dict[str, Chat] = {}
@@ -238,15 +238,7 @@ class ChatTree:
         """Call ``listener(event, data)`` on ``chat-created``, ``chat-deleted``,
         ``chat-renamed``, ``message``, ``reply-start``, ``reply-delta``, ``reply-end``.
         Returns the unsubscribe function."""
-        with self._lock:
-            self._listeners.append(listener)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                if listener in self._listeners:
-                    self._listeners.remove(listener)
-
-        return unsubscribe
+        return self._listeners.add(listener)
 
     @property
     def has_listeners(self) -> bool:
@@ -258,11 +250,7 @@ class ChatTree:
         if held is not None and held[0] == threading.get_ident():
             held[1].append((event, data))  # inside atomic(): sent once committed
             return
-        for listener in list(self._listeners):
-            try:
-                listener(event, data)
-            except Exception:  # noqa: BLE001 - a broken view must not break a reply
-                pass
+        self._listeners.send(event, data)
 
     # -- chats -------------------------------------------------------------------------------
     @property

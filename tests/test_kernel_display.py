@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
-from jupyter_client.manager import start_new_kernel
+
+from subchat_magics.testing.kernel import clean_env, execute, final_display, running_kernel
 
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("kernel")
-    env = {**os.environ, "LLM_BACKEND": "echo", "OLLAMA_HOST": "http://127.0.0.1:9"}
-    env.pop("SUBCHAT_STORE", None)
-    km, kc = start_new_kernel(kernel_name="python3", cwd=str(cwd), env=env,
-                              extra_arguments=[], startup_timeout=60)
-    _run(kc, "%load_ext subchat_magics")
-    yield kc
-    kc.stop_channels()
-    km.shutdown_kernel(now=True)
+    with running_kernel(tmp_path_factory.mktemp("kernel"), clean_env(LLM_BACKEND="echo")) as kc:
+        yield kc
 
 
-def _run(kc, code: str, timeout: float = 60) -> list[dict]:
-    msg_id = kc.execute(code)
-    msgs = []
-    while True:
-        msg = kc.get_iopub_msg(timeout=timeout)
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        msgs.append(msg)
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            return msgs
+def _run(kc, code: str) -> list[dict]:
+    return execute(kc, code)[0]
 
 
 def test_a_reply_streams_into_one_display_then_shows_markdown(kernel):
@@ -81,8 +65,7 @@ def test_errors_are_one_line_usage_errors_in_the_kernel(kernel):
     assert "Traceback" not in streams
 
 
-def _final(msgs) -> dict:
-    return [m for m in msgs if m["msg_type"] == "display_data"][-1]["content"]["data"]
+_final = final_display
 
 
 def test_format_text_shows_the_finished_reply_without_markdown(kernel):

@@ -6,57 +6,22 @@ cell (nbclient)."""
 
 from __future__ import annotations
 
-import os
 import re
 
 import nbformat
 import pytest
-from jupyter_client.manager import start_new_kernel
 from nbclient import NotebookClient
 
 from subchat_magics.testing.fakeservers import FakeGroq, FakeOpenAI
+from subchat_magics.testing.kernel import BACKEND_VARS, clean_env, execute, running_kernel
 
 pytest.importorskip("pandas")
 
-ENV_VARS = ("LLM_BACKEND", "SUBCHAT_STORE", "GROQ_API_KEY", "GROQ_BASE_URL", "GROQ_MODEL",
-            "OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL", "OLLAMA_MODEL",
-            "SUBCHAT_ECHO_DELAY", "SUBCHAT_TIMEOUT")
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
-    env["OLLAMA_HOST"] = "http://127.0.0.1:9"
-    env.update(extra)
-    return env
-
-
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("context-kernel")
-    km, kc = start_new_kernel(kernel_name="python3", cwd=str(cwd),
-                              env=_clean_env(LLM_BACKEND="echo"), extra_arguments=[],
-                              startup_timeout=60)
-    execute(kc, "%load_ext subchat_magics")
-    yield kc
-    kc.stop_channels()
-    km.shutdown_kernel(now=True)
-
-
-def execute(kc, code: str, timeout: float = 60) -> tuple[list[dict], dict]:
-    """Run a cell (stored in the history, numbered); its iopub messages and its reply."""
-    msg_id = kc.execute(code)
-    msgs = []
-    while True:
-        msg = kc.get_iopub_msg(timeout=timeout)
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        msgs.append(msg)
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            break
-    while True:
-        reply = kc.get_shell_msg(timeout=timeout)
-        if reply["parent_header"].get("msg_id") == msg_id:
-            return msgs, reply["content"]
+    with running_kernel(tmp_path_factory.mktemp("context-kernel"),
+                        clean_env(LLM_BACKEND="echo")) as kc:
+        yield kc
 
 
 def stdout(msgs: list[dict], name: str = "stdout") -> str:
@@ -163,7 +128,7 @@ def test_a_key_typed_into_a_cell_and_referenced_does_not_reach_the_server(tmp_pa
                                                                            server_kind, source):
     fake = FakeGroq(key=KEY) if server_kind == "groq" else FakeOpenAI(key=KEY)
     var = "GROQ_API_KEY" if server_kind == "groq" else "OPENAI_API_KEY"
-    for name in ENV_VARS:  # the kernel nbclient starts inherits this environment
+    for name in BACKEND_VARS:  # the kernel nbclient starts inherits this environment
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("OLLAMA_HOST", "http://127.0.0.1:9")
     with fake as server:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -118,38 +117,16 @@ def test_json_with_a_schema_variable_sets_var_to_the_parsed_value(shell):
 
 
 def test_a_notebook_shows_a_json_reply_as_pretty_json_with_the_values_repr(tmp_path):
-    from jupyter_client.manager import start_new_kernel
+    from subchat_magics.testing.kernel import clean_env, execute, final_display, running_kernel
 
-    env = {**os.environ, "LLM_BACKEND": "echo", "OLLAMA_HOST": "http://127.0.0.1:9"}
-    env.pop("SUBCHAT_STORE", None)
-    km, kc = start_new_kernel(kernel_name="python3", cwd=str(tmp_path), env=env,
-                              startup_timeout=60)
-    try:
-        _run(kc, "%load_ext subchat_magics")
-        _run(kc, f"schema = {SCHEMA!r}")
-        msgs = _run(kc, "%%subchat root --json schema --var row\nLabel it.")
-        final = [m for m in msgs if m["msg_type"] == "display_data"][-1]["content"]["data"]
+    with running_kernel(tmp_path, clean_env(LLM_BACKEND="echo")) as kc:
+        execute(kc, f"schema = {SCHEMA!r}")
+        final = final_display(execute(kc, "%%subchat root --json schema --var row\nLabel it.")[0])
         assert final["text/markdown"] == "```json\n" + json.dumps(
             {"label": "pos", "score": 1}, indent=2) + "\n```"
         assert final["text/plain"] == repr({"label": "pos", "score": 1})
-        msgs = _run(kc, "%%subchat root --choice yes,no\nOk?")
-        final = [m for m in msgs if m["msg_type"] == "display_data"][-1]["content"]["data"]
+        final = final_display(execute(kc, "%%subchat root --choice yes,no\nOk?")[0])
         assert final["text/plain"] == "yes"
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
-
-
-def _run(kc, code: str, timeout: float = 60) -> list[dict]:
-    msg_id = kc.execute(code)
-    msgs = []
-    while True:
-        msg = kc.get_iopub_msg(timeout=timeout)
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        msgs.append(msg)
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            return msgs
 
 
 def test_bare_json_gives_an_object_and_json_equals_name_works_before_the_path(shell):

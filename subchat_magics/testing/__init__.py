@@ -5,6 +5,8 @@
 - :mod:`~subchat_magics.testing.fakeservers`: :class:`FakeOllama`, :class:`FakeGroq`,
   :class:`FakeOpenAI`, loopback servers that speak the real streaming wire protocols and
   can be scripted to be slow, fail, cut the connection or hang.
+- :mod:`~subchat_magics.testing.kernel`: :func:`running_kernel`, a real Jupyter kernel in a
+  folder with a clean environment; :func:`execute`, a cell's messages and reply.
 - :mod:`~subchat_magics.testing.vllm_server`: :class:`VLLMServer`, a real ``vllm serve``
   (the CPU build) on a loopback port: start, kill, restart, its metrics and log.
 - :mod:`~subchat_magics.testing.tiny_model`: ``build()``, a tiny random-weights Qwen3
@@ -34,9 +36,12 @@ _NAMES = {
     "FakeOpenAI": "fakeservers",
     "Script": "fakeservers",
     "VLLMServer": "vllm_server",
+    "running_kernel": "kernel",
+    "execute": "kernel",
 }
 
-__all__ = ["FakeGroq", "FakeOllama", "FakeOpenAI", "Script", "Shell", "VLLMServer", "store_rows"]
+__all__ = ["FakeGroq", "FakeOllama", "FakeOpenAI", "Script", "Shell", "VLLMServer", "execute",
+           "running_kernel", "store_rows"]
 
 
 def __getattr__(name: str) -> Any:
