@@ -321,6 +321,12 @@ def _check_messages(msgs: Any, where: str, bad: Any) -> None:
 _FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[^\n]*\n(.*?)^[ \t]*\1[ \t]*$", re.S | re.M)
 
 
+def code_blocks(text: str) -> list[str]:
+    """The non-empty fenced code blocks of a reply's answer (thinking left out), in order."""
+    _, answer = split_thinking(text or "")
+    return [b for b in (m.group(2).rstrip("\n") for m in _FENCE.finditer(answer)) if b.strip()]
+
+
 def reply_code(text: str) -> str:
     """The code of a reply: its fenced blocks in order (``` or ~~~), or the whole answer
     when it has none (or only empty ones); thinking is left out. ``""`` for a reply with

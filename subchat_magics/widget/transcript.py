@@ -36,6 +36,15 @@ def dispose(widget: w.Widget, seen: set[int]) -> None:
     widget.close()
 
 
+def copy_button(code: str, blocks: int) -> str:
+    """A button that puts ``code`` on the clipboard, in the browser itself (the kernel has
+    no clipboard): the code travels in a data attribute, escaped."""
+    label = "copy code" if blocks == 1 else f"copy code ({blocks} blocks)"
+    return ("<button class='subchat-copy-code' title='Copy the code blocks of this reply' "
+            "onclick='navigator.clipboard.writeText(this.dataset.code)' "
+            f"data-code=\"{html.escape(code, quote=True)}\">{label}</button>")
+
+
 def _markdown_output(markdown: str, plain: str) -> dict[str, Any]:
     return {"output_type": "display_data", "metadata": {},
             "data": {"text/markdown": markdown, "text/plain": plain}}
@@ -130,13 +139,18 @@ class Transcript:
         if head.value != value:
             head.value = value
 
-    def _message_widget(self, m: Message) -> w.Output:
+    def _message_widget(self, m: Message) -> w.Widget:
         self._count(1)
         # the view always renders the Markdown: the plain text is a short label, not a copy
         plain = f"[{m.role}] {m.content[:200]}{'…' if len(m.content) > 200 else ''}"
         md = render.message_markdown(m, self.provenance, colon=False)
-        return w.Output(outputs=(_markdown_output(md, plain),), layout=self.msg_layout,
-                        _dom_classes=("subchat-msg", f"subchat-msg-{m.role}"))
+        shown = w.Output(outputs=(_markdown_output(md, plain),), layout=self.msg_layout,
+                         _dom_classes=("subchat-msg", f"subchat-msg-{m.role}"))
+        blocks = render.code_blocks(m.content) if m.role == "assistant" else []
+        if not blocks:
+            return shown
+        self._count(4)  # the box, its layout, the button and its style
+        return w.VBox([shown, w.HTML(copy_button("\n\n".join(blocks), len(blocks)))])
 
     # -- compare -----------------------------------------------------------------------------
     def build_compare(self, chat: Chat, streaming: set[int]) -> None:

@@ -192,6 +192,18 @@ try {
   await shot('widget-tree.png', view);
   await shot('final-page.png');
 
+  // a reply's code blocks, copied to the clipboard by the button under it
+  await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: new URL(url).origin });
+  await input.fill("Copy this:\n```python\nprint('copied')\n```");
+  await clickUntil('Send (code) to be heard', view.locator('button.subchat-send'),
+    async () => (await input.inputValue()) === '');
+  await until('the copy button', async () => (await view.locator('button.subchat-copy-code').count()) > 0);
+  await view.locator('button.subchat-copy-code').last().click();
+  await until('the clipboard', async () =>
+    (await page.evaluate(() => navigator.clipboard.readText())) !== '');
+  out.clipboard = await page.evaluate(() => navigator.clipboard.readText());
+  out.steps.push('copy code');
+
   // saved, its kernel gone, reopened: the tree is still there as text (JupyterLab saves no
   // widget state by default, so the view itself cannot come back)
   const api = new URL(url);

@@ -179,6 +179,8 @@ def test_tree_view_streams_sends_branches_and_stops_in_a_real_browser(browser_re
     assert any("● streaming" in t for t in plain(seen["labelsMidStream"]))
     assert "interrupted" in seen["statusAfterStop"]
     assert any("[interrupted]" in t for t in seen["assistantAfterStop"])
+    # the copy button under a reply put its code block on the clipboard
+    assert seen["clipboard"] == "print('copied')"
 
     # saved and reopened with its kernel gone: no live view, the tree (as it was when the
     # view was shown) as text instead
