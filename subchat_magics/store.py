@@ -202,13 +202,17 @@ class Store:
         SQLite backup API: works while the file it came from is gone)."""
         with self._lock:
             try:
-                dst = sqlite3.connect(str(dest))
-                try:
-                    self.conn.backup(dst)
-                finally:
-                    dst.close()
+                self._backup(dest)
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot copy chat store {self.path} to {dest}: {exc}") from None
+
+    def _backup(self, dest: str | os.PathLike[str]) -> None:
+        """The whole store copied page by page to ``dest`` (SQLite's backup API)."""
+        dst = sqlite3.connect(str(dest))
+        try:
+            self.conn.backup(dst)
+        finally:
+            dst.close()
 
     # -- opening ------------------------------------------------------------------------
     def _uri(self) -> str:
@@ -341,11 +345,7 @@ class Store:
     def _migrate(self, version: int) -> None:
         backup = self.backup_path(version)
         try:
-            dst = sqlite3.connect(str(backup))
-            try:
-                self.conn.backup(dst)
-            finally:
-                dst.close()
+            self._backup(backup)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot back up {self.path} to {backup} before upgrading it: {exc}") from None
         try:
