@@ -65,6 +65,21 @@ IMPLAUSIBLE_TTFT_MS = -1.0  # a whole interval below this: the turn "beats" its 
 SHORT_TOKENS = 8  # the chunks of each reply in short_replies
 
 
+def best_times(fns: dict, runs: int, rounds: int = 1) -> dict[str, float]:
+    """The best wall time of ``runs`` calls of each function, taking turns; with several
+    rounds, the last round's figures (the earlier ones warm up)."""
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for label, fn in fns.items():
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            best[label] = min(times)
+    return best
+
+
 def serve(conn, tokens: int) -> None:
     """In a child process: the three fake servers streaming ``tokens`` chunks each."""
     chunks = [f"w{i} " for i in range(tokens)]
@@ -262,14 +277,7 @@ def replay_cost(name: str, tokens: int, runs: int = 30) -> dict:
     def ours() -> None:
         list(backend._read(sdk, Recorded(recorded), base_url, "bench-model", t))
 
-    best = {}
-    for label, fn in (("raw", raw), ("backend", ours)):
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        best[label] = min(times)
+    best = best_times({"raw": raw, "backend": ours}, runs)
     return {"raw_us_per_chunk": round(best["raw"] * 1e6 / len(recorded), 3),
             "backend_us_per_chunk": round(best["backend"] * 1e6 / len(recorded), 3),
             "added_us_per_chunk": round((best["backend"] - best["raw"]) * 1e6 / len(recorded), 3)}
@@ -374,14 +382,7 @@ def turn_replay_cost(tokens: int, runs: int = 30) -> dict:
         for _ in tree.send(path, "Count, please.", backend=backend):
             pass
 
-    best = {}
-    for label, fn in (("bare", bare), ("turn", turn)) * 2:  # the second round is measured
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        best[label] = min(times)
+    best = best_times({"bare": bare, "turn": turn}, runs, rounds=2)  # the second round counts
     tree.close()
     return {"turn_us_per_chunk_added": round((best["turn"] - best["bare"]) * 1e6 / tokens, 3),
             "turn_ms_added_per_reply": round((best["turn"] - best["bare"]) * 1e3, 3)}
