@@ -6,14 +6,12 @@ Imports the backend protocol, :mod:`.slot` and :mod:`.requests`; never vLLM itse
 
 from __future__ import annotations
 
-import queue
 from typing import Iterator, Sequence
 
-from ...errors import BackendUnavailable, SubchatError
-from ..base import Availability, Backend, BatchEvent, Finish, GenerationOptions, Message, Stream
+from ...errors import BackendUnavailable, InvalidInput
+from ..base import Availability, Backend, Finish, GenerationOptions, Message, Stream, cut_finish
 from . import slot
 from .pool import EnginePool
-from .requests import Reply, as_error
 
 
 class VLLMBackend(Backend):
@@ -33,6 +31,7 @@ class VLLMBackend(Backend):
     extra = "vllm"
     auto_priority = 10
     constraints = ("json", "choice", "regex")  # structured outputs, in the engine
+    concurrency = 1024  # a batch's rows in the engine at once (its scheduler takes what fits)
 
     @property
     def engine(self) -> slot.Engine | None:
@@ -60,6 +59,21 @@ class VLLMBackend(Backend):
                     "so it does not go with thinking; add --no-think")
         return super().cannot_enforce(options)
 
+    def check_options(self, options: GenerationOptions) -> None:
+        """Own options are ``SamplingParams`` fields (``top_k``, ``repetition_penalty``,
+        ``ignore_eos``, ``structured_outputs``…): any other name is refused."""
+        extra = options.extra or {}
+        if not extra:
+            return
+        from .compat import sampling_param_names
+
+        known = set(sampling_param_names()) | {"structured_outputs", "guided_decoding"}
+        unknown = sorted(k for k in extra if k not in known)
+        if unknown:
+            raise InvalidInput(f"the vllm backend does not take {', '.join(unknown)} (its own "
+                               "options are vLLM's SamplingParams fields, e.g. top_k, "
+                               "repetition_penalty)")
+
     def count_tokens(self, text: str, options: GenerationOptions) -> int | None:
         engine = slot.active_engine()
         return engine.count_tokens(text) if engine is not None else None
@@ -74,86 +88,28 @@ class VLLMBackend(Backend):
         return engine
 
     def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[str | Finish]:
+        """One request: a pool of one in the engine (:class:`.pool.EnginePool`), the text
+        a delta a step."""
+        batch = self.stream_batch([(messages, options)])
+
         def run(stream: Stream) -> Iterator[str | Finish]:
-            events = self._consume([(messages, options)], stream, single=True)
             try:
-                for _, item in events:
+                for _, item in batch:
                     if isinstance(item, BaseException):
                         raise item
                     yield item
             finally:
-                events.close()
+                batch.close()
+                cut = cut_finish(batch)
+                if cut is not None:
+                    stream.cut[0] = cut
 
         return Stream(run)
 
-    def stream_batch(self, requests: Sequence[tuple[Sequence[Message], GenerationOptions]]) -> Iterator[BatchEvent]:
-        """All requests are added to the engine in one go, so it batches them; events come
-        in the order the engine produces them."""
-        return Stream(lambda stream: self._consume(requests, stream))
-
-    def _consume(self, requests: Sequence[tuple[Sequence[Message], GenerationOptions]],
-                 stream: Stream, single: bool = False) -> Iterator[BatchEvent]:
-        """The one loop: prepare every request (one that cannot be sent is an error event,
-        raised for a ``single`` stream), submit them together, hand on the engine's events
-        in order; whatever way it ends, abort what the engine still holds and keep the
-        counts of every cut reply."""
-        engine = self._engine()
-        failed: list[tuple[int, BaseException]] = []
-        replies: dict[int, Reply] = {}
-        items = []
-        for index, (messages, options) in enumerate(requests):
-            try:
-                reply, params = engine.prepare(messages, options)
-            except SubchatError as exc:
-                if single:
-                    raise
-                failed.append((index, exc))
-                continue
-            replies[index] = reply
-            items.append((reply.prompt.token_ids, params, index))
-        sink: queue.SimpleQueue = queue.SimpleQueue()
-
-        def cut(index: int, reason: str) -> None:
-            reply = replies[index]
-            reply.in_engine = False
-            stream.cut[index] = reply.finish(engine.label, reason)
-
-        try:
-            if items:
-                for (_, _, index), rid in zip(items, engine.submit(items, sink)):
-                    replies[index].rid, replies[index].in_engine = rid, True
-            yield from failed
-            open_ = set(replies)
-            while open_:
-                index, ev = engine.next_event(sink)
-                reply = replies[index]
-                if isinstance(ev, BaseException):
-                    open_.discard(index)
-                    error = as_error(ev)
-                    cut(index, "error")
-                    engine.remember(reply)
-                    yield index, error
-                    continue
-                reply.add(ev)
-                if ev.text:
-                    yield index, ev.text
-                if ev.finished:
-                    reply.finished, reply.in_engine = True, False
-                    open_.discard(index)
-                    engine.remember(reply)
-                    yield index, reply.finish(engine.label, ev.finish_reason)
-        finally:
-            held = [r.rid for r in replies.values() if r.in_engine]
-            engine.abort(held)
-            for index, reply in replies.items():
-                if not reply.finished and index not in stream.cut:
-                    cut(index, "interrupted")
-                    engine.remember(reply)  # what was kept of it can still be reused
-
-    def open_pool(self, size: int) -> EnginePool:
-        """What a batch (``%%subchat --each``) streams through: each request goes into the
-        engine when the batch submits it, so every request in flight is batched."""
-        return EnginePool(self._engine(), size)
+    def open_pool(self, size: int, deltas: bool = True) -> EnginePool:
+        """Requests in the engine (one reply, a fan-out, a batch's rows): each goes into
+        the engine when it is submitted, so every request in flight is batched."""
+        return EnginePool(self._engine(), size, deltas)
 
     def unfinished_requests(self) -> int:
         """Requests the engine still holds (0 when idle)."""
