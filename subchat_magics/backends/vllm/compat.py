@@ -89,6 +89,24 @@ def detect_gpus() -> tuple[int, list[tuple[int, int]]]:
         return 0, []
 
 
+def gpu_totals(n: int) -> list[int]:
+    """Each visible CUDA device's memory in bytes (vLLM's platform asks NVML, without
+    initialising CUDA here); ``nvidia-smi`` where that fails; empty on a CPU."""
+    if n <= 0:
+        return []
+    try:
+        from vllm.platforms import current_platform
+
+        totals = [int(current_platform.get_device_total_memory(i)) for i in range(n)]
+        if all(totals):
+            return totals
+    except Exception:  # noqa: BLE001 - an older vLLM: ask nvidia-smi
+        pass
+    from .gpus import probe
+
+    return [g.total for g in probe(use_torch=False).gpus][:n]
+
+
 # -- engine arguments, checked without building an engine -----------------------------------
 def engine_arg_names() -> set[str] | None:
     """The keyword arguments ``vllm.EngineArgs`` takes, or None where it cannot say."""

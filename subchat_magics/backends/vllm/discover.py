@@ -133,6 +133,19 @@ def describe(folder: Path, source: str, device_totals: Sequence[int], *,
     return FoundModel(folder, label, source, arch, quant, size, fits, note, repo_id)
 
 
+def input_label(folder: Path, root: Path) -> str:
+    """A short name for a folder under the inputs root: ``MODEL/VARIATION`` for Kaggle's
+    ``MODEL/FRAMEWORK/VARIATION/VERSION``, else its parts without version numbers."""
+    try:
+        parts = folder.relative_to(root).parts
+    except ValueError:
+        return model_label(folder)
+    if len(parts) == 4:
+        return parts[0] if parts[2] == parts[0] else f"{parts[0]}/{parts[2]}"
+    named = [p for p in parts if not p.isdigit()]
+    return "/".join(named) or model_label(folder)
+
+
 def _walk(root: Path, depth: int, notes: list[str]) -> list[Path]:
     """Folders holding ``config.json`` or ``adapter_config.json`` up to ``depth`` below ``root``."""
     out: list[Path] = []
@@ -188,9 +201,10 @@ def find_models(device_totals: Sequence[int] = (), root: Path | None = None,
     root = kaggle_input() if root is None else root
     if root.is_dir():
         for folder in _walk(root, KAGGLE_DEPTH, found.notes):
-            m = describe(folder, "kaggle", device_totals)
+            name = input_label(folder, root)
+            m = describe(folder, "kaggle", device_totals, name=name)
             if m is None:  # only an adapter_config.json
-                m = FoundModel(folder, model_label(folder), "kaggle", None, None, weight_size(folder),
+                m = FoundModel(folder, name, "kaggle", None, None, weight_size(folder),
                                None, "an adapter (LoRA), not a model: load its base model and pass "
                                "it with --engine-arg enable_lora=true")
             found.models.append(m)
@@ -291,3 +305,41 @@ def closest_folders(raw: str, limit: int = 3) -> list[str]:
     return out[:limit]
 
 
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith(("/", "./", "../", "~")) or os.sep + os.sep in text
+
+
+def resolve(raw: str, device_totals: Sequence[int] = (), root: Path | None = None) -> str:
+    """What ``%load_vllm WHAT`` loads: an existing folder as given; a number from the
+    list; a unique part of a found model's name; else a Hugging Face id (``org/name``);
+    else an :class:`InvalidInput` that names the closest existing folders."""
+    from .plan import clean_model_arg, is_hub_id
+
+    text = clean_model_arg(raw)
+    if not text or Path(text).expanduser().exists():
+        return text
+    if text.isdigit():
+        return choose(find_models(device_totals, root), text).ref()
+    if not _looks_like_path(text):
+        found = find_models(device_totals, root)
+        low = text.lower()
+        if any(low in m.name.lower() or low in str(m.path).lower()
+               or (m.repo_id and low in m.repo_id.lower()) for m in found.models):
+            return choose(found, text).ref()
+        if is_hub_id(text):
+            return text
+        close = closest_folders(text) or [str(m.path) for m in found.models[:3]]
+        raise InvalidInput(
+            f"%load_vllm: no such folder {text!r}, and no model found here is named like it"
+            + (f"; the closest: {', '.join(close)}" if close else "")
+            + "; %load_vllm without a path lists the models found")
+    close = closest_folders(text)
+    raise InvalidInput(
+        f"%load_vllm: no such folder {text!r}"
+        + (f"; the closest existing folders: {', '.join(close)}" if close else
+           "; give the path of a local model folder (with config.json), e.g. "
+           "/kaggle/input/qwen-3/transformers/14b-awq/1, or a Hugging Face model id, e.g. "
+           "Qwen/Qwen3-14B-AWQ")
+        + "; %load_vllm without a path lists the models found")

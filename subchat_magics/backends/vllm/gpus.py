@@ -9,6 +9,7 @@ inside :func:`probe`, and only where it is installed and already imported or ask
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -143,6 +144,18 @@ def machine_from_smi(query_text: str, header_text: str | None) -> Machine:
     return Machine(gpus, driver, cuda, "nvidia-smi")
 
 
+def visible(found: list[GPU], env: str | None) -> list[GPU]:
+    """The GPUs ``CUDA_VISIBLE_DEVICES`` leaves (by index; UUIDs and unset: all)."""
+    if env is None or not env.strip():
+        return found if env is None else []
+    try:
+        wanted = [int(x) for x in env.split(",") if x.strip()]
+    except ValueError:
+        return found
+    by_index = {g.index: g for g in found}
+    return [by_index[i] for i in wanted if i in by_index]
+
+
 def _run(cmd: Sequence[str], timeout: float) -> tuple[int, str]:
     try:
         done = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
@@ -162,6 +175,7 @@ def probe(timeout: float = 5.0, use_torch: bool = True) -> Machine:
         if rc == 0:
             _rc2, header = _run(("nvidia-smi",), timeout)
             m = machine_from_smi(out, header if _rc2 == 0 else None)
+            m.gpus = visible(m.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
             if m.gpus or m.problems:
                 return m
         else:

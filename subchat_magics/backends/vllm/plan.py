@@ -342,6 +342,11 @@ def activation_bytes(shape: ModelShape, tp: int, value_bytes: int, batched_token
     return batched_tokens * per_token * value_bytes + max_num_seqs * shape.vocab * 4
 
 
+def size(n: float) -> str:
+    """Bytes in GiB, or MiB below one GiB."""
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / (1 << 20):.1f} MiB"
+
+
 @dataclass
 class MemoryPlan:
     """What a load would put where, per device. Bytes; ``kv_tokens`` is the KV cache's
@@ -385,18 +390,17 @@ class MemoryPlan:
 
     def lines(self) -> list[str]:
         """The two lines ``--plan`` and the load print."""
-        g = GiB
         est = " (estimated from config.json)" if self.weights_estimated else ""
-        where = f"per {self.device}" if self.device == "GPU" else "in RAM"
         if self.device == "GPU":
-            first = (f"memory {where} ({self.devices} × {self.budget_per_device / self.gpu_memory_utilization / g:.1f} GiB, "
-                     f"TP {self.tp}): weights {self.weights_per_device / g:.2f} GiB{est}, "
-                     f"activations and CUDA ~{self.overhead_per_device / g:.2f} GiB, KV cache "
-                     + (f"{self.kv_room_per_device / g:.2f} GiB" if self.kv_room_per_device is not None else "?")
+            total = self.budget_per_device / self.gpu_memory_utilization
+            first = (f"memory per GPU ({self.devices} × {size(total)}, TP {self.tp}): weights "
+                     f"{size(self.weights_per_device)}{est}, activations and CUDA "
+                     f"~{size(self.overhead_per_device)}, KV cache "
+                     + (size(self.kv_room_per_device) if self.kv_room_per_device is not None else "?")
                      + f" at gpu_memory_utilization {self.gpu_memory_utilization:g}")
         else:
-            first = (f"memory {where}: weights {self.weights_per_device / g:.2f} GiB{est}, KV cache "
-                     + (f"{self.kv_room_per_device / g:.2f} GiB" if self.kv_room_per_device is not None
+            first = (f"memory in RAM: weights {size(self.weights_per_device)}{est}, KV cache "
+                     + (size(self.kv_room_per_device) if self.kv_room_per_device is not None
                         else "sized by vLLM from free RAM (set VLLM_CPU_KVCACHE_SPACE=GiB to fix it)"))
         if self.kv_tokens is None:
             second = (f"KV cache: {self.kv_bytes_per_token / 1024:.0f} KiB a token per device; "
@@ -425,8 +429,8 @@ def memory_plan(config: dict[str, Any], kwargs: dict[str, Any], device_totals: S
     tp = int(kwargs.get("tensor_parallel_size") or 1)
     gpu = bool(device_totals)
     dtype = str(kwargs.get("dtype") or "auto")
-    if dtype == "auto" and gpu and (shape.dtype or "") in ("float32", "float"):
-        dtype = "float16"  # vLLM's auto runs a float32 model in 16 bits on a GPU
+    if dtype == "auto" and (shape.dtype or "") in ("float32", "float"):
+        dtype = "bfloat16"  # vLLM's auto runs a float32 model in 16 bits (GPU and CPU alike)
     value = dtype_bytes(dtype, shape)
     kv_dtype = str(kwargs.get("kv_cache_dtype") or "auto")
     kv_value = value if kv_dtype == "auto" else _DTYPE_BYTES.get(kv_dtype, value)
@@ -470,7 +474,7 @@ def check_fits(mp: MemoryPlan | None) -> None:
         hint += " or a higher --gpu-memory-utilization"
     raise InvalidInput(
         f"%load_vllm: max_model_len {mp.max_model_len} does not fit: the KV cache holds "
-        f"{mp.kv_tokens:,} tokens ({mp.kv_room_per_device / GiB:.2f} GiB per {mp.device}); {hint}; "
+        f"{mp.kv_tokens:,} tokens ({size(mp.kv_room_per_device or 0)} per {mp.device}); {hint}; "
         "nothing was unloaded")
 
 
