@@ -441,7 +441,7 @@ def memory_plan(config: dict[str, Any], kwargs: dict[str, Any], device_totals: S
     block = int(kwargs.get("block_size") or (GPU_BLOCK_SIZE if gpu else CPU_BLOCK_SIZE))
     seqs = int(kwargs.get("max_num_seqs") or DEFAULT_MAX_NUM_SEQS)
     max_len = int(kwargs.get("max_model_len") or max_positions(config) or 0)
-    batched = int(kwargs.get("max_num_batched_tokens") or max(DEFAULT_MAX_BATCHED_TOKENS, max_len))
+    batched = int(kwargs.get("max_num_batched_tokens") or DEFAULT_MAX_BATCHED_TOKENS)  # chunked prefill
     gmu = float(kwargs.get("gpu_memory_utilization") or KAGGLE_DEFAULTS["gpu_memory_utilization"])
     explicit = kwargs.get("kv_cache_memory_bytes")
     note = ""
