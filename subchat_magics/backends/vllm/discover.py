@@ -133,19 +133,6 @@ def describe(folder: Path, source: str, device_totals: Sequence[int], *,
     return FoundModel(folder, label, source, arch, quant, size, fits, note, repo_id)
 
 
-def input_label(folder: Path, root: Path) -> str:
-    """A short name for a folder under the inputs root: ``MODEL/VARIATION`` for Kaggle's
-    ``MODEL/FRAMEWORK/VARIATION/VERSION``, else its parts without version numbers."""
-    try:
-        parts = folder.relative_to(root).parts
-    except ValueError:
-        return model_label(folder)
-    if len(parts) == 4:
-        return parts[0] if parts[2] == parts[0] else f"{parts[0]}/{parts[2]}"
-    named = [p for p in parts if not p.isdigit()]
-    return "/".join(named) or model_label(folder)
-
-
 def _walk(root: Path, depth: int, notes: list[str]) -> list[Path]:
     """Folders holding ``config.json`` or ``adapter_config.json`` up to ``depth`` below ``root``."""
     out: list[Path] = []
@@ -201,7 +188,7 @@ def find_models(device_totals: Sequence[int] = (), root: Path | None = None,
     root = kaggle_input() if root is None else root
     if root.is_dir():
         for folder in _walk(root, KAGGLE_DEPTH, found.notes):
-            name = input_label(folder, root)
+            name = model_label(folder)
             m = describe(folder, "kaggle", device_totals, name=name)
             if m is None:  # only an adapter_config.json
                 m = FoundModel(folder, name, "kaggle", None, None, weight_size(folder),
@@ -330,10 +317,11 @@ def resolve(raw: str, device_totals: Sequence[int] = (), root: Path | None = Non
             return choose(found, text).ref()
         if is_hub_id(text):
             return text
-        close = closest_folders(text) or [str(m.path) for m in found.models[:3]]
+        names = {m.name.lower(): m.name for m in found.models}
+        close = [names[n] for n in difflib.get_close_matches(low, list(names), n=3, cutoff=0.3)]
         raise InvalidInput(
             f"%load_vllm: no such folder {text!r}, and no model found here is named like it"
-            + (f"; the closest: {', '.join(close)}" if close else "")
+            + (f"; the closest names: {', '.join(close)}" if close else "")
             + "; %load_vllm without a path lists the models found")
     close = closest_folders(text)
     raise InvalidInput(

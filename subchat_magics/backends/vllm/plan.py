@@ -77,12 +77,23 @@ def has_rope_scaling(config: dict[str, Any]) -> bool:
 
 def model_label(path: str | os.PathLike[str]) -> str:
     """A short name for a model folder: Kaggle's ``/kaggle/input/qwen-3/transformers/14b-awq/1``
-    is ``qwen-3/14b-awq``; elsewhere the last part that is not a version number."""
-    parts = [p for p in Path(path).parts if p not in ("/", "")]
-    named = [p for p in parts if not p.isdigit()]
-    if "input" in parts and parts[:1] == ["kaggle"] and len(parts) >= 5:
-        i = parts.index("input")
-        return f"{parts[i + 1]}/{named[-1]}" if named[-1] != parts[i + 1] else parts[i + 1]
+    (or the same under ``$SUBCHAT_KAGGLE_INPUT``) is ``qwen-3/14b-awq``; elsewhere the last
+    part that is not a version number."""
+    p = Path(path)
+    roots = [Path("/kaggle/input")]
+    if os.environ.get("SUBCHAT_KAGGLE_INPUT"):
+        roots.insert(0, Path(os.environ["SUBCHAT_KAGGLE_INPUT"]).expanduser())
+    for root in roots:
+        try:
+            parts = p.relative_to(root).parts
+        except ValueError:
+            continue
+        if len(parts) == 4:  # MODEL/FRAMEWORK/VARIATION/VERSION
+            return parts[0] if parts[2] == parts[0] else f"{parts[0]}/{parts[2]}"
+        named = [x for x in parts if not x.isdigit()]
+        if named:
+            return "/".join(named)
+    named = [x for x in p.parts if x not in ("/", "") and not x.isdigit()]
     return named[-1] if named else str(path)
 
 
