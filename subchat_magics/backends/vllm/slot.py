@@ -262,7 +262,7 @@ def load(settings: LoadSettings, echo: Callable[[str], None] | None = print) -> 
         say("Importing vLLM…")
     vllm = compat.import_vllm()
     n, caps = compat.detect_gpus()
-    plan = plan_load(settings, config, path, n, caps)
+    plan = _named(plan_load(settings, config, path, n, caps), settings, found)
     plan.kwargs.update(compat.coerce_engine_args(settings.engine_args))
     memory = _memory_plan(plan, config, found, compat.gpu_totals(n))
     if memory is not None:
@@ -316,6 +316,13 @@ def load(settings: LoadSettings, echo: Callable[[str], None] | None = print) -> 
     return engine
 
 
+def _named(plan: Plan, settings: LoadSettings, found: Any) -> Plan:
+    """The label of the folder as given (a Kaggle input linked elsewhere keeps its name)."""
+    if found is None:
+        plan.label = model_label(Path(clean_model_arg(settings.model)).expanduser().absolute())
+    return plan
+
+
 def _weights_on_disk(path: Any, found: Any) -> int | None:
     """Bytes of the model's weight files: in its folder, its cached snapshot, or the
     download's size; None where unknown (the plan then estimates them from the config)."""
@@ -356,7 +363,7 @@ def plan_only(settings: LoadSettings, echo: Callable[[str], None] | None = print
     else:
         machine = gpus.probe(use_torch=False)
         n, caps, totals = len(machine.gpus), machine.capabilities, [g.total for g in machine.gpus]
-    plan = plan_load(settings, config, path, n, caps)
+    plan = _named(plan_load(settings, config, path, n, caps), settings, found)
     memory = _memory_plan(plan, config, found, totals)
     say(f"Plan for {plan.label} (nothing loaded):")
     if memory is None:
