@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from subchat_magics.backends.vllm import LoadSettings, plan_load
 from subchat_magics.backends.vllm.gpus import machine_from_smi
@@ -131,3 +133,51 @@ def test_on_a_cpu_the_kv_cache_is_what_is_set():
     unknown = memory_plan(tiny, {"max_model_len": 5120}, [])
     assert unknown.kv_tokens is None and unknown.fits is None
     check_fits(unknown)  # nothing to refuse on
+
+
+# -- invariants over random models and machines ----------------------------------------------
+
+
+@st.composite
+def machines_and_models(draw):
+    kv = draw(st.sampled_from([1, 2, 4, 8]))
+    heads = kv * draw(st.sampled_from([1, 2, 4, 8]))
+    config = {
+        "hidden_size": heads * 128, "num_attention_heads": heads, "num_key_value_heads": kv,
+        "head_dim": 128, "num_hidden_layers": draw(st.integers(1, 80)),
+        "vocab_size": draw(st.integers(1000, 260000)), "intermediate_size": draw(st.integers(256, 30000)),
+        "max_position_embeddings": draw(st.sampled_from([2048, 8192, 32768, 131072])),
+        "torch_dtype": draw(st.sampled_from(["float16", "bfloat16", "float32"])),
+    }
+    if draw(st.booleans()):
+        config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128}
+    n = draw(st.integers(0, 4))
+    totals = [draw(st.sampled_from([12, 16, 24, 40, 80])) * 2**30] * n
+    kwargs = {"tensor_parallel_size": max(1, n), "gpu_memory_utilization": draw(st.floats(0.3, 0.99)),
+              "max_model_len": draw(st.integers(16, 131072)), "dtype": "auto"}
+    cpu = draw(st.integers(1, 8)) * 2**30
+    return config, kwargs, totals, cpu
+
+
+@settings(max_examples=200, deadline=None)
+@given(machines_and_models())
+def test_the_plan_holds_whole_blocks_within_its_room_and_the_largest_length_fits(case):
+    config, kwargs, totals, cpu = case
+    mp = memory_plan(config, kwargs, totals, cpu_kv_bytes=cpu)
+    assert mp.kv_tokens % mp.block_size == 0
+    assert mp.kv_tokens * mp.kv_bytes_per_token <= mp.kv_room_per_device
+    assert mp.kv_room_per_device - mp.kv_tokens * mp.kv_bytes_per_token < mp.block_size * mp.kv_bytes_per_token
+    if totals:
+        assert mp.weights_per_device + mp.overhead_per_device + mp.kv_room_per_device >= mp.budget_per_device \
+            or mp.kv_room_per_device == 0
+    refused = False
+    try:
+        check_fits(mp)
+    except InvalidInput:
+        refused = True
+    assert refused == (mp.kv_tokens < mp.max_model_len)
+    assert (mp.rows_in_flight >= 1) == (not refused)
+    if refused and mp.largest_len >= 16:  # the length the refusal offers does fit
+        again = memory_plan(config, dict(kwargs, max_model_len=mp.largest_len), totals, cpu_kv_bytes=cpu)
+        assert again.fits
+        check_fits(again)

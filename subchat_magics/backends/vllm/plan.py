@@ -483,6 +483,8 @@ def check_fits(mp: MemoryPlan | None) -> None:
             else "free memory or use a smaller model")
     if mp.device == "GPU" and mp.gpu_memory_utilization < 0.95:
         hint += " or a higher --gpu-memory-utilization"
+    if mp.device == "GPU":  # the activations are an estimate: let the user set the cache
+        hint += " (or size the KV cache yourself: --engine-arg kv_cache_memory_bytes=N)"
     raise InvalidInput(
         f"%load_vllm: max_model_len {mp.max_model_len} does not fit: the KV cache holds "
         f"{mp.kv_tokens:,} tokens ({size(mp.kv_room_per_device or 0)} per {mp.device}); {hint}; "
