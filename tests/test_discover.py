@@ -140,3 +140,11 @@ def test_models_in_the_hugging_face_cache_are_listed_by_id(workdir, monkeypatch)
     found = discover.find_models((), workdir / "none", cache)
     assert [(m.name, m.source, m.ref()) for m in found.models] == [("Qwen/Tiny", "hf-cache", "Qwen/Tiny")]
     assert discover.resolve("tiny", (), workdir / "none") == "Qwen/Tiny"
+
+
+def test_loading_a_folder_without_weights_is_refused_before_anything_else(shell, kaggle):
+    folder = kaggle / "qwen-3" / "transformers" / "14b-awq" / "1"
+    err = shell.fails(f"%load_vllm {folder}")
+    assert err.startswith(f"%load_vllm: '{folder}' holds config.json but no weight files (.safetensors")
+    plan = shell.ok(f"%load_vllm {folder} --plan")  # the plan works from config.json alone
+    assert "memory in RAM: weights 9.29 GiB (estimated from config.json)" in plan

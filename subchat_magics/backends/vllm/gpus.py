@@ -5,7 +5,8 @@ Read from ``nvidia-smi`` (a subprocess, a short timeout), or from torch's device
 properties where there is no ``nvidia-smi``. The parsing is pure (:func:`parse_query`,
 :func:`parse_cuda_version`, :func:`from_torch_properties`) so that recorded outputs can be
 fed to it; only :func:`probe` runs anything. Imports neither vLLM nor torch (torch only
-inside :func:`probe`, and only where it is installed and already imported or asked for)."""
+inside :func:`probe`, when ``nvidia-smi`` gave nothing and torch is installed: asking
+torch initialises CUDA in this process)."""
 
 from __future__ import annotations
 
@@ -116,10 +117,9 @@ def cuda_of_driver(driver: str | None) -> tuple[int, int] | None:
     return None
 
 
-def from_torch_properties(props: Iterable[Any], driver_cuda: int | None = None) -> list[GPU]:
+def from_torch_properties(props: Iterable[Any]) -> list[GPU]:
     """GPUs from ``torch.cuda.get_device_properties(i)`` objects (``name``, ``major``,
-    ``minor``, ``total_memory``); ``driver_cuda``: ``torch.cuda.driver_version()``-style
-    int (12040), unused here but accepted for symmetry with recorded data."""
+    ``minor``, ``total_memory``)."""
     out = []
     for i, p in enumerate(props):
         out.append(GPU(i, str(p.name), (int(p.major), int(p.minor)), int(p.total_memory)))
