@@ -183,7 +183,13 @@ def probe(timeout: float = 5.0, use_torch: bool = True) -> Machine:
             problems.append(f"nvidia-smi failed: {first}")
     else:
         problems.append("no nvidia-smi on PATH")
-    if use_torch:
+    import glob
+    import sys
+
+    devices = bool(glob.glob("/dev/nvidia[0-9]*"))
+    if use_torch and not devices and "torch" not in sys.modules:
+        problems.append("no /dev/nvidia* device")  # torch would find none either: not imported
+    elif use_torch:
         import importlib.util
 
         if importlib.util.find_spec("torch") is not None:
