@@ -103,6 +103,8 @@ def test_a_number_and_a_partial_name_pick_the_same_model_for_the_plan(shell, kag
     ("%load_vllm llama", "no such folder 'llama', and no model found here is named like it"),
     ("%load_vllm tiny-qwen4", "no model found here is named like it; the closest names: tiny-qwen3/default"),
     ("%load_vllm --plan", "--plan needs MODEL_PATH"),
+    ("%load_vllm 4 --plan --engine-arg max_num_seqs=abc", "max_num_seqs takes an integer (got 'abc')"),
+    ("%load_vllm 4 --plan --engine-arg block_size=1.5", "block_size takes an integer (got 1.5)"),
 ])
 def test_a_bad_choice_is_one_line(shell, kaggle, line, expected):
     err = shell.fails(line)

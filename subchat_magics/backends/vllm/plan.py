@@ -437,7 +437,20 @@ def memory_plan(config: dict[str, Any], kwargs: dict[str, Any], device_totals: S
     shape = model_shape(config)
     if shape is None:
         return None
-    tp = int(kwargs.get("tensor_parallel_size") or 1)
+    def num(key: str, default: Any, kind: type = int) -> Any:
+        value = kwargs.get(key)
+        if value is None or value == "":
+            return default
+        try:
+            if isinstance(value, bool) or (kind is int and float(value) != int(float(value))):
+                raise ValueError
+            return kind(float(value)) if kind is int else kind(value)
+        except (TypeError, ValueError):
+            raise InvalidInput(f"%load_vllm: vLLM rejects these engine arguments: {key} takes "
+                               f"{'an integer' if kind is int else 'a number'} (got {value!r}); "
+                               "nothing was unloaded") from None
+
+    tp = num("tensor_parallel_size", 1) or 1
     gpu = bool(device_totals)
     dtype = str(kwargs.get("dtype") or "auto")
     if dtype == "auto" and (shape.dtype or "") in ("float32", "float"):
@@ -449,12 +462,12 @@ def memory_plan(config: dict[str, Any], kwargs: dict[str, Any], device_totals: S
     weights = weight_bytes if weight_bytes is not None else estimate_weight_bytes(shape, value)
     per_device = -(-weights // tp)
     per_token = kv_bytes_per_token(shape, tp, kv_value)
-    block = int(kwargs.get("block_size") or (GPU_BLOCK_SIZE if gpu else CPU_BLOCK_SIZE))
-    seqs = int(kwargs.get("max_num_seqs") or DEFAULT_MAX_NUM_SEQS)
-    max_len = int(kwargs.get("max_model_len") or max_positions(config) or 0)
-    batched = int(kwargs.get("max_num_batched_tokens") or DEFAULT_MAX_BATCHED_TOKENS)  # chunked prefill
-    gmu = float(kwargs.get("gpu_memory_utilization") or KAGGLE_DEFAULTS["gpu_memory_utilization"])
-    explicit = kwargs.get("kv_cache_memory_bytes")
+    block = num("block_size", 0) or (GPU_BLOCK_SIZE if gpu else CPU_BLOCK_SIZE)
+    seqs = num("max_num_seqs", 0) or DEFAULT_MAX_NUM_SEQS
+    max_len = num("max_model_len", 0) or max_positions(config) or 0
+    batched = num("max_num_batched_tokens", 0) or DEFAULT_MAX_BATCHED_TOKENS  # chunked prefill
+    gmu = num("gpu_memory_utilization", 0.0, float) or KAGGLE_DEFAULTS["gpu_memory_utilization"]
+    explicit = num("kv_cache_memory_bytes", None)
     note = ""
     if gpu:
         budget = int(min(device_totals) * gmu)
