@@ -98,8 +98,11 @@ def package_lines(f: Facts) -> list[str]:
     if bad and f.machine.gpus:
         pair = compat.build_for_driver(driver, caps)
         if pair is not None:
-            lines.append(f"{FIX}{pair.install}   (vLLM {pair.vllm} with {pair.torch}, CUDA "
-                         f"{_cuda(pair.cuda)}; known good as of {pair.checked}), then restart the kernel")
+            # pip keeps an installed torch 2.x+cu130 for a pin of torch 2.x: remove it first
+            first = [p.name for p in (f.vllm, f.torch) if p.version is not None]
+            remove = f"pip uninstall -y {' '.join(first)} && " if first else ""
+            lines.append(f"{FIX}{remove}{pair.install}   then restart the kernel (vLLM {pair.vllm}, "
+                         f"torch: {pair.torch}; CUDA {_cuda(pair.cuda)}; known good as of {pair.checked})")
         else:
             lines.append(f"{FIX}no known vLLM build runs on driver CUDA {_cuda(driver)} with these "
                          "cards; use a remote backend (%subchat backends)")

