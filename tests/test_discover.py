@@ -144,9 +144,8 @@ def test_models_in_the_hugging_face_cache_are_listed_by_id(workdir, monkeypatch)
     assert discover.resolve("tiny", (), workdir / "none") == "Qwen/Tiny"
 
 
-def test_loading_a_folder_without_weights_is_refused_before_anything_else(shell, kaggle):
+
+def test_a_folder_without_weights_still_has_a_plan(shell, kaggle):
     folder = kaggle / "qwen-3" / "transformers" / "14b-awq" / "1"
-    err = shell.fails(f"%load_vllm {folder}")
-    assert err.startswith(f"%load_vllm: '{folder}' holds config.json but no weight files (.safetensors")
-    plan = shell.ok(f"%load_vllm {folder} --plan")  # the plan works from config.json alone
+    plan = shell.ok(f"%load_vllm {folder} --plan")  # from config.json alone; no GPU here: a CPU
     assert "memory in RAM: weights 9.29 GiB (estimated from config.json)" in plan

@@ -76,6 +76,18 @@ def test_a_number_out_of_range_keeps_the_loaded_model(vshell, engine, kaggle):
     still_answers(vshell, engine)
 
 
+def test_a_folder_without_weights_is_refused_and_keeps_the_loaded_model(vshell, engine, tiny_model,
+                                                                       tmp_path):
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_model / "config.json").read_text())
+    result, cap = vshell.run(f"%load_vllm {folder}")
+    err = str(result.error_in_exec)
+    assert err.startswith(f"%load_vllm: '{folder}' holds config.json but no weight files (.safetensors")
+    assert "Unloading" not in cap.stdout
+    still_answers(vshell, engine)
+
+
 def test_a_length_that_cannot_fit_is_refused_before_the_model_is_let_go(vshell, engine, tiny_model):
     result, cap = vshell.run(f"%load_vllm {tiny_model} --engine-arg kv_cache_memory_bytes=1000000")
     err = str(result.error_in_exec)

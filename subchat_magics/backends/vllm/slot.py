@@ -257,15 +257,15 @@ def load(settings: LoadSettings, echo: Callable[[str], None] | None = print) -> 
         path, config = found.repo_id, found.config
     else:
         path, config = check_model_path(settings.model)
-        if not discover.weight_size(path):
-            raise InvalidInput(
-                f"%load_vllm: {clean_model_arg(settings.model)!r} holds config.json but no weight "
-                f"files ({', '.join(discover.WEIGHT_SUFFIXES)}); give the folder that holds them "
-                "(%load_vllm without a path lists the models found)")
     check_engine_arg_keys(settings.engine_args)
     if "vllm" not in sys.modules:
         say("Importing vLLM…")
     vllm = compat.import_vllm()
+    if found is None and not discover.weight_size(path):
+        raise InvalidInput(
+            f"%load_vllm: {clean_model_arg(settings.model)!r} holds config.json but no weight "
+            f"files ({', '.join(discover.WEIGHT_SUFFIXES)}); give the folder that holds them "
+            "(%load_vllm without a path lists the models found)")
     n, caps = compat.detect_gpus()
     plan = _named(plan_load(settings, config, path, n, caps), settings, found)
     plan.kwargs.update(compat.coerce_engine_args(settings.engine_args))
