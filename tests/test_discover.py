@@ -142,6 +142,9 @@ def test_models_in_the_hugging_face_cache_are_listed_by_id(workdir, monkeypatch)
     found = discover.find_models((), workdir / "none", cache)
     assert [(m.name, m.source, m.ref()) for m in found.models] == [("Qwen/Tiny", "hf-cache", "Qwen/Tiny")]
     assert discover.resolve("tiny", (), workdir / "none") == "Qwen/Tiny"
+    assert discover.resolve("qwen/tiny", (), workdir / "none") == "Qwen/Tiny"  # its exact id
+    # a full id is the Hub's, never widened to a cached model that merely contains it
+    assert discover.resolve("Qwen/Tin", (), workdir / "none") == "Qwen/Tin"
 
 
 

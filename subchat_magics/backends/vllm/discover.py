@@ -300,8 +300,9 @@ def _looks_like_path(text: str) -> bool:
 
 def resolve(raw: str, device_totals: Sequence[int] = (), root: Path | None = None) -> str:
     """What ``%load_vllm WHAT`` loads: an existing folder as given; a number from the
-    list; a unique part of a found model's name; else a Hugging Face id (``org/name``);
-    else an :class:`InvalidInput` that names the closest existing folders."""
+    list; a found model's exact name; a Hugging Face id (``org/name``: never widened to a
+    cached model whose id merely contains it); a unique part of a found model's name;
+    else an :class:`InvalidInput` that names the closest folders or names."""
     from .plan import clean_model_arg, is_hub_id
 
     text = clean_model_arg(raw)
@@ -312,11 +313,14 @@ def resolve(raw: str, device_totals: Sequence[int] = (), root: Path | None = Non
     if not _looks_like_path(text):
         found = find_models(device_totals, root)
         low = text.lower()
+        exact = [m for m in found.models if low in (m.name.lower(), (m.repo_id or "").lower())]
+        if len(exact) == 1:
+            return choose(found, str(found.models.index(exact[0]) + 1)).ref()
+        if is_hub_id(text):  # org/name: a Hub id unless it is exactly a found model's name
+            return text
         if any(low in m.name.lower() or low in str(m.path).lower()
                or (m.repo_id and low in m.repo_id.lower()) for m in found.models):
             return choose(found, text).ref()
-        if is_hub_id(text):
-            return text
         names = {m.name.lower(): m.name for m in found.models}
         close = [names[n] for n in difflib.get_close_matches(low, list(names), n=3, cutoff=0.3)]
         raise InvalidInput(
