@@ -114,7 +114,7 @@ class VLLMMagics(Magics):
             return
         from .backends.vllm import discover
 
-        args.model_path = discover.resolve(args.model_path, self._gpu_totals())
+        args.model_path = discover.resolve(args.model_path)  # a number, a part of a name, a typo
         if args.tp is not None and args.tp < 1:
             raise UsageError(f"%load_vllm: --tp must be 1 or more, not {args.tp}")
         gmu = args.gpu_memory_utilization
