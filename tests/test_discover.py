@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from subchat_magics.backends.vllm import discover
 from subchat_magics.errors import InvalidInput
@@ -152,3 +154,30 @@ def test_a_folder_without_weights_still_has_a_plan(shell, kaggle):
     folder = kaggle / "qwen-3" / "transformers" / "14b-awq" / "1"
     plan = shell.ok(f"%load_vllm {folder} --plan")  # from config.json alone; no GPU here: a CPU
     assert "memory in RAM: weights 9.29 GiB (estimated from config.json)" in plan
+
+
+# -- invariants of a choice over random lists ------------------------------------------------
+NAMES = st.lists(st.text("abcdefgh-/", min_size=1, max_size=12), min_size=1, max_size=8, unique=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(NAMES, st.data())
+def test_a_choice_is_the_one_model_it_names_or_a_one_line_refusal(names, data):
+    found = discover.Found([discover.FoundModel(Path("/in") / f"m{i}", n, "kaggle", "X", None, 1)
+                            for i, n in enumerate(names)])
+    n = data.draw(st.integers(-2, len(names) + 2))
+    if 1 <= n <= len(names):
+        assert discover.choose(found, str(n)).name == names[n - 1]
+    else:
+        with pytest.raises(InvalidInput) as err:
+            discover.choose(found, str(abs(n)) if n >= 0 else f"x{n}")
+        assert "\n" not in str(err.value)
+    part = data.draw(st.text("abcdefgh-/", min_size=1, max_size=4))
+    try:
+        chosen = discover.choose(found, part)
+    except InvalidInput as exc:
+        assert "\n" not in str(exc) and len({m.name for m in found.models
+                                              if part in m.name or part in str(m.path)}) != 1
+    else:
+        assert part in chosen.name or part in str(chosen.path)
+        assert sum(1 for m in found.models if part in m.name or part in str(m.path)) == 1
