@@ -173,11 +173,11 @@ def test_a_choice_is_the_one_model_it_names_or_a_one_line_refusal(names, data):
             discover.choose(found, str(abs(n)) if n >= 0 else f"x{n}")
         assert "\n" not in str(err.value)
     part = data.draw(st.text("abcdefgh-/", min_size=1, max_size=4))
+    exact = [m for m in found.models if m.name == part]
+    holding = [m for m in found.models if part in m.name or part in str(m.path)]
     try:
         chosen = discover.choose(found, part)
     except InvalidInput as exc:
-        assert "\n" not in str(exc) and len({m.name for m in found.models
-                                              if part in m.name or part in str(m.path)}) != 1
+        assert "\n" not in str(exc) and not exact and len(holding) != 1
     else:
-        assert part in chosen.name or part in str(chosen.path)
-        assert sum(1 for m in found.models if part in m.name or part in str(m.path)) == 1
+        assert [chosen] == (exact or holding)  # an exact name wins, else the one holding it

@@ -246,8 +246,9 @@ def choose(found: Found, what: str) -> FoundModel:
         m = models[n - 1]
     else:
         low = text.lower()
-        hits = [m for m in models if low in m.name.lower() or low in str(m.path).lower()
-                or (m.repo_id and low in m.repo_id.lower())]
+        hits = [m for m in models if low in (m.name.lower(), (m.repo_id or "").lower())] or \
+            [m for m in models if low in m.name.lower() or low in str(m.path).lower()
+             or (m.repo_id and low in m.repo_id.lower())]  # an exact name wins over parts
         if not hits:
             raise InvalidInput(f"%load_vllm: {text!r} is no folder here and names none of the "
                                f"{len(models)} model(s) found; %load_vllm without a path lists them")
