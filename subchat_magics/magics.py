@@ -537,6 +537,8 @@ class SubchatMagics(Magics):
                                        that opened read-only, e.g. from /kaggle/input)
         backend [NAME]                 show or set this session's backend
         backends                       every backend: available or not, and why
+        doctor                         what this kernel can do (GPUs, driver, torch/vLLM,
+                                       backends, store, models, internet) and what to fix
         key NAME                       enter an API key for groq/openai with getpass
         explain [N] [--into PATH]      send the last error (or execution N's) and its cell's
                                        code to the current chat (or PATH): cause and fix
@@ -658,6 +660,12 @@ class SubchatMagics(Magics):
             place = f"auto #{b.auto_place}" if b.auto_place else "by name only"
             print(f"{b.name:8} {'available' if av.ok else 'not available'}: {redact(av.reason)}"
                   f"  [{place}]")
+
+    def _cmd_doctor(self, rest: list[str]) -> None:
+        self._parse("doctor", rest)
+        from .doctor import doctor
+
+        print(doctor(self.session))
 
     def _cmd_key(self, rest: list[str]) -> None:
         known = keys.key_backends()
