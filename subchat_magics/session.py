@@ -604,8 +604,12 @@ class Session:
     def status(self) -> dict[str, Any]:
         name, source = self.requested_backend()
         sel = registry().select(name)
+        tree = self.tree
         return {
             "store": str(self.store_path()),
+            "chats": len(tree.chats()),
+            "messages": sum(tree.store.message_counts().values()),
+            "read_only": tree.store.read_only,
             "store_problem": self.store_problem(),
             "current": self.current,
             "requested": name,
