@@ -295,10 +295,10 @@ def replay_cost(name: str, tokens: int, runs: int = 30) -> dict:
     """Noise-free view of our per-chunk work: the chunk objects of one reply, recorded from
     the loopback stream, run through our chunk loop (the very code ``stream()`` uses) and
     through the raw loop; best of ``runs``. Ollama's loop has no such seam: not measured."""
+    from subchat_magics.backends._remote import Call
     from subchat_magics.backends.registry import registry
 
     backend = registry().get(name)
-    sdk = backend._sdk()
     client, base_url, t = backend.client()
     extra = {"stream_options": {"include_usage": True}} if name == "openai" else {}
     recorded = list(client.chat.completions.create(
@@ -318,7 +318,8 @@ def replay_cost(name: str, tokens: int, runs: int = 30) -> dict:
                     parts.append(text)
 
     def ours() -> None:
-        list(backend._read(sdk, Recorded(recorded), base_url, "bench-model", t))
+        call = Call(backend.service(base_url), "bench-model", t, started=True)
+        list(backend.relay(call, backend.read(call, Recorded(recorded))))
 
     best = best_times({"raw": raw, "backend": ours}, runs)
     return {"raw_us_per_chunk": round(best["raw"] * 1e6 / len(recorded), 3),
