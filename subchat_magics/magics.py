@@ -74,10 +74,16 @@ class ReplyView:
         self.kernel = in_kernel(shell)
         self.fmt = fmt
         self.coalescer = Coalescer(interval)
-        self.text = ""
+        self._parts: list[str] = []  # joined only when shown (~20 a second), not per delta
         self.handle = None
         self._written = 0
         self.shown: dict[str, str] | None = None  # the final bundle of a parsed value
+
+    @property
+    def text(self) -> str:
+        if len(self._parts) > 1:
+            self._parts[:] = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
 
     def start(self) -> None:
         if self.kernel:
@@ -86,7 +92,7 @@ class ReplyView:
             self.handle = display({"text/plain": ""}, raw=True, display_id=True)
 
     def delta(self, d: str) -> None:
-        self.text += d
+        self._parts.append(d)
         if self.coalescer.tick():
             self._flush(final=False)
 
@@ -110,7 +116,7 @@ class ReplyView:
 
     def finish(self, tag: str | None = None) -> None:
         if tag:
-            self.text += f"\n[{tag}]"
+            self._parts.append(f"\n[{tag}]")
         self.coalescer.final()
         self._flush(final=True)
 
