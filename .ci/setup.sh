@@ -53,9 +53,8 @@ demo)
   want=$(cat "$root/pyproject.toml" "$0" | sha256sum | cut -c1-16)
   if stale "$venv" "$want"; then
     make_venv "$venv"
-    say "installing IPython, ipywidgets, ipykernel, nbclient"
-    "$venv/bin/pip" install -q "ipython>=8" "ipywidgets>=8" "traitlets>=5" "python-dotenv>=1" \
-      "jsonschema>=4.18" "ipykernel>=6.29" "nbclient>=0.10" "nbformat>=5.10"
+    say "installing the package's core dependencies (pyproject.toml), ipykernel, nbclient"
+    "$venv/bin/pip" install -q -e "$root" "ipykernel>=6.29" "nbclient>=0.10" "nbformat>=5.10"
     echo "$want" > "$venv/.stamp"
   fi
   install_checkout "$venv"

@@ -663,8 +663,10 @@ class SubchatMagics(Magics):
         for b in self.session.backends():
             av = b.availability
             place = f"auto #{b.auto_place}" if b.auto_place else "by name only"
+            extras = "".join([f"; key {b.key_env} (%subchat key {b.name})" if b.key_env else "",
+                              f"; own options {', '.join(b.own_options)}" if b.own_options else ""])
             print(f"{b.name:8} {'available' if av.ok else 'not available'}: {redact(av.reason)}"
-                  f"  [{place}]")
+                  f"  [{place}{extras}]")
 
     def _cmd_doctor(self, rest: list[str]) -> None:
         self._parse("doctor", rest)

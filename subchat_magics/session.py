@@ -24,7 +24,7 @@ from . import exchange
 from .backends.base import Availability, Backend, GenerationOptions
 from .backends.registry import Selection, registry
 from .batch import Batch, BatchResult
-from .errors import ChatNotFound, InvalidInput
+from .errors import ChatNotFound, InvalidInput, SubchatError
 from .events import Listener, Listeners
 from .exchange import check_backend_name, check_prompt, check_text
 from .settings import getenv, where
@@ -101,6 +101,8 @@ class BackendInfo:
     availability: Availability
     auto_place: int | None  # 1-based place in the auto order; None: only by name
     description: str
+    key_env: str | None = None  # the variable holding its key (%subchat key NAME), if any
+    own_options: tuple[str, ...] = ()  # the flags of its own options (--num-ctx)
 
 
 class Session:
@@ -352,9 +354,17 @@ class Session:
         """Every backend, available or not and why, and its place in the auto order."""
         reg = registry()
         order = reg.auto_order()
-        return [BackendInfo(name, reg.availability(name),
-                            order.index(name) + 1 if name in order else None, reg.describe(name))
-                for name in reg.names()]
+        keys = reg.key_backends()
+        out = []
+        for name in reg.names():
+            try:
+                own = tuple(o.flag for o in reg.backend_class(name).own_options.values())
+            except SubchatError:
+                own = ()
+            out.append(BackendInfo(name, reg.availability(name),
+                                   order.index(name) + 1 if name in order else None,
+                                   reg.describe(name), keys.get(name), own))
+        return out
 
     def options(self, **overrides: Any) -> GenerationOptions:
         """The defaults with ``overrides`` (``None`` skipped), validated."""

@@ -139,7 +139,20 @@ class Constraint:
         except Exception as exc:  # noqa: BLE001 - hypothesis-jsonschema's refusal, told in one line
             raise InvalidInput(f"no example can be made for this --json schema "
                                f"({str(exc).splitlines()[0][:120]})") from None
-        return json.dumps(_find(strategy, valid, "this --json schema"), ensure_ascii=False)
+        value = _in_schema_order(_find(strategy, valid, "this --json schema"), schema)
+        return json.dumps(value, ensure_ascii=False)
+
+
+def _in_schema_order(value: Any, schema: Any) -> Any:
+    """``value`` with each object's keys in the order its schema lists ``properties`` (as a
+    model writes them, and as a DataFrame made from the replies orders its columns)."""
+    if isinstance(value, dict) and isinstance(schema, dict):
+        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        order = [k for k in props if k in value] + [k for k in value if k not in props]
+        return {k: _in_schema_order(value[k], props.get(k, {})) for k in order}
+    if isinstance(value, list) and isinstance(schema, dict) and isinstance(schema.get("items"), dict):
+        return [_in_schema_order(v, schema["items"]) for v in value]
+    return value
 
 
 # -- building constraints (every check here, before any request) ------------------------------

@@ -34,7 +34,7 @@ def test_concurrency_keeps_n_requests_in_flight_at_the_server(shell, request, ba
     shell.ns["qs"] = [f"q{i}" for i in range(16)]
     peaks, served, bodies_sent = {}, {}, []
     for n in (1, 8):
-        # ~0.15 s a request: long enough that the requests of one wave overlap at the server
+        # ~0.3 s a request: long enough (on a loaded machine too) that the requests of one wave overlap at the server
         server.configure(reply="one two three four five", delay=0.03)
         peak, unsubscribe = peak_in_flight(default_session())
         try:

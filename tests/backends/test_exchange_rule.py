@@ -250,3 +250,12 @@ def test_a_plugin_key_is_asked_for_and_masked_like_groqs(shell, workdir, monkeyp
         assert PLUGIN_KEY.encode() not in p.read_bytes()
     export = shell.ok("%subchat export root --format json")
     assert PLUGIN_KEY not in export
+
+
+def test_backends_lists_each_declared_key_and_own_option(shell, keyed_plugin):
+    shell.ok("%reload_ext subchat_magics")
+    listing = shell.ok("%subchat backends").splitlines()
+    line = {x.split()[0]: x for x in listing}
+    assert "key KEYED_API_KEY (%subchat key keyed)" in line["keyed"]
+    assert "key GROQ_API_KEY (%subchat key groq)" in line["groq"]
+    assert "own options --num-ctx" in line["ollama"] and "own options" not in line["echo"]
