@@ -30,6 +30,13 @@ def register_secret(value: str | None) -> None:
             _known.add(value)
 
 
+def forget_secret(value: str | None) -> None:
+    """Stop masking a secret given to :func:`register_secret` (keys from the environment,
+    ``.env`` and ``%subchat key`` are read again each time and stay masked)."""
+    with _lock:
+        _known.discard(value)
+
+
 def known_keys() -> set[str]:
     """Every key this process knows of now (read again each time: ``.env`` may change)."""
     from .settings import _secrets, dotenv_values_here

@@ -1,0 +1,106 @@
+"""Nothing lost: the store file alone holds the tree (a kernel that ran cells and was shut
+down normally leaves a ``subchats.db`` that, copied alone, holds every message; so does the
+file a second after a cell, while the kernel runs), and a reply whose chat another process
+deletes while it streams is kept in a recovery chat, the cell saying where. Real kernels
+(jupyter_client), a paced loopback server (the real Groq client) and a second process."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import time
+
+import pytest
+
+pytest.importorskip("jupyter_client")
+pytest.importorskip("ipykernel")
+
+from subchat_magics.testing import kernel as k  # noqa: E402
+from subchat_magics.testing.fakeservers import FakeGroq  # noqa: E402
+from subchat_magics.tree import ChatTree  # noqa: E402
+
+
+def messages_of_file_alone(store, folder) -> list[tuple[str, str]]:
+    """The (chat name, content) pairs that the ``.db`` file copied alone (no ``-wal``
+    beside it) holds: what a download, a dataset or an e-mail of the file would hold."""
+    folder.mkdir()
+    copy = folder / store.name
+    shutil.copyfile(store, copy)
+    conn = sqlite3.connect(str(copy))
+    try:
+        return conn.execute("SELECT c.name, m.content FROM messages m JOIN chats c "
+                            "ON c.id = m.chat_id ORDER BY m.id").fetchall()
+    finally:
+        conn.close()
+
+
+def text_of(msgs: list[dict]) -> str:
+    out = []
+    for m in msgs:
+        c = m["content"]
+        out.append(c.get("text", ""))
+        out.extend(str(v) for v in c.get("data", {}).values())
+        out.append(c.get("evalue", ""))
+    return "".join(out)
+
+
+def test_the_file_alone_holds_every_message_a_second_after_a_cell_and_after_shutdown(workdir):
+    from jupyter_client.manager import start_new_kernel
+
+    store = workdir / "subchats.db"
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(workdir), env=k.clean_env(),
+                              startup_timeout=60)
+    want = []
+    try:
+        k.execute(kc, "%load_ext subchat_magics")
+        for i in range(3):
+            _, reply = k.execute(kc, f"%%subchat root/t{i} --backend echo\nmessage {i}")
+            assert reply["status"] == "ok", reply
+            want += [(f"t{i}", f"message {i}"), (f"t{i}", f"echo (1 messages): message {i}")]
+        time.sleep(1.0)  # "within a second" of the cell
+        assert messages_of_file_alone(store, workdir / "while-running") == want
+        k.execute(kc, "%%subchat root/t0 --backend echo\nlast one")
+        want += [("t0", "last one"), ("t0", "echo (3 messages): last one")]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)  # a notebook's "Shut down kernel": a shutdown_request
+    assert not km.is_alive()
+    assert messages_of_file_alone(store, workdir / "after-shutdown") == want
+
+
+def test_a_reply_into_a_chat_another_process_deletes_is_kept_and_the_cell_says_where(workdir):
+    words = [f"w{i} " for i in range(40)]
+    with FakeGroq(key="gsk_race_key_0123456789abcdef") as server:
+        env = k.clean_env(GROQ_BASE_URL=server.url, GROQ_API_KEY=server.key)
+        with k.running_kernel(workdir, env=env) as kc:
+            _, reply = k.execute(kc, "%%subchat root/x --backend echo\nearlier")
+            assert reply["status"] == "ok"
+            server.configure(chunks=words, delay=0.05)  # two seconds of streaming
+            msg_id = kc.execute("%%subchat root/x --backend groq\nthe question")
+            assert server.wait_for_chunks(5, timeout=30)
+            other = ChatTree(workdir / "subchats.db")  # this process: a second kernel, a view
+            assert other.delete("root/x") == ["root/x"]
+            other.close()
+            msgs = []
+            while True:
+                msg = kc.get_iopub_msg(timeout=60)
+                if msg["parent_header"].get("msg_id") != msg_id:
+                    continue
+                msgs.append(msg)
+                if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                    break
+            shown = text_of(msgs)
+            status_msgs, _ = k.execute(kc, "%subchat status")
+            status = text_of(status_msgs)
+    assert "root/x was deleted while the reply streamed" in shown, shown
+    assert "kept in root/recovered/x" in shown
+    assert "w39" in shown  # the whole reply was shown
+    assert "current:  root\n" in status, status
+    tree = ChatTree(workdir / "subchats.db")
+    assert "root/x" not in tree
+    kept = tree.get("root/recovered/x").messages
+    assert [m.role for m in kept] == ["user", "assistant"]
+    assert kept[0].content == "the question"
+    assert kept[1].content == "".join(words) and kept[1].status == "complete"
+    assert kept[1].provenance["recovered_from"] == "root/x"
+    tree.close()
