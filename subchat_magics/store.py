@@ -152,11 +152,13 @@ _open_stores: "weakref.WeakSet[Store]" = weakref.WeakSet()
 @atexit.register
 def _checkpoint_all() -> None:
     """At interpreter exit (a kernel shut down, a script ending): every open store's WAL
-    goes into its file, so the file alone holds the tree."""
+    goes into its file, so the file alone holds the tree; private read-only copies are
+    removed."""
     for store in list(_open_stores):
         if store._lock.acquire(timeout=2):  # a thread stuck in a write must not hang the exit
             try:
                 store.checkpoint("TRUNCATE")
+                store._drop_copy()  # a read-only store's private copy goes with the process
             finally:
                 store._lock.release()
 
