@@ -104,3 +104,81 @@ def test_a_reply_into_a_chat_another_process_deletes_is_kept_and_the_cell_says_w
     assert kept[1].content == "".join(words) and kept[1].status == "complete"
     assert kept[1].provenance["recovered_from"] == "root/x"
     tree.close()
+
+
+# -- Ctrl-C inside a refresh of the chat index ----------------------------------------------------
+def _interrupt_after(lines: int):
+    """A tracer that raises KeyboardInterrupt at the ``lines``-th line run in tree.py or
+    store.py (what a Ctrl-C landing there does); returns (tracer, count so far)."""
+    import sys
+
+    seen = [0]
+    wanted = {sys.modules["subchat_magics.tree"].__file__, sys.modules["subchat_magics.store"].__file__}
+
+    def local(frame, event, arg):
+        if event == "line":
+            seen[0] += 1
+            if seen[0] == lines:
+                raise KeyboardInterrupt
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code.co_filename in wanted else None
+
+    return tracer, seen
+
+
+def test_a_ctrl_c_anywhere_in_a_refresh_leaves_a_whole_index_and_every_command_works(workdir):
+    import random
+    import sys
+
+    store = workdir / "subchats.db"
+    tree, other = ChatTree(store), ChatTree(store)
+    for p in ("root/a", "root/a/b", "root/c", "root/c/d", "root/c/d/e"):
+        other.create(p)
+        other.append(p, "user", f"in {p}")
+    rng = random.Random(21)
+    tracer, seen = _interrupt_after(10 ** 9)
+    sys.settrace(tracer)
+    try:
+        tree.refresh(force=True)
+    finally:
+        sys.settrace(None)
+    lines = seen[0]  # lines one refresh runs
+    interrupted = 0
+    for trial in range(80):
+        # another connection changes the tree, so the refresh has something to do
+        paths = [c.path for c in other.chats() if c.path != "root"]
+        op = rng.choice(["create", "rename", "delete"] if paths else ["create"])
+        if op == "create":
+            other.create(f"{rng.choice(paths + ['root'])}/n{trial}")
+        elif op == "rename":
+            other.rename(rng.choice(paths), f"r{trial}")
+        else:
+            other.delete(rng.choice(paths), force=True)
+        tracer, seen = _interrupt_after(rng.randrange(1, lines + 5))
+        sys.settrace(tracer)
+        try:
+            tree.refresh(force=rng.random() < 0.5)
+        except KeyboardInterrupt:
+            interrupted += 1
+        finally:
+            sys.settrace(None)
+        # the index is whole: every chat under its own path, every child known
+        index = tree._index
+        assert all(index.paths[c.path] is c for c in index.chats.values())
+        assert len(index.paths) == len(index.chats)
+        assert all(cid in index.chats for kids in index.children.values() for cid in kids)
+        # and every command works and sees the tree as it is now
+        want = sorted(c.path for c in other.chats())
+        assert sorted(c.path for c in tree.chats()) == want
+        for path in want:
+            chat = tree.get(path)
+            assert chat.path == path and tree.lineage(chat)[-1] is chat
+            tree.context(chat)
+        made = tree.create(f"root/t{trial}")
+        tree.append(made, "user", "hello")
+        assert tree.delete(made) == [f"root/t{trial}"]
+    assert interrupted > 20  # the interrupts really landed inside refreshes
+    tree.close()
+    other.close()
