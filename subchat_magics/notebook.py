@@ -201,8 +201,9 @@ class NotebookContext:
         if not 0 < n < current or self._input(n) is None:
             ran = (f"executions 1 to {current - 1} ran before this cell"
                    if current > 1 else "no cell ran before this one")
-            which = (f"{n}" if index >= 0 else  # as written, not the number it counts to
-                     f"{ref}[{index}] ({-index} back from this cell, execution {current})")
+            which = f"{n}" if index >= 0 else f"{ref}[{index}]"  # as written, not what it counts to
+            if index < 0:
+                ran = f"it counts {-index} back from this cell, execution {current}; {ran}"
             raise InvalidInput(f"{label or self._ref(ref, index)}: there is no execution {which} "
                                f"({ran}){self._hint(ref, index, label)}")
         return n
