@@ -105,8 +105,10 @@ def cell(src):
     err = result.error_before_exec or result.error_in_exec
     return dict(ok=result.success, out=cap.stdout,
                 error=(type(err).__name__ + ": " + str(err)) if err else None)
-before = h.snapshot(store)
-wal_before = h.snapshot(Path(str(store) + "-wal"))
+wal = Path(str(store) + "-wal")
+def snap():
+    return h.snapshot(store), h.snapshot(wal) if wal.exists() else None
+before = snap()
 steps = {{}}
 ip.run_cell(f"%config SubchatMagics.store_path = {{str(store)!r}}", store_history=False)
 steps["tree"] = cell("%subchat tree --text")
@@ -114,8 +116,35 @@ steps["status"] = cell("%subchat status")
 steps["show"] = cell("%subchat show root/a")
 steps["export"] = cell("%subchat export root --format json --out {out}/export.json")
 steps["write"] = cell("%%subchat root/a\\nmore please")
-untouched = h.snapshot(store) == before and h.snapshot(Path(str(store) + "-wal")) == wal_before
+untouched = snap() == before
 steps["copy"] = cell("%subchat copy-to {out}/copy.db")
 steps["continue"] = cell("%%subchat root/a\\nmore please")
 print("\\nRESULT " + json.dumps(dict(steps=steps, untouched=untouched)))
 """
+
+
+def shut_down_normally(workdir: str | os.PathLike[str], cells: int = 3,
+                       timeout: float = 60.0) -> dict[str, Any]:
+    """A real kernel in ``workdir`` sends ``cells`` echo cells (to two chats), waits a
+    second, and is shut down as a notebook's "Shut down kernel" does (a shutdown request,
+    not a kill). Returns what the file alone held a second after the last cell, what the
+    file and its WAL held then (the truth), and what the file alone held after shutdown."""
+    from jupyter_client.manager import start_new_kernel
+
+    from .kernel import clean_env, execute
+
+    store = Path(workdir) / "subchats.db"
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(workdir), env=clean_env(),
+                              startup_timeout=timeout)
+    try:
+        execute(kc, "%load_ext subchat_magics", timeout)
+        for i in range(cells):
+            _, reply = execute(kc, f"%%subchat root/c{i % 2} --backend echo\nmessage {i}", timeout)
+            assert reply["status"] == "ok", reply
+        time.sleep(1.0)
+        running_alone, truth = file_alone(store), with_wal(store)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+    return {"running_alone": running_alone, "truth": truth, "after_alone": file_alone(store),
+            "stopped": not km.is_alive()}
