@@ -179,6 +179,62 @@ def test_a_ctrl_c_anywhere_in_a_refresh_leaves_a_whole_index_and_every_command_w
         made = tree.create(f"root/t{trial}")
         tree.append(made, "user", "hello")
         assert tree.delete(made) == [f"root/t{trial}"]
+    print(f"{interrupted} of 80 refreshes interrupted")
     assert interrupted > 20  # the interrupts really landed inside refreshes
     tree.close()
     other.close()
+
+
+# -- no finished reply is ever dropped, whatever is deleted meanwhile --------------------------
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+CHATS = ["root/a", "root/a/b", "root/a/b/c", "root/d"]
+ops = st.lists(st.tuples(st.sampled_from(["begin", "delete", "delete-streaming", "finish", "create"]),
+                         st.integers(0, len(CHATS) - 1), st.integers(0, 5)), max_size=25)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=ops)
+def test_every_finished_reply_is_stored_once_after_its_message_whatever_was_deleted(tmp_path_factory, steps):
+    folder = tmp_path_factory.mktemp("race")
+    mine, other = ChatTree(folder / "s.db"), ChatTree(folder / "s.db")  # two connections
+    open_turns: list = []
+    for p in CHATS:
+        other.create(p)
+    try:
+        for k, (op, which, pick) in enumerate(steps):
+            path = CHATS[which]
+            if op == "create":
+                for p in CHATS[: which + 1] if path.startswith("root/a") else [path]:
+                    if p not in other and p.rpartition("/")[0] in other:
+                        other.create(p)
+            elif op == "delete" and path in other:
+                other.delete(path, force=True)
+            elif op == "delete-streaming" and open_turns:  # the chat a reply streams into
+                gone = open_turns[pick % len(open_turns)][0].path
+                if gone in other:
+                    other.delete(gone, force=True)
+            elif op == "begin" and path in mine:
+                chat = mine.get(path)
+                user, reply = mine.begin_turn(chat, f"question {k}")
+                open_turns.append((chat, reply, k))
+            elif op == "finish" and open_turns:
+                chat, reply, q = open_turns.pop(pick % len(open_turns))
+                msg = mine.finish_reply(chat, reply, f"answer {q}", "complete", {"q": q})
+                # read back by another connection, at once: the reply is there, once,
+                # right after its message (a later delete may remove it: the user's choice)
+                kept = other.find(msg.chat_id)
+                assert kept is not None, q
+                texts = [(m.content, m.status) for m in kept.messages]
+                at = [i for i, (t, _) in enumerate(texts) if t == f"answer {q}"]
+                assert len(at) == 1 and texts[at[0]][1] == "complete"
+                assert at[0] > 0 and texts[at[0] - 1][0] == f"question {q}"
+                if "recovered_from" in msg.provenance:
+                    ancestor, _, name = kept.path.rpartition("/recovered/")
+                    assert msg.provenance["recovered_from"].startswith(ancestor + "/")
+                    assert name.startswith(msg.provenance["recovered_from"].rpartition("/")[2])
+                    event("a reply was recovered")
+    finally:
+        mine.close()
+        other.close()
