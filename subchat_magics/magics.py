@@ -407,7 +407,10 @@ class SubchatMagics(Magics):
             reply = getattr(turn, "reply", None)
             if reply is None or reply.chat_id in (None, turn.chat.id):
                 continue
-            where = self.session.tree.find(reply.chat_id)
+            try:
+                where = self.session.tree.find(reply.chat_id)
+            except SubchatError:  # the store itself is gone: the next command says so
+                where = None
             print(f"note: {reply.provenance.get('recovered_from', turn.chat.path)} was deleted "
                   "while the reply streamed (by another kernel or view); the exchange is kept "
                   f"in {where.path if where else f'chat #{reply.chat_id}'}")
