@@ -18,9 +18,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import shutil
 import sqlite3
-import tempfile
 import threading
 import time
 import weakref
@@ -299,6 +297,9 @@ class Store:
     def _private_copy(self, wal: Path) -> Path:
         """The store and its WAL copied into a new private temporary folder (removed on
         close); SQLite rebuilds the WAL index there from the WAL."""
+        import shutil  # here: only a read-only store with a WAL needs it (opening stays quick)
+        import tempfile
+
         folder = Path(tempfile.mkdtemp(prefix="subchat-read-only-"))
         self._copy_dir = folder
         copy = folder / self.path.name
@@ -312,6 +313,8 @@ class Store:
 
     def _drop_copy(self) -> None:
         if self._copy_dir is not None:
+            import shutil
+
             shutil.rmtree(self._copy_dir, ignore_errors=True)
             self._copy_dir = None
 
