@@ -161,6 +161,10 @@ def _checkpoint_all() -> None:
                 store._lock.release()
 
 
+# a new message's id: above every id in the table and every id this connection has seen
+_NEXT_MESSAGE = "MAX((SELECT COALESCE(MAX(id), 0) FROM messages), ?) + 1"
+
+
 class Store:
     """A connection to one store file. Not shared across threads: use one per thread
     (``Store(path)`` is cheap once the file exists)."""
@@ -186,6 +190,7 @@ class Store:
         # handle held on the deleted chat (the current chat, a streaming reply's) would
         # quietly name the new one. New chats here get ids above every id seen here.
         self._seen_chat = 0
+        self._seen_message = 0  # the same for messages (a reply is updated by its id)
         try:
             self.conn = sqlite3.connect(
                 self._uri(), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
@@ -655,10 +660,11 @@ class Store:
             seq = c.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE chat_id = ?",
                             (chat_id,)).fetchone()[0]
             cur = c.execute(
-                "INSERT INTO messages (chat_id, seq, role, content, status, provenance, created_at) "
-                "VALUES (?,?,?,?,?,?,?)",
-                (chat_id, seq, role, content, status, prov, now),
+                "INSERT INTO messages (id, chat_id, seq, role, content, status, provenance, "
+                f"created_at) VALUES ({_NEXT_MESSAGE}, ?,?,?,?,?,?,?)",
+                (self._seen_message, chat_id, seq, role, content, status, prov, now),
             )
+            self._seen_message = max(self._seen_message, cur.lastrowid)
         return MessageRow(cur.lastrowid, chat_id, seq, role, content, status, provenance or {}, now)
 
     def begin_turn(self, chat_id: int, prompt: str,
@@ -676,23 +682,26 @@ class Store:
             for role, content, status, p, s in (("user", prompt, "complete", None, seq),
                                                 ("assistant", "", "interrupted", prov, seq + 1)):
                 ids.append(c.execute(
-                    "INSERT INTO messages (chat_id, seq, role, content, status, provenance, "
-                    "created_at) VALUES (?,?,?,?,?,?,?)",
-                    (chat_id, s, role, content, status, p, now)).lastrowid)
+                    "INSERT INTO messages (id, chat_id, seq, role, content, status, provenance, "
+                    f"created_at) VALUES ({_NEXT_MESSAGE}, ?,?,?,?,?,?,?)",
+                    (self._seen_message, chat_id, s, role, content, status, p, now)).lastrowid)
+                self._seen_message = max(self._seen_message, ids[-1])
         self._replies[ids[1]] = now
         return (MessageRow(ids[0], chat_id, seq, "user", prompt, "complete", {}, now),
                 MessageRow(ids[1], chat_id, seq + 1, "assistant", "", "interrupted", provenance, now))
 
     def update_reply(self, message_id: int, content: str, status: str,
-                     provenance: dict[str, Any] | None = None) -> bool:
+                     provenance: dict[str, Any] | None = None,
+                     created_at: float | None = None) -> bool:
         """Write what a reply holds now (while streaming, and once when it ends). False
         when its row is gone (its chat was deleted meanwhile): nothing was written. A
         reply begun on this connection is matched by id and creation time (an id freed
         by a delete may be taken by a new message), until its final write (the one with
-        ``provenance``)."""
+        ``provenance``); ``created_at`` gives that time for any reply."""
         content = redact(content)
         born = (self._replies.get(message_id) if provenance is None
                 else self._replies.pop(message_id, None))
+        born = created_at if created_at is not None else born
         where = "id = ?" if born is None else "id = ? AND created_at = ?"
         key = (message_id,) if born is None else (message_id, born)
         with self.transaction() as c:

@@ -533,7 +533,8 @@ class ChatTree:
             opened = self._open_turns.pop(reply.id, None) if reply.id is not None else None
         user, began_id, began_path = opened or (None, chat.id, chat.path)
         content = redact(content)
-        if reply.id is not None and self.store.update_reply(reply.id, content, status, provenance):
+        if reply.id is not None and self.store.update_reply(reply.id, content, status, provenance,
+                                                            created_at=reply.created_at):
             where = self.find(reply.chat_id) if reply.chat_id is not None else chat
             where = where or chat
             msg = Message("assistant", content, status, provenance, reply.seq, reply.id,
