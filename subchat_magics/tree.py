@@ -517,8 +517,10 @@ class ChatTree:
         msg = Message.from_row(user)
         stored = self._by_id.get(user.chat_id, chat)
         self.emit("message", id=stored.id, path=stored.path, message=msg)
-        with self._lock:
-            self._open_turns[reply.id] = (msg, chat.id, chat.path)
+        # no tree lock here or in finish_reply: a batch calls both inside its store
+        # transaction, and a view's thread may hold the tree lock waiting for the store
+        # (one dict item set or popped is atomic)
+        self._open_turns[reply.id] = (msg, chat.id, chat.path)
         return msg, Message.from_row(reply)
 
     def finish_reply(self, chat: "str | Chat", reply: Message, content: str, status: str,
@@ -529,14 +531,14 @@ class ChatTree:
         ``reply-recovered`` event (id, path, to_id, to, message) says where, and the
         returned message's ``chat_id`` is that chat's."""
         chat = self.get(chat)
-        with self._lock:
-            opened = self._open_turns.pop(reply.id, None) if reply.id is not None else None
+        opened = self._open_turns.pop(reply.id, None) if reply.id is not None else None
         user, began_id, began_path = opened or (None, chat.id, chat.path)
         content = redact(content)
         if reply.id is not None and self.store.update_reply(reply.id, content, status, provenance,
                                                             created_at=reply.created_at):
-            where = self.find(reply.chat_id) if reply.chat_id is not None else chat
-            where = where or chat
+            where = chat  # (found only when begin_turn put it elsewhere: rare, and locks)
+            if reply.chat_id is not None and reply.chat_id != chat.id:
+                where = self.find(reply.chat_id) or chat
             msg = Message("assistant", content, status, provenance, reply.seq, reply.id,
                           reply.created_at, where.id)
             self.emit("message", id=where.id, path=where.path, message=msg)
@@ -546,15 +548,14 @@ class ChatTree:
     def _recover(self, old_id: int, old_path: str, user: Message | None, content: str,
                  status: str, provenance: dict[str, Any]) -> Message:
         """Store an exchange whose chat is gone in a recovery chat; its reply message."""
-        with self._lock:
-            self.refresh(force=True)
-            target = self._recovery_chat(old_path)
-            prov = dict(provenance, recovered_from=old_path)
-            with self.store.transaction():
-                if user is not None:
-                    u = Message.from_row(self.store.append_message(target.id, "user", user.content))
-                row = self.store.append_message(target.id, "assistant", content, status, prov)
-            self._after_write()
+        self.refresh(force=True)
+        target = self._recovery_chat(old_path)
+        prov = dict(provenance, recovered_from=old_path)
+        with self.store.transaction():
+            if user is not None:
+                u = Message.from_row(self.store.append_message(target.id, "user", user.content))
+            row = self.store.append_message(target.id, "assistant", content, status, prov)
+        self._after_write()
         msg = Message.from_row(row)
         if user is not None:
             self.emit("message", id=target.id, path=target.path, message=u)
