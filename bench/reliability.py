@@ -49,7 +49,7 @@ def kills(n: int, per_store: int, seed: int, tmp: Path, sabotage: str | None = N
         for rnd in range(start + 1, min(n, start + per_store) + 1):
             mode = ("stream", "write", "store")[rnd % 3]
             rounds.append(h.kill_round(store, folder, journal, rnd, mode, rng, max_size=1_000_000))
-            if sabotage and start == 0 and rnd == min(n, per_store):
+            if sabotage in SQL_SABOTAGE and start == 0 and rnd == min(n, per_store):
                 damage(store, sabotage)
             check = h.check_store(store, journal)
             problems += [f"kill {rnd}: {p}" for p in check.problems]
@@ -109,6 +109,79 @@ def kernel_kills(n: int, tmp: Path) -> dict:
     for part in out.values():
         part["lost"] = part["failed"] = len(part["problems"])
     return out
+
+
+def copies(n: int, tmp: Path, sabotage: str | None = None) -> dict:
+    """What leaves the kernel with the file. ``alone``: ``n`` real kernels run cells and
+    are shut down normally; the ``.db`` copied alone must hold every message a second
+    after the last cell (kernel still running) and after the shutdown. ``read_only``: ``n``
+    real kernels SIGKILLed right after a commit (that commit only in the WAL); their
+    ``.db`` + ``-wal`` mounted read-only for real (a private mount namespace) must show and
+    export every message, refuse a write in one line, and ``copy-to`` must carry every
+    message into a copy that continues. ``sabotage="wal-lost"`` drops the first kill's
+    ``-wal`` before the read-only run (the run must fail)."""
+    from subchat_magics.testing import durability as d
+
+    alone: dict = dict(kernels=0, messages=0, problems=[])
+    ro: dict = dict(kernels=0, messages=0, wal_only=0, problems=[], skipped=0)
+    for k in range(n):
+        folder = tmp / f"alone{k}"
+        folder.mkdir()
+        got = d.shut_down_normally(folder, cells=3 + k)
+        alone["kernels"] += 1
+        alone["messages"] += len(got["truth"])
+        if len(got["truth"]) != 2 * (3 + k):
+            alone["problems"].append(f"alone {k}: {len(got['truth'])} messages written, "
+                                     f"{2 * (3 + k)} expected")
+        if got["running_alone"] != got["truth"]:
+            alone["problems"].append(f"alone {k}: a second after the last cell the file alone "
+                                     f"held {len(got['running_alone'])} of {len(got['truth'])}")
+        if got["after_alone"] != got["truth"] or not got["stopped"]:
+            alone["problems"].append(f"alone {k}: after shutdown the file alone held "
+                                     f"{len(got['after_alone'])} of {len(got['truth'])}")
+    for k in range(n):
+        folder = tmp / f"ro{k}" / "input"
+        folder.mkdir(parents=True)
+        d.kill_leaving_wal(folder, cells=2 + k)
+        store = folder / "subchats.db"
+        truth = d.with_wal(store)
+        ro["wal_only"] += (("a", "user", d.LAST_WORDS) in truth
+                           and ("a", "user", d.LAST_WORDS) not in d.file_alone(store))
+        if sabotage == "wal-lost" and k == 0:
+            Path(f"{store}-wal").unlink()
+        out = folder.parent / "out"
+        out.mkdir()
+        result = h.run_unshared(h.unshared_script(d.READ_ONLY_INSIDE, store=str(store), out=str(out)))
+        if result is None:
+            ro["skipped"] += 1
+            ro["problems"].append(f"read-only {k}: no private mount namespace here (needs root)")
+            continue
+        ro["kernels"] += 1
+        ro["messages"] += len(truth)
+        steps = result["steps"]
+        bad = [name for name in ("tree", "status", "show", "export", "copy", "continue")
+               if not steps[name]["ok"]]
+        if bad:
+            ro["problems"].append(f"read-only {k}: failed {bad}: {steps[bad[0]]['error']}"[:300])
+            continue
+        exported = json.loads((out / "export.json").read_text())
+        got_rows = sorted((c["path"].rpartition("/")[2], m["role"], m["content"])
+                          for c in exported["chats"] for m in c["messages"])
+        if got_rows != sorted(truth):
+            ro["problems"].append(f"read-only {k}: export held {len(got_rows)} of {len(truth)} "
+                                  "messages")
+        copied = d.with_wal(out / "copy.db")
+        if copied[:len(truth)] != truth or copied[-2][2] != "more please":
+            ro["problems"].append(f"read-only {k}: copy-to carried {len(copied) - 2} of "
+                                  f"{len(truth)} messages")
+        err = steps["write"]["error"] or ""
+        if not (err.startswith("UsageError") and "\n" not in err) or not result["untouched"]:
+            ro["problems"].append(f"read-only {k}: a write was not refused in one line, or the "
+                                  "file or its WAL changed")
+    for part in (alone, ro):
+        part["failed"] = len(part["problems"])
+        part["lost"] = sum(1 for p in part["problems"] if " of " in p)
+    return dict(alone=alone, read_only=ro)
 
 
 def writers(n: int, tmp: Path) -> dict:
@@ -237,7 +310,9 @@ SABOTAGE = {
     "orphan": "PRAGMA foreign_keys = OFF; INSERT INTO chats (parent_id, name, fork_seq, created_at) "
               "VALUES (999999, 'orphan', 0, 0)",
     "unreadable": None,  # the file's header overwritten: a fresh open fails
+    "wal-lost": None,  # a killed kernel's -wal dropped before its read-only open (copies)
 }
+SQL_SABOTAGE = ("garbage", "orphan", "unreadable")  # applied to a kill store
 
 
 def damage(store: Path, how: str) -> None:
@@ -266,7 +341,9 @@ def failures(r: dict) -> int:
     """Problems of every kind in every part of the run: the exit code is 1 unless 0."""
     k, bw, kk, w, f, hs = (r["kills"], r["big_write_kills"], r["kernel_kills"], r["writers"],
                            r["fuzz"], r["hostile"])
+    cp = r["copies"]
     return (k["failed"] + bw["failed"] + kk["sigkill"]["failed"] + kk["interrupt"]["failed"]
+            + cp["alone"]["failed"] + cp["read_only"]["failed"]
             + w["paced"]["failed"] + w["back_to_back"]["failed"] + w["shells"]["failed"]
             + f["failed"] + sum(d["failed"] for d in hs["damage"].values()) + hs["failed"])
 
@@ -274,6 +351,7 @@ def failures(r: dict) -> int:
 def render(r: dict, argv: list[str]) -> str:
     k, bw, kk, w, f, hs, oc = (r["kills"], r["big_write_kills"], r["kernel_kills"], r["writers"],
                                r["fuzz"], r["hostile"], r["open_cost"])
+    ca, cr = r["copies"]["alone"], r["copies"]["read_only"]
     where = ", ".join(f"{v} {name}" for name, v in sorted(k["where"].items(), key=lambda x: -x[1]))
     cmd = "python bench/reliability.py" + (" " + " ".join(argv) if argv else "")
     lines = [
@@ -296,6 +374,14 @@ def render(r: dict, argv: list[str]) -> str:
         f"| {ok(kk['sigkill'])} |",
         f"| Interrupt of a real kernel mid-reply, then SIGKILL | {kk['interrupt']['kills']} "
         f"| {ok(kk['interrupt'])} (partial reply kept, marked `interrupted`) |",
+        f"| A real kernel runs cells and is shut down normally; `subchats.db` copied *alone* "
+        f"(no `-wal`), a second after the last cell and after the shutdown | {ca['kernels']} kernels, "
+        f"{ca['messages']} messages | {ok(ca)} missing from the file alone |",
+        f"| A real kernel SIGKILLed right after a commit ({cr['wal_only']} of {cr['kernels']} left "
+        f"a message only in the `-wal`); `.db` + `-wal` on a real read-only mount: tree, status, "
+        f"show, export, a write, `copy-to` and a cell in the copy | {cr['kernels']} kernels, "
+        f"{cr['messages']} messages | {ok(cr)} (every message shown, exported and carried by "
+        f"`copy-to`; the write refused in one line; neither file touched) |",
         f"| Two processes appending to one store at once (paced) | {w['paced']['messages']} messages "
         f"| {ok(w['paced'])} ({w['paced']['interleavings']} writer switches in the shared chat) |",
         f"| Two processes appending back to back | {w['back_to_back']['messages']} messages "
@@ -381,6 +467,7 @@ def render(r: dict, argv: list[str]) -> str:
         "",
     ]
     problems = (k["problems"] + bw["problems"] + kk["sigkill"]["problems"] + kk["interrupt"]["problems"]
+                + ca["problems"] + cr["problems"]
                 + w["paced"]["problems"] + w["back_to_back"]["problems"] + w["shells"]["problems"]
                 + f["failures"] + [p for d in hs["damage"].values() for p in d["problems"]]
                 + hs["failed_tests"])
@@ -418,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills-per-store", type=int, default=10)
     parser.add_argument("--big-write-kills", type=int, default=5)
     parser.add_argument("--kernel-kills", type=int, default=5, help="of each kind")
+    parser.add_argument("--copies", type=int, default=3,
+                        help="kernels shut down normally, and kernels killed then read read-only")
     parser.add_argument("--messages", type=int, default=1000, help="per writer")
     parser.add_argument("--fuzz", type=int, default=1000, help="examples per fuzz test (two tests)")
     parser.add_argument("--corrupt", type=int, default=40, help="files per kind of damage")
@@ -425,13 +514,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run of every part")
     parser.add_argument("--no-write", action="store_true", help="print, do not write the doc")
     parser.add_argument("--sabotage", choices=sorted(SABOTAGE),
-                        help="damage the first kill store before its check, to see the run fail "
+                        help="damage the first kill store before its check (wal-lost: the first "
+                             "killed kernel's -wal in copies), to see the run fail "
                              "(implies --no-write)")
     raw = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(raw)
     args.no_write = args.no_write or bool(args.sabotage)
     if args.quick:
-        args.kills, args.big_write_kills, args.kernel_kills = 6, 1, 1
+        args.kills, args.big_write_kills, args.kernel_kills, args.copies = 6, 1, 1, 1
         args.messages, args.fuzz, args.corrupt = 200, 50, 5
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
     results: dict = dict(seed=seed, args=vars(args))
@@ -440,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = [("kills", lambda: kills(args.kills, args.kills_per_store, seed, tmp, args.sabotage)),
                  ("big_write_kills", lambda: big_write_kills(args.big_write_kills, tmp)),
                  ("kernel_kills", lambda: kernel_kills(args.kernel_kills, tmp)),
+                 ("copies", lambda: copies(args.copies, tmp, args.sabotage)),
                  ("writers", lambda: writers(args.messages, tmp)),
                  ("fuzz", lambda: fuzz(args.fuzz, seed, tmp)),
                  ("hostile", lambda: hostile(args.corrupt, seed, tmp)),

@@ -23,11 +23,12 @@ from . import keys, notebook, render, structured, transfer
 from .backends.base import GenerationOptions, check_option
 from .batch import check_var, fields_of
 from .batch_view import BatchProgress
-from .errors import BackendError, SubchatError
+from .errors import BackendError, ChatNotFound, InvalidInput, SubchatError
 from .magic_args import in_kernel, parse_line, usage_errors
 from .secrets import redact
 from .session import Session, check_backend_name, default_session
 from .streaming import Coalescer
+from .tree import normalize_path
 from .values import Limits
 
 
@@ -345,7 +346,7 @@ class SubchatMagics(Magics):
             %%subchat root --format code
             Fix this cell: {In[-1]} It raised: {Err[-1]}
         """
-        args = parse_line(self.subchat, self._line(line))
+        args = parse_line(self.subchat, self._line(line, path_first=True))
         check_var(args.var, "--var")
         fanout = args.fanout is not None or args.children is not None
         if args.format == "code" and fanout:
@@ -371,17 +372,60 @@ class SubchatMagics(Magics):
         self._say_masked(filled)
         self._stream(turn, args.format or self.format, args.var)
 
-    def _line(self, line: str) -> str:
+    def _line(self, line: str, path_first: bool = False) -> str:
         """A magic's options line as typed, without its ``# comment``, with ``{name}`` of
-        a notebook variable filled in by the cell's own rule (other braces stay)."""
-        return notebook.interpolate(strip_comment(line), self.shell.user_ns,
-                                    getattr(self.shell, "user_ns_hidden", None),
-                                    limits=Limits(chars=0)).text
+        a notebook variable filled in by the cell's own rule (other braces stay) and known
+        keys masked (said in a note). ``path_first``: the first word is a chat path, and
+        one that filling makes invalid (a value with a space) is said as such."""
+        raw = strip_comment(line)
+        ns, hidden = self.shell.user_ns, getattr(self.shell, "user_ns_hidden", None)
+        filled = notebook.interpolate(raw, ns, hidden, limits=Limits(chars=0),
+                                      typed="the options line")
+        words = raw.split(None, 1)
+        if path_first and words and not words[0].startswith("-") and "{" in words[0]:
+            path = notebook.interpolate(words[0], ns, hidden, limits=Limits(chars=0)).text
+            if path != words[0]:
+                why = ("it holds a space, which splits the line into several arguments"
+                       if any(ch.isspace() for ch in path) else None)
+                try:
+                    normalize_path(path)
+                except InvalidInput as exc:
+                    why = why or str(exc).partition(": ")[2] or str(exc)
+                if why:
+                    raise UsageError(
+                        f"%%subchat: the chat path {words[0]} is {path[:80]!r} once filled in, "
+                        f"which is not a valid chat name: {why}; chat names are 1-100 letters, "
+                        "digits, '_', '-' or '.': give the variable such a value, or write the "
+                        "path out")
+        self._say_masked(filled)
+        return filled.text
 
     def _say_masked(self, filled: notebook.Filled) -> None:
         if filled.masked:
             print(f"note: a key was masked in {', '.join(dict.fromkeys(filled.masked))} "
                   "before sending")
+
+    def _say_recovered(self, turns: list[Any]) -> None:
+        """A reply whose chat was deleted while it streamed (another kernel, a view) was
+        stored in a recovery chat: say where, and move the current chat as for a delete."""
+        moved = False
+        for turn in turns:
+            reply = getattr(turn, "reply", None)
+            if reply is None or reply.chat_id in (None, turn.chat.id):
+                continue
+            try:
+                where = self.session.tree.find(reply.chat_id)
+            except SubchatError:  # the store itself is gone: the next command says so
+                where = None
+            print(f"note: {reply.provenance.get('recovered_from', turn.chat.path)} was deleted "
+                  "while the reply streamed (by another kernel or view); the exchange is kept "
+                  f"in {where.path if where else f'chat #{reply.chat_id}'}")
+            moved = True
+        if moved:
+            try:
+                self.session.current_chat()
+            except ChatNotFound:
+                print(f"note: the current chat is now {self.session.current}")
 
     def _stream(self, turn: Any, fmt: str, var: str | None, magic: str = "%%subchat") -> None:
         """Stream a turn into a reply display; ``fmt`` ``code`` also puts the reply's code
@@ -404,6 +448,7 @@ class SubchatMagics(Magics):
             raise UsageError(f"{magic}: {redact(str(exc))}") from None
         finally:
             stream.close()
+            self._say_recovered([turn])
         constrained = turn.options.constraint is not None
         if constrained and turn.value is not None:
             view.shown = structured.bundle(turn.value, turn.text)
@@ -517,6 +562,7 @@ class SubchatMagics(Magics):
             error = exc
         finally:
             stream.close()
+            self._say_recovered(fan.turns)
         view.finish([None if (t.reply and t.reply.status == "complete") else
                      (t.reply.provenance.get("finish_reason") if t.reply else "error")
                      for t in fan.turns])

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidInput
-from .secrets import redact
-from .values import Limits, cut, prompt_text
+from .secrets import mask_keys
+from .values import Limits, masked_cut, prompt_form
 
 # {{ and }} (escaped braces), {In[3]} / {Out[-1]} / {Err[2]}, {name}; anything else in
 # braces ({In[}, {Out[x]}, code, JSON) is not a token and stays as written
@@ -201,7 +201,10 @@ class NotebookContext:
         if not 0 < n < current or self._input(n) is None:
             ran = (f"executions 1 to {current - 1} ran before this cell"
                    if current > 1 else "no cell ran before this one")
-            raise InvalidInput(f"{label or self._ref(ref, index)}: there is no execution {n} "
+            which = f"{n}" if index >= 0 else f"{ref}[{index}]"  # as written, not what it counts to
+            if index < 0:
+                ran = f"it counts {-index} back from this cell, execution {current}; {ran}"
+            raise InvalidInput(f"{label or self._ref(ref, index)}: there is no execution {which} "
                                f"({ran}){self._hint(ref, index, label)}")
         return n
 
@@ -270,7 +273,8 @@ class NotebookContext:
 
 
 def interpolate(text: str, namespace: dict[str, Any], hidden: dict[str, Any] | None = None, *,
-                cells: NotebookContext | None = None, limits: Limits = Limits()) -> Filled:
+                cells: NotebookContext | None = None, limits: Limits = Limits(),
+                typed: str = "the cell's text") -> Filled:
     """Fill a message's braces.
 
     ``{name}`` is the value of ``name`` in ``namespace`` when it is a simple name there; with
@@ -281,13 +285,18 @@ def interpolate(text: str, namespace: dict[str, Any], hidden: dict[str, Any] | N
     (``hidden``: the shell's ``user_ns_hidden``). ``{{`` … ``}}`` are escaped braces: each
     ``{{`` gives ``{`` and the ``}}`` that closes it gives ``}``; a ``}}`` with no ``{{``
     before it (nested JSON) stays. Values are put in by :func:`values.prompt_text` within
-    ``limits``; every known key is masked in what is put in. A reference to an execution that
-    does not exist, or that gave no result or error, is an :class:`InvalidInput` naming it."""
+    ``limits``. Every known key (and any run of 8 of its characters) is masked: in the text as
+    typed and in each value before it is cut or laid out; ``masked`` names where (``typed``
+    names the text as typed). A reference to an execution that does not exist, or that gave
+    no result or error, is an :class:`InvalidInput` naming it."""
     hidden = hidden or {}
     out: list[str] = []
     masked: list[str] = []
     open_escapes = 0
     pos = 0
+    text, n = mask_keys(text)  # the typed text, before any brace is read
+    if n:
+        masked.append(typed)
     for m in _TOKEN.finditer(text):
         out.append(text[pos:m.start()])
         pos = m.end()
@@ -304,45 +313,50 @@ def interpolate(text: str, namespace: dict[str, Any], hidden: dict[str, Any] | N
         if piece is None:
             out.append(tok)
             continue
-        safe = redact(piece)
-        if safe != piece:
+        if piece[1]:
             masked.append(tok)
-        out.append(safe)
+        out.append(piece[0])
     out.append(text[pos:])
-    return Filled("".join(out), masked)
+    # a key put together only by a value and the text around it
+    filled, n = mask_keys("".join(out))
+    if n and not masked:
+        masked.append(typed)
+    return Filled(filled, masked)
 
 
 def _reference(m: re.Match, namespace: dict[str, Any], hidden: dict[str, Any],
-               cells: NotebookContext | None, limits: Limits) -> str | None:
-    """The text a token stands for, or None when it stays as written."""
+               cells: NotebookContext | None, limits: Limits) -> tuple[str, int] | None:
+    """The text a token stands for with how many places of it were masked, or None when
+    it stays as written. Keys are masked before the text is cut."""
     kind, index, name = m.group(1), m.group(2), m.group(3)
     if kind is not None:
         if cells is None:
             return None
         i = int(index)
         if kind == "In":
-            return cut(cells.source(i), limits.chars)
+            return masked_cut(cells.source(i), limits.chars)
         if kind == "Out":
             name, value = cells.result(i)
-            return prompt_text(name, value, limits)
-        return cut(cells.error(i).traceback, limits.chars, keep="ends")
+            return prompt_form(name, value, limits)
+        return masked_cut(cells.error(i).traceback, limits.chars, keep="ends")
     if name == "_" and cells is not None:
-        return prompt_text("_", cells.last_result(), limits)
+        return prompt_form("_", cells.last_result(), limits)
     if name not in namespace or ipython_owned(name, namespace, hidden):
         return None
-    return prompt_text(name, namespace[name], limits)
+    return prompt_form(name, namespace[name], limits)
 
 
 def explain_prompt(error: CellError, limits: Limits = Limits()) -> Filled:
     """The message ``%subchat explain`` sends: the cell's code and the error it raised,
     cut to ``limits`` and with every known key masked."""
-    code = cut(error.source.rstrip(), limits.chars)
-    tb = cut(error.traceback or f"{error.ename}: {error.evalue}", limits.chars, keep="ends")
+    code, a = masked_cut(error.source.rstrip(), limits.chars)
+    tb, b = masked_cut(error.traceback or f"{error.ename}: {error.evalue}", limits.chars,
+                       keep="ends")
     text = (f"This notebook cell raised {error.ename}. Explain "
             "the cause briefly and propose a fix (corrected code in a fenced block).\n\n"
             f"The cell:\n```python\n{code}\n```\n\nThe error:\n```\n{tb}\n```")
-    safe = redact(text)
-    return Filled(safe, ["the error and its cell"] if safe != text else [])
+    safe, c = mask_keys(text)
+    return Filled(safe, ["the error and its cell"] if a + b + c else [])
 
 
 # -- one context per shell, held while the extension is loaded ---------------------------------

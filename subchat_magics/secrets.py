@@ -1,4 +1,11 @@
-"""Keeping keys out of output, stores, logs and exception messages."""
+"""Keeping keys out of output, stores, logs and exception messages.
+
+One rule, :func:`mask_keys`: every known key (the environment's and ``.env``'s
+``*_API_KEY`` values, keys entered with ``%subchat key``, and any value given to
+:func:`register_secret`, e.g. a plugin backend's declared key) is replaced by ``***``
+wherever a run of at least :data:`PART` of its characters appears. A key cut in two (a
+table cell cut at 60 characters, a value cut at 4,000) is therefore masked in each part
+that is long enough to matter, and a part shorter than that is no key."""
 
 from __future__ import annotations
 
@@ -6,6 +13,9 @@ import os
 import threading
 
 KEY_VARIABLES = ("GROQ_API_KEY", "OPENAI_API_KEY", "OLLAMA_API_KEY")
+#: the shortest run of a key's characters that counts as (part of) the key
+PART = 8
+MARK = "***"
 _known: set[str] = set()
 _lock = threading.Lock()
 _key_variables: dict[str, None] = dict.fromkeys(KEY_VARIABLES)  # + plugins' (key_env)
@@ -23,25 +33,88 @@ def key_variables() -> list[str]:
     """Every variable whose value is a key (built in and declared)."""
     with _lock:
         return list(_key_variables)
+# the 8-character parts of the keys last seen, rebuilt only when the keys change
+_parts: tuple[frozenset[str], list[str], list[str]] = (frozenset(), [], [])
 
 
 def register_secret(value: str | None) -> None:
-    """Remember a secret so that :func:`redact` masks it wherever it appears."""
+    """Remember a secret so that :func:`redact` and :func:`mask_keys` mask it wherever
+    it appears (whole, or any run of :data:`PART` of its characters)."""
     if value and len(value) >= 4:
         with _lock:
             _known.add(value)
 
 
-def _candidates() -> set[str]:
-    from .settings import dotenv_values_here
+def forget_secret(value: str | None) -> None:
+    """Stop masking a secret given to :func:`register_secret` (keys from the environment,
+    ``.env`` and ``%subchat key`` are read again each time and stay masked)."""
+    with _lock:
+        _known.discard(value)
+
+
+def known_keys() -> set[str]:
+    """Every key this process knows of now (read again each time: ``.env`` may change)."""
+    from .settings import _secrets, dotenv_values_here
 
     vals = set(_known)
+    vals.update(v for v in _secrets.values() if v and len(v) >= 4)
     env = dotenv_values_here()
     for name in key_variables():
         for v in (os.environ.get(name), env.get(name)):
             if v and len(v) >= 4:
                 vals.add(v)
     return vals
+
+
+def _key_parts(keys: frozenset[str]) -> tuple[list[str], list[str]]:
+    """(whole keys shorter than PART, every distinct PART-character run of the others)."""
+    global _parts
+    cached = _parts
+    if cached[0] == keys:
+        return cached[1], cached[2]
+    short = sorted((k for k in keys if len(k) < PART), key=len, reverse=True)
+    grams = sorted({k[i:i + PART] for k in keys if len(k) >= PART
+                    for i in range(len(k) - PART + 1)})
+    _parts = (keys, short, grams)
+    return short, grams
+
+
+def mask_keys(text: str) -> tuple[str, int]:
+    """``text`` with every known key, and every run of at least :data:`PART` characters
+    of one, replaced by ``***``; and how many places were masked. Cheap when no key is
+    known or none appears (one substring search per key part)."""
+    if not text:
+        return text, 0
+    keys = frozenset(known_keys())
+    if not keys:
+        return text, 0
+    short, grams = _key_parts(keys)
+    spans: list[tuple[int, int]] = []
+    for gram in grams:
+        start = text.find(gram)
+        while start != -1:
+            spans.append((start, start + PART))
+            start = text.find(gram, start + 1)
+    for key in short:  # a key too short to cut: only whole
+        start = text.find(key)
+        while start != -1:
+            spans.append((start, start + len(key)))
+            start = text.find(key, start + len(key))
+    if not spans:
+        return text, 0
+    spans.sort()
+    merged: list[list[int]] = []
+    for a, b in spans:  # overlapping or touching runs are one masked place
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    out, pos = [], 0
+    for a, b in merged:
+        out += [text[pos:a], MARK]
+        pos = b
+    out.append(text[pos:])
+    return "".join(out), len(merged)
 
 
 def mask(value: str | None) -> str:
@@ -52,10 +125,6 @@ def mask(value: str | None) -> str:
 
 
 def redact(text: str) -> str:
-    """``text`` with every known secret replaced by ``***``."""
-    if not text:
-        return text
-    for secret in sorted(_candidates(), key=len, reverse=True):
-        if secret in text:
-            text = text.replace(secret, "***")
-    return text
+    """``text`` with every known key, and every part of one of :data:`PART` characters
+    or more, replaced by ``***`` (:func:`mask_keys` without the count)."""
+    return mask_keys(text)[0] if text else text

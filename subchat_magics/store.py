@@ -2,17 +2,26 @@
 
 - ``PRAGMA application_id`` marks the file as ours; ``PRAGMA user_version`` is the schema
   version, upgraded by :data:`MIGRATIONS` after a backup copy is made.
-- WAL journal and a busy timeout, so two kernels can share one tree.
-- Every write is one transaction; a file that is not a store is never written to.
+- WAL journal and a busy timeout, so two kernels can share one tree. The WAL is
+  checkpointed (PASSIVE: never waits, never blocks a reader) within
+  :data:`CHECKPOINT_AFTER_S` of every commit, and emptied (TRUNCATE) when the store is
+  closed and when the interpreter exits: the ``.db`` file alone then holds every committed
+  message (a copy of it, a download, a dataset made from it).
+- A read-only store with a ``-wal`` beside it (what a killed kernel leaves) is read from a
+  private copy of the two files, so the pages in the WAL are not lost to ``immutable=1``.
+- Every write is one transaction; a file that is not a store is never written to. Text is
+  written with every known key masked (:func:`secrets.redact`).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sqlite3
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +29,7 @@ from typing import Any, Callable, Iterator
 from urllib.parse import quote
 
 from .errors import StoreError
+from .secrets import redact
 
 APPLICATION_ID = 0x53554243  # "SUBC"
 SCHEMA_VERSION = 1
@@ -29,6 +39,11 @@ BUSY_TIMEOUT_MS = 10_000
 # stays well under a second; damage in a message page is then reported when it is read.
 FULL_CHECK_MAX_BYTES = 16 << 20
 RETRIES = 5  # extra tries on SQLITE_BUSY after the busy timeout (e.g. during WAL recovery)
+# A commit is checkpointed into the .db file this long after it (one background timer for
+# the commits of that span: a streaming reply's saves or a batch's rows cost one checkpoint)
+CHECKPOINT_AFTER_S = 0.25
+# how long the checkpoint at close/exit waits for another kernel's readers to finish
+CLOSE_WAIT_MS = 500
 
 SCHEMA_V1 = """
 CREATE TABLE chats (
@@ -129,6 +144,27 @@ def _busy(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and ("locked" in msg or "busy" in msg)
 
 
+_open_stores: "weakref.WeakSet[Store]" = weakref.WeakSet()
+
+
+@atexit.register
+def _checkpoint_all() -> None:
+    """At interpreter exit (a kernel shut down, a script ending): every open store's WAL
+    goes into its file, so the file alone holds the tree; private read-only copies are
+    removed."""
+    for store in list(_open_stores):
+        if store._lock.acquire(timeout=2):  # a thread stuck in a write must not hang the exit
+            try:
+                store.checkpoint("TRUNCATE")
+                store._drop_copy()  # a read-only store's private copy goes with the process
+            finally:
+                store._lock.release()
+
+
+# a new message's id: above every id in the table and every id this connection has seen
+_NEXT_MESSAGE = "MAX((SELECT COALESCE(MAX(id), 0) FROM messages), ?) + 1"
+
+
 class Store:
     """A connection to one store file. Not shared across threads: use one per thread
     (``Store(path)`` is cheap once the file exists)."""
@@ -141,20 +177,37 @@ class Store:
         # one connection may serve the kernel's thread and generation threads
         self._lock = threading.RLock()
         self._depth = 0  # transactions open on this connection (an outer one holds the rest)
+        self._timer: threading.Timer | None = None  # the pending checkpoint, if any
+        self._timer_pid = os.getpid()
+        self._closed = False
+        self._copy_dir: Path | None = None  # the private copy a read-only WAL store is read from
+        # reply id -> created_at of the replies begun here: an update checks both, so a
+        # reply whose row was deleted (its chat deleted elsewhere) never writes into a
+        # new row that reused its id
+        self._replies: dict[int, float] = {}
+        # the highest chat id this connection has seen: SQLite gives a new row the highest
+        # id + 1, so deleting the newest chat would let the next one take its id, and a
+        # handle held on the deleted chat (the current chat, a streaming reply's) would
+        # quietly name the new one. New chats here get ids above every id seen here.
+        self._seen_chat = 0
+        self._seen_message = 0  # the same for messages (a reply is updated by its id)
         try:
             self.conn = sqlite3.connect(
                 self._uri(), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                 check_same_thread=False, uri=True,
             )
         except sqlite3.Error as exc:
+            self._drop_copy()
             raise StoreError(f"cannot open chat store {self.path}: {exc}; {_fix_hint(self.path)}") from None
         try:
             self._prepare()
         except StoreError:
             self.conn.close()
+            self._drop_copy()
             raise
         except sqlite3.DatabaseError as exc:
             self.conn.close()
+            self._drop_copy()
             if "not a database" in str(exc):
                 raise StoreError(
                     f"{self.path} is not a subchat-magics chat store (not an SQLite file); "
@@ -162,6 +215,7 @@ class Store:
                 ) from None
             raise self._wrap(exc) from None
         self._identity = self._file_identity()
+        _open_stores.add(self)
 
     # -- the file under us -------------------------------------------------------------------
     def _file_identity(self) -> tuple[int, int] | None:
@@ -218,12 +272,56 @@ class Store:
     def _uri(self) -> str:
         """The SQLite URI to open: read-write, or read-only. In a folder nobody can write
         (a Kaggle input), ``immutable=1``: SQLite then needs no lock or index files beside
-        the store, which it could not create there."""
+        the store, which it could not create there. But ``immutable=1`` ignores the WAL:
+        when a ``-wal`` with pages in it lies beside the file (a kernel was killed, or
+        the folder was saved while one ran), the file and its WAL are copied to a private
+        temporary folder and that copy is opened read-only (:attr:`read_only` says so)."""
         uri = f"file:{quote(str(self.path))}"
         if self.read_only is None:
             return uri
         folder_writable = os.access(self.path.parent, os.W_OK) and not _read_only_mount(self.path)
-        return uri + ("?mode=ro" if folder_writable else "?mode=ro&immutable=1")
+        if folder_writable:
+            return uri + "?mode=ro"
+        wal = Path(f"{self.path}-wal")
+        try:
+            has_wal = wal.stat().st_size > 0
+        except OSError:
+            has_wal = False
+        if has_wal:
+            try:
+                copy = self._private_copy(wal)
+            except OSError as exc:
+                self.read_only += (f"; its {wal.name} could not be read ({exc.strerror or exc}), "
+                                   "so what only it holds is not shown")
+            else:
+                self.read_only += (f"; the {wal.name} beside it holds pages not yet in the file, "
+                                   f"so both were copied to {copy.parent} and are read from there")
+                return f"file:{quote(str(copy))}?mode=ro"
+        return uri + "?mode=ro&immutable=1"
+
+    def _private_copy(self, wal: Path) -> Path:
+        """The store and its WAL copied into a new private temporary folder (removed on
+        close); SQLite rebuilds the WAL index there from the WAL."""
+        import shutil  # here: only a read-only store with a WAL needs it (opening stays quick)
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="subchat-read-only-"))
+        self._copy_dir = folder
+        copy = folder / self.path.name
+        try:
+            shutil.copyfile(self.path, copy)
+            shutil.copyfile(wal, f"{copy}-wal")
+        except OSError:
+            self._drop_copy()
+            raise
+        return copy
+
+    def _drop_copy(self) -> None:
+        if self._copy_dir is not None:
+            import shutil
+
+            shutil.rmtree(self._copy_dir, ignore_errors=True)
+            self._copy_dir = None
 
     def read_only_error(self) -> StoreError:
         return StoreError(
@@ -403,8 +501,45 @@ class Store:
             except sqlite3.Error as exc:
                 self._rollback()
                 raise self._wrap(exc) from None
+            self._checkpoint_soon()
         finally:
             self._depth = 0
+
+    # -- checkpoints: the .db file alone holds what was committed -----------------------------
+    def _checkpoint_soon(self) -> None:
+        """Checkpoint within :data:`CHECKPOINT_AFTER_S` (one timer for a burst of commits)."""
+        if self._timer is not None and self._timer_pid == os.getpid():
+            return
+        timer = threading.Timer(CHECKPOINT_AFTER_S, self._timed_checkpoint)
+        timer.daemon = True
+        self._timer, self._timer_pid = timer, os.getpid()
+        timer.start()
+
+    def _timed_checkpoint(self) -> None:
+        with self._lock:
+            self._timer = None
+            self.checkpoint()
+
+    def checkpoint(self, mode: str = "PASSIVE") -> bool:
+        """Copy the WAL's committed pages into the file. ``PASSIVE`` never waits (a reader
+        in another kernel keeps the pages it reads in the WAL until the next one);
+        ``TRUNCATE`` also empties the WAL, waiting up to :data:`CLOSE_WAIT_MS` for readers.
+        True when every page went into the file. Errors are left to the next write."""
+        with self._lock:
+            if self.read_only or self._closed or self._depth:
+                return False
+            try:
+                if mode != "PASSIVE":
+                    self.conn.execute(f"PRAGMA busy_timeout = {CLOSE_WAIT_MS}")
+                try:
+                    busy, log, done = self.conn.execute(
+                        f"PRAGMA wal_checkpoint({mode})").fetchone()
+                finally:
+                    if mode != "PASSIVE":
+                        self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            except sqlite3.Error:
+                return False
+            return not busy and (log == -1 or log == done)
 
     def _rollback(self) -> None:
         # SQLite rolls back by itself after some errors (a full disk, an I/O error)
@@ -475,6 +610,8 @@ class Store:
         rows = self._read(
             "SELECT id, parent_id, name, system_prompt, fork_seq, created_at FROM chats ORDER BY id"
         )
+        if rows:
+            self._seen_chat = max(self._seen_chat, rows[-1][0])
         return [ChatRow(*r) for r in rows]
 
     def message_counts(self) -> dict[int, int]:
@@ -483,11 +620,13 @@ class Store:
     def insert_chat(self, parent_id: int | None, name: str, system_prompt: str | None,
                     fork_seq: int) -> ChatRow:
         now = time.time()
+        system_prompt = redact(system_prompt) if system_prompt else system_prompt
         with self.transaction() as c:
             try:
                 cur = c.execute(
-                    "INSERT INTO chats (parent_id, name, system_prompt, fork_seq, created_at) VALUES (?,?,?,?,?)",
-                    (parent_id, name, system_prompt, fork_seq, now),
+                    "INSERT INTO chats (id, parent_id, name, system_prompt, fork_seq, created_at) "
+                    "VALUES (MAX((SELECT COALESCE(MAX(id), 0) FROM chats), ?) + 1, ?,?,?,?,?)",
+                    (self._seen_chat, parent_id, name, system_prompt, fork_seq, now),
                 )
             except sqlite3.IntegrityError:
                 # another kernel made the same chat first: use theirs
@@ -497,9 +636,12 @@ class Store:
                 if not rows:
                     raise
                 return ChatRow(*rows[0])
+            self._seen_chat = max(self._seen_chat, cur.lastrowid)
             return ChatRow(cur.lastrowid, parent_id, name, system_prompt, fork_seq, now)
 
     def update_chat(self, chat_id: int, **fields: Any) -> None:
+        if fields.get("system_prompt"):
+            fields["system_prompt"] = redact(fields["system_prompt"])
         cols = ", ".join(f"{k} = ?" for k in fields)
         with self.transaction() as c:
             c.execute(f"UPDATE chats SET {cols} WHERE id = ?", (*fields.values(), chat_id))
@@ -512,15 +654,17 @@ class Store:
     def append_message(self, chat_id: int, role: str, content: str, status: str = "complete",
                        provenance: dict[str, Any] | None = None) -> MessageRow:
         now = time.time()
+        content = redact(content)
         prov = json.dumps(provenance, sort_keys=True) if provenance else None
         with self.transaction() as c:
             seq = c.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE chat_id = ?",
                             (chat_id,)).fetchone()[0]
             cur = c.execute(
-                "INSERT INTO messages (chat_id, seq, role, content, status, provenance, created_at) "
-                "VALUES (?,?,?,?,?,?,?)",
-                (chat_id, seq, role, content, status, prov, now),
+                "INSERT INTO messages (id, chat_id, seq, role, content, status, provenance, "
+                f"created_at) VALUES ({_NEXT_MESSAGE}, ?,?,?,?,?,?,?)",
+                (self._seen_message, chat_id, seq, role, content, status, prov, now),
             )
+            self._seen_message = max(self._seen_message, cur.lastrowid)
         return MessageRow(cur.lastrowid, chat_id, seq, role, content, status, provenance or {}, now)
 
     def begin_turn(self, chat_id: int, prompt: str,
@@ -529,6 +673,7 @@ class Store:
         empty and marked ``interrupted``: a process killed mid-reply leaves exactly that,
         and a reply always sits right after its message, whoever else writes."""
         now = time.time()
+        prompt = redact(prompt)
         prov = json.dumps(provenance, sort_keys=True)
         with self.transaction() as c:
             seq = c.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE chat_id = ?",
@@ -537,22 +682,37 @@ class Store:
             for role, content, status, p, s in (("user", prompt, "complete", None, seq),
                                                 ("assistant", "", "interrupted", prov, seq + 1)):
                 ids.append(c.execute(
-                    "INSERT INTO messages (chat_id, seq, role, content, status, provenance, "
-                    "created_at) VALUES (?,?,?,?,?,?,?)",
-                    (chat_id, s, role, content, status, p, now)).lastrowid)
+                    "INSERT INTO messages (id, chat_id, seq, role, content, status, provenance, "
+                    f"created_at) VALUES ({_NEXT_MESSAGE}, ?,?,?,?,?,?,?)",
+                    (self._seen_message, chat_id, s, role, content, status, p, now)).lastrowid)
+                self._seen_message = max(self._seen_message, ids[-1])
+        self._replies[ids[1]] = now
         return (MessageRow(ids[0], chat_id, seq, "user", prompt, "complete", {}, now),
                 MessageRow(ids[1], chat_id, seq + 1, "assistant", "", "interrupted", provenance, now))
 
     def update_reply(self, message_id: int, content: str, status: str,
-                     provenance: dict[str, Any] | None = None) -> None:
-        """Write what a reply holds now (while streaming, and once when it ends)."""
+                     provenance: dict[str, Any] | None = None,
+                     created_at: float | None = None) -> bool:
+        """Write what a reply holds now (while streaming, and once when it ends). False
+        when its row is gone (its chat was deleted meanwhile): nothing was written. A
+        reply begun on this connection is matched by id and creation time (an id freed
+        by a delete may be taken by a new message), until its final write (the one with
+        ``provenance``); ``created_at`` gives that time for any reply."""
+        content = redact(content)
+        born = (self._replies.get(message_id) if provenance is None
+                else self._replies.pop(message_id, None))
+        born = created_at if created_at is not None else born
+        where = "id = ?" if born is None else "id = ? AND created_at = ?"
+        key = (message_id,) if born is None else (message_id, born)
         with self.transaction() as c:
             if provenance is None:
-                c.execute("UPDATE messages SET content = ?, status = ? WHERE id = ?",
-                          (content, status, message_id))
+                cur = c.execute(f"UPDATE messages SET content = ?, status = ? WHERE {where}",
+                                (content, status, *key))
             else:
-                c.execute("UPDATE messages SET content = ?, status = ?, provenance = ? WHERE id = ?",
-                          (content, status, json.dumps(provenance, sort_keys=True), message_id))
+                cur = c.execute(
+                    f"UPDATE messages SET content = ?, status = ?, provenance = ? WHERE {where}",
+                    (content, status, json.dumps(provenance, sort_keys=True), *key))
+            return cur.rowcount > 0
 
     def messages(self, chat_id: int, limit: int | None = None) -> list[MessageRow]:
         sql = ("SELECT id, chat_id, seq, role, content, status, provenance, created_at FROM messages "
@@ -612,7 +772,19 @@ class Store:
         return self._read("PRAGMA integrity_check")[0][0] == "ok"
 
     def close(self) -> None:
-        try:
-            self.conn.close()
-        except sqlite3.Error:
-            pass
+        """Empty the WAL into the file (TRUNCATE) and close; a private read-only copy is
+        removed."""
+        with self._lock:
+            if self._closed:
+                return
+            timer, self._timer = self._timer, None
+            if timer is not None:
+                timer.cancel()
+            self.checkpoint("TRUNCATE")
+            self._closed = True
+            try:
+                self.conn.close()
+            except sqlite3.Error:
+                pass
+            self._drop_copy()
+        _open_stores.discard(self)

@@ -15,14 +15,18 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 from .errors import ChatNotFound, InvalidInput, StoreError
 from .events import Listener, Listeners
+from .secrets import redact
 from .settings import getenv
 from .store import ChatRow, MessageRow, Store
 
 ROOT = "root"
+#: where a reply goes whose chat was deleted while it streamed:
+#: ``<nearest surviving ancestor>/recovered/<the chat's name>``
+RECOVERED = "recovered"
 _SEGMENT = re.compile(r"^[\w.\-]{1,100}$")
 DEFAULT_STORE = "subchats.db"
 
@@ -73,10 +77,13 @@ class Message:
     seq: int = 0
     id: int | None = None
     created_at: float | None = None
+    #: the chat it is stored in (a reply whose chat was deleted while it streamed is
+    #: stored in a recovery chat: this says which)
+    chat_id: int | None = None
 
     @classmethod
     def from_row(cls, r: MessageRow) -> "Message":
-        return cls(r.role, r.content, r.status, r.provenance, r.seq, r.id, r.created_at)
+        return cls(r.role, r.content, r.status, r.provenance, r.seq, r.id, r.created_at, r.chat_id)
 
     @property
     def finish_reason(self) -> str | None:
@@ -87,13 +94,30 @@ class Message:
 
 
 class Chat:
-    """A handle on one chat of a :class:`ChatTree`."""
+    """A handle on one chat of a :class:`ChatTree`. Its row and path are read from the
+    tree's current index (so a rename seen by a refresh is seen by every handle at once);
+    a deleted chat keeps the last ones seen."""
 
     def __init__(self, tree: "ChatTree", row: ChatRow, path: str):
         self.tree = tree
         self.id = row.id
-        self.path = path
-        self._row = row
+        self._last = (row, path)
+
+    @property
+    def _state(self) -> tuple[ChatRow, str]:
+        state = self.tree._index.state.get(self.id)
+        if state is None:
+            return self._last
+        self._last = state  # one assignment: kept whole for after a delete
+        return state
+
+    @property
+    def _row(self) -> ChatRow:
+        return self._state[0]
+
+    @property
+    def path(self) -> str:
+        return self._state[1]
 
     @property
     def name(self) -> str:
@@ -134,6 +158,19 @@ class Chat:
 
 
 
+class _Index(NamedTuple):
+    """The in-memory index of the chats, replaced as a whole by :meth:`ChatTree.refresh`
+    (one assignment): a Ctrl-C anywhere in a refresh leaves the old index or the new."""
+
+    version: int
+    chats: dict[int, Chat]  # by id
+    paths: dict[str, Chat]
+    children: dict[int | None, list[int]]
+    state: dict[int, tuple[ChatRow, str]]  # each chat's row and path
+
+
+_EMPTY = _Index(-1, {}, {}, {}, {})
+
 
 class ChatTree:
     """The whole tree, backed by a :class:`Store`. Chats are indexed in memory (a few MB
@@ -145,10 +182,10 @@ class ChatTree:
         self.store = Store(self.path)
         self._lock = threading.RLock()
         self._listeners = Listeners()
-        self._version = -1
-        self._by_id: dict[int, Chat] = {}
-        self._by_path: dict[str, Chat] = {}
-        self._children: dict[int | None, list[int]] = {}
+        self._index = _EMPTY
+        # reply id -> (its user message, its chat's id and path when it began): what a
+        # recovery needs once the chat is gone (its id may then name a new chat)
+        self._open_turns: dict[int, tuple[Message, int, str]] = {}
         self._held: tuple[int, list[tuple[str, dict[str, Any]]]] | None = None  # see atomic()
         self.refresh(force=True)
         if ROOT not in self._by_path:
@@ -176,8 +213,26 @@ class ChatTree:
             self.emit(event, **data)
 
     # -- index -------------------------------------------------------------------------------
+    @property
+    def _by_id(self) -> dict[int, Chat]:
+        return self._index.chats
+
+    @property
+    def _by_path(self) -> dict[str, Chat]:
+        return self._index.paths
+
+    @property
+    def _children(self) -> dict[int | None, list[int]]:
+        return self._index.children
+
+    @property
+    def _version(self) -> int:
+        return self._index.version
+
     def refresh(self, force: bool = False) -> bool:
-        """Reload the chat index if another connection changed the store. True if reloaded."""
+        """Reload the chat index if another connection changed the store. True if reloaded.
+        The new index is built aside and put in place by one assignment, so an interrupt
+        (Ctrl-C) at any point leaves the old index or the new one, never a mix."""
         with self._lock:
             version = self.store.data_version()
             if not force and version == self._version:
@@ -210,19 +265,19 @@ class ChatTree:
                     paths[c] = base
                 return paths[cid]
 
-            old = self._by_id
-            self._by_id, self._by_path = {}, {}
+            old = self._index.chats
+            by_chat: dict[int, Chat] = {}
+            by_path: dict[str, Chat] = {}
+            state: dict[int, tuple[ChatRow, str]] = {}
             for r in rows:
                 p = path_of(r.id)
-                chat = old.get(r.id)
+                chat = old.get(r.id)  # a handle held elsewhere reads its new state
                 if chat is None:
                     chat = Chat(self, r, p)
-                else:
-                    chat._row, chat.path = r, p
-                self._by_id[r.id] = chat
-                self._by_path[p] = chat
-            self._children = children
-            self._version = version
+                by_chat[r.id] = chat
+                by_path[p] = chat
+                state[r.id] = (r, p)
+            self._index = _Index(version, by_chat, by_path, children, state)
             return True
 
     def _maybe_refresh(self) -> None:
@@ -447,23 +502,91 @@ class ChatTree:
 
     def begin_turn(self, chat: "str | Chat", prompt: str,
                    backend: str | None = None) -> tuple[Message, Message]:
-        """Store a user message and its (empty, ``interrupted``) reply row together."""
+        """Store a user message and its (empty, ``interrupted``) reply row together. If
+        ``chat`` was deleted meanwhile (another kernel, a view), both go to a recovery
+        chat (see :meth:`finish_reply`): the returned reply's ``chat_id`` says which."""
         chat = self.get(chat)
-        user, reply = self.store.begin_turn(
-            chat.id, prompt, {"finish_reason": "interrupted", "backend": backend} if backend
-            else {"finish_reason": "interrupted"})
+        prov = ({"finish_reason": "interrupted", "backend": backend} if backend
+                else {"finish_reason": "interrupted"})
+        try:
+            user, reply = self.store.begin_turn(chat.id, prompt, prov)
+        except StoreError:
+            if self.find(chat.id) is not None:
+                raise
+            target = self._recovery_chat(chat.path)
+            user, reply = self.store.begin_turn(target.id, prompt, dict(prov, recovered_from=chat.path))
+            self._after_write()
+            self._recovered(chat.id, chat.path, target, Message.from_row(reply))
         msg = Message.from_row(user)
-        self.emit("message", id=chat.id, path=chat.path, message=msg)
+        stored = self._by_id.get(user.chat_id, chat)
+        self.emit("message", id=stored.id, path=stored.path, message=msg)
+        # no tree lock here or in finish_reply: a batch calls both inside its store
+        # transaction, and a view's thread may hold the tree lock waiting for the store
+        # (one dict item set or popped is atomic)
+        self._open_turns[reply.id] = (msg, chat.id, chat.path)
         return msg, Message.from_row(reply)
 
     def finish_reply(self, chat: "str | Chat", reply: Message, content: str, status: str,
                      provenance: dict[str, Any]) -> Message:
-        """Write a reply's final text, status and provenance."""
+        """Write a reply's final text, status and provenance. A reply whose chat was
+        deleted while it streamed is not dropped: the exchange (its message and the reply)
+        is stored in ``<nearest surviving ancestor>/recovered/<name>``, a
+        ``reply-recovered`` event (id, path, to_id, to, message) says where, and the
+        returned message's ``chat_id`` is that chat's."""
         chat = self.get(chat)
-        self.store.update_reply(reply.id, content, status, provenance)
-        msg = Message("assistant", content, status, provenance, reply.seq, reply.id, reply.created_at)
-        self.emit("message", id=chat.id, path=chat.path, message=msg)
+        opened = self._open_turns.pop(reply.id, None) if reply.id is not None else None
+        user, began_id, began_path = opened or (None, chat.id, chat.path)
+        content = redact(content)
+        if reply.id is not None and self.store.update_reply(reply.id, content, status, provenance,
+                                                            created_at=reply.created_at):
+            where = chat  # (found only when begin_turn put it elsewhere: rare, and locks)
+            if reply.chat_id is not None and reply.chat_id != chat.id:
+                where = self.find(reply.chat_id) or chat
+            msg = Message("assistant", content, status, provenance, reply.seq, reply.id,
+                          reply.created_at, where.id)
+            self.emit("message", id=where.id, path=where.path, message=msg)
+            return msg
+        return self._recover(began_id, began_path, user, content, status, provenance)
+
+    def _recover(self, old_id: int, old_path: str, user: Message | None, content: str,
+                 status: str, provenance: dict[str, Any]) -> Message:
+        """Store an exchange whose chat is gone in a recovery chat; its reply message."""
+        self.refresh(force=True)
+        target = self._recovery_chat(old_path)
+        prov = dict(provenance, recovered_from=old_path)
+        with self.store.transaction():
+            if user is not None:
+                u = Message.from_row(self.store.append_message(target.id, "user", user.content))
+            row = self.store.append_message(target.id, "assistant", content, status, prov)
+        self._after_write()
+        msg = Message.from_row(row)
+        if user is not None:
+            self.emit("message", id=target.id, path=target.path, message=u)
+        self.emit("message", id=target.id, path=target.path, message=msg)
+        self._recovered(old_id, old_path, target, msg)
         return msg
+
+    def _recovered(self, old_id: int, old_path: str, target: Chat, msg: Message) -> None:
+        self.emit("reply-recovered", id=old_id, path=old_path, to_id=target.id,
+                  to=target.path, message=msg)
+
+    def _recovery_chat(self, old_path: str) -> Chat:
+        """A new chat ``<nearest surviving ancestor>/recovered/<name>`` (``-2``, ``-3``…
+        when taken) for an exchange whose chat (last seen at ``old_path``) was deleted."""
+        parts = old_path.split("/")
+        ancestor = self.root
+        for k in range(len(parts) - 1, 0, -1):
+            found = self._by_path.get("/".join(parts[:k]))
+            if found is not None:
+                ancestor = found
+                break
+        folder = self.ensure(f"{ancestor.path}/{RECOVERED}")
+        base = parts[-1][:90]
+        name, n = base, 1
+        while f"{folder.path}/{name}" in self._by_path:
+            n += 1
+            name = f"{base}-{n}"
+        return self.create(f"{folder.path}/{name}")
 
     def close(self) -> None:
         self.store.close()

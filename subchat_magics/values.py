@@ -3,8 +3,10 @@
 A pandas DataFrame or Series becomes a Markdown table of at most ``rows`` rows and
 ``columns`` columns with a note of the full shape, a numpy array its shape, dtype and a
 head, anything else ``str()``; every form is cut at ``chars`` characters with a note of how
-much was left out. pandas and numpy are never imported here: a value that is one of
-theirs means its library is already in ``sys.modules``."""
+much was left out. Every known key is masked (:func:`secrets.mask_keys`) in each piece of
+text *before* it is cut or laid out, so no cut leaves a part of a key behind. pandas and
+numpy are never imported here: a value that is one of theirs means its library is already
+in ``sys.modules``."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidInput
+from .secrets import mask_keys
 
 
 @dataclass(frozen=True)
@@ -37,25 +40,40 @@ def cut(text: str, chars: int, keep: str = "head") -> str:
     return f"{text[:chars]}\n… ({len(text) - chars} more characters left out)"
 
 
+def masked_cut(text: str, chars: int, keep: str = "head") -> tuple[str, int]:
+    """``text`` with known keys masked, then cut (:func:`cut`); and how many places were
+    masked."""
+    text, n = mask_keys(text)
+    return cut(text, chars, keep), n
+
+
 def prompt_text(name: str, value: Any, limits: Limits = Limits()) -> str:
-    """``value`` as prompt text within ``limits``; ``name`` is how the cell wrote it
-    (``df``, ``Out[3]``), for the error when its ``str()`` fails."""
+    """``value`` as prompt text within ``limits``, known keys masked; ``name`` is how the
+    cell wrote it (``df``, ``Out[3]``), for the error when its ``str()`` fails."""
+    return prompt_form(name, value, limits)[0]
+
+
+def prompt_form(name: str, value: Any, limits: Limits = Limits()) -> tuple[str, int]:
+    """:func:`prompt_text` and how many places of it had a known key masked (each table
+    cell, index label and column name is masked before it is cut to its width)."""
     if type(value) is str:
-        return cut(value, limits.chars)
-    form = _library_form(value, limits)
+        return masked_cut(value, limits.chars)
+    tally = [0]
+    form = _library_form(value, limits, tally)
     if form is None:
         form = _str_of(name, value)
-    return cut(form, limits.chars)
+    text, n = masked_cut(form, limits.chars)
+    return text, n + tally[0]
 
 
-def _library_form(value: Any, limits: Limits) -> str | None:
+def _library_form(value: Any, limits: Limits, tally: list[int]) -> str | None:
     modules = {c.__module__.partition(".")[0] for c in type(value).__mro__}
     if "pandas" in modules and "pandas" in sys.modules:
         pd = sys.modules["pandas"]
         if isinstance(value, pd.DataFrame):
-            return _frame_markdown(value, limits)
+            return _frame_markdown(value, limits, tally)
         if isinstance(value, pd.Series):
-            return _series_markdown(value, limits)
+            return _series_markdown(value, limits, tally)
     if "numpy" in modules and "numpy" in sys.modules:
         np = sys.modules["numpy"]
         if isinstance(value, np.ndarray):
@@ -76,8 +94,9 @@ def _str_of(name: str, value: Any) -> str:
     return str.__str__(text)
 
 
-def _cell(value: Any, width: int = 60) -> str:
-    text = " ".join(str(value).split())
+def _cell(value: Any, tally: list[int], width: int = 60) -> str:
+    text, n = mask_keys(" ".join(str(value).split()))  # masked before it is cut to width
+    tally[0] += n
     if len(text) > width:
         text = text[: width - 1] + "…"
     return text.replace("|", "\\|")
@@ -93,12 +112,12 @@ def _shown(total: int, shown: int, what: str) -> str | None:
     return f"the first {shown} of {total} {what}" if shown < total else None
 
 
-def _frame_markdown(df: Any, limits: Limits) -> str:
+def _frame_markdown(df: Any, limits: Limits, tally: list[int]) -> str:
     n_rows, n_cols = df.shape
     rows, cols = max(1, limits.rows), max(1, limits.columns)
     part = df.iloc[:rows, :cols]
-    header = [_cell(df.index.name or "")] + [_cell(c) for c in part.columns]
-    body = [[_cell(idx)] + [_cell(v) for v in row]
+    header = [_cell(df.index.name or "", tally)] + [_cell(c, tally) for c in part.columns]
+    body = [[_cell(idx, tally)] + [_cell(v, tally) for v in row]
             for idx, row in zip(part.index, part.itertuples(index=False, name=None))]
     note = f"DataFrame: {n_rows} rows × {n_cols} columns"
     shown = [s for s in (_shown(n_rows, len(part), "rows"), _shown(n_cols, part.shape[1], "columns"))
@@ -108,12 +127,12 @@ def _frame_markdown(df: Any, limits: Limits) -> str:
     return f"{note}\n\n{_table(header, body)}"
 
 
-def _series_markdown(s: Any, limits: Limits) -> str:
+def _series_markdown(s: Any, limits: Limits, tally: list[int]) -> str:
     rows = max(1, limits.rows)
     part = s.iloc[:rows]
     name = "" if s.name is None else str(s.name)
-    header = [_cell(s.index.name or ""), _cell(name or "value")]
-    body = [[_cell(idx), _cell(v)] for idx, v in zip(part.index, part.tolist())]
+    header = [_cell(s.index.name or "", tally), _cell(name or "value", tally)]
+    body = [[_cell(idx, tally), _cell(v, tally)] for idx, v in zip(part.index, part.tolist())]
     note = f"Series{f' {name!r}' if name else ''}: {len(s)} rows, dtype {s.dtype}"
     shown = _shown(len(s), len(part), "rows")
     if shown:

@@ -6,6 +6,7 @@ with the extension in a real shell inside it."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -131,3 +132,44 @@ def test_copy_to_a_writable_file_continues_there_with_the_current_chat(shell, wo
     saved = open_tree(workdir / "saved.db")
     assert [m.content for m in saved.get("root/a").messages][2] == "again"
     assert len(open_tree(workdir / "subchats.db").get("root/a").messages) == 2
+
+
+def test_a_killed_kernels_store_and_wal_on_a_read_only_mount_open_with_every_message(workdir):
+    """What a kernel killed with SIGKILL leaves (``subchats.db`` + ``-wal``, the last
+    commit only in the WAL), mounted read-only for real: every command reads every
+    message, and ``copy-to`` carries all of them into a copy that continues."""
+    pytest.importorskip("jupyter_client")
+    from subchat_magics.testing import durability as d
+
+    folder = workdir / "input"
+    folder.mkdir()
+    killed = d.kill_leaving_wal(folder)
+    store = folder / "subchats.db"
+    wal = folder / "subchats.db-wal"
+    assert wal.exists() and wal.stat().st_size > 0
+    truth = d.with_wal(store)
+    assert ("a", "user", d.LAST_WORDS) in truth
+    # the case this is about: the last commit is in the WAL only, which immutable=1 ignores
+    assert ("a", "user", d.LAST_WORDS) not in d.file_alone(store), killed
+    out = workdir / "out"
+    out.mkdir()
+    result = h.run_unshared(h.unshared_script(d.READ_ONLY_INSIDE, store=str(store), out=str(out)))
+    if result is None:
+        if os.environ.get("CI"):
+            pytest.fail("a private mount namespace (root, unshare) is needed for this test")
+        pytest.skip("needs root and unshare for a read-only mount")
+    steps = result["steps"]
+    for name in ("tree", "status", "show", "export", "copy", "continue"):
+        assert steps[name]["ok"], (name, steps[name])
+    assert d.LAST_WORDS in steps["show"]["out"]
+    assert "-wal" in steps["tree"]["out"] and "copied to" in steps["tree"]["out"]  # said once
+    assert "copied to" not in steps["show"]["out"]
+    err = steps["write"]["error"]
+    assert err.startswith("UsageError") and "read-only" in err and "\n" not in err
+    assert result["untouched"]  # neither the file nor its WAL was written
+    exported = json.loads((out / "export.json").read_text())
+    got = sorted((c["path"].rpartition("/")[2], m["role"], m["content"])
+                 for c in exported["chats"] for m in c["messages"])
+    assert got == sorted(truth)
+    copied = d.with_wal(out / "copy.db")
+    assert copied[:len(truth)] == truth and copied[-2][2] == "more please"
