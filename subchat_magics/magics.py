@@ -433,9 +433,13 @@ class SubchatMagics(Magics):
         view = ReplyView(self.shell, "markdown" if fmt == "code" else fmt, self.update_interval)
         view.start()
         stream = iter(turn)
+        # the per-delta work of view.delta, inlined: it runs for every streamed chunk
+        keep, due, flush = view._parts.append, view.coalescer.tick, view._flush
         try:
             for delta in stream:
-                view.delta(delta)
+                keep(delta)
+                if due():
+                    flush(final=False)
         except KeyboardInterrupt:
             stream.close()  # Ctrl-C may land in the display code: end the turn now
             view.finish("interrupted: partial reply kept" if turn.text else

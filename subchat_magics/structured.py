@@ -139,20 +139,8 @@ class Constraint:
         except Exception as exc:  # noqa: BLE001 - hypothesis-jsonschema's refusal, told in one line
             raise InvalidInput(f"no example can be made for this --json schema "
                                f"({str(exc).splitlines()[0][:120]})") from None
-        value = _in_schema_order(_find(strategy, valid, "this --json schema"), schema)
-        return json.dumps(value, ensure_ascii=False)
-
-
-def _in_schema_order(value: Any, schema: Any) -> Any:
-    """``value`` with each object's keys in the order its schema lists ``properties`` (as a
-    model writes them, and as a DataFrame made from the replies orders its columns)."""
-    if isinstance(value, dict) and isinstance(schema, dict):
-        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-        order = [k for k in props if k in value] + [k for k in value if k not in props]
-        return {k: _in_schema_order(value[k], props.get(k, {})) for k in order}
-    if isinstance(value, list) and isinstance(schema, dict) and isinstance(schema.get("items"), dict):
-        return [_in_schema_order(v, schema["items"]) for v in value]
-    return value
+        value = _find(strategy, valid, "this --json schema")
+        return json.dumps(_in_schema_order(value, schema, schema), ensure_ascii=False)
 
 
 # -- building constraints (every check here, before any request) ------------------------------
@@ -320,6 +308,26 @@ def _custom_formats() -> dict[str, Any]:
     from hypothesis import strategies as st
 
     return {"uuid": st.uuids().map(str)}
+
+
+def _in_schema_order(value: Any, schema: Any, root: dict[str, Any], depth: int = 0) -> Any:
+    """``value`` with each object's keys in the order its schema lists its properties (as
+    a reader, or a DataFrame made of the values, expects them); the value is the same."""
+    if depth > 32 or not isinstance(schema, dict):
+        return value
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        node: Any = root
+        for part in ref[2:].split("/"):
+            node = node.get(part) if isinstance(node, dict) else None
+        return _in_schema_order(value, node, root, depth + 1)
+    if isinstance(value, dict):
+        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        keys = [k for k in props if k in value] + [k for k in value if k not in props]
+        return {k: _in_schema_order(value[k], props.get(k), root, depth + 1) for k in keys}
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [_in_schema_order(v, schema["items"], root, depth + 1) for v in value]
+    return value
 
 
 def _find(strategy: Any, valid: Any, what: str, prefer: Any = None) -> Any:

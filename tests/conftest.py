@@ -53,14 +53,23 @@ MUST_RUN_UNDER_CI = ("tests/reliability/", "tests/backends/", "tests/test_magics
                      "tests/test_documented_behaviours.py")
 
 
+# ``bash .ci/fast`` sets SUBCHAT_SKIP_IS_FAILURE: there every skip, in any suite, is a
+# failure (the fast tier installs what its tests need; a skip there means a check that
+# silently did not run). notebooks/conftest.py does the same for the notebooks.
+SKIP_IS_FAILURE = "SUBCHAT_SKIP_IS_FAILURE"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if not (report.skipped and os.environ.get("CI")) or hasattr(report, "wasxfail"):
+    if not report.skipped or hasattr(report, "wasxfail"):
         return
     where = item.nodeid.replace("\\", "/")
-    if where.startswith(MUST_RUN_UNDER_CI):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+    if os.environ.get(SKIP_IS_FAILURE):
+        report.outcome = "failed"
+        report.longrepr = f"skipped, and {SKIP_IS_FAILURE} is set (bash .ci/fast), so this is a failure: {reason}"
+    elif os.environ.get("CI") and where.startswith(MUST_RUN_UNDER_CI):
         report.outcome = "failed"
         report.longrepr = f"skipped, and CI is set, so this is a failure: {reason}"

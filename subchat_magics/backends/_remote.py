@@ -332,6 +332,12 @@ class ErrorEvent(Exception):
     """The server reported an error inside a stream it had begun."""
 
 
+class Thought(tuple):
+    """``(reasoning, content)`` of a chunk that carries reasoning (a reader's item)."""
+
+    __slots__ = ()
+
+
 @dataclass
 class Call:
     """One request as the shared machinery sees it: who is asked, what has arrived."""
@@ -419,17 +425,22 @@ class RemoteBackend(Backend):
                 raise self.error(exc, call) from None
 
     # -- the one stream loop ---------------------------------------------------------------------
-    def relay(self, call: Call, chunks: Iterator[tuple[str | None, str | None]]) -> Iterator[str | Finish]:
-        """Yield the text of ``chunks`` (reasoning shown as ``<think>...</think>`` ahead of
-        the answer), then the :class:`Finish` the reader set. A stream that ends without
-        one is cut; a failure after the answer was complete (the usage or the end marker
-        lost) is not an error. Runs once per chunk: it does the least it can."""
+    def relay(self, call: Call, chunks: Iterator[str | Thought]) -> Iterator[str | Finish]:
+        """Yield the text of ``chunks`` (a reader yields a chunk's answer text as a plain
+        string, or a :class:`Thought` where it carries reasoning, shown as
+        ``<think>...</think>`` ahead of the answer), then the :class:`Finish` the reader
+        set. A stream that ends without one is cut; a failure after the answer was
+        complete (the usage or the end marker lost) is not an error. Runs once per
+        chunk: it does the least it can."""
         thinking = [False]
         try:
             try:
-                for content, reasoning in chunks:
-                    if reasoning or thinking[0]:
-                        content = join_thinking(reasoning, content, thinking)
+                for item in chunks:
+                    if item.__class__ is str and not thinking[0]:
+                        yield item
+                        continue
+                    reasoning, content = item if item.__class__ is Thought else (None, item)
+                    content = join_thinking(reasoning, content, thinking)
                     if content:
                         yield content
             except Exception as exc:  # noqa: BLE001 - mapped to one of our messages
@@ -630,9 +641,10 @@ class ChatCompletionsBackend(RemoteBackend):
         call.started = True
         yield from self.relay(call, self.read(call, chunks))
 
-    def read(self, call: Call, chunks: Any) -> Iterator[tuple[str | None, str | None]]:
-        """The ``(content, reasoning)`` of each chunk of the SDK's stream; ``call.finish``
-        once a finish reason has come (updated if the usage follows it)."""
+    def read(self, call: Call, chunks: Any) -> Iterator[str | Thought]:
+        """The text of each chunk of the SDK's stream (a :class:`Thought` where it has
+        reasoning); ``call.finish`` once a finish reason has come (updated if the usage
+        follows it)."""
         finish_reason = None
         usage = None
         served_model = None
@@ -653,8 +665,10 @@ class ChatCompletionsBackend(RemoteBackend):
                     # Groq says "reasoning"; vLLM and DeepSeek "reasoning_content"
                     reasoning = delta.get("reasoning") or delta.get("reasoning_content")
                     content = delta.get("content")
-                    if content or reasoning:
-                        yield content, reasoning
+                    if reasoning:
+                        yield Thought((reasoning, content))
+                    elif content:
+                        yield content
                     if choice.finish_reason:
                         finish_reason = choice.finish_reason
                 if new_usage is not None:

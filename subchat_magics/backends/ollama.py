@@ -32,6 +32,7 @@ from ._remote import (
     ErrorEvent,
     Status,
     StatusError,
+    Thought,
     failure,
 )
 from .base import Availability, Finish, GenerationOptions, Message, Option
@@ -298,9 +299,10 @@ class OllamaBackend(_remote.RemoteBackend):
         response = self.open_with_retries(start, call)
         yield from self.relay(call, self.read(call, response))
 
-    def read(self, call: Call, response: Any) -> Iterator[tuple[str | None, str | None]]:
-        """The ``(content, thinking)`` of each NDJSON line; ``call.finish`` from the
-        ``done`` line. The body is read to its end, so the connection is reused."""
+    def read(self, call: Call, response: Any) -> Iterator[str | Thought]:
+        """The text of each NDJSON line (a :class:`Thought` where it has thinking);
+        ``call.finish`` from the ``done`` line. The body is read to its end, so the
+        connection is reused."""
         loads = json.loads
         try:
             for line in response.iter_lines():
@@ -316,8 +318,10 @@ class OllamaBackend(_remote.RemoteBackend):
                 if content.__class__ is not str and content is not None \
                         or thought.__class__ is not str and thought is not None:
                     raise ValueError(f"not a chat chunk: {str(part)[:80]}")
-                if content or thought:
-                    yield content, thought
+                if thought:
+                    yield Thought((thought, content))
+                elif content:
+                    yield content
                 if part.get("done"):
                     call.finish = Finish(reason=part.get("done_reason") or "stop",
                                          model=part.get("model") or call.model,
