@@ -1,0 +1,363 @@
+"""The notebook's functions as tools: a callable described for a model (name, description
+and a JSON Schema of its arguments, from its signature, type hints and docstring through
+pydantic), a model's call of one (:class:`ToolCall`), and running a call (validated
+against the schema, run in the kernel's thread, its result in prompt form).
+
+A helper module: no IPython, no tree. Backends read :class:`Tool` descriptions; only the
+tool loop (:mod:`subchat_magics.toolrun`) runs them, and only through :meth:`Toolset.run`,
+so nothing but the named callables can ever run.
+
+pydantic is imported when a tool is described (it comes with every backend's SDK; without
+it the message says what to install)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+from .errors import InvalidInput
+from .secrets import redact
+from .values import Limits, cut, prompt_text
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+_SECTION = re.compile(r"^\s*(Args|Arguments|Parameters|Params|Returns|Raises|Yields|Examples?|Notes?)\s*:?\s*$")
+_ARGS = re.compile(r"^\s*(Args|Arguments|Parameters|Params)\s*:?\s*$")
+_ENTRY = re.compile(r"^\s*\**(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$")
+TRACEBACK_FRAMES = 3  # the last frames of a tool's traceback that are sent back
+
+
+@dataclass(frozen=True)
+class Tool:
+    """One callable described for a model. ``parameters`` is the JSON Schema of its
+    keyword arguments (an object); ``fn`` is never sent anywhere."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    fn: Callable[..., Any] = field(compare=False, repr=False)
+    adapter: Any = field(default=None, compare=False, repr=False)  # pydantic's TypeAdapter
+
+    def spec(self) -> dict[str, Any]:
+        """The OpenAI-style description (``{"type": "function", "function": {...}}``), which
+        chat templates, Ollama, OpenAI and Groq all read."""
+        return {"type": "function", "function": {
+            "name": self.name, "description": self.description, "parameters": self.parameters}}
+
+    def call_schema(self) -> dict[str, Any]:
+        """The JSON Schema of a whole call of this tool: ``{"name": NAME, "arguments": {...}}``
+        (what a Hermes-style ``<tool_call>`` holds), for constrained decoding."""
+        params = {k: v for k, v in self.parameters.items() if k not in ("$defs", "title")}
+        schema: dict[str, Any] = {
+            "type": "object",
+            "properties": {"name": {"const": self.name}, "arguments": params},
+            "required": ["name", "arguments"], "additionalProperties": False}
+        return schema
+
+
+@dataclass
+class ToolCall:
+    """A model's call of a tool. ``arguments`` is the parsed JSON object, or the raw text
+    the model wrote when it is not JSON (``error`` then says why)."""
+
+    name: str
+    arguments: Any
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:12]}")
+    error: str | None = None  # the call as written cannot be run (not JSON, unknown tool...)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"id": self.id, "name": self.name, "arguments": self.arguments}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ToolCall":
+        return cls(str(d.get("name", "")), d.get("arguments"), str(d.get("id") or ""), d.get("error"))
+
+    @classmethod
+    def parse(cls, name: str, arguments: Any, id: str | None = None) -> "ToolCall":  # noqa: A002
+        """A call as a server sent it: ``arguments`` a dict, or JSON text (OpenAI's wire
+        form) parsed here; text that is not a JSON object is kept, marked."""
+        call = cls(name or "", arguments, id or f"call_{uuid.uuid4().hex[:12]}")
+        if isinstance(arguments, str):
+            try:
+                call.arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError as exc:
+                call.error = f"the arguments are not JSON ({exc.msg} at character {exc.pos})"
+        if call.error is None and not isinstance(call.arguments, dict):
+            call.error = f"the arguments are not a JSON object but {type(call.arguments).__name__}"
+        return call
+
+    def arguments_json(self) -> str:
+        """The arguments as JSON text (OpenAI's wire form)."""
+        if isinstance(self.arguments, str) and self.error:
+            return self.arguments
+        return json.dumps(self.arguments, ensure_ascii=False)
+
+    def signature(self, width: int = 200) -> str:
+        """``lookup(id=3, name='x')``: how a call is shown and asked about."""
+        if isinstance(self.arguments, dict):
+            args = ", ".join(f"{k}={v!r}" for k, v in self.arguments.items())
+        else:
+            args = repr(self.arguments)
+        text = f"{self.name}({args})"
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@dataclass
+class ToolResult:
+    """What running a call gave: ``content`` is what is sent back to the model;
+    ``status`` is ``ok``, ``error`` (the tool raised, or the call was invalid), ``refused``
+    (not approved) or ``interrupted`` (Ctrl-C)."""
+
+    call: ToolCall
+    content: str
+    status: str = "ok"
+    duration_s: float | None = None
+    value: Any = field(default=None, repr=False)  # the return value itself (not stored)
+
+    def provenance(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"tool_call_id": self.call.id, "name": self.call.name,
+                               "tool_status": self.status}
+        if self.duration_s is not None:
+            out["duration_s"] = round(self.duration_s, 6)
+        return out
+
+
+# -- describing ------------------------------------------------------------------------------
+def _pydantic() -> Any:
+    try:
+        import pydantic
+    except ImportError:
+        raise InvalidInput("--tools needs pydantic to describe functions: pip install pydantic") from None
+    return pydantic
+
+
+def _doc_parts(doc: str) -> tuple[str, dict[str, str]]:
+    """A docstring's description (its text before the first section) and the lines of its
+    ``Args:``/``Parameters`` section, by parameter (Google style, NumPy's underline too)."""
+    lines = inspect.cleandoc(doc or "").splitlines()
+    head: list[str] = []
+    params: dict[str, str] = {}
+    i = 0
+    while i < len(lines) and not _SECTION.match(lines[i]):
+        head.append(lines[i])
+        i += 1
+    while i < len(lines):
+        is_args = _ARGS.match(lines[i]) is not None
+        i += 1
+        if i < len(lines) and lines[i].strip() and set(lines[i].strip()) == {"-"}:
+            i += 1  # NumPy's underline
+        current, indent = None, None
+        while i < len(lines) and not _SECTION.match(lines[i]):
+            line = lines[i]
+            depth = len(line) - len(line.lstrip())
+            m = _ENTRY.match(line)
+            if line.strip() and m and (indent is None or depth <= indent):
+                current, indent = m.group(1), depth
+                if is_args:
+                    params[current] = m.group(2).strip()
+            elif line.strip() and current and is_args:
+                params[current] = f"{params[current]} {line.strip()}".strip()
+            i += 1
+    return "\n".join(head).strip(), {k: v for k, v in params.items() if v}
+
+
+def describe(fn: Any, name: str | None = None, label: str | None = None) -> Tool:
+    """``fn`` described as a :class:`Tool`; :class:`InvalidInput` (one line naming it)
+    when it cannot be: not callable, no signature, a parameter without a type hint,
+    ``*args``/``**kwargs``, a type pydantic cannot put in a schema."""
+    label = label or name or getattr(fn, "__name__", None) or type(fn).__name__
+    if not callable(fn):
+        raise InvalidInput(f"--tools {label}: not a function but {type(fn).__name__} "
+                           f"{_short_repr(fn)}; name functions defined in the notebook")
+    tool_name = name or getattr(fn, "__name__", "")
+    if not isinstance(tool_name, str) or not _NAME.match(tool_name):
+        raise InvalidInput(f"--tools: {label!r} cannot be a tool name (letters, digits, '_' "
+                           "and '-', at most 64); define it with def NAME(...)")
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"--tools {tool_name}: its signature cannot be read (a builtin?); "
+                           f"wrap it: def {tool_name}(x: int) -> ...") from None
+    params = [p for p in sig.parameters.values()]
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            star = "*" if p.kind == p.VAR_POSITIONAL else "**"
+            raise InvalidInput(f"--tools {tool_name}: {star}{p.name} cannot be described as "
+                               "named arguments; give it named, typed parameters")
+        if p.kind == p.POSITIONAL_ONLY:
+            raise InvalidInput(f"--tools {tool_name}: parameter {p.name} is positional-only; "
+                               "a model passes arguments by name")
+        if p.annotation is inspect.Parameter.empty:
+            raise InvalidInput(f"--tools {tool_name}: parameter {p.name} has no type hint; "
+                               f"add one, e.g. {p.name}: str")
+    pydantic = _pydantic()
+    try:
+        adapter = pydantic.TypeAdapter(fn)
+        schema = adapter.json_schema()
+    except Exception as exc:  # noqa: BLE001 - pydantic's schema errors, told in one line
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InvalidInput(f"--tools {tool_name}: its arguments cannot be described as JSON "
+                           f"Schema ({first[:160]}); use plain types (str, int, float, bool, "
+                           "lists, dicts, pydantic models)") from None
+    description, per_param = _doc_parts(getattr(fn, "__doc__", None) or "")
+    props = schema.get("properties", {})
+    for pname, text in per_param.items():
+        if pname in props and "description" not in props[pname]:
+            props[pname]["description"] = text
+    for prop in props.values():
+        if isinstance(prop, dict):
+            prop.pop("title", None)
+    schema.pop("title", None)
+    schema.setdefault("type", "object")
+    schema.setdefault("properties", {})
+    return Tool(tool_name, description or tool_name.replace("_", " "), schema, fn, adapter)
+
+
+def _short_repr(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - any __repr__ may fail
+        return ""
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+class Toolset:
+    """The tools of one request, by name. Only these can run."""
+
+    def __init__(self, tools: Sequence[Tool]):
+        self.tools = tuple(tools)
+        self.by_name = {t.name: t for t in self.tools}
+
+    @classmethod
+    def of(cls, items: "Toolset | Iterable[Any]") -> "Toolset":
+        """Callables (or :class:`Tool`) described; a duplicate name is refused, naming it."""
+        if isinstance(items, Toolset):
+            return items
+        if callable(items) or isinstance(items, (str, bytes)):
+            items = [items]
+        try:
+            seq = list(items)
+        except TypeError:
+            raise InvalidInput(f"tools must be a list of functions, not {type(items).__name__}") from None
+        if not seq:
+            raise InvalidInput("--tools needs at least one function")
+        tools: list[Tool] = []
+        seen: set[str] = set()
+        for item in seq:
+            tool = item if isinstance(item, Tool) else describe(item)
+            if tool.name in seen:
+                raise InvalidInput(f"--tools: two tools are named {tool.name}; each needs its own name")
+            seen.add(tool.name)
+            tools.append(tool)
+        return cls(tools)
+
+    def __iter__(self) -> Any:
+        return iter(self.tools)
+
+    def __len__(self) -> int:
+        return len(self.tools)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tools]
+
+    def specs(self) -> list[dict[str, Any]]:
+        return [t.spec() for t in self.tools]
+
+    def check(self, call: ToolCall) -> str | None:
+        """Why ``call`` cannot run as written (unknown tool, arguments not valid against its
+        schema), or None."""
+        if call.error:
+            return call.error
+        tool = self.by_name.get(call.name)
+        if tool is None:
+            return f"there is no tool named {call.name!r}; the tools are {', '.join(self.names)}"
+        return schema_error(tool.parameters, call.arguments)
+
+    def run(self, call: ToolCall, limits: Limits = Limits()) -> ToolResult:
+        """Run ``call`` in this thread: checked first (an invalid call is an error result,
+        never run), its return value in prompt form (cut, keys masked), an exception as its
+        type, message and the last frames of its traceback. ``KeyboardInterrupt`` is not
+        caught: Ctrl-C stops at once."""
+        problem = self.check(call)
+        if problem is not None:
+            return ToolResult(call, f"error: invalid call: {problem}", "error", 0.0)
+        tool = self.by_name[call.name]
+        t0 = time.perf_counter()
+        try:
+            value = tool.adapter.validate_python(call.arguments) if tool.adapter is not None \
+                else tool.fn(**call.arguments)
+        except Exception as exc:  # noqa: BLE001 - the tool's failure goes back to the model
+            took = time.perf_counter() - t0
+            return ToolResult(call, redact(error_text(exc, limits.chars)), "error", took)
+        took = time.perf_counter() - t0
+        return ToolResult(call, result_text(call.name, value, limits), "ok", took, value)
+
+
+def schema_error(schema: dict[str, Any], value: Any) -> str | None:
+    """Why ``value`` is not valid against ``schema`` (one line), or None."""
+    from jsonschema.validators import validator_for
+
+    errors = sorted(validator_for(schema)(schema).iter_errors(value), key=lambda e: list(e.path))
+    if not errors:
+        return None
+    e = errors[0]
+    where = "/".join(str(p) for p in e.absolute_path)
+    return f"invalid arguments: {e.message}" + (f" (at {where})" if where else "")
+
+
+def result_text(name: str, value: Any, limits: Limits = Limits()) -> str:
+    """A tool's return value as prompt text: cut and masked like any value; one whose
+    ``str()`` fails is named by its type."""
+    if value is None:
+        return "None"
+    try:
+        text = prompt_text(f"{name}()", value, limits)
+    except InvalidInput:
+        text = f"<a {type(value).__name__} that cannot be written as text>"
+    return redact(text)
+
+
+def error_text(exc: BaseException, chars: int = 4000) -> str:
+    """An exception as its type, message and the last frames of its traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    own = [f for f in frames if "pydantic" not in f.filename and f.filename != __file__]
+    tb = "".join(traceback.format_list(own[-TRACEBACK_FRAMES:]))
+    text = f"error: {type(exc).__name__}: {exc}\n" + (f"Traceback (last frames):\n{tb}" if tb else "")
+    return cut(text.rstrip(), chars, keep="ends")
+
+
+def pseudo_answer_name(names: Iterable[str]) -> str:
+    """The name of the "answer instead of calling" choice in a constrained step: one that
+    no tool has."""
+    taken = set(names)
+    for candidate in ("answer", "final_answer", "answer_user", "reply_to_user"):
+        if candidate not in taken:
+            return candidate
+    n = 2
+    while f"answer_{n}" in taken:
+        n += 1
+    return f"answer_{n}"
+
+
+def step_schema(tools: Sequence[Tool], answer: str) -> dict[str, Any]:
+    """The JSON Schema of one constrained step: a call of one of ``tools`` or
+    ``{"name": answer}`` (answer in text instead)."""
+    options = [t.call_schema() for t in tools]
+    options.append({"type": "object", "properties": {"name": {"const": answer}},
+                    "required": ["name"], "additionalProperties": False})
+    defs: dict[str, Any] = {}
+    for t in tools:
+        defs.update(t.parameters.get("$defs", {}))
+    schema: dict[str, Any] = {"anyOf": options}
+    if defs:
+        schema["$defs"] = defs
+    return schema
