@@ -29,8 +29,11 @@ from .errors import BackendUnavailable, ChatNotFound, InvalidInput, SubchatError
 from .events import Listener, Listeners
 from .secrets import redact, register_secret
 from .settings import getenv, set_secret, where
+from .toolrun import MAX_ROUNDS, ToolRun
+from .tools import Toolset
 from .tree import ROOT, Chat, ChatTree, default_store_path, normalize_path
 from .turn import Fanout, Turn
+from .values import Limits
 
 KEY_BACKENDS = ("groq", "openai", "ollama")  # backends whose key %subchat key can take
 MAX_FANOUT = 64
@@ -44,6 +47,9 @@ class Tree(ChatTree):
         """Start a turn: ``for delta in tree.send("root", "hi"): ...``; then
         ``turn.reply`` is the stored reply. Keyword arguments: ``backend`` and the
         generation options (see :class:`~subchat_magics.turn.Turn`)."""
+        if kwargs.get("tools") is not None:  # answered with tools: the session's loop
+            return Session.on_tree(self).send(chat, text, **kwargs)
+        kwargs.pop("tools", None)
         check_prompt(text)  # before the chat is made
         target = self.ensure(chat) if isinstance(chat, str) else self.get(chat)
         return Turn(self, target, text, **kwargs)
@@ -385,28 +391,51 @@ class Session:
         return self.tree.get(path)
 
     def send(self, path: "str | int | Chat | None", text: str, *, backend: str | None = None,
-             system: str | None = None, **options: Any) -> Turn:
+             system: str | None = None, tools: Any = None, approve: Any = None,
+             max_rounds: int | None = None, limits: Limits | None = None,
+             **options: Any) -> "Turn | ToolRun":
         """Start a turn in ``path`` (created under an existing parent if new) or the
         current chat, which becomes current. Iterate the turn to stream. Everything is
-        checked before the tree is touched; ``system`` sets the chat's system prompt."""
+        checked before the tree is touched; ``system`` sets the chat's system prompt.
+
+        ``tools`` (functions, or a :class:`~subchat_magics.tools.Toolset`): the model may
+        call them; the result is a :class:`~subchat_magics.toolrun.ToolRun` that asks
+        before each call (``approve=True``: run every call; a function of the call:
+        decide) for up to ``max_rounds`` rounds (default 5)."""
         check_prompt(text)
         check_text(system, "the system prompt")
+        toolset = Toolset.of(tools) if tools is not None else None
+        if toolset is None and (approve is not None or max_rounds is not None):
+            raise InvalidInput("--yes and --max-rounds go with --tools f,g")
+        if toolset is not None:
+            options["tools"] = toolset.tools
         opts = self.options(**options)
         check_text(opts.model, "the model name")
         selection = self._choose(backend, opts)
+        if toolset is not None:
+            selection = check_tools(selection, opts)
+            rounds = MAX_ROUNDS if max_rounds is None else max_rounds
+            if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+                raise InvalidInput(f"--max-rounds takes a whole number >= 1, not {rounds!r}")
         if isinstance(path, str):
             normalize_path(path)  # a bad path is refused before anything is made
         chat = self._target(path, create=True, system=system)
         if system is not None and chat.system_prompt != (system or None):
             self.tree.set_system_prompt(chat, system)
         self._set_current(chat, reason="send")
+        if toolset is not None:
+            tree = self.tree
+            return ToolRun(tree, chat, text, toolset,
+                           lambda follow_up: self._turn(chat, text, selection, opts,
+                                                        follow_up=follow_up),
+                           approve=approve, max_rounds=rounds, limits=limits or Limits())
         return self._turn(chat, text, selection, opts)
 
     def _turn(self, chat: Chat, text: str, selection: Selection, opts: GenerationOptions,
-              tree: ChatTree | None = None) -> Turn:
+              tree: ChatTree | None = None, follow_up: bool = False) -> Turn:
         tree = tree or self.tree  # (a batch passes it: its rows need not look it up again)
         turn = Turn(tree, chat, text, backend=selection, options=opts,
-                    default_system=self.defaults.system_prompt)
+                    default_system=self.defaults.system_prompt, follow_up=follow_up)
         system, source = render.system_source(tree, chat, self.defaults.system_prompt)
         if system:  # what was sent, in the reply's provenance
             turn.provenance_extra["system_from"] = source
@@ -861,6 +890,21 @@ def check_constraint(selection: Selection, opts: GenerationOptions) -> Selection
                                f"{longest!r} ({need[longest]} tokens on {first.id}); give at "
                                f"least --max-tokens {need[longest]}")
     return Selection(selection.requested, [first, *rest], selection.passed_over)
+
+
+def check_tools(selection: Selection, opts: GenerationOptions) -> Selection:
+    """Refuse, before anything is sent, tools the chosen backend cannot offer; under
+    ``auto`` the fallbacks that cannot are dropped."""
+    if not opts.tools or not selection.candidates:
+        return selection
+    first, *rest = selection.candidates
+    why = first.cannot_call_tools(opts)
+    if why and selection.explicit:
+        raise InvalidInput(f"{why}; use a backend that can (vllm, ollama, openai, groq, echo)")
+    able = [b for b in selection.candidates if b.cannot_call_tools(opts) is None]
+    if not able:
+        raise InvalidInput(f"{why}; no backend here can call tools")
+    return Selection(selection.requested, able, selection.passed_over)
 
 
 def check_text(text: str | None, what: str) -> None:

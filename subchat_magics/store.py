@@ -578,14 +578,20 @@ class Store:
         sql += "ORDER BY seq"
         return [self._msg(r) for r in self._read(sql, args)]
 
-    def path_messages(self, limits: list[tuple[int, int | None]], full: bool = False) -> list[tuple]:
+    def path_messages(self, limits: list[tuple[int, int | None]], full: bool = False,
+                      tool_meta: bool = False) -> list[tuple]:
         """Messages of a path in one query: ``limits`` is ``[(chat_id, seq_limit), ...]``
         from the root down (``None``: all). Rows are ``(chat_id, seq, role, content,
-        status)`` in path order, or full message rows with ``full=True``."""
+        status)`` in path order, or full message rows with ``full=True``; ``tool_meta``
+        adds a sixth column, the provenance text of tool messages and of assistant
+        messages that call tools (None for the rest: nothing else is parsed)."""
         if not limits:
             return []
         cols = ("m.id, m.chat_id, m.seq, m.role, m.content, m.status, m.provenance, m.created_at"
                 if full else "m.chat_id, m.seq, m.role, m.content, m.status")
+        if tool_meta and not full:
+            cols += (", CASE WHEN m.role = 'tool' OR (m.role = 'assistant' AND "
+                     "instr(m.provenance, '\"tool_calls\"') > 0) THEN m.provenance END")
         out: list[tuple] = []
         for start in range(0, len(limits), 400):
             part = limits[start:start + 400]

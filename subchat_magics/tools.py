@@ -175,8 +175,9 @@ def describe(fn: Any, name: str | None = None, label: str | None = None) -> Tool
     ``*args``/``**kwargs``, a type pydantic cannot put in a schema."""
     label = label or name or getattr(fn, "__name__", None) or type(fn).__name__
     if not callable(fn):
-        raise InvalidInput(f"--tools {label}: not a function but {type(fn).__name__} "
-                           f"{_short_repr(fn)}; name functions defined in the notebook")
+        shown = _short_repr(fn)
+        raise InvalidInput(f"--tools {label}: not a function but {type(fn).__name__}"
+                           f"{' ' + shown if shown else ''}; name functions defined in the notebook")
     tool_name = name or getattr(fn, "__name__", "")
     if not isinstance(tool_name, str) or not _NAME.match(tool_name):
         raise InvalidInput(f"--tools: {label!r} cannot be a tool name (letters, digits, '_' "
@@ -222,10 +223,10 @@ def describe(fn: Any, name: str | None = None, label: str | None = None) -> Tool
 
 
 def _short_repr(value: Any) -> str:
-    try:
-        text = repr(value)
-    except Exception:  # noqa: BLE001 - any __repr__ may fail
+    """A scalar's repr on one line (``3``, ``'text'``); nothing for anything bigger."""
+    if not isinstance(value, (int, float, str, bool, type(None))):
         return ""
+    text = " ".join(repr(value).split())
     return text if len(text) <= 40 else text[:39] + "…"
 
 

@@ -45,15 +45,18 @@ class Turn:
     def __init__(self, tree: "ChatTree", chat: "Chat", text: str, *,
                  backend: "str | Backend | Selection | None" = None,
                  options: GenerationOptions | None = None, default_system: str | None = None,
-                 **overrides: Any):
-        if not isinstance(text, str) or not text.strip():
+                 follow_up: bool = False, **overrides: Any):
+        # follow_up: no new user message; the reply answers what the chat ends with (a
+        # tool loop's next round, after the tool results)
+        if not follow_up and (not isinstance(text, str) or not text.strip()):
             raise InvalidInput("the message is empty; write the prompt in the cell body")
         self.tree = tree
         self.chat = chat
         self.prompt = text
+        self.follow_up = follow_up
         self.options = (options or GenerationOptions()).replace(**overrides)
         self.selection = select(backend)
-        self.messages = tree.context(chat, text)
+        self.messages = tree.context(chat, None if follow_up else text)
         if default_system and self.messages[0]["role"] != "system":
             self.messages.insert(0, {"role": "system", "content": default_system})
         self.parts: list[str] = []
@@ -125,8 +128,12 @@ class Turn:
         raise last_exc or BackendError("no backend is available")
 
     def _begin(self) -> None:
-        self.user_message, self._reply_row = self.tree.begin_turn(
-            self.chat, self.prompt, self.backend.id if self.backend else None)
+        backend_id = self.backend.id if self.backend else None
+        if self.follow_up:
+            self._reply_row = self.tree.begin_reply(self.chat, backend_id)
+        else:
+            self.user_message, self._reply_row = self.tree.begin_turn(
+                self.chat, self.prompt, backend_id)
         self.tree.emit("reply-start", id=self.chat.id, path=self.chat.path, turn=self)
         self._t0 = time.perf_counter()
         self._ttft: float | None = None
@@ -171,7 +178,8 @@ class Turn:
     def _end(self, status: str = "complete", finish_reason: str | None = None) -> None:
         if finish_reason is None:
             finish_reason = (self.finish.reason if self.finish else None) or "stop"
-        if status == "complete" and self.options.constraint is not None and self.reply is None:
+        if (status == "complete" and self.options.constraint is not None and self.reply is None
+                and not (self.finish and self.finish.tool_calls)):  # binds the answer only
             status, finish_reason = self._validate(finish_reason)
         self._store(status, finish_reason, self._ttft, time.perf_counter() - self._t0)
 
@@ -237,6 +245,8 @@ class Turn:
             prov["error"] = redact(str(self.error))[:500]
         if self.notes:
             prov["notes"] = list(self.notes)
+        if f.tool_calls:  # the reply called tools instead of answering
+            prov["tool_calls"] = [c.to_dict() for c in f.tool_calls]
         c = self.options.constraint
         if c is not None:  # what the reply had to be, and whether the backend enforced it
             prov["constraint"] = dict(c.provenance(), enforced=self._enforced())
