@@ -6,10 +6,14 @@ Imports the backend protocol, :mod:`.slot` and :mod:`.requests`; never vLLM itse
 
 from __future__ import annotations
 
+import json
 import queue
-from typing import Iterator, Sequence
+from dataclasses import replace
+from typing import Any, Iterator, Sequence
 
 from ...errors import BackendUnavailable, SubchatError
+from ...structured import json_schema
+from ...tools import ToolCall, pseudo_answer_name, step_schema
 from ..base import Availability, Backend, BatchEvent, Finish, GenerationOptions, Message, Stream
 from . import slot
 from .pool import EnginePool
@@ -33,6 +37,7 @@ class VLLMBackend(Backend):
     extra = "vllm"
     auto_priority = 10
     constraints = ("json", "choice", "regex")  # structured outputs, in the engine
+    supports_tools = True  # the call constrained to the tools' schemas (see _tool_step)
 
     @property
     def engine(self) -> slot.Engine | None:
@@ -74,6 +79,9 @@ class VLLMBackend(Backend):
         return engine
 
     def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[str | Finish]:
+        if options.tools:
+            return Stream(lambda stream: self._tool_step(messages, options, stream))
+
         def run(stream: Stream) -> Iterator[str | Finish]:
             events = self._consume([(messages, options)], stream, single=True)
             try:
@@ -85,6 +93,75 @@ class VLLMBackend(Backend):
                 events.close()
 
         return Stream(run)
+
+    def _tool_step(self, messages: Sequence[Message], options: GenerationOptions,
+                   stream: Stream) -> Iterator[str | Finish]:
+        """Answer or call, decided by the model under a constraint: the chat is rendered
+        with the tools by the model's template, the reply opens the template's
+        ``<tool_call>`` and the JSON that follows is constrained (structured outputs) to
+        ``{"name": TOOL, "arguments": <that tool's schema>}`` for one of the tools, or to
+        ``{"name": "answer"}``. A call ends the reply (``Finish.tool_calls``), valid by
+        construction; "answer" is followed by a second request that streams the answer
+        (with the cell's --json/--choice/--regex, if any). ``extra["tool_constraint"]
+        = False`` leaves the JSON free (to measure what the constraint is worth)."""
+        tools = list(options.tools or ())
+        answer = pseudo_answer_name(t.name for t in tools)
+        constrained = options.extra.get("tool_constraint", True) is not False
+        extra = {**options.extra, "_prefill": "<tool_call>\n"}
+        step = replace(options, extra=extra, constraint=json_schema(step_schema(tools, answer))
+                       if constrained else None,
+                       stop=None if constrained else ["</tool_call>"])
+        parts: list[str] = []
+        finish: Finish | None = None
+        events = self._consume([(messages, step)], stream, single=True)
+        try:
+            for _, item in events:
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, Finish):
+                    finish = item
+                else:
+                    parts.append(item)
+        finally:
+            events.close()
+        stream.cut.clear()
+        text = "".join(parts).strip()
+        finish = finish or Finish(model=self.default_model())
+        try:
+            chosen = json.loads(text)
+        except ValueError as exc:
+            chosen = None
+            why = f"the model's call is not JSON ({exc.msg} at character {exc.pos})"
+        else:
+            why = None if isinstance(chosen, dict) else "the model's call is not a JSON object"
+        if isinstance(chosen, dict) and chosen.get("name") == answer and set(chosen) == {"name"}:
+            # the model answers: stream the answer (the step's tokens are counted with it)
+            def answer_run(inner: Stream) -> Iterator[Any]:
+                return self._consume([(messages, options_without_prefill(options))], inner,
+                                     single=True)
+            inner = Stream(answer_run)
+            try:
+                for _, item in inner:
+                    if isinstance(item, BaseException):
+                        raise item
+                    if isinstance(item, Finish):
+                        item.extra["tool_step_tokens"] = finish.completion_tokens
+                        item.extra["tool_step"] = "answer"
+                    yield item
+            finally:
+                inner.close()
+                if 0 in inner.cut:
+                    stream.cut[0] = inner.cut[0]
+            return
+        if isinstance(chosen, dict):
+            call = ToolCall.parse(str(chosen.get("name", "")), chosen.get("arguments", {}))
+        else:
+            call = ToolCall("", text)
+            call.error = why
+        finish.reason = "tool_calls" if finish.reason == "stop" else finish.reason
+        finish.tool_calls = [call]
+        finish.extra["tool_step"] = "constrained" if constrained else "free"
+        yield finish
 
     def stream_batch(self, requests: Sequence[tuple[Sequence[Message], GenerationOptions]]) -> Iterator[BatchEvent]:
         """All requests are added to the engine in one go, so it batches them; events come
@@ -161,3 +238,9 @@ class VLLMBackend(Backend):
 
     def close(self) -> None:
         """Nothing to release per instance: the engine belongs to the kernel."""
+
+
+def options_without_prefill(options: GenerationOptions) -> GenerationOptions:
+    """``options`` for the answer after a tool step: the tools still rendered by the
+    template, nothing prefilled."""
+    return replace(options, extra={k: v for k, v in options.extra.items() if k != "_prefill"})
