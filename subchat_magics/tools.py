@@ -17,6 +17,8 @@ import json
 import re
 import time
 import traceback
+import types
+import typing
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -201,7 +203,7 @@ def describe(fn: Any, name: str | None = None, label: str | None = None) -> Tool
                                f"add one, e.g. {p.name}: str")
     pydantic = _pydantic()
     try:
-        adapter = pydantic.TypeAdapter(fn)
+        adapter = pydantic.TypeAdapter(_resolved(fn))
         schema = adapter.json_schema()
     except Exception as exc:  # noqa: BLE001 - pydantic's schema errors, told in one line
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -220,6 +222,24 @@ def describe(fn: Any, name: str | None = None, label: str | None = None) -> Tool
     schema.setdefault("type", "object")
     schema.setdefault("properties", {})
     return Tool(tool_name, description or tool_name.replace("_", " "), schema, fn, adapter)
+
+
+def _resolved(fn: Any) -> Any:
+    """``fn``, or where its hints are strings (``from __future__ import annotations``) a
+    copy of it whose hints are resolved in its own module's globals: pydantic would look
+    them up in ``sys.modules[fn.__module__]``, which IPython replaces for ``__main__``."""
+    if not inspect.isfunction(fn) or not any(
+            isinstance(a, str) for a in getattr(fn, "__annotations__", {}).values()):
+        return fn
+    hints = typing.get_type_hints(fn, include_extras=True)
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__annotations__ = hints
+    copy.__doc__ = fn.__doc__
+    copy.__qualname__ = fn.__qualname__
+    copy.__module__ = fn.__module__
+    return copy
 
 
 def _short_repr(value: Any) -> str:
@@ -349,12 +369,13 @@ def pseudo_answer_name(names: Iterable[str]) -> str:
     return f"answer_{n}"
 
 
-def step_schema(tools: Sequence[Tool], answer: str) -> dict[str, Any]:
+def step_schema(tools: Sequence[Tool], answer: str | None) -> dict[str, Any]:
     """The JSON Schema of one constrained step: a call of one of ``tools`` or
-    ``{"name": answer}`` (answer in text instead)."""
+    ``{"name": answer}`` (answer in text instead; None: a call is required)."""
     options = [t.call_schema() for t in tools]
-    options.append({"type": "object", "properties": {"name": {"const": answer}},
-                    "required": ["name"], "additionalProperties": False})
+    if answer is not None:
+        options.append({"type": "object", "properties": {"name": {"const": answer}},
+                        "required": ["name"], "additionalProperties": False})
     defs: dict[str, Any] = {}
     for t in tools:
         defs.update(t.parameters.get("$defs", {}))

@@ -6,6 +6,7 @@ Imports the backend protocol, :mod:`.slot` and :mod:`.requests`; never vLLM itse
 
 from __future__ import annotations
 
+import functools
 import json
 import queue
 from dataclasses import replace
@@ -103,12 +104,15 @@ class VLLMBackend(Backend):
         ``{"name": "answer"}``. A call ends the reply (``Finish.tool_calls``), valid by
         construction; "answer" is followed by a second request that streams the answer
         (with the cell's --json/--choice/--regex, if any). ``extra["tool_constraint"]
-        = False`` leaves the JSON free (to measure what the constraint is worth)."""
+        = False`` leaves the JSON free (to measure what the constraint is worth);
+        ``extra["tool_choice"] = "required"`` leaves out the answer (OpenAI's name)."""
         tools = list(options.tools or ())
         answer = pseudo_answer_name(t.name for t in tools)
         constrained = options.extra.get("tool_constraint", True) is not False
+        required = options.extra.get("tool_choice") == "required"  # a call, never the answer
         extra = {**options.extra, "_prefill": "<tool_call>\n"}
-        step = replace(options, extra=extra, constraint=json_schema(step_schema(tools, answer))
+        schema = step_schema(tools, None if required else answer)
+        step = replace(options, extra=extra, constraint=_step_constraint(json.dumps(schema))
                        if constrained else None,
                        stop=None if constrained else ["</tool_call>"])
         parts: list[str] = []
@@ -244,3 +248,10 @@ def options_without_prefill(options: GenerationOptions) -> GenerationOptions:
     """``options`` for the answer after a tool step: the tools still rendered by the
     template, nothing prefilled."""
     return replace(options, extra={k: v for k, v in options.extra.items() if k != "_prefill"})
+
+
+@functools.lru_cache(maxsize=64)
+def _step_constraint(schema_json: str) -> Any:
+    """The constraint of a tool step, checked once per set of tools (checking a schema
+    against its meta-schema takes milliseconds: not once per round)."""
+    return json_schema(json.loads(schema_json))
