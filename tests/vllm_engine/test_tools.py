@@ -5,8 +5,6 @@ Without the constraint the same model writes mostly invalid ones (both rates pri
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from subchat_magics.session import default_session
