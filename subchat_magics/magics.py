@@ -371,10 +371,9 @@ class SubchatMagics(Magics):
         filled = notebook.context(self.shell).fill(_trim(cell or ""), self.limits)
         text = filled.text
         if fanout:
-            if tools is not None:
-                raise UsageError("%%subchat: --tools does not go with --fanout/--children yet; "
-                                 "send each subchat its own cell")
             self._say_masked(filled)
+            if tools is not None:
+                return self._fanout_tools(args, text, opts, tools)
             return self._fanout(args, text, opts)
         if args.temperatures is not None:
             raise UsageError("%%subchat: --temperatures goes with --fanout N or --children a,b")
@@ -387,6 +386,32 @@ class SubchatMagics(Magics):
         turn = self.session.send(args.path, text, backend=args.backend, system=args.system, **opts)
         self._say_masked(filled)
         self._stream(turn, args.format or self.format, args.var)
+
+    def _fanout_tools(self, args: Any, text: str, opts: dict[str, Any], tools: Any) -> None:
+        """``--fanout``/``--children`` with ``--tools``: each subchat's tool loop in turn,
+        under its path; --var gets the answers in order."""
+        names = args.children.split(",") if args.children is not None else None
+        temps = None
+        if args.temperatures is not None:
+            try:
+                temps = [float(x) for x in args.temperatures.split(",")]
+            except ValueError:
+                raise UsageError("%%subchat: --temperatures takes numbers, one per subchat, "
+                                 f"e.g. 0,0.7,1.0, not {args.temperatures!r}") from None
+        runs = self.session.fanout(args.path, text, n=args.fanout, names=names,
+                                   backend=args.backend, system=args.system, temperatures=temps,
+                                   tools=tools, approve=True if args.yes else None,
+                                   max_rounds=args.max_rounds, limits=self.limits, **opts)
+        values: list[Any] = []
+        try:
+            for run in runs:
+                print(f"── {run.chat.path} ──")
+                box: dict[str, Any] = {}
+                self._stream_tools(run, args.format or self.format, "_", into=box)
+                values.append(box.get("_"))
+        finally:
+            if args.var:
+                self.shell.user_ns[args.var] = values + [None] * (len(runs) - len(values))
 
     def _tools(self, args: Any) -> Any:
         """``--tools f,g`` (or the name of a list of functions) as a Toolset; --yes and
@@ -412,9 +437,12 @@ class SubchatMagics(Magics):
             raise UsageError("%%subchat: --tools needs function names, e.g. --tools lookup,plot")
         return Toolset.of([describe(v, label=label) for label, v in found])
 
-    def _stream_tools(self, run: Any, fmt: str, var: str | None) -> None:
+    def _stream_tools(self, run: Any, fmt: str, var: str | None,
+                      into: dict[str, Any] | None = None) -> None:
         """Stream a tool run: each round's text, each call and result shown collapsed (the
-        call asked about first unless --yes), then the answer as a reply."""
+        call asked about first unless --yes), then the answer as a reply. ``var`` is set
+        in ``into`` (default: the notebook's namespace)."""
+        ns = self.shell.user_ns if into is None else into
         view: ReplyView | None = None
         events = run.events()
         try:
@@ -438,7 +466,7 @@ class SubchatMagics(Magics):
             done = sum(1 for _, r in run.calls if r.status != "interrupted")
             print(f"interrupted: {done} finished tool call(s) kept in {run.chat.path}")
             if var:
-                self.shell.user_ns[var] = run.text
+                ns[var] = run.text
             raise KeyboardInterrupt from None
         except BackendError as exc:
             if view is not None:
@@ -449,7 +477,7 @@ class SubchatMagics(Magics):
         if run.stopped:
             print(f"note: {run.stopped}")
             if var:
-                self.shell.user_ns[var] = None
+                ns[var] = None
             return
         if view is None:
             view = ReplyView(self.shell, "markdown" if fmt == "code" else fmt, self.update_interval)
@@ -464,7 +492,7 @@ class SubchatMagics(Magics):
         for note in run.notes:
             print(f"note: {note}")
         if var:
-            self.shell.user_ns[var] = turn.value if constrained else turn.text
+            ns[var] = turn.value if constrained else turn.text
         if fmt == "code":
             self._next_cell(turn.text)
 

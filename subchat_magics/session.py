@@ -29,7 +29,7 @@ from .errors import BackendUnavailable, ChatNotFound, InvalidInput, SubchatError
 from .events import Listener, Listeners
 from .secrets import redact, register_secret
 from .settings import getenv, set_secret, where
-from .toolrun import MAX_ROUNDS, ToolRun
+from .toolrun import MAX_ROUNDS, Approver, ToolRun
 from .tools import Toolset
 from .tree import ROOT, Chat, ChatTree, default_store_path, normalize_path
 from .turn import Fanout, Turn
@@ -466,12 +466,25 @@ class Session:
     def fanout(self, path: "str | int | Chat | None", text: str, *, n: int | None = None,
                names: list[str] | None = None, backend: str | None = None,
                system: str | None = None, temperatures: list[float] | None = None,
-               **options: Any) -> Fanout:
+               tools: Any = None, approve: Any = None, max_rounds: int | None = None,
+               limits: Limits | None = None, **options: Any) -> "Fanout | list[ToolRun]":
         """Send ``text`` into several new (or named) subchats of ``path`` at once.
         Without names the children are numbered after the existing ones (``1``, ``2``...).
-        Without a temperature they sample at 0.7 with seeds 1..N, so they differ."""
+        Without a temperature they sample at 0.7 with seeds 1..N, so they differ.
+
+        With ``tools`` each subchat gets its own tool loop (a list of
+        :class:`~subchat_magics.toolrun.ToolRun`, run one after the other: a call runs in
+        this thread); approvals are asked once per tool for all of them."""
         check_prompt(text)
         check_text(system, "the system prompt")
+        toolset = Toolset.of(tools) if tools is not None else None
+        if toolset is None and (approve is not None or max_rounds is not None):
+            raise InvalidInput("--yes and --max-rounds go with --tools f,g")
+        if toolset is not None:
+            options["tools"] = toolset.tools
+            rounds = MAX_ROUNDS if max_rounds is None else max_rounds
+            if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+                raise InvalidInput(f"--max-rounds takes a whole number >= 1, not {rounds!r}")
         if names is not None and n is not None:
             raise InvalidInput("--fanout N makes numbered subchats and --children a,b names "
                                "them: give one of the two")
@@ -500,6 +513,8 @@ class Session:
                 opts.seed = i + 1
             per_chat.append(opts.validate())
         selection = self._choose(backend, base)
+        if toolset is not None:
+            selection = check_tools(selection, base)
         parent = self._target(path, create=False)  # must exist: fan-out branches from it
         if names is None:
             names = self.next_child_names(parent, count)
@@ -513,9 +528,18 @@ class Session:
             if system is not None and chat.system_prompt != (system or None):
                 self.tree.set_system_prompt(chat, system)
                 chat = self.tree.get(chat.id)
-            turns.append(self._turn(chat, text, selection, opts))
+            turns.append((chat, opts))
         self._set_current(parent, reason="fanout")
-        return Fanout(turns)
+        if toolset is not None:
+            approver = Approver.of(approve)
+            if not approver.yes:
+                approver.per_tool = True  # one answer per tool for every subchat
+            return [ToolRun(self.tree, chat, text, toolset,
+                            lambda follow_up, chat=chat, opts=opts: self._turn(
+                                chat, text, selection, opts, follow_up=follow_up),
+                            approve=approver, max_rounds=rounds, limits=limits or Limits())
+                    for chat, opts in turns]
+        return Fanout([self._turn(chat, text, selection, opts) for chat, opts in turns])
 
     def batch(self, path: "str | int | Chat | None", items: Any,
               prompt: Callable[[Any, Any], str], *, name: str = "items", fresh: bool = False,

@@ -55,8 +55,10 @@ class Approver:
             return approve
         if approve is True:
             return cls(yes=True)
-        if approve is None or approve is False:
+        if approve is None:
             return cls()
+        if approve is False:  # refuse every call (the model is told each time)
+            return _CallbackApprover(lambda call: False)
         if callable(approve):
             return _CallbackApprover(approve)
         raise InvalidInput("approve must be True, None or a function of the call")
@@ -67,7 +69,7 @@ class Approver:
         if call.name in self.decided:
             return self.decided[call.name]
         ask = self.ask or builtins.input
-        scope = " (for every row)" if self.per_tool else ""
+        scope = " (for all of them)" if self.per_tool else ""  # a fan-out, a batch
         answer = str(ask(f"run {call.signature()}? [y]es / [n]o / [a]lways {call.name}{scope}: "))
         answer = answer.strip().lower()
         allowed = answer in ("y", "yes", "a", "always")

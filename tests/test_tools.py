@@ -307,7 +307,7 @@ def test_a_refused_call_is_sent_back_as_refused():
     ("%%subchat root --backend echo --tools lookup,lookup\nhi", "two tools are named lookup"),
     ("%%subchat root --backend echo --yes\nhi", "--yes and --max-rounds go with --tools"),
     ("%%subchat root --backend echo --tools lookup --max-rounds 0\nhi", "--max-rounds takes"),
-    ("%%subchat root --backend echo --tools lookup --fanout 2\nhi", "does not go with --fanout"),
+    ("%%subchat root --backend echo --tools lookup --fanout 0\nhi", "--fanout takes a number"),
     ("%%subchat root --backend echo --tools lookup --each xs\n{item}", "does not go with --each"),
 ])
 def test_bad_tool_input_is_one_line_and_leaves_the_store_unchanged(shell, workdir, cell, words):
@@ -317,6 +317,39 @@ def test_bad_tool_input_is_one_line_and_leaves_the_store_unchanged(shell, workdi
     msg = shell.fails(cell)
     assert words in msg and msg.startswith("%%subchat") and "\n" not in msg, msg
     assert rows(workdir) == before
+
+
+def test_fanout_with_tools_gives_each_subchat_its_own_loop(shell, workdir):
+    shell.ok(DEFS)
+    out = shell.ok("%%subchat root --backend echo --fanout 2 --tools lookup,top --yes "
+                   "--var answers\nWhich region?")
+    assert "── root/1 ──" in out and "── root/2 ──" in out
+    assert [c[0] for c in shell.ns["calls"]] == ["lookup", "top", "lookup", "top"]
+    assert [a.splitlines()[0] for a in shell.ns["answers"]] == [
+        "echo (5 messages): Which region?"] * 2
+    from subchat_magics.session import default_session
+
+    tree = default_session().tree
+    for path in ("root/1", "root/2"):
+        assert [m.role for m in tree.get(path).messages] == [
+            "user", "assistant", "tool", "assistant", "tool", "assistant"]
+
+
+def test_fanout_approvals_are_asked_once_per_tool_for_every_subchat(shell, workdir):
+    from subchat_magics.session import default_session
+    from subchat_magics.toolrun import Approver
+
+    shell.ok(DEFS)
+    asked: list[str] = []
+    answers = {"lookup": "y", "top": "n"}
+    approver = Approver(ask=lambda prompt: asked.append(prompt) or answers[prompt[4:].split("(")[0]])
+    runs = default_session().fanout("root", "Which?", n=3, backend="echo",
+                                    tools=[shell.ns["lookup"], shell.ns["top"]], approve=approver)
+    for run in runs:
+        run.run()
+    assert len(asked) == 2 and asked[0].endswith("(for all of them): ")
+    assert [c[0] for c in shell.ns["calls"]] == ["lookup"] * 3  # top refused for all three
+    assert all("top → refused" in run.text for run in runs)
 
 
 def test_a_tool_interrupted_by_ctrl_c_keeps_every_finished_step(shell, workdir):
