@@ -66,6 +66,24 @@ class VLLMBackend(Backend):
                     "so it does not go with thinking; add --no-think")
         return super().cannot_enforce(options)
 
+    def cannot_call_tools(self, options: GenerationOptions) -> str | None:
+        """The model's chat template must write the tools into the prompt (a template
+        without tool support would leave the model blind to them)."""
+        engine = slot.active_engine()
+        if not options.tools or engine is None:
+            return super().cannot_call_tools(options)
+        probe = [{"role": "user", "content": "Hi"}]
+        specs = [t.spec() for t in options.tools]
+        try:
+            with_tools = engine.builder.render_text(probe, tools=specs)
+        except SubchatError:
+            with_tools = None
+        if with_tools is None or with_tools == engine.builder.render_text(probe):
+            return (f"the chat template of {engine.label} does not write tools into the "
+                    "prompt, so the model cannot call them; load a model whose template "
+                    "supports tools (Qwen3, Llama 3.1+, Mistral…)")
+        return None
+
     def count_tokens(self, text: str, options: GenerationOptions) -> int | None:
         engine = slot.active_engine()
         return engine.count_tokens(text) if engine is not None else None
