@@ -184,6 +184,9 @@ def describe(fn: Any, name: str | None = None, label: str | None = None) -> Tool
     if not isinstance(tool_name, str) or not _NAME.match(tool_name):
         raise InvalidInput(f"--tools: {label!r} cannot be a tool name (letters, digits, '_' "
                            "and '-', at most 64); define it with def NAME(...)")
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        raise InvalidInput(f"--tools {tool_name}: an async function; tools run in the "
+                           f"kernel's thread: define a plain def {tool_name}(...)")
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):

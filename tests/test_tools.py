@@ -91,6 +91,10 @@ class _Opaque:
     pass
 
 
+async def _async(x: int) -> int:
+    return x
+
+
 def _opaque(x: _Opaque) -> int:
     return 0
 
@@ -103,6 +107,7 @@ def _opaque(x: _Opaque) -> int:
     (_kw, "**values cannot be described"),
     (len, "positional-only"),
     (_opaque, "cannot be described as JSON Schema"),
+    (_async, "an async function"),
 ])
 def test_a_callable_that_cannot_be_described_is_refused_in_one_line(fn, words):
     with pytest.raises(InvalidInput) as err:
