@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from subchat_magics.session import default_session
-from subchat_magics.tools import Toolset, step_schema
+from subchat_magics.tools import Toolset
 
 pytestmark = pytest.mark.vllm
 
@@ -30,58 +30,42 @@ def flag(on: bool) -> str:
 N = 50
 
 
-def _steps(sh, constrained: bool) -> tuple[int, int, list[str]]:
-    """N sampled steps at temperature 1.0 (one round each): how many were valid against
-    the step schema (a call of a tool with valid arguments, or the answer)."""
-    from jsonschema import Draft202012Validator
-
-    from subchat_magics.backends.base import GenerationOptions
-    from subchat_magics.backends.registry import registry
-
-    ts = Toolset.of([sh.ns["units"], sh.ns["flag"]])
-    validator = Draft202012Validator(step_schema(ts.tools, "answer"))
-    backend = registry().get("vllm")
-    opts = GenerationOptions(max_tokens=96, temperature=1.0, tools=ts.tools,
-                             extra={"tool_constraint": constrained})
-    msgs = [{"role": "user", "content": "How many units did the north sell in 2024?"}]
-    valid, answered, bad = 0, 0, []
-    requests = [(msgs, opts.replace(seed=i)) for i in range(N)]
-    finishes = {}
-    for index, item in _batch(backend, requests):
-        if hasattr(item, "tool_calls"):
-            finishes[index] = item
+def _rates(tree, prefix: str) -> tuple[int, int, list[str]]:
+    """Over the chats ``prefix0..prefix49``: (replies whose every call was valid, calls
+    made, why the invalid ones were refused)."""
+    valid, made, bad = 0, 0, []
     for i in range(N):
-        f = finishes[i]
-        if not f.tool_calls:  # the model chose to answer
-            answered += 1
-            valid += 1
-            continue
-        call = f.tool_calls[0]
-        doc = {"name": call.name, "arguments": call.arguments}
-        if call.error is None and validator.is_valid(doc) and ts.check(call) is None:
-            valid += 1
-        else:
-            bad.append(call.error or ts.check(call) or "schema")
-    return valid, answered, bad
+        results = [m for m in tree.get(f"{prefix}{i}").messages if m.role == "tool"]
+        made += len(results)
+        wrong = [m.content for m in results if m.provenance["tool_status"] != "ok"]
+        bad += wrong
+        valid += not wrong
+    return valid, made, bad
 
 
-def _batch(backend, requests):
-    # one stream per request (a tool step is two requests at most), each to its end
-    for index, (msgs, opts) in enumerate(requests):
-        for item in backend.stream(msgs, opts):
-            yield index, item
-
-
-def test_fifty_constrained_steps_are_all_valid_and_unconstrained_ones_mostly_not(vshell, capsys):
+def test_fifty_replies_with_tools_make_only_valid_calls_and_without_the_constraint_do_not(
+        vshell, capsys):
     vshell.ok(DEFS)
-    valid, answered, bad = _steps(vshell, constrained=True)
-    free_valid, free_answered, free_bad = _steps(vshell, constrained=False)
+    for i in range(N):  # through the shell, as a notebook runs them
+        vshell.ok(f"%%subchat root/c{i} --backend vllm --tools units,flag --yes -t 1.0 "
+                  f"--seed {i} --max-rounds 1 -n 48\nHow many units did the north sell in 2024?")
+    session = default_session()
+    for i in range(N):  # the same 50 with the constraint dropped (the core's switch)
+        session.send(f"root/f{i}", "How many units did the north sell in 2024?",
+                     backend="vllm", tools=[vshell.ns["units"], vshell.ns["flag"]], approve=True,
+                     max_rounds=1, temperature=1.0, seed=i, max_tokens=48,
+                     extra={"tool_constraint": False}).run()
+    tree = session.tree
+    valid, made, bad = _rates(tree, "root/c")
+    free_valid, free_made, free_bad = _rates(tree, "root/f")
     with capsys.disabled():
-        print(f"\n[tools] constrained: {valid}/{N} valid ({answered} chose to answer); "
-              f"unconstrained: {free_valid}/{N} valid; e.g. {free_bad[:2]}")
-    assert valid == N, bad
-    assert answered < N  # the model really calls tools under the constraint
-    assert free_valid < N  # without it the same model writes invalid calls
+        print(f"\n[tools] constrained: {valid}/{N} replies with only valid calls ({made} calls, "
+              f"{len(bad)} invalid); unconstrained: {free_made - len(free_bad)}/{free_made} calls "
+              f"valid; e.g. {free_bad[:1]}")
+    assert valid == N and not bad, bad
+    assert made > 0  # the model really calls tools under the constraint
+    assert len(vshell.ns["calls"]) == made  # every call it made ran
+    assert free_bad and len(free_bad) > free_made // 2  # without it, mostly invalid
 
 
 def test_cells_with_tools_run_every_call_asked_for_and_the_choice_binds_the_answer(vshell):
