@@ -14,12 +14,13 @@ down for demos."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Iterator, Sequence
 
 from ..settings import getenv
-from ..structured import minimal_instance
+from ..structured import Constraint
 from ..tools import ToolCall
 from .base import Backend, Finish, GenerationOptions, Message
 
@@ -62,7 +63,8 @@ class EchoBackend(Backend):
             todo = [t for t in options.tools if t.name not in called]
             if todo:
                 tool = todo[0]
-                args = minimal_instance(tool.parameters, tool.parameters)
+                # the same small valid instance the echo answers for --json with this schema
+                args = json.loads(Constraint("json", schema=tool.parameters).example())
                 yield Finish(reason="tool_calls", model="echo", prompt_tokens=prompt_tokens,
                              completion_tokens=0, tool_calls=[
                                  ToolCall(tool.name, args, f"echo_{len(messages)}_{tool.name}")])
