@@ -386,3 +386,56 @@ def step_schema(tools: Sequence[Tool], answer: str | None) -> dict[str, Any]:
     if defs:
         schema["$defs"] = defs
     return schema
+
+
+def example_arguments(schema: dict[str, Any]) -> dict[str, Any]:
+    """Small, valid arguments for a tool's schema (what the offline echo backend calls it
+    with): the required properties only, each its smallest value (the first of an enum,
+    0, "", False, the lower bound); where that is not valid against the schema, the
+    example echo answers for ``--json`` with it."""
+    value = _smallest(schema, schema, 0)
+    if isinstance(value, dict) and schema_error(schema, value) is None:
+        return value
+    from .structured import Constraint
+
+    return json.loads(Constraint("json", schema=schema).example())
+
+
+def _smallest(schema: Any, root: dict[str, Any], depth: int) -> Any:
+    if depth > 20 or not isinstance(schema, dict):
+        return None
+    if "$ref" in schema:
+        node: Any = root
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        return _smallest(node, root, depth + 1)
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf"):
+        if schema.get(key):
+            return _smallest(schema[key][0], root, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), None)
+    if kind == "object" or (kind is None and "properties" in schema):
+        props = schema.get("properties", {})
+        return {k: _smallest(props.get(k, {}), root, depth + 1) for k in schema.get("required", [])}
+    if kind == "array":
+        return [_smallest(schema.get("items", {}), root, depth + 1)
+                for _ in range(schema.get("minItems", 0))]
+    if kind == "string":
+        n = int(schema.get("minLength", 0))
+        pattern = schema.get("pattern")
+        for text in ("a" * n, "0" * n, "A" * n, "a" * max(n, 1), "0" * max(n, 1)):
+            if pattern is None or re.search(pattern, text):
+                return text
+        return "a" * n
+    if kind in ("integer", "number"):
+        low = schema.get("minimum", schema.get("exclusiveMinimum", 0))
+        value = low + 1 if "exclusiveMinimum" in schema and "minimum" not in schema else low
+        return int(value) if kind == "integer" else value
+    if kind == "boolean":
+        return False
+    return None

@@ -6,8 +6,10 @@ back; bad input refused before the tree is touched."""
 from __future__ import annotations
 
 import json
+from typing import Annotated, Literal
 
 import pytest
+from pydantic import BaseModel, Field
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -413,3 +415,28 @@ def test_every_call_in_a_context_is_answered_before_the_next_turn(tmp_path_facto
             open_ids = [c["id"] for c in m.get("tool_calls", [])]
         assert open_ids == []
     tree.close()
+
+
+class _Point(BaseModel):
+    x: int
+    y: Annotated[float, Field(gt=0.5)]
+
+
+def _a(kind: Literal["x", "y"], n: Annotated[int, Field(ge=5)], tags: list[str]) -> int:
+    """A."""
+    return 0
+
+
+def _b(name: Annotated[str, Field(min_length=3, pattern="^[a-z]+$")], p: _Point,
+       maybe: int | None = None) -> int:
+    """B."""
+    return 0
+
+
+def test_echo_calls_each_tool_with_arguments_valid_against_its_schema():
+    from subchat_magics.tools import example_arguments, schema_error
+
+    for fn in (_a, _b):
+        params = describe(fn, name=fn.__name__.strip("_")).parameters
+        args = example_arguments(params)
+        assert schema_error(params, args) is None, (fn.__name__, args)

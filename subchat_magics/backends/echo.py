@@ -14,14 +14,12 @@ down for demos."""
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from typing import Iterator, Sequence
 
 from ..settings import getenv
-from ..structured import Constraint
-from ..tools import ToolCall
+from ..tools import ToolCall, example_arguments
 from .base import Backend, Finish, GenerationOptions, Message
 
 _WORDS = re.compile(r"\S+\s*|\s+")
@@ -63,8 +61,7 @@ class EchoBackend(Backend):
             todo = [t for t in options.tools if t.name not in called]
             if todo:
                 tool = todo[0]
-                # the same small valid instance the echo answers for --json with this schema
-                args = json.loads(Constraint("json", schema=tool.parameters).example())
+                args = example_arguments(tool.parameters)
                 yield Finish(reason="tool_calls", model="echo", prompt_tokens=prompt_tokens,
                              completion_tokens=0, tool_calls=[
                                  ToolCall(tool.name, args, f"echo_{len(messages)}_{tool.name}")])
