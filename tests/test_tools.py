@@ -9,9 +9,9 @@ import json
 from typing import Annotated, Literal
 
 import pytest
-from pydantic import BaseModel, Field
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel, Field
 
 from subchat_magics.errors import InvalidInput
 from subchat_magics.session import open_tree
