@@ -55,6 +55,7 @@ class Script:
     #: own wire form: OpenAI's deltas (the name, then the arguments in fragments), Groq's
     #: (one delta a call), Ollama's (one message with every call, arguments as objects)
     tool_calls: list[dict[str, Any]] | None = None
+    tool_calls_times: int | None = None  # ...in the first N chat requests only (None: all)
 
     def deltas(self) -> list[str]:
         if self.chunks is not None:
@@ -67,13 +68,17 @@ class Script:
         return [("reasoning", r) for r in self.reasoning or ()] + \
             [("content", d) for d in self.deltas()]
 
-    def calls(self) -> list[dict[str, Any]]:
-        """The tool calls with an id each and their arguments as JSON text too."""
+    def calls(self, request_number: int = 1) -> list[dict[str, Any]]:
+        """The tool calls with an id each and their arguments as JSON text too, for the
+        ``request_number``-th chat request (none after ``tool_calls_times``)."""
+        if self.tool_calls_times is not None and request_number > self.tool_calls_times:
+            return []
         out = []
         for i, c in enumerate(self.tool_calls or ()):
             args = c.get("arguments", {})
             text = args if isinstance(args, str) else json.dumps(args)
-            out.append({"index": i, "id": c.get("id") or f"call_fake{i:04d}",
+            out.append({"index": i, "id": c.get("id") or f"call_fake{request_number - 1}{i:03d}"
+                        if request_number > 1 else c.get("id") or f"call_fake{i:04d}",
                         "name": c["name"], "arguments": args, "text": text})
         return out
 
@@ -361,7 +366,7 @@ class FakeServer:
     def _items(self) -> list[tuple[str, str]]:
         """What a stream sends, in order: the script's text, then its tool calls as this
         server sends them (``("tool", json)`` items; each server encodes its own)."""
-        return self.script.items() + [("tool", json.dumps(c)) for c in self.script.calls()]
+        return self.script.items() + [("tool", json.dumps(c)) for c in self.script.calls(self._chat_count)]
 
     def _usage(self, req: Request, deltas: list[str]) -> tuple[int, int]:
         if self.script.usage is not None:
@@ -391,7 +396,7 @@ class FakeOllama(FakeServer):
         return bool(model) and (model in self.models or f"{model}:latest" in self.models)
 
     def _items(self) -> list[tuple[str, str]]:
-        calls = self.script.calls()  # Ollama sends every call in one message
+        calls = self.script.calls(self._chat_count)  # Ollama sends every call in one message
         return self.script.items() + ([("tool", json.dumps(calls))] if calls else [])
 
     def handle(self, h: _Handler, req: Request) -> None:
@@ -453,7 +458,7 @@ class FakeOllama(FakeServer):
             if s.tool_calls:
                 final["message"]["tool_calls"] = [{"id": c["id"], "function": {
                     "index": c["index"], "name": c["name"], "arguments": c["arguments"]}}
-                    for c in s.calls()]
+                    for c in s.calls(self._chat_count)]
             h.send_json(200, final)
             return
 
@@ -578,7 +583,7 @@ class _FakeChatCompletions(FakeServer):
         """OpenAI's form: a call's first delta has its index, id, type and name with empty
         arguments; the arguments follow in fragments."""
         out = self.script.items()
-        for c in self.script.calls():
+        for c in self.script.calls(self._chat_count):
             out.append(("tool", json.dumps({"index": c["index"], "id": c["id"], "type": "function",
                                             "function": {"name": c["name"], "arguments": ""}})))
             text = c["text"]
@@ -592,7 +597,8 @@ class _FakeChatCompletions(FakeServer):
 
     def _finish_reason(self) -> str:
         s = self.script
-        return "tool_calls" if s.tool_calls and s.finish_reason == "stop" else s.finish_reason
+        calls = s.calls(self._chat_count)
+        return "tool_calls" if calls and s.finish_reason == "stop" else s.finish_reason
 
 
 class FakeGroq(_FakeChatCompletions):
@@ -619,7 +625,7 @@ class FakeGroq(_FakeChatCompletions):
         return self.script.items() + [
             ("tool", json.dumps({"index": c["index"], "id": c["id"], "type": "function",
                                  "function": {"name": c["name"], "arguments": c["text"]}}))
-            for c in self.script.calls()]
+            for c in self.script.calls(self._chat_count)]
 
 
 class FakeOpenAI(_FakeChatCompletions):
