@@ -47,9 +47,18 @@ def load_ipython_extension(ipython: Any) -> None:
     from .notebook import attach
     from .vllm_magics import VLLMMagics
 
-    ipython.register_magics(SubchatMagics(ipython))
+    ipython.register_magics(SubchatMagics(ipython, open_view=_open_view))
     ipython.register_magics(VLLMMagics)
     attach(ipython)  # records each cell's error for {Err[n]} and %subchat explain
+
+
+def _open_view(session: Any) -> Any:
+    """The live tree view of ``session`` for ``%subchat tree`` (None without ipywidgets)."""
+    try:
+        from .widget import TreeView
+    except ImportError:
+        return None
+    return TreeView(session.tree, session=session)
 
 
 def unload_ipython_extension(ipython: Any) -> None:

@@ -11,7 +11,7 @@ A row's reply records ``batch: {"of": N, "item": NAME}`` in its provenance; that
 how the text tree and the tree view recognise a batch and fold it into one line
 (:func:`summaries`).
 
-Core: imports the tree, the turn and the backends; never IPython, never pandas (a value
+Core: imports the exchange, the tree and the backends; never IPython, never pandas (a value
 is a pandas one only if pandas is already imported).
 """
 
@@ -26,12 +26,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from .backends.base import Backend, Finish
-from .backends.pool import END, open_pool
-from .errors import InvalidInput
-from .tree import Chat, ChatTree
-
-Turn = Any  # a subchat_magics.turn.Turn (the layer above: made by the session's make_turn)
+from .backends.base import Backend, GenerationOptions
+from .backends.registry import Selection
+from .errors import InvalidInput, SubchatError
+from .exchange import Exchange, Runner
+from .tree import Chat, ChatTree, normalize_path
 
 DEFAULT_CONCURRENCY = 4  # remote backends: requests in flight
 ENGINE_IN_FLIGHT = 1024  # vLLM: requests in the engine at once (its scheduler takes what fits)
@@ -257,19 +256,20 @@ class Batch:
     """A planned batch: the rows to send and the rows reused. :meth:`run` sends them.
 
     Made by :meth:`subchat_magics.session.Session.batch`, which checks everything first;
-    ``make_turn(chat, text)`` makes the turn of one row (the session's options, backend
-    and system prompt)."""
+    ``make_exchange(chat, text)`` makes the exchange of one row (the session's options and
+    system prompt); the rows run through one :class:`~subchat_magics.exchange.Runner` on
+    the planned ``selection``."""
 
-    def __init__(self, tree: ChatTree, chat: Chat, rows: list[Row], *, backend: Backend,
-                 make_turn: Callable[[Chat, str], "Turn"], in_flight: int,
+    def __init__(self, tree: ChatTree, chat: Chat, rows: list[Row], *, selection: Selection,
+                 make_exchange: Callable[[Chat, str], Exchange], in_flight: int,
                  stale: list[int] | None = None, notes: list[str] | None = None,
                  index: Any = None):
         self.tree = tree
         self.index = index
         self.chat = chat
         self.rows = rows
-        self.backend = backend
-        self.make_turn = make_turn
+        self.selection = selection
+        self.make_exchange = make_exchange
         self.in_flight = max(1, int(in_flight))
         self.stale = stale or []  # row chats holding a cut reply: made again before sending
         self.notes = notes or []
@@ -283,8 +283,13 @@ class Batch:
                     self.progress.failed += 1
         self._started = False
         self._ready: deque = deque()  # (row, chat) made ahead of sending
-        self._group: list[Any] | None = None  # the turns stored in the open _writes block
+        self._group: list[Exchange] | None = None  # the rows stored in the open _writes block
         self._kids: dict[str, Chat] | None = None
+        self._rows: dict[int, Row] = {}  # id(exchange) -> its row
+
+    @property
+    def backend(self) -> Backend:
+        return self.selection.candidates[0]
 
     @property
     def path(self) -> str:
@@ -323,37 +328,28 @@ class Batch:
             p.finished = True
             tick(force=True)
             return self.result()
-        pool = open_pool(self.backend, self.in_flight)
-        flying: dict[int, tuple[Row, "Turn"]] = {}
+        runner = Runner(self.selection, size=self.in_flight, stream_deltas=False,
+                        on_end=self._record)
         try:
-            while pending or flying:
-                if pending and len(flying) < self.in_flight:
-                    self._start(pending, flying, pool)
-                    p.in_flight = len(flying)
-                ev = pool.next_event(0.05)
-                if ev is not None:
-                    with self._writes(flying):  # the rows that ended together: one commit
-                        while ev is not None:
-                            self._handle(ev, flying, pool)
-                            if pending and len(flying) < self.in_flight // 2 + 1:
-                                break  # top up the engine before handling the rest
-                            ev = pool.next_event(0) if flying else None
-                p.in_flight = len(flying)
+            while pending or runner.flying:
+                if pending and runner.in_flight < self.in_flight:
+                    self._start(pending, runner)
+                    p.in_flight = runner.in_flight
+                with self._writes(runner):  # the rows that ended together: one commit
+                    runner.step(0.05)
+                    while (runner.handled and runner.flying
+                           and not (pending and runner.in_flight < self.in_flight // 2 + 1)):
+                        runner.step(0)  # (top up the engine before handling the rest)
+                p.in_flight = runner.in_flight
                 tick()
         except BaseException as exc:
-            pool.close()
-            for row, turn in list(flying.values()):
-                turn.finish = turn.finish or pool.cut_finish(row.pos)
-                status, reason, _ = turn._fail(exc)
-                turn._end(status, reason)
-                self._record(row, turn)
-            flying.clear()
+            runner.close(exc)
             p.in_flight = 0
             p.finished = True
             tick(force=True)
             raise
         finally:
-            pool.close()
+            runner.close()
         p.in_flight = 0
         p.finished = True
         tick(force=True)
@@ -367,7 +363,7 @@ class Batch:
 
     # -- inside the run ----------------------------------------------------------------------------
     @contextmanager
-    def _writes(self, flying: dict) -> Iterator[None]:
+    def _writes(self, runner: Runner) -> Iterator[None]:
         """One transaction for the rows stored in the block (a commit a row costs more than
         the engine's step on a small model). If it is cut (Ctrl-C lands inside), the
         replies it held are written again one by one, so the store says what the rows say."""
@@ -376,9 +372,9 @@ class Batch:
             with self.tree.store.transaction():
                 yield
         except BaseException:
-            ended = [t for _, t in flying.values() if t.reply is not None]  # (cut mid-store)
-            for turn in self._group + ended:
-                r = turn.reply
+            ended = [ex for ex in runner.flying.values() if ex.reply is not None]  # (cut mid-store)
+            for ex in self._group + ended:
+                r = ex.reply
                 if r is not None:
                     self.tree.store.update_reply(r.id, r.content, r.status, r.provenance)
             raise
@@ -392,29 +388,26 @@ class Batch:
                 self.tree.delete(chat, force=True)
         self.stale = []
 
-    def _start(self, pending: deque, flying: dict, pool: Any) -> None:
+    def _start(self, pending: deque, runner: Runner) -> None:
         """Submit rows until ``in_flight`` are in flight, together; their chats are made
         ahead, ``CREATE_CHUNK`` at a time and more (one store round and index reload each)."""
-        while pending and len(flying) < self.in_flight:
+        while pending and runner.in_flight < self.in_flight:
             if not self._ready:  # chunks grow with the rows made: few index reloads
                 size = max(CREATE_CHUNK, len(self._kids or ()))
                 chunk = [pending[i] for i in range(min(size, len(pending)))]
                 self._ready.extend(zip(chunk, self._row_chats(chunk)))
-            batch = []
-            with self.tree.store.transaction():  # a group's messages: one commit
-                while (pending and self._ready and len(flying) < self.in_flight
-                       and len(batch) < SUBMIT_EVERY):
-                    row, chat = self._ready.popleft()
-                    pending.popleft()
-                    turn = self.make_turn(chat, row.text)
-                    turn.provenance_extra[MARK] = {"of": len(self.rows), "item": row.name}
-                    turn.backend = self.backend
-                    turn._started = True
-                    turn._begin()
-                    row.status, row.chat_id = "pending", chat.id
-                    flying[row.pos] = (row, turn)
-                    batch.append((row.pos, turn.messages, turn.options))
-            pool.submit_many(batch)  # the engine starts on these while we make the next
+            group = []
+            while (pending and self._ready and runner.in_flight + len(group) < self.in_flight
+                   and len(group) < SUBMIT_EVERY):
+                row, chat = self._ready.popleft()
+                pending.popleft()
+                ex = self.make_exchange(chat, row.text)
+                ex.provenance[MARK] = {"of": len(self.rows), "item": row.name}
+                row.status, row.chat_id = "pending", chat.id
+                self._rows[id(ex)] = row
+                group.append(ex)
+            runner.begin(group)  # a group's messages: one commit
+            runner.submit(group)  # the engine starts on these while we make the next
 
     def _row_chats(self, rows: list[Row]) -> list[Chat]:
         tree = self.tree
@@ -433,38 +426,15 @@ class Batch:
                     tree.emit("chat-created", id=chat.id, path=chat.path)
         return [kids[r.name] for r in rows]
 
-    def _handle(self, ev: tuple, flying: dict, pool: Any) -> None:
-        pos, item = ev
-        entry = flying.get(pos)
-        if entry is None:
+    def _record(self, ex: Exchange) -> None:
+        row = self._rows.pop(id(ex), None)
+        if row is None:
             return
-        row, turn = entry
-        if item is END:
-            if turn.reply is None:  # a stream that ended without its Finish
-                turn.finish = turn.finish or pool.cut_finish(pos)
-                turn._end()
-                self._record(row, turn)
-            del flying[pos]
-            return
-        if turn.reply is not None:
-            return
-        if isinstance(item, BaseException):
-            turn.finish = turn.finish or pool.cut_finish(pos)
-            status, reason, _ = turn._fail(item)
-            turn._end(status, reason)
-            self._record(row, turn)
-            return
-        turn._feed(item)
-        if isinstance(item, Finish):
-            turn._end()
-            self._record(row, turn)
-
-    def _record(self, row: Row, turn: "Turn") -> None:
         if self._group is not None:
-            self._group.append(turn)
-        reply = turn.reply
+            self._group.append(ex)
+        reply = ex.reply
         p = self.progress
-        f = turn.finish
+        f = ex.finish
         if f is not None:
             row.prompt_tokens = f.prompt_tokens or 0
             row.completion_tokens = f.completion_tokens or 0
@@ -473,7 +443,7 @@ class Batch:
         status = reply.status if reply is not None else "interrupted"
         if status == "complete":
             row.status, row.reason = "done", None
-            row.result = turn.value if turn.options.constraint is not None else turn.text
+            row.result = ex.value if ex.options.constraint is not None else ex.text
             p.done += 1
         elif status == "interrupted":
             row.status, row.reason = "interrupted", "interrupted"
@@ -483,6 +453,68 @@ class Batch:
             row.reason = (reply.provenance.get("error") or reply.provenance.get("finish_reason")
                           if reply is not None else "error")
             p.failed += 1
+
+
+# -- resuming ---------------------------------------------------------------------------------------
+def chat_path(tree: ChatTree, parent: Chat, name: str, fresh: bool) -> str:
+    """``PARENT/NAME``; with ``fresh`` the first of ``NAME``, ``NAME-2``… that is free."""
+    path = normalize_path(f"{parent.path}/{name}")
+    if not fresh:
+        chat = tree.get(path) if path in tree else None
+        if chat is not None and tree.store.message_count(chat.id):
+            raise InvalidInput(f"{path} holds messages, so it is not a batch chat; name the "
+                               "batch otherwise (--each of another variable) or use --fresh")
+        return path
+    k, candidate = 1, path
+    while candidate in tree:
+        k += 1
+        candidate = f"{path}-{k}"
+    return candidate
+
+
+def match_rows(tree: ChatTree, chat: Chat, rows: list[Row],
+               opts: GenerationOptions) -> tuple[list[int], list[str]]:
+    """Mark the rows an earlier run completed with the same message as reused; return
+    the row chats holding only a cut or failed reply (made again before sending) and
+    notes. A row chat holding another message is refused: the data or the template
+    changed since, and mixing two runs in one batch would lie."""
+    kids = {c.name: c for c in tree.children(chat)}
+    firsts = first_exchanges(tree, chat)
+    stale: list[int] = []
+    notes: list[str] = []
+    kept = 0
+    for r in rows:
+        c = kids.get(r.name)
+        if c is None:
+            continue
+        ex = firsts.get(c.id) or []
+        if not ex:
+            continue  # made, never sent
+        if ex[0][0] != "user" or ex[0][1] != r.text:
+            raise InvalidInput(
+                f"{c.path} holds another message than item {r.label!r} gives now (the data "
+                f"or the template changed since that batch ran); --fresh starts a new batch "
+                f"chat, or %subchat delete {chat.path} --force removes the old one")
+        if len(ex) > 1 and ex[1][2] == "complete":
+            r.reused, r.status, r.chat_id = True, "done", c.id
+            r.result = ex[1][1]
+            if opts.constraint is not None:
+                try:
+                    r.result = opts.constraint.parse(ex[1][1])
+                except SubchatError:
+                    r.reused, r.status, r.result = False, "pending", None
+                    stale.append(c.id)
+            continue
+        if tree.store.message_count(c.id) <= 2 and not c.children:
+            stale.append(c.id)
+        else:  # a cut row that was continued by hand: kept as it is, not sent again
+            r.reused, r.status, r.chat_id = True, "failed", c.id
+            r.reason = ex[1][2] if len(ex) > 1 else "no reply"
+            kept += 1
+    if kept:
+        notes.append(f"{kept} row(s) without a complete first reply were continued by hand; "
+                     "they are kept as they are (not sent again)")
+    return stale, notes
 
 
 # -- what the tree holds -----------------------------------------------------------------------------

@@ -3,13 +3,12 @@ display. Every :class:`SubchatError` becomes a one-line ``UsageError``."""
 
 from __future__ import annotations
 
-import keyword
 import re
 import shlex
 import sys
 from collections import ChainMap
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
@@ -20,7 +19,7 @@ from IPython.core.magic_arguments import (
 )
 from traitlets import Bool, Enum, Float, Int, TraitError, Unicode, observe, validate
 
-from . import notebook, render, structured
+from . import keys, notebook, render, structured, transfer
 from .backends.base import GenerationOptions, check_option
 from .batch import check_var, fields_of
 from .batch_view import BatchProgress
@@ -188,9 +187,12 @@ class SubchatMagics(Magics):
     max_value_columns = Int(20, help="Most columns of a DataFrame or array filled into a "
                             "message.").tag(config=True)
 
-    def __init__(self, shell: Any = None, session: Session | None = None, **kwargs: Any):
+    def __init__(self, shell: Any = None, session: Session | None = None,
+                 open_view: Callable[[Session], Any] | None = None, **kwargs: Any):
         # set before the traits load the shell's config (their observers use it)
         self.session = session or default_session()
+        #: makes the live tree view of a session (``%subchat tree``), or None: text only
+        self.open_view = open_view
         super().__init__(shell=shell, **kwargs)
         self._sync_defaults()
 
@@ -348,9 +350,7 @@ class SubchatMagics(Magics):
             Fix this cell: {In[-1]} It raised: {Err[-1]}
         """
         args = parse_line(self.subchat, self._line(line))
-        if args.var is not None and (not args.var.isidentifier() or keyword.iskeyword(args.var)):
-            raise UsageError(f"%%subchat: --var needs a Python name that is not a keyword, "
-                             f"not {args.var!r}")
+        check_var(args.var, "--var")
         fanout = args.fanout is not None or args.children is not None
         if args.format == "code" and fanout:
             raise UsageError("%%subchat: --format code takes the code of one reply; it does "
@@ -576,10 +576,7 @@ class SubchatMagics(Magics):
         if clash:
             raise UsageError(f"%%subchat: --each does not go with {', '.join(clash)} "
                              "(each item is its own chat; --as VAR takes the replies)")
-        try:
-            check_var(args.as_var)
-        except SubchatError as exc:
-            raise UsageError(f"%%subchat: {exc}") from None
+        check_var(args.as_var)
         ns = self.shell.user_ns
         if args.each not in ns:
             raise UsageError(f"%%subchat: --each {args.each}: no variable {args.each!r} in the "
@@ -684,6 +681,8 @@ class SubchatMagics(Magics):
                                        that opened read-only, e.g. from /kaggle/input)
         backend [NAME]                 show or set this session's backend
         backends                       every backend: available or not, and why
+        doctor                         what this kernel can do (GPUs, driver, torch/vLLM,
+                                       backends, store, models, internet) and what to fix
         key NAME                       enter an API key for groq/openai with getpass
         explain [N] [--into PATH]      send the last error (or execution N's) and its cell's
                                        code to the current chat (or PATH): cause and fix
@@ -735,13 +734,10 @@ class SubchatMagics(Magics):
 
     def _cmd_tree(self, rest: list[str]) -> Any:
         a = self._parse("tree", rest, (("--text",), dict(action="store_true")))
-        if not a.text and in_kernel(self.shell):
-            try:
-                from .widget import TreeView
-            except ImportError:
-                TreeView = None  # noqa: N806
-            if TreeView is not None:
-                return TreeView(self.session.tree, session=self.session)
+        if not a.text and in_kernel(self.shell) and self.open_view is not None:
+            view = self.open_view(self.session)  # (the faces know nothing of each other)
+            if view is not None:
+                return view
         print(render.tree_text(self.session.tree, self.session.current))
         return None
 
@@ -809,13 +805,18 @@ class SubchatMagics(Magics):
             print(f"{b.name:8} {'available' if av.ok else 'not available'}: {redact(av.reason)}"
                   f"  [{place}]")
 
-    def _cmd_key(self, rest: list[str]) -> None:
-        from .session import KEY_BACKENDS
+    def _cmd_doctor(self, rest: list[str]) -> None:
+        self._parse("doctor", rest)
+        from .doctor import doctor
 
-        a = self._parse("key", rest, (("name",), dict(choices=KEY_BACKENDS)))
+        print(doctor(self.session))
+
+    def _cmd_key(self, rest: list[str]) -> None:
+        known = keys.key_backends()
+        a = self._parse("key", rest, (("name",), dict(choices=sorted(known))))
         import getpass
 
-        var = f"{a.name.upper()}_API_KEY"
+        var = known[a.name]
         try:
             value = getpass.getpass(f"{var} (input hidden): ")
         except (EOFError, OSError, NotImplementedError, KeyboardInterrupt):
@@ -823,7 +824,7 @@ class SubchatMagics(Magics):
             raise UsageError(
                 f"%subchat key: cannot ask for the key here (no input available); put {var} "
                 "in the environment or in a .env file in the working folder") from None
-        self.session.set_key(a.name, value)
+        keys.set_key(a.name, value)
         print(f"{var} set for this kernel (not saved anywhere)")
 
     def _cmd_explain(self, rest: list[str]) -> None:
@@ -851,7 +852,8 @@ class SubchatMagics(Magics):
                         (("--format",), dict(choices=["md", "json", "ipynb"], default=None)),
                         (("--out",), dict(default=None)))
         chat = self.session.chat(a.path)
-        text, fmt, count = self.session.export(chat, a.format, a.out)
+        text, fmt, count = transfer.export(self.session.tree, chat, a.format, a.out,
+                                           self.session.defaults.system_prompt)
         if a.out:
             print(f"exported {count} chat(s) from {chat.path} to {Path(a.out).expanduser()} ({fmt})")
         else:
@@ -859,7 +861,7 @@ class SubchatMagics(Magics):
 
     def _cmd_import(self, rest: list[str]) -> None:
         a = self._parse("import", rest, (("file",), {}), (("--into",), dict(default=None)))
-        done = self.session.import_file(a.file, a.into)
+        done = transfer.import_file(self.session.tree, a.file, a.into)
         made = done.paths
         print(f"imported {len(made)} chat(s): {', '.join(made[:5])}{' …' if len(made) > 5 else ''}")
         for note in done.notes:

@@ -11,6 +11,7 @@ from typing import Any
 
 from . import batch
 from .errors import InvalidInput
+from .exchange import CONFIG_SYSTEM, system_in_force
 from .tree import Chat, ChatTree, Message
 
 EXPORT_FORMAT = "subchat-magics/1"
@@ -99,19 +100,8 @@ def _tool_timing(m: Message) -> str:
     return f" ({d * 1000:.3g} ms)" if isinstance(d, (int, float)) else ""
 
 
-CONFIG_SYSTEM = "%config SubchatMagics.system_prompt"
-
-
-def system_source(tree: ChatTree, chat: Chat,
-                  default_system: str | None = None) -> tuple[str | None, str]:
-    """(the system prompt sent with ``chat``, where it comes from): ``own``, the path of
-    the ancestor that sets it, ``%config SubchatMagics.system_prompt``, or ``none``."""
-    for c in reversed(tree.lineage(chat)):
-        if c.system_prompt:
-            return c.system_prompt, "own" if c.id == chat.id else c.path
-    if default_system:
-        return default_system, CONFIG_SYSTEM
-    return None, "none"
+# the one resolver of the prompt in force lives with the exchange (it decides what is sent)
+system_source = system_in_force
 
 
 def _source_words(source: str) -> str:

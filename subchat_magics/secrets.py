@@ -8,6 +8,21 @@ import threading
 KEY_VARIABLES = ("GROQ_API_KEY", "OPENAI_API_KEY", "OLLAMA_API_KEY")
 _known: set[str] = set()
 _lock = threading.Lock()
+_key_variables: dict[str, None] = dict.fromkeys(KEY_VARIABLES)  # + plugins' (key_env)
+
+
+def declare_key_variable(name: str) -> None:
+    """Mask the value of environment variable ``name`` too (a backend's declared key,
+    ``Backend.key_env``: the registry declares each backend's as it loads it)."""
+    if name:
+        with _lock:
+            _key_variables[name] = None
+
+
+def key_variables() -> list[str]:
+    """Every variable whose value is a key (built in and declared)."""
+    with _lock:
+        return list(_key_variables)
 
 
 def register_secret(value: str | None) -> None:
@@ -22,7 +37,7 @@ def _candidates() -> set[str]:
 
     vals = set(_known)
     env = dotenv_values_here()
-    for name in KEY_VARIABLES:
+    for name in key_variables():
         for v in (os.environ.get(name), env.get(name)):
             if v and len(v) >= 4:
                 vals.add(v)

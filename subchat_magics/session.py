@@ -13,7 +13,6 @@ IPython or ipywidgets.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -21,38 +20,47 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import batch as batch_mod
-from . import render
-from .backends.base import Availability, GenerationOptions
+from . import exchange
+from .backends.base import Availability, Backend, GenerationOptions
 from .backends.registry import Selection, registry
 from .batch import Batch, BatchResult
-from .errors import BackendUnavailable, ChatNotFound, InvalidInput, SubchatError
+from .errors import ChatNotFound, InvalidInput
 from .events import Listener, Listeners
-from .secrets import redact, register_secret
-from .settings import getenv, set_secret, where
+from .exchange import check_backend_name, check_prompt, check_text
+from .settings import getenv, where
 from .toolrun import MAX_ROUNDS, Approver, ToolRun
 from .tools import Toolset
 from .tree import ROOT, Chat, ChatTree, default_store_path, normalize_path
 from .turn import Fanout, Turn
 from .values import Limits
 
-KEY_BACKENDS = ("groq", "openai", "ollama")  # backends whose key %subchat key can take
 MAX_FANOUT = 64
 
 
 class Tree(ChatTree):
     """A chat tree you can talk to: :class:`~subchat_magics.tree.ChatTree` plus
-    :meth:`send` (``open_tree()`` returns one)."""
+    :meth:`send` and :meth:`batch` (``open_tree()`` returns one). Both go through the same
+    plan as the magics (a session on this tree): the same checks and refusals, the same
+    backend choice (``LLM_BACKEND``, else ``auto``) and defaults."""
 
-    def send(self, chat: "str | int | Chat", text: str, **kwargs: Any) -> Turn:
+    _session: "Session | None" = None
+
+    @property
+    def session(self) -> "Session":
+        """The session every ``send``/``batch`` of this tree goes through."""
+        if self._session is None:
+            self._session = Session.on_tree(self)
+        return self._session
+
+    def send(self, chat: "str | int | Chat", text: str, **kwargs: Any) -> "Turn | ToolRun":
         """Start a turn: ``for delta in tree.send("root", "hi"): ...``; then
-        ``turn.reply`` is the stored reply. Keyword arguments: ``backend`` and the
-        generation options (see :class:`~subchat_magics.turn.Turn`)."""
-        if kwargs.get("tools") is not None:  # answered with tools: the session's loop
-            return Session.on_tree(self).send(chat, text, **kwargs)
-        kwargs.pop("tools", None)
-        check_prompt(text)  # before the chat is made
-        target = self.ensure(chat) if isinstance(chat, str) else self.get(chat)
-        return Turn(self, target, text, **kwargs)
+        ``turn.reply`` is the stored reply. Keyword arguments: ``backend``, ``system`` and
+        the generation options (``max_tokens``, ``temperature``, ``top_p``, ``stop``,
+        ``seed``, ``model``, ``think``, ``extra``, ``constraint``); ``tools=[f, g]`` (with
+        ``approve``, ``max_rounds``) lets the model call them (a
+        :class:`~subchat_magics.toolrun.ToolRun`). Everything is checked before anything
+        is stored, as for a cell."""
+        return self.session.send(chat, text, **kwargs)
 
     def batch(self, path: "str | int | Chat", items: Any, prompt: Callable[[Any, Any], str],
               progress: Callable[[Any], None] | None = None, **kwargs: Any) -> BatchResult:
@@ -60,7 +68,7 @@ class Tree(ChatTree):
         ``tree.batch("root", questions, lambda q, i: f"Answer briefly: {q}", name="qs")``.
         Returns the results in input order and the run's figures (see
         :meth:`Session.batch` for the options); a rerun sends only what is not done."""
-        return Session.on_tree(self).batch(path, items, prompt, **kwargs).run(progress)
+        return self.session.batch(path, items, prompt, **kwargs).run(progress)
 
 
 def open_tree(path: str | os.PathLike[str] | None = None) -> Tree:
@@ -88,15 +96,6 @@ class Deleted:
 
     paths: list[str]
     current_moved_to: str | None = None
-
-
-@dataclass
-class Imported:
-    """What :meth:`Session.import_file` did: the chats made or filled, and notes on what
-    an import had to change to keep each chat's context (empty when nothing changed)."""
-
-    paths: list[str]
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -332,16 +331,14 @@ class Session:
                 f"LLM_BACKEND in {where('LLM_BACKEND')}"
         return "auto", "default"
 
-    def _choose(self, flag: str | None, opts: GenerationOptions) -> Selection:
-        """The backends a request goes to, checked before anything is stored: a backend
-        asked for by name that is not set up to be tried at all (no model loaded, no key,
-        no SDK) is refused here, and the constraint must be one it can keep."""
-        selection = self.select(flag)
-        if selection.explicit and selection.candidates:
-            ready = selection.candidates[0].configured()
-            if not ready.ok:
-                raise BackendUnavailable(ready.reason)
-        return check_constraint(selection, opts)
+    def plan(self, flag: "str | Backend | None",
+             options: "GenerationOptions | list[GenerationOptions]") -> "exchange.Plan":
+        """Check a request before anything is stored (:func:`subchat_magics.exchange.plan`)
+        with the backend asked for here (``--backend`` > ``%subchat backend`` > ``%config``
+        > ``LLM_BACKEND`` > auto)."""
+        if isinstance(flag, Backend):  # a backend object (the Python API): as if by name
+            return exchange.plan(flag, options)
+        return exchange.plan(self.requested_backend(flag)[0], options)
 
     def select(self, flag: str | None = None) -> Selection:
         name, _ = self.requested_backend(flag)
@@ -363,19 +360,6 @@ class Session:
         return [BackendInfo(name, reg.availability(name),
                             order.index(name) + 1 if name in order else None, reg.describe(name))
                 for name in reg.names()]
-
-    def set_key(self, backend: str, value: str) -> str:
-        """Keep ``backend``'s API key in this process only (never in ``os.environ``, the
-        store or the notebook). Returns the variable it stands for."""
-        if backend not in KEY_BACKENDS:
-            raise InvalidInput(f"no key is used by {backend!r}; one of: {', '.join(KEY_BACKENDS)}")
-        value = (value or "").strip()
-        var = f"{backend.upper()}_API_KEY"
-        if not value:
-            raise InvalidInput(f"no key entered; {var} unchanged")
-        register_secret(value)
-        set_secret(var, value)
-        return var
 
     def options(self, **overrides: Any) -> GenerationOptions:
         """The defaults with ``overrides`` (``None`` skipped), validated."""
@@ -400,48 +384,51 @@ class Session:
 
         ``tools`` (functions, or a :class:`~subchat_magics.tools.Toolset`): the model may
         call them; the result is a :class:`~subchat_magics.toolrun.ToolRun` that asks
-        before each call (``approve=True``: run every call; a function of the call:
-        decide) for up to ``max_rounds`` rounds (default 5)."""
+        before each call (``approve=True``: run every call; ``False``: refuse them all; a
+        function of the call: decide) for up to ``max_rounds`` rounds (default 5)."""
         check_prompt(text)
         check_text(system, "the system prompt")
-        toolset = Toolset.of(tools) if tools is not None else None
-        if toolset is None and (approve is not None or max_rounds is not None):
-            raise InvalidInput("--yes and --max-rounds go with --tools f,g")
-        if toolset is not None:
-            options["tools"] = toolset.tools
-        opts = self.options(**options)
-        check_text(opts.model, "the model name")
-        selection = self._choose(backend, opts)
-        if toolset is not None:
-            selection = check_tools(selection, opts)
-            rounds = MAX_ROUNDS if max_rounds is None else max_rounds
-            if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
-                raise InvalidInput(f"--max-rounds takes a whole number >= 1, not {rounds!r}")
+        toolset, rounds = _tools(tools, approve, max_rounds, options)
+        plan = self.plan(backend, self.options(**options))
         if isinstance(path, str):
             normalize_path(path)  # a bad path is refused before anything is made
+        self._check_free([path])
         chat = self._target(path, create=True, system=system)
         if system is not None and chat.system_prompt != (system or None):
             self.tree.set_system_prompt(chat, system)
         self._set_current(chat, reason="send")
         if toolset is not None:
-            tree = self.tree
-            return ToolRun(tree, chat, text, toolset,
-                           lambda follow_up: self._turn(chat, text, selection, opts,
-                                                        follow_up=follow_up),
-                           approve=approve, max_rounds=rounds, limits=limits or Limits())
-        return self._turn(chat, text, selection, opts)
+            return self._tool_run(chat, text, toolset, plan.selection, plan.options[0],
+                                  Approver.of(approve), rounds, limits)
+        return Turn(self.tree, chat, text, backend=plan.selection, options=plan.options[0],
+                    default_system=self.defaults.system_prompt)
 
-    def _turn(self, chat: Chat, text: str, selection: Selection, opts: GenerationOptions,
-              tree: ChatTree | None = None, follow_up: bool = False) -> Turn:
-        tree = tree or self.tree  # (a batch passes it: its rows need not look it up again)
-        turn = Turn(tree, chat, text, backend=selection, options=opts,
-                    default_system=self.defaults.system_prompt, follow_up=follow_up)
-        system, source = render.system_source(tree, chat, self.defaults.system_prompt)
-        if system:  # what was sent, in the reply's provenance
-            turn.provenance_extra["system_from"] = source
-            if source == render.CONFIG_SYSTEM:  # not in the tree: keep the text itself
-                turn.provenance_extra["system_prompt"] = system
-        return turn
+    def _tool_run(self, chat: Chat, text: str, toolset: Toolset, selection: Selection,
+                  opts: GenerationOptions, approver: Approver, rounds: int,
+                  limits: Limits | None) -> ToolRun:
+        """A message answered with tools: each round a :class:`Turn` on the plan made."""
+        tree, system = self.tree, self.defaults.system_prompt
+
+        def new_turn(follow_up: bool) -> Turn:
+            return Turn(tree, chat, None if follow_up else text, backend=selection,
+                        options=opts, default_system=system, follow_up=follow_up)
+
+        return ToolRun(tree, chat, text, toolset, new_turn, approve=approver,
+                       max_rounds=rounds, limits=limits or Limits())
+
+    def _check_free(self, refs: list["str | int | Chat | None"]) -> None:
+        """Refuse, before anything is written, a send into a chat with a reply streaming
+        into it now (one reply per chat at a time)."""
+        tree = self.tree
+        chats = []
+        for ref in refs:
+            if ref is None:
+                chats.append(self.current_chat())
+            elif not isinstance(ref, str):
+                chats.append(tree.get(ref))
+            elif ref in tree:
+                chats.append(tree.get(ref))
+        exchange.busy(tree).check(chats)
 
     def next_child_names(self, parent: "str | int | Chat", count: int = 1) -> list[str]:
         """Names for ``count`` new numbered subchats of ``parent``: after the highest
@@ -477,14 +464,7 @@ class Session:
         this thread); approvals are asked once per tool for all of them."""
         check_prompt(text)
         check_text(system, "the system prompt")
-        toolset = Toolset.of(tools) if tools is not None else None
-        if toolset is None and (approve is not None or max_rounds is not None):
-            raise InvalidInput("--yes and --max-rounds go with --tools f,g")
-        if toolset is not None:
-            options["tools"] = toolset.tools
-            rounds = MAX_ROUNDS if max_rounds is None else max_rounds
-            if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
-                raise InvalidInput(f"--max-rounds takes a whole number >= 1, not {rounds!r}")
+        toolset, rounds = _tools(tools, approve, max_rounds, options)
         if names is not None and n is not None:
             raise InvalidInput("--fanout N makes numbered subchats and --children a,b names "
                                "them: give one of the two")
@@ -501,7 +481,6 @@ class Session:
         if temperatures is not None and len(temperatures) not in (1, count):
             raise InvalidInput(f"give one temperature, or one per subchat ({count})")
         base = self.options(**options)
-        check_text(base.model, "the model name")
         per_chat = []
         for i in range(count):
             opts = base.replace()
@@ -512,34 +491,34 @@ class Session:
             if opts.seed is None and count > 1:
                 opts.seed = i + 1
             per_chat.append(opts.validate())
-        selection = self._choose(backend, base)
-        if toolset is not None:
-            selection = check_tools(selection, base)
+        plan = self.plan(backend, per_chat)
         parent = self._target(path, create=False)  # must exist: fan-out branches from it
         if names is None:
             names = self.next_child_names(parent, count)
         paths = [normalize_path(f"{parent.path}/{name}") for name in names]
         if any(p.count("/") != parent.path.count("/") + 1 for p in paths):
             raise InvalidInput("--children takes names of one path part each, e.g. a,b,c")
+        self._check_free(list(paths))
         turns = []
+        chats = []
         for p, opts in zip(paths, per_chat):
             chat = self.tree.ensure(p, system_prompt=system)
             # -s sets the prompt of every chat it names, as for one chat: existing ones too
             if system is not None and chat.system_prompt != (system or None):
                 self.tree.set_system_prompt(chat, system)
                 chat = self.tree.get(chat.id)
-            turns.append((chat, opts))
+            chats.append((chat, opts))
         self._set_current(parent, reason="fanout")
         if toolset is not None:
             approver = Approver.of(approve)
             if not approver.yes:
                 approver.per_tool = True  # one answer per tool for every subchat
-            return [ToolRun(self.tree, chat, text, toolset,
-                            lambda follow_up, chat=chat, opts=opts: self._turn(
-                                chat, text, selection, opts, follow_up=follow_up),
-                            approve=approver, max_rounds=rounds, limits=limits or Limits())
-                    for chat, opts in turns]
-        return Fanout([self._turn(chat, text, selection, opts) for chat, opts in turns])
+            return [self._tool_run(chat, text, toolset, plan.selection, opts, approver, rounds,
+                                   limits) for chat, opts in chats]
+        for chat, opts in chats:
+            turns.append(Turn(self.tree, chat, text, backend=plan.selection, options=opts,
+                              default_system=self.defaults.system_prompt))
+        return Fanout(turns)
 
     def batch(self, path: "str | int | Chat | None", items: Any,
               prompt: Callable[[Any, Any], str], *, name: str = "items", fresh: bool = False,
@@ -563,10 +542,7 @@ class Session:
             raise InvalidInput(f"--concurrency takes a number of requests >= 1, not {concurrency!r}")
         check_text(system, "the system prompt")
         opts = self.options(**options)
-        check_text(opts.model, "the model name")
-        selection = self._choose(backend, opts)
-        if not selection.candidates:
-            raise InvalidInput("no backend is available")
+        plan = self.plan(backend, opts)
         found = items if isinstance(items, batch_mod.Items) else batch_mod.items_of(items, name)
         entries = found.entries[:limit] if limit is not None else found.entries
         if not entries:
@@ -592,91 +568,29 @@ class Session:
         else:
             parent = self._target(path, create=False)
         names = batch_mod.row_names(entries)
-        chat_path = self._batch_chat_path(parent, name, fresh) if parent is not None else None
+        chat_path = batch_mod.chat_path(tree, parent, name, fresh) if parent is not None else None
         rows = [batch_mod.Row(e.pos, e.label, n, t) for e, n, t in zip(entries, names, texts)]
         stale: list[int] = []
         notes: list[str] = []
         if chat_path is not None and chat_path in tree:
-            stale, notes = self._match_rows(tree.get(chat_path), rows, opts)
+            stale, notes = batch_mod.match_rows(tree, tree.get(chat_path), rows, opts)
         # every check passed: now the tree may change
         if parent is None:
             parent = self._target(path, create=True)
-            chat_path = self._batch_chat_path(parent, name, fresh)
+            chat_path = batch_mod.chat_path(tree, parent, name, fresh)
         chat = tree.ensure(chat_path)
         if system is not None and chat.system_prompt != (system or None):
             tree.set_system_prompt(chat, system)
             chat = tree.get(chat.id)
         self._set_current(parent, reason="batch")
-        backend_ = selection.candidates[0]
-        if concurrency is None:
-            concurrency = (batch_mod.ENGINE_IN_FLIGHT if hasattr(backend_, "open_pool")
-                           else batch_mod.DEFAULT_CONCURRENCY)
-        return batch_mod.Batch(tree, chat, rows, backend=backend_,
-                               make_turn=lambda c, text: self._turn(c, text, selection, opts,
-                                                                    tree),
-                               in_flight=concurrency, stale=stale, notes=notes,
+        system_ = self.defaults.system_prompt
+        return batch_mod.Batch(tree, chat, rows, selection=plan.selection,
+                               make_exchange=lambda c, text: exchange.Exchange(
+                                   tree, c, text, opts, default_system=system_),
+                               in_flight=concurrency or plan.backend.concurrency,
+                               stale=stale, notes=notes,
                                index=None if found.pandas_index is None
                                else found.pandas_index[:len(entries)])
-
-    def _batch_chat_path(self, parent: Chat, name: str, fresh: bool) -> str:
-        """``PARENT/NAME``; with ``fresh`` the first of ``NAME``, ``NAME-2``… that is free."""
-        path = normalize_path(f"{parent.path}/{name}")
-        if not fresh:
-            chat = self.tree.get(path) if path in self.tree else None
-            if chat is not None and self.tree.store.message_count(chat.id):
-                raise InvalidInput(f"{path} holds messages, so it is not a batch chat; name the "
-                                   "batch otherwise (--each of another variable) or use --fresh")
-            return path
-        k, candidate = 1, path
-        while candidate in self.tree:
-            k += 1
-            candidate = f"{path}-{k}"
-        return candidate
-
-    def _match_rows(self, chat: Chat, rows: list["batch_mod.Row"],
-                    opts: GenerationOptions) -> tuple[list[int], list[str]]:
-        """Mark the rows an earlier run completed with the same message as reused; return
-        the row chats holding only a cut or failed reply (made again before sending) and
-        notes. A row chat holding another message is refused: the data or the template
-        changed since, and mixing two runs in one batch would lie."""
-        tree = self.tree
-        kids = {c.name: c for c in tree.children(chat)}
-        firsts = batch_mod.first_exchanges(tree, chat)
-        stale: list[int] = []
-        notes: list[str] = []
-        kept = 0
-        for r in rows:
-            c = kids.get(r.name)
-            if c is None:
-                continue
-            ex = firsts.get(c.id) or []
-            if not ex:
-                continue  # made, never sent
-            if ex[0][0] != "user" or ex[0][1] != r.text:
-                raise InvalidInput(
-                    f"{c.path} holds another message than item {r.label!r} gives now (the data "
-                    f"or the template changed since that batch ran); --fresh starts a new batch "
-                    f"chat, or %subchat delete {chat.path} --force removes the old one")
-            if len(ex) > 1 and ex[1][2] == "complete":
-                r.reused, r.status, r.chat_id = True, "done", c.id
-                r.result = ex[1][1]
-                if opts.constraint is not None:
-                    try:
-                        r.result = opts.constraint.parse(ex[1][1])
-                    except SubchatError:
-                        r.reused, r.status, r.result = False, "pending", None
-                        stale.append(c.id)
-                continue
-            if tree.store.message_count(c.id) <= 2 and not c.children:
-                stale.append(c.id)
-            else:  # a cut row that was continued by hand: kept as it is, not sent again
-                r.reused, r.status, r.chat_id = True, "failed", c.id
-                r.reason = ex[1][2] if len(ex) > 1 else "no reply"
-                kept += 1
-        if kept:
-            notes.append(f"{kept} row(s) without a complete first reply were continued by hand; "
-                         "they are kept as they are (not sent again)")
-        return stale, notes
 
     def streaming(self, ref: "str | int | Chat") -> list[Turn]:
         """The replies streaming into the chat ``ref`` names right now (any face)."""
@@ -727,54 +641,19 @@ class Session:
         from: ``own``, the ancestor's path, ``%config SubchatMagics.system_prompt`` or
         ``none``)."""
         chat = self.tree.get(ref)
-        in_force, source = render.system_source(self.tree, chat, self.defaults.system_prompt)
+        in_force, source = exchange.system_in_force(self.tree, chat, self.defaults.system_prompt)
         return chat.system_prompt, in_force, source
-
-    # -- export / import ---------------------------------------------------------------------
-    def export(self, ref: "str | int | Chat | None", fmt: str | None = None,
-               out: str | os.PathLike[str] | None = None) -> tuple[str, str, int]:
-        """The subtree of a chat as Markdown (``md``), re-importable JSON (``json``) or a
-        notebook that reruns it (``ipynb``), keys masked. With ``out`` the file is written.
-        Returns (text, format, chats)."""
-        tree = self.tree
-        chat = self.chat(ref)
-        if fmt is None:
-            suffix = str(out).rpartition(".")[2] if out is not None else ""
-            fmt = suffix if suffix in ("json", "ipynb") else "md"
-        if fmt not in ("md", "json", "ipynb"):
-            raise InvalidInput(f"export format is md, json or ipynb, not {fmt!r}")
-        render_ = {"json": render.export_json, "ipynb": render.export_notebook,
-                   "md": render.export_markdown}[fmt]
-        text = render_(tree, chat, self.defaults.system_prompt)
-        text = redact(text)
-        if out is not None:
-            target = Path(out).expanduser()
-            try:
-                target.write_text(text, encoding="utf-8")
-            except (OSError, UnicodeError, ValueError) as exc:
-                reason = getattr(exc, "strerror", None) or type(exc).__name__
-                raise InvalidInput(f"cannot write {str(out)!r}: {reason}; choose another file") from None
-        return text, fmt, len(tree.subtree(chat))
-
-    def import_file(self, file: str | os.PathLike[str], into: str | None = None) -> Imported:
-        """Recreate the chats of a JSON export, each with the context it had (see
-        :func:`import_data`)."""
-        path = Path(file).expanduser()
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeError) as exc:
-            reason = getattr(exc, "strerror", None) or type(exc).__name__
-            raise InvalidInput(f"cannot read {str(file)!r}: {reason}") from None
-        except ValueError as exc:
-            raise InvalidInput(f"{path} is not JSON ({exc})") from None
-        return import_data(self.tree, data, into)
 
     # -- status ------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         name, source = self.requested_backend()
         sel = registry().select(name)
+        tree = self.tree
         return {
             "store": str(self.store_path()),
+            "chats": len(tree.chats()),
+            "messages": sum(tree.store.message_counts().values()),
+            "read_only": tree.store.read_only,
             "store_problem": self.store_problem(),
             "current": self.current,
             "requested": name,
@@ -785,185 +664,23 @@ class Session:
         }
 
 
-def import_data(tree: ChatTree, data: dict[str, Any], into: str | None = None) -> Imported:
-    """Recreate exported chats. They keep their paths, or move under ``into`` (the new
-    parent of the exported top chat). An existing chat is filled only if it is empty.
-
-    The top chat of a subtree keeps the context it was exported with: where its new
-    parent's path holds those very messages it branches there as before; where the new
-    parent holds other messages (and inherits none), the inherited messages are copied
-    into the top chat as its first ones and a note says so; anywhere else the import is
-    refused before anything is written."""
-    if not isinstance(data, dict) or data.get("format") != render.EXPORT_FORMAT:
-        raise InvalidInput(f"not a subchat-magics export (expected format {render.EXPORT_FORMAT!r})")
-    chats = render.check_export(data)
-    top = data.get("root") or (chats[0]["path"] if chats else None)
-    if not top:
-        return Imported([])
-    prefix_old = top.rpartition("/")[0]
-    notes: list[str] = []
-
-    def target(path: str) -> str:
-        if into is None:
-            return path
-        rel = path[len(prefix_old) + 1:] if prefix_old else path
-        return f"{into.rstrip('/')}/{rel}"
-
-    for c in chats:
-        check_text(c.get("system_prompt"), f"the system prompt of {c['path']!r}")
-        for m in c.get("messages", []):
-            check_text(m["content"], f"a message of {c['path']!r}")
-        normalize_path(target(c["path"]))
-    copied, top_fork, top_system = _place_top(tree, data, chats, top, target(top), notes)
-    made: list[str] = []
-    with tree.atomic():  # every chat of the file, or none
-        for c in chats:
-            p = target(c["path"])
-            is_top = c["path"] == top
-            system = c.get("system_prompt") or (top_system if is_top else None)
-            if p in tree:
-                existing = tree.get(p)
-                if existing.messages:
-                    raise InvalidInput(
-                        f"chat {existing.path!r} already exists with messages; import with "
-                        "--into PATH to put the chats somewhere else")
-                if system:
-                    tree.set_system_prompt(existing, system)
-                chat = existing
-            else:
-                chat = tree.create(p, system_prompt=system)
-            fork = top_fork if is_top else c.get("fork_seq", chat.fork_seq)
-            if c["path"].rpartition("/")[0] == top:
-                fork += len(copied)  # the top chat's own messages now start with the copied ones
-            if chat.path != ROOT and chat.fork_seq != fork:
-                tree.store.update_chat(chat.id, fork_seq=int(fork))
-                tree.refresh(force=True)
-            for m in (copied if is_top else []) + c.get("messages", []):
-                tree.append(chat, m["role"], m["content"], m.get("status", "complete"),
-                            m.get("provenance") or None)
-            made.append(chat.path)
-    return Imported(made, notes)
-
-
-def _place_top(tree: ChatTree, data: dict[str, Any], chats: list[dict[str, Any]], top: str,
-               new_top: str, notes: list[str]) -> tuple[list[dict[str, Any]], int, str | None]:
-    """Where the exported top chat goes so that its context stays what it was: (messages
-    to copy into it first, its branch point in the new parent, a system prompt to give
-    it). Raises before anything is written if that cannot be done."""
-    if normalize_path(new_top) == ROOT:
-        return [], 0, None
-    exported = next((c for c in chats if c["path"] == top), {})
-    inherited = data.get("inherited")
-    parent_path = normalize_path(new_top).rpartition("/")[0]
-    if parent_path not in tree:
-        return [], 0, None  # creating the top chat says that its parent is missing
-    parent = tree.get(parent_path)
-    if inherited is None:  # an export made before exports carried their context
-        if exported.get("fork_seq", 0):
-            notes.append(f"{new_top}: the export does not carry the context it inherited (an "
-                         "older export); it starts without it")
-        return [], 0, None
-    want = inherited.get("messages", [])
-    have = tree.history(parent)
-    parent_inherits = len(have) - len(parent.messages)
-    system: str | None = None
-    if not exported.get("system_prompt"):
-        here = tree.system_prompt_for(parent)
-        there = inherited.get("system_prompt")
-        if there and there != here:
-            system = there
-            notes.append(f"{new_top}: the system prompt it inherited from {inherited.get('from')} "
-                         "in the export is now its own")
-        elif here and not there:
-            notes.append(f"{new_top}: it now inherits the system prompt of {parent.path}, "
-                         "which it did not have in the export; %subchat system "
-                         f"{new_top} TEXT sets its own")
-    same = [(m.role, m.content) for m in have[:len(want)]] == [(m["role"], m["content"]) for m in want]
-    if parent_inherits <= len(want) <= len(have) and same:
-        return [], len(want) - parent_inherits, system  # the same context is here: branch there
-    if parent_inherits == 0:
-        if want:
-            notes.append(f"{new_top}: the {len(want)} message(s) it inherited from "
-                         f"{inherited.get('from')} in the export were copied into it, as "
-                         f"{parent.path} here holds other messages")
-        return list(want), 0, system
-    raise InvalidInput(
-        f"cannot import {top} under {parent.path}: {parent.path} inherits {parent_inherits} "
-        f"message(s) that {top} never had in its context; import it --into a chat that "
-        "inherits nothing (e.g. --into root), where it keeps its own context")
-
-
-def check_constraint(selection: Selection, opts: GenerationOptions) -> Selection:
-    """Refuse, before anything is sent, a constraint the chosen backend cannot enforce
-    (unless it is best effort) and a ``--choice`` that ``max_tokens`` cannot spell. Under
-    ``auto`` the fallbacks that cannot enforce it are dropped. Returns the selection."""
-    c = opts.constraint
-    if c is None or not selection.candidates:
-        return selection
-    first, *rest = selection.candidates
-    why = first.cannot_enforce(opts)
-    if why and not c.best_effort:
-        raise InvalidInput(f"{why}; add --best-effort to send it anyway and validate the reply")
-    if not c.best_effort:
-        rest = [b for b in rest if b.cannot_enforce(opts) is None]
-    if c.kind == "choice":
-        need = {x: first.count_tokens(x, opts) or 1 for x in c.choices}
-        longest = max(need, key=lambda x: need[x])
-        if opts.max_tokens < need[longest]:
-            raise InvalidInput(f"--max-tokens {opts.max_tokens} is too few to write the choice "
-                               f"{longest!r} ({need[longest]} tokens on {first.id}); give at "
-                               f"least --max-tokens {need[longest]}")
-    return Selection(selection.requested, [first, *rest], selection.passed_over)
-
-
-def check_tools(selection: Selection, opts: GenerationOptions) -> Selection:
-    """Refuse, before anything is sent, tools the chosen backend cannot offer; under
-    ``auto`` the fallbacks that cannot are dropped."""
-    if not opts.tools or not selection.candidates:
-        return selection
-    first, *rest = selection.candidates
-    why = first.cannot_call_tools(opts)
-    if why and selection.explicit:
-        raise InvalidInput(f"{why}; use a backend that can (vllm, ollama, openai, groq, echo)")
-    able = [b for b in selection.candidates if b.cannot_call_tools(opts) is None]
-    if not able:
-        raise InvalidInput(f"{why}; no backend here can call tools")
-    return Selection(selection.requested, able, selection.passed_over)
-
-
-def check_text(text: str | None, what: str) -> None:
-    """Refuse text the store cannot hold (an unpaired surrogate), before anything is written."""
-    if text is None:
-        return
-    if not isinstance(text, str):
-        raise InvalidInput(f"{what} must be text, not {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidInput(
-            f"{what} holds {exc.object[exc.start:exc.end]!a} (an unpaired surrogate, not valid "
-            "Unicode); remove that character and run it again") from None
-
-
-def check_prompt(text: str) -> None:
-    if not isinstance(text, str):
-        raise InvalidInput(f"the message must be text (a str), not {type(text).__name__}")
-    if not text.strip():
-        raise InvalidInput("the message is empty; write the prompt in the cell body")
-    check_text(text, "the message")
-
-
-def check_backend_name(name: str, source: str = "backend") -> str:
-    n = str(name).strip().lower()
-    known = ["auto", *registry().names()]
-    if n not in known:
-        raise InvalidInput(
-            f"unknown backend {name!r} (from {source}); choose one of: {', '.join(known)}"
-        )
-    return n
-
-
 _default: Session | None = None
+
+
+def _tools(tools: Any, approve: Any, max_rounds: Any,
+           options: dict[str, Any]) -> "tuple[Toolset | None, int]":
+    """``tools`` described (a :class:`Toolset`) and put in ``options``, and the rounds
+    allowed; --yes/--max-rounds without tools are refused."""
+    if tools is None:
+        if approve is not None or max_rounds is not None:
+            raise InvalidInput("--yes and --max-rounds go with --tools f,g")
+        return None, MAX_ROUNDS
+    toolset = Toolset.of(tools)
+    rounds = MAX_ROUNDS if max_rounds is None else max_rounds
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        raise InvalidInput(f"--max-rounds takes a whole number >= 1, not {rounds!r}")
+    options["tools"] = toolset.tools
+    return toolset, rounds
 
 
 def default_session() -> Session:
@@ -981,5 +698,5 @@ def reset_default_session() -> None:
     _default = None
 
 
-__all__ = ["Session", "Tree", "open_tree", "Defaults", "Deleted", "Imported", "BackendInfo",
+__all__ = ["Session", "Tree", "open_tree", "Defaults", "Deleted", "BackendInfo",
            "default_session", "reset_default_session", "check_backend_name"]

@@ -27,7 +27,9 @@ class VLLMMagics(Magics):
     @magic_arguments()
     @argument("model_path", nargs="?", default=None,
               help="Folder of the model (config.json and weights), e.g. "
-                   "/kaggle/input/qwen-3/transformers/14b-awq/1, or a Hugging Face model id "
+                   "/kaggle/input/qwen-3/transformers/14b-awq/1, a number from the list "
+                   "%%load_vllm prints without it, a unique part of a listed name, or a Hugging "
+                   "Face model id "
                    "(org/name, e.g. Qwen/Qwen3-14B-AWQ: from the local Hugging Face cache, or "
                    "downloaded by vLLM). $VAR and {var} are expanded.")
     @argument("--tp", type=int, default=None,
@@ -54,6 +56,10 @@ class VLLMMagics(Magics):
     @argument("--verbose", action="store_true",
               help="Show vLLM's own log in the cell while loading (by default: one line per "
                    "phase, and the summary).")
+    @argument("--plan", action="store_true",
+              help="Print the plan without loading: weights per GPU, KV cache room at the chosen "
+                   "--gpu-memory-utilization, tokens that fit, rows in flight at --max-model-len, "
+                   "and the engine arguments.")
     @argument("--unload", action="store_true", help="Unload the loaded model (same as %%unload_vllm).")
     @line_magic
     @usage_errors("%load_vllm")
@@ -72,8 +78,19 @@ class VLLMMagics(Magics):
         (reading the config, loading weights, profiling memory, capturing graphs);
         ``--verbose`` shows vLLM's own log instead.
 
+        Without MODEL_PATH it lists the models found under /kaggle/input (Kaggle's
+        MODEL/FRAMEWORK/VARIATION/VERSION folders; ``SUBCHAT_KAGGLE_INPUT`` points
+        elsewhere) and in the local Hugging Face cache, numbered: ``%load_vllm 2`` or a
+        unique part of a name loads one. ``--plan`` prints where the memory would go
+        (weights, KV cache, tokens that fit, rows in flight) without loading; every load
+        prints the same two lines first, and refuses a --max-model-len that cannot fit
+        before the loaded model is let go.
+
         Examples::
 
+            %load_vllm
+            %load_vllm 2 --plan
+            %load_vllm qwen-3 --max-model-len 8192
             %load_vllm /kaggle/input/qwen-3/transformers/14b-awq/1
             %load_vllm Qwen/Qwen3-14B-AWQ
             %load_vllm $MODEL_PATH --max-model-len 8192 --think
@@ -90,9 +107,14 @@ class VLLMMagics(Magics):
             self._unload()
             return
         if not args.model_path:
-            raise UsageError("%load_vllm: give MODEL_PATH, the folder of the model "
-                             "(e.g. %load_vllm /kaggle/input/qwen-3/transformers/14b-awq/1) "
-                             "or a Hugging Face model id (e.g. %load_vllm Qwen/Qwen3-14B-AWQ)")
+            if args.plan:
+                raise UsageError("%load_vllm: --plan needs MODEL_PATH (a folder, a number from the "
+                                 "list %load_vllm prints, or a Hugging Face model id)")
+            self._list_models()
+            return
+        from .backends.vllm import discover
+
+        args.model_path = discover.resolve(args.model_path)  # a number, a part of a name, a typo
         if args.tp is not None and args.tp < 1:
             raise UsageError(f"%load_vllm: --tp must be 1 or more, not {args.tp}")
         gmu = args.gpu_memory_utilization
@@ -109,8 +131,23 @@ class VLLMMagics(Magics):
             quantization=args.quantization, think=args.think, engine_args=engine_args,
             verbose=args.verbose,
         )
+        if args.plan:
+            backend.plan_only(settings, echo=_say)
+            return
         backend.load(settings, echo=_say)
         self._note_selection()
+
+    @staticmethod
+    def _gpu_totals() -> list[int]:
+        from .backends.vllm import gpus
+
+        return [g.total for g in gpus.probe(use_torch=False).gpus]
+
+    def _list_models(self) -> None:
+        from .backends.vllm import discover
+
+        totals = self._gpu_totals()
+        _say(discover.listing(discover.find_models(totals), totals))
 
     @line_magic
     @usage_errors("%unload_vllm")

@@ -71,3 +71,23 @@ def test_importing_the_testing_kit_imports_no_heavy_sdk():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT / "tests").stdout
     assert out.strip() == "[]"
+
+
+def test_the_faces_contract_fails_when_the_widget_imports_the_magics(tmp_path):
+    """The faces are independent ("|"): a copy of the package whose widget imports the
+    magics breaks the layers contract (the check can fail)."""
+    import shutil
+
+    shutil.copytree(ROOT / "subchat_magics", tmp_path / "subchat_magics",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    init = tmp_path / "subchat_magics" / "widget" / "__init__.py"
+    init.write_text(init.read_text() + "\nfrom ..magics import SubchatMagics  # noqa\n")
+    run = subprocess.run([sys.executable, "-c",
+                          "import sys; from importlinter.cli import lint_imports; "
+                          "sys.exit(lint_imports(config_filename='pyproject.toml', "
+                          "no_cache=True, no_logo=True))"],
+                         capture_output=True, text=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert run.returncode != 0, run.stdout
+    assert "subchat_magics.widget is not allowed to import subchat_magics.magics" in run.stdout

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
-from ..errors import BackendError, BackendUnavailable
+from ..errors import BackendError, BackendUnavailable, InvalidInput
 from ..secrets import mask, redact, register_secret
 from ..settings import getenv
 from .base import Backend, Finish, GenerationOptions, Message
@@ -50,6 +50,15 @@ def timeouts() -> Timeouts:
     server may stay silent before the first chunk or between two (default 60 s)."""
     return Timeouts(_seconds("SUBCHAT_CONNECT_TIMEOUT", CONNECT_TIMEOUT_S),
                     _seconds("SUBCHAT_TIMEOUT", READ_TIMEOUT_S))
+
+
+def check_timeouts() -> None:
+    """The timeout settings, checked when a request is planned (before anything is stored):
+    a bad one is an :class:`InvalidInput` naming the variable."""
+    try:
+        timeouts()
+    except BackendError as exc:
+        raise InvalidInput(f"{exc}; fix it in the environment or ./.env") from None
 
 
 def secret_digest(value: str | None) -> str:
@@ -270,6 +279,9 @@ class ChatCompletionsBackend(Backend):
 
     def __init__(self) -> None:
         self._clients = ClientCache()
+
+    def check_settings(self) -> None:
+        check_timeouts()
 
     # -- hooks ---------------------------------------------------------------------------------
     def service(self, base_url: str | None) -> str:

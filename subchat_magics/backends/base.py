@@ -12,14 +12,13 @@ must stop the generation: close the HTTP stream, abort the engine request.
 
 from __future__ import annotations
 
-import queue
-import threading
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 from ..errors import InvalidInput
 from ..structured import Constraint
 from ..tools import Tool, ToolCall
+from .pool import END, Pool, ThreadPool
 
 # {"role": "system"|"user"|"assistant"|"tool", "content": str}; an assistant message that
 # calls tools adds "tool_calls" (OpenAI's form), a tool result "tool_call_id" and "name"
@@ -88,6 +87,31 @@ def check_option(name: str, value: Any) -> None:
                                f"(json_schema, choice, regex), not {type(value).__name__}")
 
 
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One of a backend's own options: its name in ``GenerationOptions.extra``, its type,
+    the flag that sets it and a check (raising :class:`InvalidInput`) of its value."""
+
+    name: str
+    type: type
+    help: str = ""
+    validate: Callable[[Any], Any] | None = None
+
+    @property
+    def flag(self) -> str:
+        return flag_of(self.name)
+
+    def check(self, value: Any) -> None:
+        if not isinstance(value, self.type) or (self.type is int and isinstance(value, bool)):
+            raise InvalidInput(f"{self.flag} takes {self.type.__name__}, not {value!r}")
+        if self.validate is not None:
+            self.validate(value)
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
@@ -135,6 +159,16 @@ class Backend:
     #: the generation options this backend honours (the rest are ignored by it)
     options: ClassVar[tuple[str, ...]] = ("max_tokens", "temperature", "top_p", "stop", "seed",
                                           "model", "think")
+    #: this backend's own options (``GenerationOptions.extra``): a typed, closed set. An
+    #: option it does not declare is refused before anything is stored (``--num-ctx`` is
+    #: Ollama's). Each :class:`Option` names its type, its flag and its check.
+    own_options: ClassVar[dict[str, "Option"]] = {}
+    #: the environment variable holding this backend's API key (``None``: it takes none).
+    #: ``%subchat key ID`` asks for it, and its value is masked wherever text is shown,
+    #: sent or stored.
+    key_env: ClassVar[str | None] = None
+    #: requests a batch keeps in flight by default (``--concurrency``)
+    concurrency: ClassVar[int] = 4
     #: the kinds of :class:`~subchat_magics.structured.Constraint` this backend enforces
     #: while generating (``json``, ``choice``, ``regex``); others only with best effort
     constraints: ClassVar[tuple[str, ...]] = ()
@@ -154,6 +188,21 @@ class Backend:
 
     def default_model(self) -> str | None:
         return None
+
+    def check_options(self, options: GenerationOptions) -> None:
+        """Refuse, before anything is stored, an own option this backend does not take or
+        a value it cannot use (:attr:`own_options`)."""
+        for name, value in (options.extra or {}).items():
+            spec = self.own_options.get(name)
+            if spec is None:
+                takes = ", ".join(o.flag for o in self.own_options.values()) or "none"
+                raise InvalidInput(f"the {self.id} backend does not take {flag_of(name)} "
+                                   f"(its own options: {takes})")
+            spec.check(value)
+
+    def check_settings(self) -> None:
+        """Refuse, before anything is stored, a setting this backend would read and could
+        not use (``SUBCHAT_TIMEOUT``, a host…), without asking any server."""
 
     def cannot_enforce(self, options: GenerationOptions) -> str | None:
         """Why this backend cannot enforce ``options.constraint`` while generating (one
@@ -181,72 +230,49 @@ class Backend:
     def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[str | Finish]:
         raise NotImplementedError
 
+    def open_pool(self, size: int, deltas: bool = True) -> Pool:
+        """The pool several requests stream through (:mod:`.pool`): by default ``size``
+        threads each reading one request's :meth:`stream` (remote servers batch on their
+        side); a backend that batches natively (vLLM's engine) returns its own.
+        ``deltas=False``: each request may come back whole (nobody reads it as it comes)."""
+        return ThreadPool(self, size)
+
     def stream_batch(
         self, requests: Sequence[tuple[Sequence[Message], GenerationOptions]]
     ) -> Iterator[BatchEvent]:
-        """Several requests at once. Yields ``(index, item)`` where item is a delta,
-        the request's :class:`Finish`, or the exception that ended it.
+        """Several requests at once, through :meth:`open_pool`. Yields ``(index, item)``
+        where item is a delta, the request's :class:`Finish`, or the exception that ended
+        it. Closing it stops every request (their counts: :func:`cut_finish`)."""
+        requests = list(requests)
 
-        The default runs the requests concurrently on threads (remote servers
-        batch on their side); backends with native batching override it."""
-        yield from run_concurrently(self, requests)
+        def run(stream: Stream) -> Iterator[BatchEvent]:
+            pool = self.open_pool(max(1, min(len(requests), self.concurrency)))
+            open_ = set(range(len(requests)))
+            try:
+                pool.submit_many([(i, m, o) for i, (m, o) in enumerate(requests)])
+                while open_:
+                    ev = pool.next_event(0.05)
+                    if ev is None:
+                        continue
+                    index, item = ev
+                    if item is END:
+                        open_.discard(index)
+                        continue
+                    yield index, item
+            finally:
+                pool.close()
+                for index in range(len(requests)):
+                    cut = pool.cut_finish(index)
+                    if cut is not None:
+                        stream.cut[index] = cut
+
+        return Stream(run)
 
     def close(self) -> None:
         """Release clients, sockets, engines."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} id={self.id!r}>"
-
-
-_DONE = object()
-
-
-def run_concurrently(
-    backend: Backend,
-    requests: Sequence[tuple[Sequence[Message], GenerationOptions]],
-    max_workers: int = 8,
-) -> Iterator[BatchEvent]:
-    """Fan ``requests`` out over threads and merge their streams in arrival order.
-    Closing the returned generator closes every request's stream."""
-    events: queue.Queue = queue.Queue()
-    stop = threading.Event()
-    pending = list(enumerate(requests))
-    lock = threading.Lock()
-
-    def worker() -> None:
-        while not stop.is_set():
-            with lock:
-                if not pending:
-                    break
-                index, (messages, options) = pending.pop(0)
-            gen = backend.stream(messages, options)
-            try:
-                for item in gen:
-                    if stop.is_set():
-                        break
-                    events.put((index, item))
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-                events.put((index, exc))
-            finally:
-                gen.close()
-        events.put(_DONE)
-
-    n = max(1, min(max_workers, len(requests)))
-    threads = [threading.Thread(target=worker, daemon=True, name=f"subchat-batch-{i}") for i in range(n)]
-    for t in threads:
-        t.start()
-    done = 0
-    try:
-        while done < n:
-            ev = events.get()
-            if ev is _DONE:
-                done += 1
-                continue
-            yield ev
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=5)
 
 
 def collect(items: Iterable[str | Finish]) -> tuple[str, Finish]:

@@ -29,6 +29,7 @@ class GroqBackend(ChatCompletionsBackend):
     auto_priority = 30
     sdk_module = "groq"
     key_var = "GROQ_API_KEY"
+    key_env = key_var  # %subchat key, masking
     url_var = "GROQ_BASE_URL"
 
     constraints = ("json",)  # on the models of JSON_SCHEMA_MODELS

@@ -24,7 +24,7 @@ from ..secrets import mask, register_secret
 from ..settings import getenv
 from . import _remote
 from ._remote import failure
-from .base import Availability, Backend, Finish, GenerationOptions, Message
+from .base import Availability, Backend, Finish, GenerationOptions, Message, Option
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 PROBE_TIMEOUT_S = 0.5
@@ -144,6 +144,9 @@ class OllamaBackend(Backend):
     extra = "ollama"
     auto_priority = 20
     constraints = ("json",)  # format: the JSON schema (it has no choice or regex option)
+    own_options = {"num_ctx": Option("num_ctx", int, "the context window in tokens",
+                                     lambda v: check_num_ctx(v, "--num-ctx"))}
+    key_env = "OLLAMA_API_KEY"  # a key for an Ollama behind a proxy (optional)
 
     def __init__(self) -> None:
         self._clients = _remote.ClientCache()
@@ -152,6 +155,12 @@ class OllamaBackend(Backend):
         self._local = threading.local()  # the last response's headers, per thread
 
     # -- settings ------------------------------------------------------------------------------
+    def check_settings(self) -> None:
+        _remote.check_timeouts()
+        raw = getenv("OLLAMA_NUM_CTX")
+        if raw is not None and str(raw).strip():
+            check_num_ctx(raw, "OLLAMA_NUM_CTX")
+
     def host(self) -> str:
         return normalize_host(getenv("OLLAMA_HOST") or DEFAULT_HOST)
 

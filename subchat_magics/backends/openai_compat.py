@@ -72,6 +72,7 @@ class OpenAIBackend(ChatCompletionsBackend):
     # never picked by auto: a base URL alone does not say the server is up or wanted
     sdk_module = "openai"
     key_var = "OPENAI_API_KEY"
+    key_env = key_var  # %subchat key, masking
     url_var = "OPENAI_BASE_URL"
     ask_usage = True
     url_hint = " (it usually ends in /v1)"

@@ -1,25 +1,28 @@
-"""A pool of requests in flight: what a batch over many items streams through.
+"""A pool of requests in flight: the one way several requests stream together (a fan-out,
+a batch's rows, :meth:`Backend.stream_batch`).
 
-Unlike :meth:`Backend.stream_batch`, which takes every request at once, a pool takes
-requests one at a time while others run, so a batch of 100,000 items keeps only ``size``
-in flight (flat memory, a server never flooded) and the next item starts the moment one
-ends. Events are ``(index, item)`` as from ``stream_batch`` (a delta, the request's
+A pool takes requests while others run, so a batch of 100,000 items keeps only ``size`` in
+flight (flat memory, a server never flooded) and the next item starts the moment one ends.
+Events are ``(index, item)`` (a delta, the request's
 :class:`~subchat_magics.backends.base.Finish`, or the exception that ended it), then
 ``(index, END)`` once the request is over, whichever way it ended.
 
-:func:`open_pool` uses the backend's own pool when it has one (vLLM hands every request
-to its engine, which batches them continuously) and otherwise runs each request's
-:meth:`~subchat_magics.backends.base.Backend.stream` on one of ``size`` threads (remote
-servers: ``size`` requests in flight).
+:func:`open_pool` asks the backend (:meth:`Backend.open_pool`): vLLM hands every request
+to its engine, which batches them continuously; the others run each request's
+:meth:`~subchat_magics.backends.base.Backend.stream` on one of ``size`` threads
+(:class:`ThreadPool`: remote servers, ``size`` requests in flight).
+
+Below the backend protocol (which imports it): nothing here imports it at run time.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from .base import Backend, BatchEvent, Finish, GenerationOptions, Message, cut_finish
+if TYPE_CHECKING:
+    from .base import Backend, BatchEvent, Finish, GenerationOptions, Message
 
 END = object()  # (index, END): request ``index`` is over
 
@@ -29,32 +32,35 @@ class Pool:
 
     size: int
 
-    def submit(self, index: int, messages: Sequence[Message], options: GenerationOptions) -> None:
+    def submit(self, index: int, messages: Sequence["Message"], options: "GenerationOptions") -> None:
         raise NotImplementedError
 
-    def submit_many(self, requests: Sequence[tuple[int, Sequence[Message], GenerationOptions]]
+    def submit_many(self, requests: Sequence[tuple[int, Sequence["Message"], "GenerationOptions"]]
                     ) -> None:
         """Several requests at once (an engine adds them before its next step, so they
         are batched from the first one)."""
         for index, messages, options in requests:
             self.submit(index, messages, options)
 
-    def next_event(self, timeout: float = 0.05) -> BatchEvent | None:
+    def next_event(self, timeout: float = 0.05) -> "BatchEvent | None":
         """The next ``(index, item)``, or None after ``timeout`` seconds without one."""
         raise NotImplementedError
 
-    def cut_finish(self, index: int) -> Finish | None:
+    def cut_finish(self, index: int) -> "Finish | None":
         """What a request cut before its Finish cost, where the backend can say."""
         return None
 
     def close(self) -> None:
         """Stop every request in flight at once (abort them in an engine, close streams)."""
 
+    def join(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the pool's own threads to end (after close)."""
+
 
 class ThreadPool(Pool):
     """Each request's ``backend.stream`` on one of ``size`` threads (started as needed)."""
 
-    def __init__(self, backend: Backend, size: int):
+    def __init__(self, backend: "Backend", size: int):
         self.backend = backend
         self.size = max(1, int(size))
         self._work: queue.SimpleQueue = queue.SimpleQueue()
@@ -63,9 +69,9 @@ class ThreadPool(Pool):
         self._threads: list[threading.Thread] = []
         self._idle = 0
         self._lock = threading.Lock()
-        self._cut: dict[int, Finish] = {}
+        self._cut: dict[int, "Finish"] = {}
 
-    def submit(self, index: int, messages: Sequence[Message], options: GenerationOptions) -> None:
+    def submit(self, index: int, messages: Sequence["Message"], options: "GenerationOptions") -> None:
         with self._lock:
             start = self._idle == 0 and len(self._threads) < self.size
             if not start:
@@ -95,20 +101,20 @@ class ThreadPool(Pool):
             finally:
                 if gen is not None:
                     gen.close()
-                    cut = cut_finish(gen)
-                    if cut is not None:
-                        self._cut[index] = cut
+                    cut = getattr(gen, "cut", None)  # a Stream keeps a cut reply's counts
+                    if isinstance(cut, dict) and 0 in cut:
+                        self._cut[index] = cut[0]
                 self._events.put((index, END))
             with self._lock:
                 self._idle += 1
 
-    def next_event(self, timeout: float = 0.05) -> BatchEvent | None:
+    def next_event(self, timeout: float = 0.05) -> "BatchEvent | None":
         try:
             return self._events.get(timeout=timeout)
         except queue.Empty:
             return None
 
-    def cut_finish(self, index: int) -> Finish | None:
+    def cut_finish(self, index: int) -> "Finish | None":
         return self._cut.get(index)
 
     def close(self) -> None:
@@ -118,11 +124,12 @@ class ThreadPool(Pool):
         for _ in self._threads:
             self._work.put(None)
 
+    def join(self, timeout: float) -> None:
+        for t in self._threads:
+            t.join(timeout)
 
-def open_pool(backend: Backend, size: int) -> Pool:
-    """The pool ``backend`` streams a batch through: its own (``backend.open_pool``) if it
-    has one, else ``size`` threads."""
-    make: Any = getattr(backend, "open_pool", None)
-    if callable(make):
-        return make(size)
-    return ThreadPool(backend, size)
+
+def open_pool(backend: "Backend", size: int, deltas: bool = True) -> Pool:
+    """The pool ``backend`` streams several requests through (``size`` in flight);
+    ``deltas=False``: a request may come back whole (a batch's rows)."""
+    return backend.open_pool(size, deltas)

@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass, field
 
 from ..errors import BackendUnavailable, InvalidInput
+from ..secrets import declare_key_variable
 from .base import Availability, Backend
 
 GROUP = "subchat_magics.backends"
@@ -103,6 +104,8 @@ class Registry:
                         f"install it with: {self.install_hint(name)}"
                     ) from None
                 self._classes[name] = cls
+                if getattr(cls, "key_env", None):
+                    declare_key_variable(cls.key_env)  # masked from now on
             return cls
 
     def _priority(self, name: str) -> int | None:
@@ -114,6 +117,19 @@ class Registry:
     def auto_order(self) -> list[str]:
         """The backends ``auto`` tries, in order: those that declare an ``auto_priority``."""
         return [n for n in self.names() if self._priority(n) is not None]
+
+    def key_backends(self) -> dict[str, str]:
+        """The backends that take an API key, by id, with the variable that holds it
+        (``Backend.key_env``): what ``%subchat key NAME`` accepts."""
+        out = {}
+        for name in self.names():
+            try:
+                env = self.backend_class(name).key_env
+            except BackendUnavailable:
+                continue
+            if env:
+                out[name] = env
+        return out
 
     def describe(self, name: str) -> str:
         try:

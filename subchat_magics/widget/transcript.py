@@ -14,6 +14,7 @@ from typing import Any, Callable
 import ipywidgets as w
 
 from .. import render
+from ..exchange import CONFIG_SYSTEM, system_in_force
 from ..tree import Chat, ChatTree, Message
 from .state import Stream
 from .stream_pane import StreamPane
@@ -56,7 +57,9 @@ class Transcript:
     children is resent only when :attr:`dirty` and :meth:`set_children` is called.
     ``count(n)`` is told of every widget message it sends."""
 
-    def __init__(self, tree: ChatTree, pane: StreamPane, count: Callable[[int], None]):
+    def __init__(self, tree: ChatTree, pane: StreamPane, count: Callable[[int], None],
+                 default_system: Callable[[], str | None] = lambda: None):
+        self.default_system = default_system  # %config SubchatMagics.system_prompt, read live
         self.tree = tree
         self.pane = pane
         self._count = count
@@ -129,10 +132,11 @@ class Transcript:
         chat, head = self.chat, self.head
         if chat is None or head is None:
             return
-        system = self.tree.system_prompt_for(chat)
+        system, source = system_in_force(self.tree, chat, self.default_system())
         value = f"<b>{html.escape(chat.path)}</b>"
         if system:
-            value += f" · <i>system: {html.escape(system[:200])}</i>"
+            where = f" ({html.escape(source)})" if source == CONFIG_SYSTEM else ""
+            value += f" · <i>system{where}: {html.escape(system[:200])}</i>"
         if self.hidden:
             value += (f"<br>… {self.hidden} earlier messages not shown "
                       f"(<code>%subchat show {html.escape(chat.path)}</code>)")

@@ -90,7 +90,8 @@ class TreeView(w.VBox):
                                active=lambda: self.stream_pane.shown is not None,
                                on_error=self._draw_failed)
         self.stream_pane = StreamPane(self.loop.count)
-        self.transcript_pane = Transcript(tree, self.stream_pane, self.loop.count)
+        self.transcript_pane = Transcript(tree, self.stream_pane, self.loop.count,
+                                          lambda: session.defaults.system_prompt)
         self.stream = self.stream_pane.box
         self.transcript = self.transcript_pane.box
 

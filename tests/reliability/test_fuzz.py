@@ -23,8 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from IPython.core.error import UsageError
 
+from subchat_magics.backends.registry import registry
 from subchat_magics.magics import SUBCOMMANDS
 from subchat_magics.testing import reliability as h
+from subchat_magics.testing.fakeservers import FakeGroq, FakeOllama, FakeOpenAI
 
 EXAMPLES = int(os.environ.get("SUBCHAT_FUZZ_EXAMPLES", "100"))  # per test; two tests
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
@@ -64,10 +66,55 @@ body = st.one_of(
     st.sampled_from([100_000, 1_000_000]).map(lambda n: ("huge " * n)[:n]),  # huge
 )
 
-FLAGS = ["--backend", "-b", "--model", "-m", "--system", "-s", "--max-tokens", "-n",
-         "--temperature", "-t", "--top-p", "--seed", "--think", "--no-think", "--format", "-f",
-         "--var", "-o", "--fanout", "--children", "--temperatures", "-h", "--help", "--", "-"]
-BACKENDS = st.sampled_from(["echo", "echo", "echo", "ECHO", " echo ", "vllm", "nope", "", "auto"])
+def _parser_flags() -> dict[str, object]:
+    """Every flag of ``%%subchat``, read from its parser (a new flag is fuzzed without
+    editing this file), with how its value is drawn: a type, choices, or none."""
+    from subchat_magics.magics import SubchatMagics
+
+    flags: dict[str, object] = {}
+    for action in SubchatMagics.subchat.parser._actions:
+        for flag in action.option_strings:
+            if action.nargs == 0:
+                flags[flag] = None  # a switch
+            elif action.choices:
+                flags[flag] = list(action.choices)
+            else:
+                flags[flag] = action.type or str
+    return flags
+
+
+PARSER_FLAGS = _parser_flags()
+# the backends' own options (their declarations), e.g. Ollama's --num-ctx
+OWN_FLAGS = sorted({o.flag for n in registry().names()
+                    for o in registry().backend_class(n).own_options.values()})
+FLAGS = sorted(set(PARSER_FLAGS) | set(OWN_FLAGS)) + ["-h", "--help", "--", "-"]
+# every backend: echo, and the loopback Ollama, Groq and OpenAI servers (remote_servers)
+BACKENDS = st.sampled_from(["echo", "echo", "ECHO", " echo ", "ollama", "groq", "openai",
+                            "vllm", "nope", "", "auto"])
+# every setting the README documents that names no host, key or file (those would send
+# traffic elsewhere or move the store): drawn good and bad
+SETTINGS = sorted({m for m in re.findall(r"\b(?:SUBCHAT|OLLAMA|GROQ|OPENAI|LLM)_[A-Z_]+",
+                                         (Path(__file__).parents[2] / "README.md").read_text())
+                   if not re.search(r"HOST|URL|KEY|STORE|VLLM_MODEL", m)})
+SETTING_VALUES = st.sampled_from(["", "0", "-1", "abc", "nan", "inf", "1e400", "0.0001", "5",
+                                  "300", "8192", "echo", "auto", "nope", "model-x"])
+
+
+def _value_for(draw, flag: str) -> list[str]:
+    kind = PARSER_FLAGS.get(flag, int)  # own options are typed: ints so far
+    if flag in ("--backend", "-b"):
+        return [draw(BACKENDS)]
+    if kind is None:
+        return []
+    if isinstance(kind, list):
+        return [draw(st.one_of(st.sampled_from(kind), line_text))]
+    if kind in (int, float):
+        return [draw(number)]
+    if flag in ("--children", "--temperatures"):
+        return [",".join(draw(st.lists(st.one_of(words, number), max_size=4)))]
+    if flag in ("--each", "--choice", "--json"):  # a variable of the notebook, or not
+        return [draw(st.one_of(st.sampled_from(["qs", "labels", "schema"]), line_text))]
+    return [draw(line_text)]
 
 
 @st.composite
@@ -79,20 +126,20 @@ def subchat_line(draw):
     for _ in range(draw(st.integers(0, 5))):
         flag = draw(st.sampled_from(FLAGS))
         out.append(flag)
-        if flag in ("--backend", "-b"):
-            out.append(draw(BACKENDS))
-        elif flag in ("--max-tokens", "-n", "--temperature", "-t", "--top-p", "--seed",
-                      "--fanout"):
-            out.append(draw(number))
-        elif flag in ("--children", "--temperatures"):
-            out.append(",".join(draw(st.lists(st.one_of(words, number), max_size=4))))
-        elif flag in ("--format", "-f"):
-            out.append(draw(st.sampled_from(["markdown", "text", "html", ""])))
-        elif flag not in ("--think", "--no-think", "-h", "--help", "--", "-"):
-            out.append(draw(line_text))
+        out += _value_for(draw, flag)
     if "--backend" not in out and "-b" not in out:
-        out += ["--backend", "echo"]  # never wait on a real server
+        out += ["--backend", draw(BACKENDS)]
     return _join(draw, out)
+
+
+@st.composite
+def settings_env(draw):
+    """Some documented settings, each set to a value drawn good or bad."""
+    chosen = draw(st.lists(st.sampled_from(SETTINGS), max_size=3, unique=True)) if SETTINGS else []
+    env = {name: draw(SETTING_VALUES) for name in chosen}
+    if env.get("SUBCHAT_ECHO_DELAY") in ("5", "300", "8192", "inf", "1e400"):
+        env["SUBCHAT_ECHO_DELAY"] = "0.0001"  # seconds a word: a valid slow value only waits
+    return env
 
 
 def _join(draw, tokens):
@@ -142,7 +189,9 @@ def _rows(store):
 
 
 def _run(shell, source):
-    """Run one cell: it succeeds, or fails with a UsageError that changed nothing."""
+    """Run one cell: it succeeds, or fails with a one-line UsageError. A refusal changes
+    nothing; a backend that failed while answering (after the send) may only have added
+    its attempt, marked: no row that existed is changed or gone."""
     store = Path.cwd() / "subchats.db"  # the fixtures' working folder
     before = _rows(store)
     result, cap = shell.run(source)
@@ -152,7 +201,14 @@ def _run(shell, source):
         assert isinstance(err, UsageError), f"{source[:300]!a} raised {type(err).__name__}: {err!a}"
         msg = str(err)
         assert msg.startswith(("%%subchat", "%subchat")) and "Traceback" not in msg, msg[:300]
-        assert _rows(store) == before, f"{source[:300]!a} failed ({msg[:200]!a}) but changed the store"
+        after = _rows(store)
+        if after != before:
+            chats, messages = after
+            assert set(before[0]) <= set(chats) and set(before[1]) <= set(messages), \
+                f"{source[:300]!a} failed ({msg[:200]!a}) and changed rows that existed"
+            new = [m for m in messages if m not in set(before[1])]
+            assert any(m[3] == "assistant" and m[5] != "complete" for m in new), \
+                f"{source[:300]!a} failed ({msg[:200]!a}) but stored more than a marked attempt"
         COUNTS["usage_errors"] += 1
     return err
 
@@ -177,8 +233,30 @@ def _tree_valid(workdir):
 @pytest.fixture
 def fuzz_shell(shell, workdir, monkeypatch):
     monkeypatch.setenv("HOME", str(workdir))  # '~' in a fuzzed file name stays in here
-    yield shell
+    with FakeOllama() as ollama, FakeGroq() as groq, FakeOpenAI() as openai:
+        monkeypatch.setenv("OLLAMA_HOST", ollama.url)
+        monkeypatch.setenv("GROQ_BASE_URL", groq.url)
+        monkeypatch.setenv("GROQ_API_KEY", groq.key)
+        monkeypatch.setenv("OPENAI_BASE_URL", openai.base_url)
+        shell.ns.update(qs=["a", "b"], labels=["yes", "no"],
+                        schema={"type": "object", "properties": {"a": {"type": "integer"}}})
+        yield shell
+    registry().close()
     _report()
+
+
+def _with_settings(env: dict[str, str]):
+    """Set ``env`` in os.environ for one case; returns the undo."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+
+    def undo() -> None:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return undo
 
 
 def _report():
@@ -190,9 +268,13 @@ def _report():
 
 
 @FUZZ
-@given(line=subchat_line(), text=body)
-def test_any_subchat_cell_is_a_reply_or_a_usage_error(fuzz_shell, workdir, line, text):
-    _run(fuzz_shell, f"%%subchat {line}\n{text}")
+@given(line=subchat_line(), text=body, env=settings_env())
+def test_any_subchat_cell_is_a_reply_or_a_usage_error(fuzz_shell, workdir, line, text, env):
+    undo = _with_settings(env)
+    try:
+        _run(fuzz_shell, f"%%subchat {line}\n{text}")
+    finally:
+        undo()
     _tree_valid(workdir)
 
 

@@ -3,7 +3,10 @@
 ``%load_vllm`` (or :func:`load`) builds a ``vllm.LLM``; :func:`register_vllm` adopts one
 built by hand. The package's rooms:
 
-- :mod:`.plan`: what a load asks for and the engine arguments for the GPUs present (pure);
+- :mod:`.plan`: what a load asks for, the engine arguments for the GPUs present, and where
+  its memory goes (pure);
+- :mod:`.gpus`: the GPUs and driver, from ``nvidia-smi`` (or torch), parsed purely;
+- :mod:`.discover`: the model folders under ``/kaggle/input`` and in the Hugging Face cache;
 - :mod:`.compat`: the only module that knows vLLM (imports, version differences,
   engine-argument validation, shutdown);
 - :mod:`.driver`: the thread that alone calls the engine (add, step, abort);
@@ -41,6 +44,7 @@ from .slot import (
     VLLMClient,
     active_engine,
     load,
+    plan_only,
     register_vllm,
     release,
     release_with_extension,
@@ -50,7 +54,7 @@ from .slot import (
 __all__ = [
     "DTYPES", "KAGGLE_DEFAULTS", "Delta", "Driver", "Engine", "LoadSettings", "Plan", "Reply",
     "VLLMBackend", "VLLMClient", "active_engine", "as_error", "check_model_path", "detect_gpus",
-    "dtype_for", "free_memory", "has_rope_scaling", "import_vllm", "load", "max_positions",
+    "dtype_for", "free_memory", "has_rope_scaling", "import_vllm", "load", "max_positions", "plan_only",
     "model_label", "needs_spawn", "parse_engine_arg", "plan_load", "quantization_for",
     "register_vllm", "release", "release_with_extension", "sampling_params",
     "tensor_parallel_size", "unload",

@@ -4,21 +4,23 @@ its counts are kept on the stream (:func:`~subchat_magics.backends.base.cut_fini
 
 Imports the backend protocol, :mod:`.slot` and :mod:`.requests`; never vLLM itself."""
 
+
 from __future__ import annotations
 
 import functools
 import json
-import queue
 from dataclasses import replace
 from typing import Any, Iterator, Sequence
 
-from ...errors import BackendUnavailable, SubchatError
+from ...errors import BackendUnavailable, InvalidInput, SubchatError
 from ...structured import json_schema
 from ...tools import ToolCall, pseudo_answer_name, step_schema
-from ..base import Availability, Backend, BatchEvent, Finish, GenerationOptions, Message, Stream
+from ..base import Availability, Backend, Finish, GenerationOptions, Message, Stream, cut_finish
 from . import slot
 from .pool import EnginePool
-from .requests import Reply, as_error
+
+#: own options that go with tools (see :meth:`VLLMBackend._tool_step`)
+TOOL_OPTIONS = {"tool_choice", "tool_constraint"}
 
 
 class VLLMBackend(Backend):
@@ -38,6 +40,7 @@ class VLLMBackend(Backend):
     extra = "vllm"
     auto_priority = 10
     constraints = ("json", "choice", "regex")  # structured outputs, in the engine
+    concurrency = 1024  # a batch's rows in the engine at once (its scheduler takes what fits)
     supports_tools = True  # the call constrained to the tools' schemas (see _tool_step)
 
     @property
@@ -84,6 +87,27 @@ class VLLMBackend(Backend):
                     "supports tools (Qwen3, Llama 3.1+, Mistral…)")
         return None
 
+    def check_options(self, options: GenerationOptions) -> None:
+        """Own options are ``SamplingParams`` fields (``top_k``, ``repetition_penalty``,
+        ``ignore_eos``, ``structured_outputs``…): any other name is refused."""
+        extra = options.extra or {}
+        if not extra:
+            return
+        from .compat import sampling_param_names
+
+        known = set(sampling_param_names()) | {"structured_outputs", "guided_decoding"} \
+            | TOOL_OPTIONS
+        unknown = sorted(k for k in extra if k not in known)
+        if unknown:
+            raise InvalidInput(f"the vllm backend does not take {', '.join(unknown)} (its own "
+                               "options are vLLM's SamplingParams fields, e.g. top_k, "
+                               "repetition_penalty, and with tools tool_choice, "
+                               "tool_constraint)")
+        if extra.get("tool_choice") not in (None, "auto", "required"):
+            raise InvalidInput(f"tool_choice is auto or required, not {extra['tool_choice']!r}")
+        if not isinstance(extra.get("tool_constraint", True), bool):
+            raise InvalidInput("tool_constraint is True or False")
+
     def count_tokens(self, text: str, options: GenerationOptions) -> int | None:
         engine = slot.active_engine()
         return engine.count_tokens(text) if engine is not None else None
@@ -98,18 +122,26 @@ class VLLMBackend(Backend):
         return engine
 
     def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[str | Finish]:
+        """One request: a pool of one in the engine (:class:`.pool.EnginePool`), the text
+        a delta a step. With tools, a constrained step first (:meth:`_tool_step`)."""
         if options.tools:
             return Stream(lambda stream: self._tool_step(messages, options, stream))
+        return self._one(messages, options)
+
+    def _one(self, messages: Sequence[Message], options: GenerationOptions) -> Stream:
+        batch = self.stream_batch([(messages, options)])
 
         def run(stream: Stream) -> Iterator[str | Finish]:
-            events = self._consume([(messages, options)], stream, single=True)
             try:
-                for _, item in events:
+                for _, item in batch:
                     if isinstance(item, BaseException):
                         raise item
                     yield item
             finally:
-                events.close()
+                batch.close()
+                cut = cut_finish(batch)
+                if cut is not None:
+                    stream.cut[0] = cut
 
         return Stream(run)
 
@@ -135,18 +167,18 @@ class VLLMBackend(Backend):
                        stop=None if constrained else ["</tool_call>"])
         parts: list[str] = []
         finish: Finish | None = None
-        events = self._consume([(messages, step)], stream, single=True)
+        events = self._one(messages, step)
         try:
-            for _, item in events:
-                if isinstance(item, BaseException):
-                    raise item
+            for item in events:
                 if isinstance(item, Finish):
                     finish = item
                 else:
                     parts.append(item)
         finally:
             events.close()
-        stream.cut.clear()
+            cut = cut_finish(events)
+            if finish is None and cut is not None:
+                stream.cut[0] = cut
         text = "".join(parts).strip()
         finish = finish or Finish(model=self.default_model())
         try:
@@ -158,22 +190,18 @@ class VLLMBackend(Backend):
             why = None if isinstance(chosen, dict) else "the model's call is not a JSON object"
         if isinstance(chosen, dict) and chosen.get("name") == answer and set(chosen) == {"name"}:
             # the model answers: stream the answer (the step's tokens are counted with it)
-            def answer_run(inner: Stream) -> Iterator[Any]:
-                return self._consume([(messages, options_without_prefill(options))], inner,
-                                     single=True)
-            inner = Stream(answer_run)
+            inner = self._one(messages, options_without_prefill(options))
             try:
-                for _, item in inner:
-                    if isinstance(item, BaseException):
-                        raise item
+                for item in inner:
                     if isinstance(item, Finish):
                         item.extra["tool_step_tokens"] = finish.completion_tokens
                         item.extra["tool_step"] = "answer"
                     yield item
             finally:
                 inner.close()
-                if 0 in inner.cut:
-                    stream.cut[0] = inner.cut[0]
+                cut = cut_finish(inner)
+                if cut is not None:
+                    stream.cut[0] = cut
             return
         if isinstance(chosen, dict):
             call = ToolCall.parse(str(chosen.get("name", "")), chosen.get("arguments", {}))
@@ -185,74 +213,10 @@ class VLLMBackend(Backend):
         finish.extra["tool_step"] = "constrained" if constrained else "free"
         yield finish
 
-    def stream_batch(self, requests: Sequence[tuple[Sequence[Message], GenerationOptions]]) -> Iterator[BatchEvent]:
-        """All requests are added to the engine in one go, so it batches them; events come
-        in the order the engine produces them."""
-        return Stream(lambda stream: self._consume(requests, stream))
-
-    def _consume(self, requests: Sequence[tuple[Sequence[Message], GenerationOptions]],
-                 stream: Stream, single: bool = False) -> Iterator[BatchEvent]:
-        """The one loop: prepare every request (one that cannot be sent is an error event,
-        raised for a ``single`` stream), submit them together, hand on the engine's events
-        in order; whatever way it ends, abort what the engine still holds and keep the
-        counts of every cut reply."""
-        engine = self._engine()
-        failed: list[tuple[int, BaseException]] = []
-        replies: dict[int, Reply] = {}
-        items = []
-        for index, (messages, options) in enumerate(requests):
-            try:
-                reply, params = engine.prepare(messages, options)
-            except SubchatError as exc:
-                if single:
-                    raise
-                failed.append((index, exc))
-                continue
-            replies[index] = reply
-            items.append((reply.prompt.token_ids, params, index))
-        sink: queue.SimpleQueue = queue.SimpleQueue()
-
-        def cut(index: int, reason: str) -> None:
-            reply = replies[index]
-            reply.in_engine = False
-            stream.cut[index] = reply.finish(engine.label, reason)
-
-        try:
-            if items:
-                for (_, _, index), rid in zip(items, engine.submit(items, sink)):
-                    replies[index].rid, replies[index].in_engine = rid, True
-            yield from failed
-            open_ = set(replies)
-            while open_:
-                index, ev = engine.next_event(sink)
-                reply = replies[index]
-                if isinstance(ev, BaseException):
-                    open_.discard(index)
-                    error = as_error(ev)
-                    cut(index, "error")
-                    engine.remember(reply)
-                    yield index, error
-                    continue
-                reply.add(ev)
-                if ev.text:
-                    yield index, ev.text
-                if ev.finished:
-                    reply.finished, reply.in_engine = True, False
-                    open_.discard(index)
-                    engine.remember(reply)
-                    yield index, reply.finish(engine.label, ev.finish_reason)
-        finally:
-            held = [r.rid for r in replies.values() if r.in_engine]
-            engine.abort(held)
-            for index, reply in replies.items():
-                if not reply.finished and index not in stream.cut:
-                    cut(index, "interrupted")
-                    engine.remember(reply)  # what was kept of it can still be reused
-
-    def open_pool(self, size: int) -> EnginePool:
-        """What a batch (``%%subchat --each``) streams through: each request goes into the
-        engine when the batch submits it, so every request in flight is batched."""
-        return EnginePool(self._engine(), size)
+    def open_pool(self, size: int, deltas: bool = True) -> EnginePool:
+        """Requests in the engine (one reply, a fan-out, a batch's rows): each goes into
+        the engine when it is submitted, so every request in flight is batched."""
+        return EnginePool(self._engine(), size, deltas)
 
     def unfinished_requests(self) -> int:
         """Requests the engine still holds (0 when idle)."""
@@ -260,7 +224,6 @@ class VLLMBackend(Backend):
 
     def close(self) -> None:
         """Nothing to release per instance: the engine belongs to the kernel."""
-
 
 def options_without_prefill(options: GenerationOptions) -> GenerationOptions:
     """``options`` for the answer after a tool step: the tools still rendered by the

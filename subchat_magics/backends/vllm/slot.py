@@ -19,20 +19,27 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ...errors import BackendError, InvalidInput
 from ...prompting import PromptBuilder
 from ..base import GenerationOptions, Message
-from . import compat, hub
+from . import compat, discover, gpus, hub
 from .driver import Driver
 from .plan import (
+    GiB,
     LoadSettings,
+    MemoryPlan,
+    Plan,
     check_engine_arg_keys,
+    check_fits,
     check_model_path,
     clean_model_arg,
     first_line,
+    flags_line,
     is_hub_id,
+    memory_plan,
     model_label,
     plan_load,
 )
@@ -261,8 +268,19 @@ def load(settings: LoadSettings, echo: Callable[[str], None] | None = print) -> 
     if "vllm" not in sys.modules:
         say("Importing vLLM…")
     vllm = compat.import_vllm()
+    if found is None and not discover.weight_size(path):
+        raise InvalidInput(
+            f"%load_vllm: {clean_model_arg(settings.model)!r} holds config.json but no weight "
+            f"files ({', '.join(discover.WEIGHT_SUFFIXES)}); give the folder that holds them "
+            "(%load_vllm without a path lists the models found)")
     n, caps = compat.detect_gpus()
-    plan = plan_load(settings, config, path, n, caps)
+    plan = _named(plan_load(settings, config, path, n, caps), settings, found)
+    plan.kwargs.update(compat.coerce_engine_args(settings.engine_args))
+    memory = _memory_plan(plan, config, found, compat.gpu_totals(n))
+    if memory is not None:
+        for line in memory.lines():
+            say(line)
+    check_fits(memory)  # before anything is let go
     for key, value in compat.structured_outputs_defaults(compat.engine_arg_names()).items():
         plan.kwargs.setdefault(key, value)  # an --engine-arg of the same name wins
     if plan.spawn:
@@ -308,6 +326,69 @@ def load(settings: LoadSettings, echo: Callable[[str], None] | None = print) -> 
                  "not shown: %load_vllm --verbose shows its log)")
     say(f"vLLM ready: {said}")
     return engine
+
+
+def _named(plan: Plan, settings: LoadSettings, found: Any) -> Plan:
+    """The label of the folder as given (a Kaggle input linked elsewhere keeps its name)."""
+    if found is None:
+        plan.label = model_label(Path(clean_model_arg(settings.model)).expanduser().absolute())
+    return plan
+
+
+def _weights_on_disk(path: Any, found: Any) -> int | None:
+    """Bytes of the model's weight files: in its folder, its cached snapshot, or the
+    download's size; None where unknown (the plan then estimates them from the config)."""
+    folder = getattr(found, "snapshot", None) if found is not None else path
+    if folder is not None:
+        size = discover.weight_size(Path(folder))
+        if size:
+            return size
+    return getattr(found, "download_bytes", None) if found is not None else None
+
+
+def _cpu_kv_bytes() -> int | None:
+    raw = (os.environ.get("VLLM_CPU_KVCACHE_SPACE") or "").strip()
+    return int(raw) * GiB if raw.isdigit() and int(raw) > 0 else None
+
+
+def _memory_plan(plan: Plan, config: dict[str, Any], found: Any, totals: Sequence[int]) -> MemoryPlan | None:
+    return memory_plan(config, plan.kwargs, totals, _weights_on_disk(plan.path, found), _cpu_kv_bytes())
+
+
+def plan_only(settings: LoadSettings, echo: Callable[[str], None] | None = print) -> Plan:
+    """What ``%load_vllm MODEL --plan`` prints, without loading (and without importing
+    vLLM: the GPUs come from ``nvidia-smi``): weights per GPU, the KV cache room at the
+    chosen ``gpu_memory_utilization``, the tokens that fit, the rows in flight at
+    ``max_model_len``, and the engine arguments. A ``max_model_len`` that cannot fit is
+    said, with the largest that does."""
+    say = echo or (lambda _s: None)
+    found = None
+    if is_hub_id(settings.model):
+        found = hub.resolve(clean_model_arg(settings.model))
+        path, config = found.repo_id, found.config
+    else:
+        path, config = check_model_path(settings.model)
+    check_engine_arg_keys(settings.engine_args)
+    if "vllm" in sys.modules:
+        n, caps = compat.detect_gpus()
+        totals = compat.gpu_totals(n)
+    else:
+        machine = gpus.probe(use_torch=False)
+        n, caps, totals = len(machine.gpus), machine.capabilities, [g.total for g in machine.gpus]
+    plan = _named(plan_load(settings, config, path, n, caps), settings, found)
+    memory = _memory_plan(plan, config, found, totals)
+    say(f"Plan for {plan.label} (nothing loaded):")
+    if memory is None:
+        say("  the config does not say enough (hidden_size, layers, heads, vocab) to size it")
+    else:
+        for line in memory.lines():
+            say("  " + line)
+        if memory.fits is False:
+            say(f"  --max-model-len {memory.largest_len} would fit"
+                if memory.largest_len and memory.largest_len >= 16 else
+                "  no length fits: free memory or use a smaller model")
+    say("  " + flags_line(plan.kwargs, plan.spawn))
+    return plan
 
 
 @contextlib.contextmanager
