@@ -331,15 +331,22 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [args.echo_items // 4, args.echo_items // 2, args.echo_items]
         results["echo"] = bench_echo(cells, sizes)
     parts = [k for k in ("vllm", "remote", "echo") if k in results]
-    results["pass"] = all(results[k]["pass"] for k in parts)
+    # a part that did not run is not a pass: only one skipped with --skip is left out, and
+    # a run that judged nothing at all fails
+    results["skipped_as_asked"] = sorted(set(args.skip))
+    results["did_not_run"] = [k for k in ("vllm", "remote", "echo")
+                              if k not in results and k not in args.skip]
+    results["pass"] = bool(parts) and not results["did_not_run"] and all(
+        results[k]["pass"] for k in parts)
     results["total_s"] = round(time.perf_counter() - t_start, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     tmp.replace(out_file)
     print(json.dumps(results, indent=2))
-    print(f"{'PASS' if results['pass'] else 'FAIL'}: " + ", ".join(
-        f"{k} {'pass' if results[k]['pass'] else 'FAIL'}" for k in parts))
+    print(f"{'PASS' if results['pass'] else 'FAIL'}: " + (", ".join(
+        f"{k} {'pass' if results[k]['pass'] else 'FAIL'}" for k in parts) or "no part ran")
+        + "".join(f", {k} skipped (--skip)" for k in results["skipped_as_asked"]))
     return 0 if results["pass"] else 1
 
 

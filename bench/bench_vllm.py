@@ -16,6 +16,10 @@ the best runs (those least disturbed by the rest of the machine), with the media
 for 1, process CPU time) beside.
 
     python bench/bench_vllm.py [--reps 9] [--tokens 256] [--fanout-tokens 128]
+    python bench/bench_vllm.py --broken plain         # prefix judged on a plain re-render: FAILS
+    python bench/bench_vllm.py --broken short-fanout  # fan-out replies a quarter long: FAILS
+
+Fan-out is judged in output tokens per second, each reply's length read on both sides.
 
 Writes ``bench/results/vllm.json`` and prints it.
 """
@@ -40,6 +44,7 @@ CACHE = tiny_model.use_cpu_engine_settings()
 
 OUT = HERE / "results" / "vllm.json"
 TARGETS = {"stream_vs_generate_max_ratio": 1.10, "fanout_min_speedup": 5.0, "prefix_min_hit": 1.0}
+FANOUT_MIN_FILL = 0.9  # each side of the fan-out comparison produces >= 90% of its tokens
 
 
 class Cells:
@@ -126,33 +131,57 @@ def bench_stream(cells: Cells, engine, reps: int, tokens: int) -> dict:
     }
 
 
-def bench_fanout(cells: Cells, engine, reps: int, tokens: int, n: int = 8) -> dict:
+def bench_fanout(cells: Cells, engine, reps: int, tokens: int, n: int = 8,
+                 broken: str | None = None) -> dict:
+    """Judged in output tokens per second on both sides, with every reply's length read
+    from its provenance: a fan-out whose replies stop early (or a sequential side that
+    does) cannot pass by doing less work. Each side must also produce at least
+    ``FANOUT_MIN_FILL`` of its ``n * tokens``. ``broken="short-fanout"``: the fan-out asks
+    for a quarter of the tokens (a fan-out that stops early): it must fail."""
+    fan_tokens = tokens // 4 if broken == "short-fanout" else tokens
     text = "Name a river and say why it matters."
     batched, sequential = [], []
+    batched_tokens, sequential_tokens = [], []
     for r in range(reps):
         parent = f"f{r}"
         cells.run(f"%%subchat {parent} --max-tokens 4\nA question follows.")
         reset_cache(engine)
-        batched.append(cells.run(f"%%subchat {parent} --fanout {n} --max-tokens {tokens} "
+        batched.append(cells.run(f"%%subchat {parent} --fanout {n} --max-tokens {fan_tokens} "
                                  f"--temperature 0.7\n{text}"))
-        for i in range(1, n + 1):
-            assert last_reply(f"root/{parent}/{i}").provenance["completion_tokens"] <= tokens
+        lengths = [last_reply(f"root/{parent}/{i}").provenance["completion_tokens"]
+                   for i in range(1, n + 1)]
+        assert all(0 < x <= tokens for x in lengths), lengths
+        batched_tokens.append(sum(lengths))
         reset_cache(engine)
         t = 0.0
+        lengths = []
         for i in range(1, n + 1):
             t += cells.run(f"%%subchat {parent}/seq{i} --max-tokens {tokens} --temperature 0.7 "
                            f"--seed {i}\n{text}")
+            lengths.append(last_reply(f"root/{parent}/seq{i}").provenance["completion_tokens"])
+        assert all(0 < x <= tokens for x in lengths), lengths
         sequential.append(t)
-    speedup = min(sequential) / min(batched)
+        sequential_tokens.append(sum(lengths))
+    rate_b = [k / s for k, s in zip(batched_tokens, batched)]
+    rate_s = [k / s for k, s in zip(sequential_tokens, sequential)]
+    speedup = max(rate_b) / max(rate_s)
+    want = n * tokens
+    fill_b, fill_s = min(batched_tokens) / want, min(sequential_tokens) / want
     return {
         "what": f"%%subchat --fanout {n} vs {n} sequential %%subchat replies, {tokens} tokens each, "
-                "temperature 0.7, seeds 1..8",
+                "temperature 0.7, seeds 1..8; judged in output tokens per second",
         "fanout_s": [round(x, 4) for x in batched], "sequential_s": [round(x, 4) for x in sequential],
-        "fanout_best_s": round(min(batched), 4), "sequential_best_s": round(min(sequential), 4),
+        "fanout_tokens": batched_tokens, "sequential_tokens": sequential_tokens,
+        "tokens_asked_per_side": want,
+        "fanout_tokens_per_s_best": round(max(rate_b), 1),
+        "sequential_tokens_per_s_best": round(max(rate_s), 1),
         "speedup": round(speedup, 2),
-        "speedup_median": round(statistics.median(sequential) / statistics.median(batched), 2),
+        "speedup_median": round(statistics.median(rate_b) / statistics.median(rate_s), 2),
         "target_min_speedup": TARGETS["fanout_min_speedup"],
-        "pass": speedup >= TARGETS["fanout_min_speedup"],
+        "min_fill": {"fanout": round(fill_b, 3), "sequential": round(fill_s, 3),
+                     "target": FANOUT_MIN_FILL},
+        "pass": speedup >= TARGETS["fanout_min_speedup"] and fill_b >= FANOUT_MIN_FILL
+        and fill_s >= FANOUT_MIN_FILL,
     }
 
 
@@ -203,9 +232,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--fanout-tokens", type=int, default=128)
-    ap.add_argument("--broken", choices=["plain"], default=None,
-                    help="judge a plain re-render as the prefix result (must fail; written to "
-                         "vllm-broken-plain.json)")
+    ap.add_argument("--broken", choices=["plain", "short-fanout"], default=None,
+                    help="plain: judge a plain re-render as the prefix result; short-fanout: a "
+                         "fan-out whose replies stop at a quarter of the tokens (each must "
+                         "fail; written to vllm-broken-MODE.json)")
     args = ap.parse_args()
     out_file = OUT if args.broken is None else OUT.with_name(f"vllm-broken-{args.broken}.json")
 
@@ -229,7 +259,8 @@ def main() -> None:
                   "load_s_including_import": round(load_s, 2)},
         "command": " ".join(["python bench/bench_vllm.py", *sys.argv[1:]]),
         "stream": bench_stream(cells, engine, args.reps, args.tokens),
-        "fanout": bench_fanout(cells, engine, max(1, args.reps // 2 + 1), args.fanout_tokens),
+        "fanout": bench_fanout(cells, engine, max(1, args.reps // 2 + 1), args.fanout_tokens,
+                               broken=args.broken),
         "prefix": bench_prefix(cells, engine, args.broken),
     }
     results["pass"] = all(results[k]["pass"] for k in ("stream", "fanout", "prefix"))

@@ -15,17 +15,24 @@ class Listeners:
 
     def __init__(self) -> None:
         self._items: list[Listener] = []
+        self._relays: dict[int, "Listeners"] = {}  # id(listener) -> the set it passes events to
         self._lock = threading.Lock()
 
-    def add(self, listener: Listener) -> Callable[[], None]:
-        """Subscribe ``listener``; returns the function that unsubscribes it."""
+    def add(self, listener: Listener, *, relays: "Listeners | None" = None) -> Callable[[], None]:
+        """Subscribe ``listener``; returns the function that unsubscribes it. ``relays``:
+        the listener only passes events on to those listeners (the core relaying the
+        tree's events), so it counts as listening only while they are there."""
         with self._lock:
             self._items.append(listener)
+            if relays is not None:
+                self._relays[id(listener)] = relays
 
         def remove() -> None:
             with self._lock:
                 if listener in self._items:
                     self._items.remove(listener)
+                    if listener not in self._items:
+                        self._relays.pop(id(listener), None)
 
         return remove
 
@@ -35,6 +42,16 @@ class Listeners:
                 listener(event, data)
             except Exception:  # noqa: BLE001 - a broken view must not break a reply
                 pass
+
+    def wanted(self) -> bool:
+        """Whether someone listens for its own sake: a relay counts only while what it
+        relays to is listened to. (A source builds its per-chunk events only then.)"""
+        relays = self._relays
+        for listener in self._items:
+            relay = relays.get(id(listener))
+            if relay is None or relay.wanted():
+                return True
+        return False
 
     def __bool__(self) -> bool:
         return bool(self._items)

@@ -75,10 +75,16 @@ class ReplyView:
         self.kernel = in_kernel(shell)
         self.fmt = fmt
         self.coalescer = Coalescer(interval)
-        self.text = ""
+        self._parts: list[str] = []  # joined only when shown (~20 a second), not per delta
         self.handle = None
         self._written = 0
         self.shown: dict[str, str] | None = None  # the final bundle of a parsed value
+
+    @property
+    def text(self) -> str:
+        if len(self._parts) > 1:
+            self._parts[:] = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
 
     def start(self) -> None:
         if self.kernel:
@@ -87,7 +93,7 @@ class ReplyView:
             self.handle = display({"text/plain": ""}, raw=True, display_id=True)
 
     def delta(self, d: str) -> None:
-        self.text += d
+        self._parts.append(d)
         if self.coalescer.tick():
             self._flush(final=False)
 
@@ -111,7 +117,7 @@ class ReplyView:
 
     def finish(self, tag: str | None = None) -> None:
         if tag:
-            self.text += f"\n[{tag}]"
+            self._parts.append(f"\n[{tag}]")
         self.coalescer.final()
         self._flush(final=True)
 
@@ -759,11 +765,9 @@ class SubchatMagics(Magics):
     def _cmd_status(self, rest: list[str]) -> None:
         self._parse("status", rest)
         st = self.session.status()
-        tree = self.session.tree
-        counts = tree.store.message_counts()
         lines = [
-            f"store:    {st['store']} ({len(tree.chats())} chats, {sum(counts.values())} messages)"
-            + (f", read-only: {tree.store.read_only}" if tree.store.read_only else ""),
+            f"store:    {st['store']} ({st['chats']} chats, {st['messages']} messages)"
+            + (f", read-only: {st['read_only']}" if st["read_only"] else ""),
             f"current:  {st['current']}",
             f"backend:  {st['active'] or 'none'} (asked for {st['requested']!r} by {st['requested_from']})",
         ]
@@ -782,14 +786,15 @@ class SubchatMagics(Magics):
     def _cmd_reopen(self, rest: list[str]) -> None:
         a = self._parse("reopen", rest, (("--restore",), dict(action="store_true")))
         tree = self.session.reopen(restore=a.restore)
-        print(f"store: {tree.store.path} ({len(tree.chats())} chats); current chat: root")
+        print(f"store: {self.session.store_path()} ({len(tree.chats())} chats); current chat: root")
 
     def _cmd_copy_to(self, rest: list[str]) -> None:
         a = self._parse("copy-to", rest, (("file",), {}))
         old = self.session.store_path()
         tree = self.session.copy_to(a.file)
-        self.store_path = str(tree.store.path)  # %config shows the store in use
-        print(f"copied {old} to {tree.store.path} ({len(tree.chats())} chats); now writing "
+        new = self.session.store_path()
+        self.store_path = str(new)  # %config shows the store in use
+        print(f"copied {old} to {new} ({len(tree.chats())} chats); now writing "
               f"there, current chat: {self.session.current} (the original is untouched)")
 
     def _cmd_backend(self, rest: list[str]) -> None:

@@ -131,7 +131,7 @@ class Session:
         session = cls(store_path=tree.store.path)
         with session._lock:
             session._tree = session._borrowed = tree  # type: ignore[assignment]
-            session._unhook = tree.subscribe(session._on_tree_event)
+            session._unhook = tree.subscribe(session._on_tree_event, relays=session._listeners)
         return session
 
     # -- events ------------------------------------------------------------------------------
@@ -179,7 +179,7 @@ class Session:
                 new = Tree(want)
                 self._close_tree()
                 self._tree = new
-                self._unhook = new.subscribe(self._on_tree_event)
+                self._unhook = new.subscribe(self._on_tree_event, relays=self._listeners)
                 self._current_id, self._current_chain = None, []
             return self._tree
 

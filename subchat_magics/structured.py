@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,17 +90,56 @@ class Constraint:
                 return self.model.model_validate(value)
             except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError, told in one line
                 raise InvalidOutput(f"not a valid {self.model.__name__}: "
-                                    f"{str(exc).splitlines()[0]}") from None
+                                    f"{_model_errors(exc)}") from None
         return value
 
     def example(self) -> str:
         """A reply that satisfies the constraint (what the offline echo backend answers):
-        the first choice, a minimal instance of the schema, a string matching the pattern."""
+        the first choice; for a schema or a pattern, a small value that :meth:`parse`
+        accepts, drawn by Hypothesis (``hypothesis-jsonschema``'s ``from_schema``,
+        ``from_regex``) with a fixed seed and shrunk: the same constraint always gives
+        the same example. :class:`InvalidInput` when none can be found."""
         if self.kind == "choice":
             return self.choices[0]
+        key = (self.kind, self.digest(), self.model)
+        with _EXAMPLES_LOCK:  # Hypothesis runs one search at a time; a fan-out shares it
+            text = _EXAMPLES.get(key)
+            if text is None:
+                text = _EXAMPLES[key] = self._draw_example()
+        return text
+
+    def _draw_example(self) -> str:
+        from hypothesis import strategies as st
+
         if self.kind == "regex":
-            return _regex_example(self.pattern or "")
-        return json.dumps(minimal_instance(self.schema or {}, self.schema or {}))
+            pattern = self.pattern or ""
+            return _find(st.from_regex(pattern, fullmatch=True),
+                         lambda s: re.fullmatch(pattern, s) is not None, f"--regex {pattern!r}",
+                         prefer=str.isprintable)
+        from hypothesis_jsonschema import from_schema
+        from jsonschema import FormatChecker
+        from jsonschema.validators import validator_for
+
+        schema = self.schema or {}
+        validator = validator_for(schema)(schema, format_checker=FormatChecker())
+        model = self.model
+
+        def valid(value: Any) -> bool:
+            if not validator.is_valid(value):
+                return False
+            if model is not None:
+                try:
+                    model.model_validate(value)
+                except Exception:  # noqa: BLE001 - pydantic's ValidationError: not this one
+                    return False
+            return True
+
+        try:
+            strategy = from_schema(schema, custom_formats=_custom_formats())
+        except Exception as exc:  # noqa: BLE001 - hypothesis-jsonschema's refusal, told in one line
+            raise InvalidInput(f"no example can be made for this --json schema "
+                               f"({str(exc).splitlines()[0][:120]})") from None
+        return json.dumps(_find(strategy, valid, "this --json schema"), ensure_ascii=False)
 
 
 # -- building constraints (every check here, before any request) ------------------------------
@@ -228,127 +268,60 @@ def _short(text: str, n: int = 60) -> str:
     return repr(text if len(text) <= n else text[:n] + "…")
 
 
+MAX_ERRORS_TOLD = 3  # an invalid reply's message names this many failing fields, then a count
+
+
+def _model_errors(exc: Exception) -> str:
+    """A pydantic ``ValidationError`` in one line, naming each failing field."""
+    try:
+        errors = exc.errors()  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - not pydantic's: its first line
+        return str(exc).splitlines()[0]
+    said = [f"{e.get('msg')} (at {'/'.join(str(p) for p in e.get('loc', ())) or 'the top level'})"
+            for e in errors[:MAX_ERRORS_TOLD]]
+    more = len(errors) - MAX_ERRORS_TOLD
+    return "; ".join(said) + (f"; and {more} more" if more > 0 else "")
+
+
 def _validate(schema: dict[str, Any], value: Any) -> None:
     from jsonschema.validators import validator_for
 
-    errors = sorted(validator_for(schema)(schema).iter_errors(value), key=lambda e: list(e.path))
+    errors = sorted(validator_for(schema)(schema).iter_errors(value),
+                    key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
-        e = errors[0]
-        where = "/".join(str(p) for p in e.absolute_path)
-        raise InvalidOutput(f"{e.message}" + (f" (at {where})" if where else ""))
+        said = []
+        for e in errors[:MAX_ERRORS_TOLD]:
+            where = "/".join(str(p) for p in e.absolute_path)
+            said.append(f"{e.message}" + (f" (at {where})" if where else ""))
+        more = len(errors) - MAX_ERRORS_TOLD
+        raise InvalidOutput("; ".join(said) + (f"; and {more} more" if more > 0 else ""))
 
 
-def minimal_instance(schema: Any, root: dict[str, Any], depth: int = 0) -> Any:
-    """A small value valid against ``schema`` (the common keywords; ``$ref`` into the
-    root's ``$defs``/``definitions``)."""
-    if depth > 20 or not isinstance(schema, dict):
-        return None
-    if "$ref" in schema:
-        ref = schema["$ref"]
-        node: Any = root
-        for part in ref.lstrip("#/").split("/") if ref.startswith("#") else []:
-            node = node.get(part, {}) if isinstance(node, dict) else {}
-        return minimal_instance(node, root, depth + 1)
-    if "const" in schema:
-        return schema["const"]
-    if schema.get("enum"):
-        return schema["enum"][0]
-    for key in ("anyOf", "oneOf"):
-        if schema.get(key):
-            return minimal_instance(schema[key][0], root, depth + 1)
-    if schema.get("allOf"):
-        merged: dict[str, Any] = {}
-        for part in schema["allOf"]:
-            merged.update(part if isinstance(part, dict) else {})
-        return minimal_instance(merged, root, depth + 1)
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), kind[0] if kind else None)
-    if kind is None:
-        kind = "object" if "properties" in schema else None
-    if kind == "object":
-        props = schema.get("properties", {})
-        return {k: minimal_instance(props.get(k, {}), root, depth + 1)
-                for k in schema.get("required", [])}
-    if kind == "array":
-        n = schema.get("minItems", 0)
-        item = schema.get("items", {})
-        return [minimal_instance(item, root, depth + 1) for _ in range(n)]
-    if kind == "string":
-        if "pattern" in schema:
-            return _regex_example(schema["pattern"])
-        return "a" * schema.get("minLength", 0)
-    if kind in ("integer", "number"):
-        low = schema.get("minimum", schema.get("exclusiveMinimum", 0))
-        value = low + 1 if "exclusiveMinimum" in schema else low
-        return int(value) if kind == "integer" else value
-    if kind == "boolean":
-        return False
-    if kind == "null":
-        return None
-    return {}
+_EXAMPLES: dict[tuple, str] = {}
+_EXAMPLES_LOCK = threading.Lock()
 
 
-def _regex_example(pattern: str) -> str:
-    """A string matching ``pattern``, for the echo backend: tried from simple candidates
-    built from the pattern's literal parts; the pattern itself as a last resort."""
-    candidates = [re.sub(r"\\(.)", r"\1", re.sub(r"[\^\$]", "", pattern)), "", "a", "0", "000",
-                  "123", "yes", "no"]
-    simple = re.sub(r"\[(.)[^\]]*\]", r"\1", pattern)  # a class by its first member
-    simple = re.sub(r"\{(\d+)(,\d*)?\}", lambda m: "{" + m.group(1) + "}", simple)
-    candidates.insert(0, _expand(simple))
-    for c in candidates:
-        if c is not None and re.fullmatch(pattern, c):
-            return c
-    return pattern
+def _custom_formats() -> dict[str, Any]:
+    """Formats pydantic's schemas use that ``hypothesis-jsonschema`` does not draw itself
+    (a ``UUID`` field's ``"format": "uuid"``)."""
+    from hypothesis import strategies as st
+
+    return {"uuid": st.uuids().map(str)}
 
 
-def _expand(pattern: str) -> str | None:
-    """Expand a simple pattern (literals, ``x{n}``, ``\\d``, ``\\w``, ``(a|b)``, ``?``,
-    ``*``, ``+``) into one string; ``None`` if it uses something else."""
-    out: list[str] = []
-    i = 0
-    classes = {"d": "0", "w": "a", "s": " "}
-    try:
-        while i < len(pattern):
-            ch = pattern[i]
-            if ch in "^$":
-                i += 1
-                continue
-            if ch == "\\":
-                nxt = pattern[i + 1]
-                out.append(classes.get(nxt, nxt))
-                i += 2
-            elif ch == "(":
-                depth, j = 1, i + 1
-                while depth:
-                    depth += {"(": 1, ")": -1}.get(pattern[j], 0)
-                    j += 1
-                inner = pattern[i + 1:j - 1].lstrip("?:")
-                out.append(_expand(inner.split("|")[0]) or "")
-                i = j
-            elif ch == ".":
-                out.append("a")
-                i += 1
-            elif ch in "?*":
-                out.pop() if out else None
-                i += 1
-            elif ch == "+":
-                i += 1
-            elif ch == "{" and not re.match(r"\{\d+(,\d*)?\}", pattern[i:]):
-                out.append(ch)  # not a repeat: a literal brace, as Python's re reads it
-                i += 1
-            elif ch == "{":
-                j = pattern.index("}", i)
-                n = int(pattern[i + 1:j].split(",")[0] or 0)
-                last = out.pop() if out else ""
-                out.append(last * n)
-                i = j + 1
-            elif ch in "|)":
-                break
-            else:
-                out.append(ch)
-                i += 1
-    except (IndexError, ValueError):
-        return None
-    return "".join(out)
+def _find(strategy: Any, valid: Any, what: str, prefer: Any = None) -> Any:
+    """The smallest value of ``strategy`` that is ``valid`` (and ``prefer``-red, where one
+    is), searched with a fixed seed: deterministic."""
+    from hypothesis import HealthCheck, Phase, find, settings
+    from hypothesis.errors import HypothesisException
+
+    how = settings(database=None, derandomize=True, deadline=None, max_examples=500,
+                   phases=[Phase.generate, Phase.shrink], suppress_health_check=list(HealthCheck))
+    tries = [lambda v: valid(v) and prefer(v), valid] if prefer is not None else [valid]
+    for condition in tries:
+        try:
+            return find(strategy, condition, settings=how)
+        except HypothesisException:  # NoSuchExample, Unsatisfiable, an unsupported keyword
+            continue
+    raise InvalidInput(f"no example can be made for {what}: the echo backend cannot answer it "
+                       "(another backend can)")

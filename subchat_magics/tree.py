@@ -260,16 +260,19 @@ class ChatTree:
         self.refresh(force=True)
 
     # -- listeners (the live widget) --------------------------------------------------------
-    def subscribe(self, listener: Listener) -> Callable[[], None]:
+    def subscribe(self, listener: Listener, *, relays: Listeners | None = None) -> Callable[[], None]:
         """Call ``listener(event, data)`` on ``chat-created``, ``chat-deleted``,
         ``chat-renamed``, ``message``, ``reply-start``, ``reply-delta``, ``reply-end``.
+        ``relays``: the listeners ``listener`` passes the events on to (the core's), so
+        that per-chunk events are built only while someone is at the end of the relay.
         Returns the unsubscribe function."""
-        return self._listeners.add(listener)
+        return self._listeners.add(listener, relays=relays)
 
     @property
     def has_listeners(self) -> bool:
-        """Whether anyone listens (a turn builds its per-chunk event only then)."""
-        return bool(self._listeners)
+        """Whether anyone listens, through any relay (a turn builds its per-chunk event
+        only then: with no view open, a streamed chunk costs no event)."""
+        return self._listeners.wanted()
 
     def emit(self, event: str, **data: Any) -> None:
         held = self._held

@@ -1,6 +1,9 @@
-"""What the HTTP backends (Ollama, Groq, OpenAI-compatible) share: timeouts, the
-rate-limit retry budget, one cached SDK client per configuration, and the wording of
-their errors. No SDK is imported here."""
+"""What the HTTP backends (Ollama, Groq, OpenAI-compatible) share: timeouts, one
+cached client per configuration, values kept for a while (:class:`Memo`), and the one
+copy of the request machinery in :class:`RemoteBackend`: the rate-limit retry loop and
+its budget, the mapping of an HTTP status or a transport failure to one clear message,
+and the stream loop (thinking blocks, a finish that must arrive, the close). A backend
+supplies how to open its stream and how to read one chunk. No SDK is imported here."""
 
 from __future__ import annotations
 
@@ -10,13 +13,17 @@ import math
 import re
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, TypeVar
+
+import cachetools
 
 from ..errors import BackendError, BackendUnavailable, InvalidInput
 from ..secrets import mask, redact, register_secret
 from ..settings import getenv
-from .base import Backend, Finish, GenerationOptions, Message
+from .base import Backend, Finish
+
+T = TypeVar("T")
 
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 60.0  # between two chunks (or before the first one)
@@ -87,6 +94,43 @@ class ClientCache:
             clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             _close_quietly(client)
+
+
+class Memo:
+    """Values kept for a while (a :mod:`cachetools` TTL cache behind a lock): ``ttl``
+    seconds, or ``ttl(value)`` seconds where the answer decides (a server found up is
+    kept longer than one found down)."""
+
+    def __init__(self, ttl: float | Callable[[Any], float], maxsize: int = 256):
+        self._lock = threading.Lock()
+        if callable(ttl):
+            self._cache: cachetools.Cache = cachetools.TLRUCache(
+                maxsize, ttu=lambda _key, value, now: now + ttl(value), timer=time.monotonic)
+        else:
+            self._cache = cachetools.TTLCache(maxsize, ttl, timer=time.monotonic)
+
+    def get(self, key: Any, compute: Callable[[], T]) -> T:
+        """The value kept for ``key``, else ``compute()`` (outside the lock: it may ask a
+        server), kept."""
+        with self._lock:
+            hit = self._cache.get(key, _MISSING)
+        if hit is not _MISSING:
+            return hit
+        value = compute()
+        with self._lock:
+            self._cache[key] = value
+        return value
+
+    def peek(self, key: Any, default: Any = None) -> Any:
+        with self._lock:
+            return self._cache.get(key, default)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+
+_MISSING = object()
 
 
 def _close_quietly(client: Any) -> None:
@@ -264,34 +308,211 @@ def installed(module: str) -> bool:
         return False
 
 
-class ChatCompletionsBackend(Backend):
+# -- the request machinery -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Status:
+    """An HTTP error answer, whichever client read it."""
+
+    code: int
+    text: str  # the server's own message, short and redacted
+    headers: Mapping[str, str] | None = None
+    path: str = ""
+
+
+class StatusError(Exception):
+    """An error status read by our own HTTP code (Ollama's client)."""
+
+    def __init__(self, status: Status):
+        super().__init__(f"{status.code}: {status.text}")
+        self.status = status
+
+
+class ErrorEvent(Exception):
+    """The server reported an error inside a stream it had begun."""
+
+
+@dataclass
+class Call:
+    """One request as the shared machinery sees it: who is asked, what has arrived."""
+
+    service: str
+    model: str | None
+    timeouts: Timeouts
+    listing: bool = False  # asking for the model list, not a reply
+    started: bool = False  # the server has begun the reply (the stream is open)
+    received: int = 0  # chunks read so far
+    finish: Finish | None = None  # set by the chunk reader once the answer is complete
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+#: kinds of failure other than an HTTP status, as each client names them
+CONNECT, CONNECT_TIMEOUT, READ_TIMEOUT, TRANSPORT, EVENT, NOT_A_STREAM = (
+    "connect", "connect-timeout", "read-timeout", "transport", "event", "not-a-stream")
+
+
+class RemoteBackend(Backend):
+    """What every HTTP backend does the same way. Subclasses say how to open the stream
+    (:meth:`open_with_retries` takes a function) and how to read its chunks (a generator
+    of ``(content, reasoning)`` pairs that sets ``call.finish``, run by :meth:`relay`),
+    how their client names an error status (:meth:`as_status`) and a failure
+    (:meth:`failure_kind`), and the words of a few hints."""
+
+    def check_settings(self) -> None:
+        """The timeouts every request reads, checked when it is planned."""
+        check_timeouts()
+
+    #: the setting that points at the server, named in "is X right?"
+    url_var: ClassVar[str] = ""
+    #: said after "is URL_VAR right?"
+    url_hint: ClassVar[str] = ""
+    #: what the stream should have been, in "sent something that is not ..."
+    wire: ClassVar[str] = ""
+    #: why a stream without a finish is cut
+    no_finish: ClassVar[str] = "it ended without a finish reason"
+
+    def __init__(self) -> None:
+        self._clients = ClientCache()
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def connection_hint(self) -> str:
+        raise NotImplementedError
+
+    def connect_timeout_hint(self) -> str:
+        return self.connection_hint()
+
+    def not_a_stream_hint(self) -> str:
+        return f"is {self.url_var} right?"
+
+    def no_reply(self, call: Call, why: str) -> BackendError:
+        """The connection closed before the server began to answer."""
+        return failure(f"cannot reach {call.service}: {self.connection_hint()}", "connection")
+
+    def as_status(self, exc: BaseException) -> Status | None:
+        """The HTTP status ``exc`` carries, if it is an error answer."""
+        return exc.status if isinstance(exc, StatusError) else None
+
+    def failure_kind(self, exc: BaseException) -> str | None:
+        """One of the kinds above for ``exc``, or None."""
+        return EVENT if isinstance(exc, ErrorEvent) else None
+
+    def auth_error(self, call: Call, code: int, text: str) -> BackendError:
+        raise NotImplementedError
+
+    def missing_model(self, call: Call, text: str) -> BackendError:
+        raise NotImplementedError
+
+    # -- the one retry loop ----------------------------------------------------------------------
+    def open_with_retries(self, start: Callable[[], T], call: Call) -> T:
+        """``start()`` (opening the stream), again after a rate limit (429) while the
+        budget lasts (``RATE_LIMIT_RETRIES`` waits, ``RATE_LIMIT_BUDGET_S`` in all, as long
+        as the server asks); any other failure becomes one clear :class:`BackendError`."""
+        budget = RetryBudget()
+        while True:
+            try:
+                return start()
+            except Exception as exc:  # noqa: BLE001 - mapped to one of our messages
+                status = self.as_status(exc)
+                if status is not None and status.code == 429 \
+                        and budget.wait(retry_after(status.headers, status.text)):
+                    continue
+                raise self.error(exc, call) from None
+
+    # -- the one stream loop ---------------------------------------------------------------------
+    def relay(self, call: Call, chunks: Iterator[tuple[str | None, str | None]]) -> Iterator[str | Finish]:
+        """Yield the text of ``chunks`` (reasoning shown as ``<think>...</think>`` ahead of
+        the answer), then the :class:`Finish` the reader set. A stream that ends without
+        one is cut; a failure after the answer was complete (the usage or the end marker
+        lost) is not an error. Runs once per chunk: it does the least it can."""
+        thinking = [False]
+        try:
+            try:
+                for content, reasoning in chunks:
+                    if reasoning or thinking[0]:
+                        content = join_thinking(reasoning, content, thinking)
+                    if content:
+                        yield content
+            except Exception as exc:  # noqa: BLE001 - mapped to one of our messages
+                if call.finish is None or isinstance(exc, BackendError):
+                    raise self.error(exc, call) from None
+            if call.finish is None:
+                raise failure(cut_message(call.service, call.received, self.no_finish), "stream")
+            if thinking[0]:
+                yield "\n</think>\n\n"
+            yield call.finish
+        finally:
+            chunks.close()  # type: ignore[attr-defined]
+
+    # -- the one mapping to messages ---------------------------------------------------------------
+    def error(self, exc: BaseException, call: Call) -> BackendError:
+        """One clear message for whatever the client raised."""
+        if isinstance(exc, BackendError):
+            return exc
+        status = self.as_status(exc)
+        if status is not None:
+            return self.status_error(status, call)
+        service, t = call.service, call.timeouts
+        kind = self.failure_kind(exc)
+        if kind == CONNECT_TIMEOUT:
+            return failure(f"{service} did not accept a connection within {t.connect:g} s: "
+                           f"{self.connect_timeout_hint()}", "timeout")
+        if kind == READ_TIMEOUT:
+            return failure(timeout_message(service, call.received, t.read), "timeout")
+        if kind == CONNECT:
+            return failure(f"cannot reach {service}: {self.connection_hint()}", "connection")
+        if kind == TRANSPORT:
+            why = detail(exc.__cause__ or exc, 120)
+            if call.started or call.received:
+                return failure(cut_message(service, call.received, why), "stream")
+            return self.no_reply(call, why)
+        text = detail(exc)
+        if kind == EVENT:
+            return failure(f"{service} reported an error after {call.received} chunk"
+                           f"{'' if call.received == 1 else 's'}: {text}", "server")
+        if kind == NOT_A_STREAM:
+            return failure(f"{service} sent something that is not {self.wire} "
+                           f"({detail(exc, 120)}): {self.not_a_stream_hint()}", "stream")
+        return failure(f"{service} failed: {type(exc).__name__}: {text}", "backend")
+
+    def status_error(self, status: Status, call: Call) -> BackendError:
+        """An HTTP error status as one message: the key (401/403), the model or the URL
+        (404), a rate limit with when to retry (429), the server (5xx), the request."""
+        code, text, service = status.code, status.text, call.service
+        if code in (401, 403):
+            return self.auth_error(call, code, text)
+        if code == 404 and call.model and not call.listing:
+            return self.missing_model(call, text)
+        if code == 404:
+            return failure(f"{service} answered 404 to {status.path or 'the request'}: is "
+                           f"{self.url_var} right?{self.url_hint}", "request")
+        if code == 429:
+            wait = retry_after(status.headers, text)
+            return failure(f"rate-limited by {service} (429): {text}; {when_to_retry(wait)}",
+                           "rate-limit", retry_after=wait)
+        if code >= 500:
+            return failure(f"{service} failed ({code}): {text}", "server")
+        return failure(f"{service} rejected the request ({code}): {text}", "request")
+
+    def close(self) -> None:
+        self._clients.close()
+
+
+class ChatCompletionsBackend(RemoteBackend):
     """A backend speaking OpenAI's streamed ``/chat/completions`` through a Stainless-made
     SDK (``groq``, ``openai``): their clients, streams and exceptions have the same shape.
     Subclasses name the SDK, where the URL and key come from, and the default model."""
 
     sdk_module: ClassVar[str] = ""
     key_var: ClassVar[str] = ""
-    url_var: ClassVar[str] = ""
     #: the request asks for usage in the last chunk (``stream_options``)
     ask_usage: ClassVar[bool] = False
-    #: said after "is URL_VAR right?"
-    url_hint: ClassVar[str] = ""
-
-    def __init__(self) -> None:
-        self._clients = ClientCache()
-
-    def check_settings(self) -> None:
-        check_timeouts()
+    wire = "an OpenAI-style event stream"
 
     # -- hooks ---------------------------------------------------------------------------------
     def service(self, base_url: str | None) -> str:
         raise NotImplementedError
 
-    def connection_hint(self) -> str:
-        raise NotImplementedError
-
-    def resolve_model(self, client: Any, base_url: str | None, options: GenerationOptions,
-                      t: Timeouts) -> str:
+    def resolve_model(self, client: Any, base_url: str | None, options: Any, t: Timeouts) -> str:
         raise NotImplementedError
 
     def make_client(self, sdk: Any, base_url: str | None, key: str | None, t: Timeouts) -> Any:
@@ -300,7 +521,7 @@ class ChatCompletionsBackend(Backend):
     def require_key(self, base_url: str | None, key: str | None) -> None:
         """Raise :class:`BackendUnavailable` when this configuration cannot work."""
 
-    def request_fields(self, options: GenerationOptions, model: str) -> dict[str, Any]:
+    def request_fields(self, options: Any, model: str) -> dict[str, Any]:
         """More keyword arguments of ``chat.completions.create`` for ``options`` (the
         constraint's ``response_format``/``extra_body``)."""
         return {}
@@ -355,10 +576,30 @@ class ChatCompletionsBackend(Backend):
             # openai pages, groq returns the list object
             return [m.id for m in getattr(listed, "data", None) or listed]
         except Exception as exc:  # noqa: BLE001 - mapped to one of our messages
-            raise self.error(exc, base_url, None, 0, t, started=False, listing=True) from None
+            raise self.error(exc, Call(self.service(base_url), None, t, listing=True)) from None
+
+    # -- how the SDK names its errors --------------------------------------------------------------
+    def as_status(self, exc: BaseException) -> Status | None:
+        sdk = self._sdk()
+        if not isinstance(exc, sdk.APIStatusError):
+            return None
+        return Status(exc.status_code, detail(exc), exc.response.headers, exc.request.url.path)
+
+    def failure_kind(self, exc: BaseException) -> str | None:
+        sdk, transport = self._sdk(), self._transport()
+        if isinstance(exc, (sdk.APITimeoutError, transport.TimeoutException)):
+            return CONNECT_TIMEOUT if isinstance(exc.__cause__ or exc, transport.ConnectTimeout) \
+                else READ_TIMEOUT
+        if isinstance(exc, (sdk.APIConnectionError, transport.TransportError)):
+            return TRANSPORT
+        if isinstance(exc, (sdk.APIError, ErrorEvent)):  # an error event in the stream
+            return EVENT
+        if isinstance(exc, ValueError):
+            return NOT_A_STREAM
+        return None
 
     # -- streaming -----------------------------------------------------------------------------
-    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[str | Finish]:
+    def stream(self, messages: Any, options: Any) -> Iterator[str | Finish]:
         sdk = self._sdk()
         client, base_url, t = self.client()
         model = self.resolve_model(client, base_url, options, t)
@@ -373,131 +614,72 @@ class ChatCompletionsBackend(Backend):
             kwargs["stream_options"] = {"include_usage": True}
         if options.constraint is not None:
             kwargs.update(self.request_fields(options, model))
-        budget = RetryBudget()
-        while True:
+        call = Call(self.service(base_url), model, t)
+
+        def start() -> Any:
             try:
-                chunks = client.chat.completions.create(**kwargs)
-                break
-            except sdk.RateLimitError as exc:
-                if budget.wait(retry_after(exc.response.headers, detail(exc))):
-                    continue
-                raise self.error(exc, base_url, model, 0, t, started=False) from None
+                return client.chat.completions.create(**kwargs)
             except sdk.BadRequestError as exc:
                 # a server that does not know stream_options: go on without usage
                 if "stream_options" in kwargs and "stream_options" in str(exc):
                     del kwargs["stream_options"]
-                    continue
-                raise self.error(exc, base_url, model, 0, t, started=False) from None
-            except sdk.APIError as exc:
-                raise self.error(exc, base_url, model, 0, t, started=False) from None
-        yield from self._read(sdk, chunks, base_url, model, t)
+                    return client.chat.completions.create(**kwargs)
+                raise
 
-    def _read(self, sdk: Any, chunks: Any, base_url: str | None, model: str,
-              t: Timeouts) -> Iterator[str | Finish]:
-        transport = self._transport()
-        received = 0
+        chunks = self.open_with_retries(start, call)
+        call.started = True
+        yield from self.relay(call, self.read(call, chunks))
+
+    def read(self, call: Call, chunks: Any) -> Iterator[tuple[str | None, str | None]]:
+        """The ``(content, reasoning)`` of each chunk of the SDK's stream; ``call.finish``
+        once a finish reason has come (updated if the usage follows it)."""
         finish_reason = None
         usage = None
         served_model = None
-        thinking = [False]
         try:
-            try:
-                for chunk in chunks:
-                    received += 1
-                    chunk_fields = fields(chunk)
-                    served_model = chunk_fields.get("model") or served_model
-                    x_groq = chunk_fields.get("x_groq")  # on a few chunks only: skip the lookups
-                    groq_fields = fields(x_groq) if x_groq is not None else NO_FIELDS
-                    if groq_fields.get("error"):
-                        raise failure(f"{self.service(base_url)} reported an error after "
-                                      f"{received} chunks: {redact(str(groq_fields['error']))}",
-                                      "server")
-                    usage = chunk_fields.get("usage") or groq_fields.get("usage") or usage
-                    for choice in chunk_fields.get("choices") or ():
-                        if choice.index:
-                            continue
-                        delta = fields(choice.delta)
-                        content = delta.get("content")
-                        # Groq says "reasoning"; vLLM and DeepSeek "reasoning_content"
-                        reasoning = delta.get("reasoning") or delta.get("reasoning_content")
-                        if reasoning or thinking[0]:
-                            content = join_thinking(reasoning, content, thinking)
-                        if content:
-                            yield content
-                        if choice.finish_reason:
-                            finish_reason = choice.finish_reason
-            except (sdk.APIError, transport.TransportError, ValueError) as exc:
-                if finish_reason is None:
-                    raise self.error(exc, base_url, model, received, t, started=True) from None
-                # the answer was complete; only the usage or [DONE] after it was lost
-            if finish_reason is None:
-                raise failure(cut_message(self.service(base_url), received,
-                                          "it ended without a finish reason"), "stream")
-            if thinking[0]:
-                yield "\n</think>\n\n"
-            details = getattr(usage, "prompt_tokens_details", None)
-            yield Finish(reason=finish_reason, model=served_model or model,
-                         prompt_tokens=getattr(usage, "prompt_tokens", None),
-                         completion_tokens=getattr(usage, "completion_tokens", None),
-                         cached_tokens=getattr(details, "cached_tokens", None))
+            for chunk in chunks:
+                call.received += 1
+                chunk_fields = fields(chunk)
+                served_model = chunk_fields.get("model") or served_model
+                x_groq = chunk_fields.get("x_groq")  # on a few chunks only: skip the lookups
+                groq_fields = fields(x_groq) if x_groq is not None else NO_FIELDS
+                if groq_fields.get("error"):
+                    raise ErrorEvent(redact(str(groq_fields["error"])))
+                new_usage = chunk_fields.get("usage") or groq_fields.get("usage")
+                for choice in chunk_fields.get("choices") or ():
+                    if choice.index:
+                        continue
+                    delta = fields(choice.delta)
+                    # Groq says "reasoning"; vLLM and DeepSeek "reasoning_content"
+                    reasoning = delta.get("reasoning") or delta.get("reasoning_content")
+                    content = delta.get("content")
+                    if content or reasoning:
+                        yield content, reasoning
+                    if choice.finish_reason:
+                        finish_reason = choice.finish_reason
+                if new_usage is not None:
+                    usage = new_usage
+                if finish_reason is not None and (call.finish is None or new_usage is not None):
+                    details = getattr(usage, "prompt_tokens_details", None)
+                    call.finish = Finish(reason=finish_reason, model=served_model or call.model,
+                                         prompt_tokens=getattr(usage, "prompt_tokens", None),
+                                         completion_tokens=getattr(usage, "completion_tokens", None),
+                                         cached_tokens=getattr(details, "cached_tokens", None))
         finally:
             chunks.close()
 
-    # -- errors --------------------------------------------------------------------------------
-    def error(self, exc: BaseException, base_url: str | None, model: str | None, received: int,
-              t: Timeouts, *, started: bool, listing: bool = False) -> BackendError:
-        """One clear message for whatever the SDK raised. ``started``: the server had
-        answered (the stream was open); ``received``: chunks that arrived before it."""
-        sdk = self._sdk()
-        transport = self._transport()
-        service = self.service(base_url)
-        if isinstance(exc, BackendError):
-            return exc
-        text = detail(exc)
-        if isinstance(exc, (sdk.APITimeoutError, transport.TimeoutException)):
-            if isinstance(exc.__cause__ or exc, transport.ConnectTimeout):
-                return failure(f"{service} did not accept a connection within {t.connect:g} s: "
-                               f"{self.connection_hint()}", "timeout")
-            return failure(timeout_message(service, received, t.read), "timeout")
-        if isinstance(exc, (sdk.APIConnectionError, transport.TransportError)):
-            if started:
-                return failure(cut_message(service, received, detail(exc.__cause__ or exc, 120)),
-                               "stream")
-            return failure(f"cannot reach {service}: {self.connection_hint()}", "connection")
-        if isinstance(exc, sdk.APIStatusError):
-            code = exc.status_code
-            if code in (401, 403):
-                return self.auth_error(service, code, text)
-            if code == 404 and not listing and model:
-                return self.missing_model(base_url, model, t)
-            if code == 404:
-                return failure(f"{service} answered 404 to {exc.request.url.path}: is "
-                               f"{self.url_var} right?{self.url_hint}", "request")
-            if code == 429:
-                wait = retry_after(exc.response.headers, text)
-                return failure(f"rate-limited by {service} (429): {text}; {when_to_retry(wait)}",
-                               "rate-limit", retry_after=wait)
-            if code >= 500:
-                return failure(f"{service} failed ({code}): {text}", "server")
-            return failure(f"{service} rejected the request ({code}): {text}", "request")
-        if isinstance(exc, sdk.APIError):  # an error event in the stream
-            return failure(f"{service} reported an error after {received} chunk"
-                           f"{'' if received == 1 else 's'}: {text}", "server")
-        if isinstance(exc, ValueError):
-            return failure(f"{service} sent something that is not an OpenAI-style event stream "
-                           f"({detail(exc, 120)}): is {self.url_var} right?", "stream")
-        return failure(f"{service} failed: {type(exc).__name__}: {text}", "backend")
+    # -- messages ------------------------------------------------------------------------------
+    def connection_hint(self) -> str:
+        raise NotImplementedError
 
-    def auth_error(self, service: str, code: int, text: str) -> BackendError:
-        name = self.id
+    def auth_error(self, call: Call, code: int, text: str) -> BackendError:
         return failure(f"{self.key_var} was rejected ({code}): {text}; set a valid key in the "
-                       f"environment, ./.env or with %subchat key {name}", "auth")
+                       f"environment, ./.env or with %subchat key {self.id}", "auth")
 
-    def missing_model(self, base_url: str | None, model: str, t: Timeouts) -> BackendError:
-        service = self.service(base_url)
+    def missing_model(self, call: Call, text: str) -> BackendError:
+        service, model = call.service, call.model
         try:
-            client, _, _ = self.client()
-            names = self._list_models(client, base_url, t)
+            names = self.models()
         except BackendError as exc:
             if exc.reason == "request":  # /models is missing too: the URL is wrong
                 return failure(f"{service} answered 404 for the chat and the model list: is "
@@ -507,9 +689,6 @@ class ChatCompletionsBackend(Backend):
                    else f"available: {list_names(names)}")
         return failure(f"model {model!r} is not served by {service}; {listing}. Pick one with "
                        f"--model or {self.id.upper()}_MODEL", "model")
-
-    def close(self) -> None:
-        self._clients.close()
 
     def __repr__(self) -> str:
         key = getenv(self.key_var)

@@ -3,7 +3,7 @@ was given, so that context inheritance is visible.
 
 Its reply is exactly ``echo (N messages): <last user message>`` where N counts the
 messages it received, system prompt included; with a constraint (``--json``, ``--choice``,
-``--regex``) it is a value that satisfies it instead (the first choice, a minimal instance
+``--regex``) it is a value that satisfies it instead (the first choice; a small instance
 of the schema, a string the pattern matches), so notebooks that read replies run offline.
 With tools (``--tools``) it follows a fixed script: it calls each tool once, one per
 round, in the order given, with a minimal valid instance of the tool's schema, then answers

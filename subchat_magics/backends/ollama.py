@@ -11,20 +11,30 @@ most recently pulled model), ``OLLAMA_API_KEY`` for servers behind a key,
 
 from __future__ import annotations
 
+import json
 import math
-import threading
-import time
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from ..errors import BackendError, BackendUnavailable, InvalidInput
 from ..prompting import fit_window
-from ..secrets import mask, register_secret
+from ..secrets import mask, redact, register_secret
 from ..settings import getenv
 from . import _remote
-from ._remote import failure
-from .base import Availability, Backend, Finish, GenerationOptions, Message, Option
+from ._remote import (
+    CONNECT,
+    CONNECT_TIMEOUT,
+    NOT_A_STREAM,
+    READ_TIMEOUT,
+    TRANSPORT,
+    Call,
+    ErrorEvent,
+    Status,
+    StatusError,
+    failure,
+)
+from .base import Availability, Finish, GenerationOptions, Message, Option
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 PROBE_TIMEOUT_S = 0.5
@@ -108,24 +118,17 @@ def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _chat_parts(ollama: Any, client: Any, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """``POST /api/chat`` and each line of the NDJSON reply as a dict, raising what
-    ``ollama.Client.chat(stream=True)`` raises: ``ollama.ResponseError`` for an error
-    status or an ``error`` line, ``ValueError`` for a line that is not a JSON object."""
-    import json
-
-    with client.stream("POST", "/api/chat", json=body) as r:
-        if not r.is_success:
-            r.read()
-            raise ollama.ResponseError(r.text, r.status_code)
-        for line in r.iter_lines():
-            part = json.loads(line)
-            if not isinstance(part, dict) or not isinstance(part.get("message", _NO_MESSAGE), dict):
-                raise ValueError(f"not a chat chunk: {line[:80]}")
-            err = part.get("error")
-            if err:
-                raise ollama.ResponseError(err)
-            yield part
+def _status(r: Any, path: str) -> StatusError:
+    """An error answer, read as the ollama client reads it (``{"error": ...}`` or text)."""
+    r.read()
+    text = r.text
+    try:
+        said = json.loads(text).get("error")
+        text = said if isinstance(said, str) and said else text
+    except (ValueError, AttributeError):
+        pass
+    return StatusError(Status(r.status_code, redact(" ".join(text.split())[:300]) or
+                              f"HTTP {r.status_code}", r.headers, path))
 
 
 def _sdk() -> Any:
@@ -136,7 +139,7 @@ def _sdk() -> Any:
     return ollama
 
 
-class OllamaBackend(Backend):
+class OllamaBackend(_remote.RemoteBackend):
     """Streams ``/api/chat`` from an Ollama server."""
 
     id = "ollama"
@@ -147,16 +150,20 @@ class OllamaBackend(Backend):
     own_options = {"num_ctx": Option("num_ctx", int, "the context window in tokens",
                                      lambda v: check_num_ctx(v, "--num-ctx"))}
     key_env = "OLLAMA_API_KEY"  # a key for an Ollama behind a proxy (optional)
+    url_var = "OLLAMA_HOST"
+    wire = "Ollama's NDJSON"
+    no_finish = "it ended without its final `done` line"
 
     def __init__(self) -> None:
-        self._clients = _remote.ClientCache()
-        self._probes: dict[str, tuple[float, Availability, list[str]]] = {}
-        self._limits: dict[tuple[str, str], tuple[float, int | None]] = {}
-        self._local = threading.local()  # the last response's headers, per thread
+        super().__init__()
+        # host -> (Availability, model names): a server found up is asked again after
+        # 10 s, one found down after 3 s
+        self._probes = _remote.Memo(lambda v: PROBE_TTL_OK_S if v[0].ok else PROBE_TTL_DOWN_S)
+        self._limits = _remote.Memo(SHOW_TTL_S)  # (host, model) -> context length or None
 
     # -- settings ------------------------------------------------------------------------------
     def check_settings(self) -> None:
-        _remote.check_timeouts()
+        super().check_settings()
         raw = getenv("OLLAMA_NUM_CTX")
         if raw is not None and str(raw).strip():
             check_num_ctx(raw, "OLLAMA_NUM_CTX")
@@ -180,15 +187,10 @@ class OllamaBackend(Backend):
                 headers={"Content-Type": "application/json", "Accept": "application/json",
                          "User-Agent": f"ollama-python/{getattr(ollama, '__version__', '0')} "
                                        "(subchat-magics)", **headers},
-                timeout=httpx.Timeout(t.read, connect=t.connect),
-                event_hooks={"response": [self._remember_headers]})
+                timeout=httpx.Timeout(t.read, connect=t.connect))
 
         key = _remote.secret_digest(headers.get("authorization"))
         return self._clients.get((host, key, t), make)
-
-    def _remember_headers(self, response: Any) -> None:
-        # ollama's ResponseError drops the response; keep retry-after for 429s
-        self._local.headers = response.headers
 
     # -- availability --------------------------------------------------------------------------
     def configured(self) -> Availability:
@@ -204,19 +206,11 @@ class OllamaBackend(Backend):
         if not _remote.installed("ollama"):
             return Availability(False, f"the ollama client is not installed; {INSTALL_HINT}")
         host = self.host()
-        hit = self._probes.get(host)
-        now = time.monotonic()
-        if hit and now < hit[0]:
-            return hit[1]
-        av, names = self._probe(host)
-        ttl = PROBE_TTL_OK_S if av.ok else PROBE_TTL_DOWN_S
-        self._probes[host] = (now + ttl, av, names)
-        return av
+        return self._probes.get(host, lambda: self._probe(host))[0]
 
     def _probe(self, host: str) -> tuple[Availability, list[str]]:
         # the standard library, so that asking costs no import of httpx or the SDK
         import http.client
-        import json
 
         split = urllib.parse.urlsplit(host)
         conn_cls = http.client.HTTPSConnection if split.scheme == "https" else \
@@ -249,23 +243,25 @@ class OllamaBackend(Backend):
 
     def models(self) -> list[str]:
         """Names of the models pulled on the server (``/api/tags``), newest first."""
-        ollama = _sdk()
+        _sdk()
         host = self.host()
-        client = self._client(host, _remote.timeouts())
+        t = _remote.timeouts()
+        client = self._client(host, t)
         try:
             r = client.get("/api/tags")
             if not r.is_success:
-                raise ollama.ResponseError(r.text, r.status_code)
+                raise _status(r, "/api/tags")
             listed = r.json().get("models") or []
             return [n for n in (m.get("model") or m.get("name") for m in listed) if n]
         except Exception as exc:  # noqa: BLE001 - mapped to one of our messages
-            raise self._error(exc, host, 0, None, _remote.timeouts()) from None
+            raise self.error(exc, Call(self.service(host), None, t, listing=True)) from None
+
+    def service(self, host: str) -> str:
+        return f"Ollama at {host}"
 
     # -- streaming -----------------------------------------------------------------------------
     def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[str | Finish]:
-        ollama = _sdk()
-        import httpx
-
+        _sdk()
         host = self.host()
         t = _remote.timeouts()
         client = self._client(host, t)
@@ -281,79 +277,74 @@ class OllamaBackend(Backend):
         extra: dict[str, Any] = {"think": bool(options.think)}
         if options.constraint is not None and options.constraint.kind == "json":
             extra["format"] = options.constraint.schema or {"type": "object"}  # the answer only
-        budget = _remote.RetryBudget()
         body = {"model": model, "messages": [dict(m) for m in window.messages], "stream": True,
                 "options": sampling, **extra}
-        said = {"num_ctx": window.num_ctx}
+        said: dict[str, Any] = {"num_ctx": window.num_ctx}
         if window.notes:
             said["notes"] = list(window.notes)
         if window.dropped_messages:
             said["dropped_messages"] = window.dropped_messages
-        while True:
-            received = 0
-            thinking = [False]
-            parts = _chat_parts(ollama, client, body)
-            final = None
-            try:
-                for part in parts:
-                    received += 1
-                    msg = part.get("message") or _NO_MESSAGE
-                    content, thought = msg.get("content"), msg.get("thinking")
-                    if content.__class__ is not str and content is not None \
-                            or thought.__class__ is not str and thought is not None:
-                        raise ValueError(f"not a chat chunk: {str(part)[:80]}")
-                    text = _remote.join_thinking(thought, content, thinking) \
-                        if thought or thinking[0] else content
-                    if text:
-                        yield text
-                    if part.get("done"):
-                        final = part
-                        # read on to the end of the body, so the connection is reused
-                if final is None:
-                    raise failure(_remote.cut_message(f"Ollama at {host}", received,
-                                                      "it ended without its final `done` line"),
-                                  "stream")
-                if thinking[0]:
-                    yield "\n</think>\n\n"
-                yield Finish(reason=final.get("done_reason") or "stop",
-                             model=final.get("model") or model,
-                             prompt_tokens=_count(final.get("prompt_eval_count")),
-                             completion_tokens=_count(final.get("eval_count")), extra=said)
-                return
-            except ollama.ResponseError as exc:
-                if exc.status_code == 429 and received == 0:
-                    wait = _remote.retry_after(getattr(self._local, "headers", None), exc.error)
-                    if budget.wait(wait):
-                        continue
-                raise self._error(exc, host, received, model, t) from None
-            except (httpx.HTTPError, ConnectionError, ValueError) as exc:
-                # ConnectionError: the client's own, when it cannot connect;
-                # ValueError: a line that is not JSON or not a chat chunk
-                raise self._error(exc, host, received, model, t) from None
-            finally:
-                parts.close()
+        call = Call(self.service(host), model, t, extra=said)
+
+        def start() -> Any:
+            r = client.send(client.build_request("POST", "/api/chat", json=body), stream=True)
+            if not r.is_success:
+                try:
+                    raise _status(r, "/api/chat")
+                finally:
+                    r.close()
+            return r
+
+        response = self.open_with_retries(start, call)
+        yield from self.relay(call, self.read(call, response))
+
+    def read(self, call: Call, response: Any) -> Iterator[tuple[str | None, str | None]]:
+        """The ``(content, thinking)`` of each NDJSON line; ``call.finish`` from the
+        ``done`` line. The body is read to its end, so the connection is reused."""
+        loads = json.loads
+        try:
+            for line in response.iter_lines():
+                part = loads(line)
+                msg = part.get("message", _NO_MESSAGE) if part.__class__ is dict else None
+                if msg.__class__ is not dict:
+                    raise ValueError(f"not a chat chunk: {line[:80]}")
+                err = part.get("error")
+                if err:
+                    raise ErrorEvent(str(err))
+                call.received += 1
+                content, thought = msg.get("content"), msg.get("thinking")
+                if content.__class__ is not str and content is not None \
+                        or thought.__class__ is not str and thought is not None:
+                    raise ValueError(f"not a chat chunk: {str(part)[:80]}")
+                if content or thought:
+                    yield content, thought
+                if part.get("done"):
+                    call.finish = Finish(reason=part.get("done_reason") or "stop",
+                                         model=part.get("model") or call.model,
+                                         prompt_tokens=_count(part.get("prompt_eval_count")),
+                                         completion_tokens=_count(part.get("eval_count")),
+                                         extra=call.extra)
+        finally:
+            response.close()
 
     # -- the context window ---------------------------------------------------------------------
     def context_length(self, client: Any, host: str, model: str) -> int | None:
         """The model's context length (``/api/show``: ``model_info["<arch>.context_length"]``),
         kept a few minutes; None where the server does not say."""
-        key = (host, model)
-        hit = self._limits.get(key)
-        now = time.monotonic()
-        if hit and now < hit[0]:
-            return hit[1]
-        limit = None
-        try:
-            r = client.post("/api/show", json={"model": model})
-            info = r.json().get("model_info") if r.is_success else None
-            if isinstance(info, dict):
-                lengths = [v for k, v in info.items() if k.endswith(".context_length")
-                           and isinstance(v, int) and v > 0]
-                limit = lengths[0] if lengths else None
-        except Exception:  # noqa: BLE001 - no limit known: the window grows with the chat
-            limit = None
-        self._limits[key] = (now + SHOW_TTL_S, limit)
-        return limit
+
+        def ask() -> int | None:
+            try:
+                r = client.post("/api/show", json={"model": model})
+                info = r.json().get("model_info") if r.is_success else None
+                if isinstance(info, dict):
+                    lengths = [v for k, v in info.items() if k.endswith(".context_length")
+                               and isinstance(v, int) and v > 0]
+                    return lengths[0] if lengths else None
+            except Exception:  # noqa: BLE001 - no limit known: the window grows with the chat
+                pass
+            return None
+
+        return self._limits.get((host, model), ask)
 
     def window(self, messages: Sequence[Message], options: GenerationOptions,
                model_limit: int | None) -> Window:
@@ -391,61 +382,49 @@ class OllamaBackend(Backend):
         return Window(num_ctx, fit.messages, fit.max_tokens, model_limit, fit.dropped_messages, notes)
 
     def _newest_model(self, host: str) -> str:
-        hit = self._probes.get(host)
-        if hit and time.monotonic() < hit[0] and hit[2]:
-            return hit[2][0]  # listed a moment ago by ``available()``
+        hit = self._probes.peek(host)
+        if hit and hit[1]:
+            return hit[1][0]  # listed a moment ago by ``available()``
         names = self.models()
         if not names:
             raise failure(f"Ollama at {host} has no model pulled; run `ollama pull llama3.2` "
                           "(or another model) first", "model")
         return names[0]
 
-    def _error(self, exc: BaseException, host: str, received: int, model: str | None,
-               t: _remote.Timeouts) -> BackendError:
-        """One clear message for whatever the client raised."""
+    # -- how httpx names a failure, and the words ----------------------------------------------
+    def failure_kind(self, exc: BaseException) -> str | None:
         import httpx
-        import ollama
 
-        service = f"Ollama at {host}"
-        if isinstance(exc, BackendError):
-            return exc
-        if isinstance(exc, ollama.ResponseError):
-            code, text = exc.status_code, _remote.detail(exc)
-            if code == -1:
-                return failure(f"{service} reported an error after {received} chunk"
-                               f"{'' if received == 1 else 's'}: {text}", "server")
-            if code in (401, 403):
-                return failure(f"{service} refused the request ({code}): {text}; set "
-                               "OLLAMA_API_KEY if the server needs a key", "auth")
-            if code == 404 and model:
-                return self._missing_model(host, model, text)
-            if code == 429:
-                wait = _remote.retry_after(getattr(self._local, "headers", None), exc.error)
-                return failure(f"rate-limited by {service} (429); {_remote.when_to_retry(wait)}",
-                               "rate-limit", retry_after=wait)
-            if code >= 500:
-                return failure(f"{service} failed ({code}): {text}", "server")
-            return failure(f"{service} rejected the request ({code}): {text}", "request")
         if isinstance(exc, httpx.ConnectError) or type(exc) is ConnectionError:
-            return failure(f"cannot reach {service}: is `ollama serve` running at that address? "
-                           "(set OLLAMA_HOST)", "connection")
+            return CONNECT
         if isinstance(exc, httpx.ConnectTimeout):
-            return failure(f"{service} did not accept a connection within {t.connect:g} s: is the "
-                           "address right? (set OLLAMA_HOST, SUBCHAT_CONNECT_TIMEOUT)", "timeout")
+            return CONNECT_TIMEOUT
         if isinstance(exc, httpx.TimeoutException):
-            return failure(_remote.timeout_message(service, received, t.read), "timeout")
-        if isinstance(exc, ValueError):  # a line that is not JSON
-            return failure(f"{service} sent something that is not Ollama's NDJSON "
-                           f"({_remote.detail(exc, 120)}): is OLLAMA_HOST an Ollama server?",
-                           "stream")
-        if received:
-            return failure(_remote.cut_message(service, received, _remote.detail(exc, 120)),
-                           "stream")
-        return failure(f"{service} closed the connection without a reply "
-                       f"({_remote.detail(exc, 120)}): is it an Ollama server? (set OLLAMA_HOST)",
-                       "connection")
+            return READ_TIMEOUT
+        if isinstance(exc, ValueError):  # a line that is not JSON, or not a chat chunk
+            return NOT_A_STREAM
+        if isinstance(exc, (httpx.TransportError, ConnectionError)):
+            return TRANSPORT
+        return super().failure_kind(exc)
 
-    def _missing_model(self, host: str, model: str, text: str) -> BackendError:
+    def connection_hint(self) -> str:
+        return "is `ollama serve` running at that address? (set OLLAMA_HOST)"
+
+    def connect_timeout_hint(self) -> str:
+        return "is the address right? (set OLLAMA_HOST, SUBCHAT_CONNECT_TIMEOUT)"
+
+    def not_a_stream_hint(self) -> str:
+        return "is OLLAMA_HOST an Ollama server?"
+
+    def no_reply(self, call: Call, why: str) -> BackendError:
+        return failure(f"{call.service} closed the connection without a reply ({why}): is it an "
+                       "Ollama server? (set OLLAMA_HOST)", "connection")
+
+    def auth_error(self, call: Call, code: int, text: str) -> BackendError:
+        return failure(f"{call.service} refused the request ({code}): {text}; set "
+                       "OLLAMA_API_KEY if the server needs a key", "auth")
+
+    def missing_model(self, call: Call, text: str) -> BackendError:
         try:
             names = self.models()
         except BackendError:
@@ -454,12 +433,12 @@ class OllamaBackend(Backend):
             listing = "the list of pulled models could not be read"
         else:
             listing = f"available: {_remote.list_names(names)}"
-        return failure(f"model {model!r} is not pulled on Ollama at {host} ({text}); {listing}. "
-                       f"Run `ollama pull {model}` or pick one with --model / OLLAMA_MODEL",
+        return failure(f"model {call.model!r} is not pulled on {call.service} ({text}); {listing}. "
+                       f"Run `ollama pull {call.model}` or pick one with --model / OLLAMA_MODEL",
                        "model")
 
     def close(self) -> None:
-        self._clients.close()
+        super().close()
         self._probes.clear()
         self._limits.clear()
 
@@ -467,4 +446,3 @@ class OllamaBackend(Backend):
         key = getenv("OLLAMA_API_KEY")
         return (f"<OllamaBackend id='ollama' host={self.host()!r} model={self.default_model()!r}"
                 + (f" key={mask(key)}" if key else "") + ">")
-

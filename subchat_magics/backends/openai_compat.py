@@ -9,13 +9,20 @@ else the first model the server lists at ``/models``),
 
 from __future__ import annotations
 
-import threading
-import time
 from typing import Any
 
 from ..errors import BackendUnavailable
 from ..settings import getenv, where
-from ._remote import ChatCompletionsBackend, Timeouts, failure, installed, safe_url, secret_digest
+from ._remote import (
+    Call,
+    ChatCompletionsBackend,
+    Memo,
+    Timeouts,
+    failure,
+    installed,
+    safe_url,
+    secret_digest,
+)
 from .base import Availability, GenerationOptions
 
 #: sent when no key is set: local servers ignore it, the SDK insists on one
@@ -81,9 +88,8 @@ class OpenAIBackend(ChatCompletionsBackend):
 
     def __init__(self) -> None:
         super().__init__()
-        self._first_model: dict[tuple, tuple[float, str]] = {}
-        self._vllm: dict[tuple, tuple[float, bool]] = {}
-        self._lock = threading.Lock()
+        self._first_model = Memo(MODELS_TTL_S)  # (url, key digest) -> the first model listed
+        self._vllm = Memo(MODELS_TTL_S)  # (url, key digest) -> whether /models says vllm
 
     def available(self) -> Availability:
         """A server URL or a key is configured (nothing is sent to check it)."""
@@ -134,35 +140,32 @@ class OpenAIBackend(ChatCompletionsBackend):
         model = options.model or self.default_model()
         if model:
             return model
-        cache_key = (base_url, secret_digest(self.api_key()))
-        hit = self._first_model.get(cache_key)
-        if hit and time.monotonic() < hit[0]:
-            return hit[1]
-        names = self._list_models(client, base_url, t)
-        if not names:
-            raise failure(f"{self.service(base_url)} lists no model; pass --model or set "
-                          "OPENAI_MODEL", "model")
-        with self._lock:
-            self._first_model[cache_key] = (time.monotonic() + MODELS_TTL_S, names[0])
-        return names[0]
+
+        def first() -> str:
+            names = self._list_models(client, base_url, t)
+            if not names:
+                raise failure(f"{self.service(base_url)} lists no model; pass --model or set "
+                              "OPENAI_MODEL", "model")
+            return names[0]
+
+        return self._first_model.get((base_url, secret_digest(self.api_key())), first)
 
     # -- structured output ---------------------------------------------------------------------
     def is_vllm(self) -> bool:
         """Whether the server is vLLM (``vllm serve``): its ``/models`` say ``owned_by:
         "vllm"``. Asked once a minute per server; a server that does not answer is not."""
         client, base_url, t = self.client()
-        cache_key = (base_url, secret_digest(self.api_key()))
-        hit = self._vllm.get(cache_key)
-        if hit and time.monotonic() < hit[0]:
-            return hit[1]
-        try:
-            listed = client.models.list()
-            owners = {getattr(m, "owned_by", None) for m in getattr(listed, "data", None) or listed}
-        except Exception:  # noqa: BLE001 - cannot tell: the request itself will say what is wrong
-            owners = set()
-        with self._lock:
-            self._vllm[cache_key] = (time.monotonic() + MODELS_TTL_S, "vllm" in owners)
-        return "vllm" in owners
+
+        def ask() -> bool:
+            try:
+                listed = client.models.list()
+                owners = {getattr(m, "owned_by", None)
+                          for m in getattr(listed, "data", None) or listed}
+            except Exception:  # noqa: BLE001 - cannot tell: the request itself will say what is wrong
+                owners = set()
+            return "vllm" in owners
+
+        return self._vllm.get((base_url, secret_digest(self.api_key())), ask)
 
     def cannot_enforce(self, options: GenerationOptions) -> str | None:
         c = options.constraint
@@ -187,8 +190,13 @@ class OpenAIBackend(ChatCompletionsBackend):
         spec = {"choice": list(c.choices)} if c.kind == "choice" else {"regex": c.pattern}
         return {"extra_body": {"structured_outputs": spec}}
 
-    def auth_error(self, service: str, code: int, text: str) -> Any:
+    def close(self) -> None:
+        super().close()
+        self._first_model.clear()
+        self._vllm.clear()
+
+    def auth_error(self, call: Call, code: int, text: str) -> Any:
         if not self.api_key():
-            return failure(f"{service} wants a key ({code}): {text}; set OPENAI_API_KEY in the "
-                           "environment or ./.env, or run %subchat key openai", "auth")
-        return super().auth_error(service, code, text)
+            return failure(f"{call.service} wants a key ({code}): {text}; set OPENAI_API_KEY in "
+                           "the environment or ./.env, or run %subchat key openai", "auth")
+        return super().auth_error(call, code, text)

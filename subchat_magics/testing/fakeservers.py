@@ -144,8 +144,12 @@ class _Handler(BaseHTTPRequestHandler):
             body = raw.decode("utf-8", "replace")
         path = self.path.split("?", 1)[0]
         req = Request(method, path, {k.lower(): v for k, v in self.headers.items()}, body)
+        chat = path == fake.chat_path
         with fake._lock:
             fake.requests.append(req)
+            if chat:
+                fake.in_flight += 1
+                fake.peak_in_flight = max(fake.peak_in_flight, fake.in_flight)
         try:
             fake.handle(self, req)
         except _ClientGone:
@@ -154,6 +158,10 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             fake._note_disconnect()
             self.close_connection = True
+        finally:
+            if chat:
+                with fake._lock:
+                    fake.in_flight -= 1
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
         self._dispatch("GET")
@@ -227,6 +235,8 @@ class FakeServer:
         self.requests: list[Request] = []
         self.errors: list[BaseException | None] = []
         self.connections = 0  # TCP connections accepted
+        self.in_flight = 0  # chat requests being answered now
+        self.peak_in_flight = 0  # the most chat requests answered at once since configure()
         self.disconnected = threading.Event()  # a client went away in the middle of a stream
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -285,6 +295,7 @@ class FakeServer:
             self.requests.clear()
             self._sent = 0
             self._chat_count = 0
+            self.peak_in_flight = self.in_flight
             self.disconnected.clear()
         return self
 

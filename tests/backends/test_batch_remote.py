@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 
 import pytest
 
@@ -30,27 +29,28 @@ def peak_in_flight(session) -> tuple[list[int], callable]:
 
 
 @pytest.mark.parametrize("backend,fixture", BACKENDS)
-def test_concurrency_keeps_n_requests_in_flight_and_is_that_much_faster(shell, request, backend,
-                                                                         fixture):
+def test_concurrency_keeps_n_requests_in_flight_at_the_server(shell, request, backend, fixture):
     server = request.getfixturevalue(fixture)
-    server.configure(reply="one two three four five", delay=0.03)  # ~0.15 s a request
     shell.ns["qs"] = [f"q{i}" for i in range(16)]
-    times, peaks = {}, {}
+    peaks, served, bodies_sent = {}, {}, []
     for n in (1, 8):
+        # ~0.15 s a request: long enough that the requests of one wave overlap at the server
+        server.configure(reply="one two three four five", delay=0.03)
         peak, unsubscribe = peak_in_flight(default_session())
-        t0 = time.perf_counter()
         try:
             out = shell.ok(f"%%subchat root --each qs --fresh --concurrency {n} --as out "
                            f"--backend {backend}\nsay {{item}}")
         finally:
             unsubscribe()
-        times[n], peaks[n] = time.perf_counter() - t0, peak[0]
+        peaks[n], served[n] = peak[0], server.peak_in_flight
+        bodies_sent += [r.body["messages"][-1]["content"] for r in server.chat_requests()]
         assert "16 items, 16 done, 0 failed" in out
         assert shell.ns["out"] == ["one two three four five"] * 16
     assert peaks == {1: 1, 8: 8}
-    assert times[1] > 2.5 * times[8], times  # ~8x unloaded; the machine may be shared
-    bodies = [r.body["messages"][-1]["content"] for r in server.chat_requests()]
-    assert sorted(bodies) == sorted([f"say q{i}" for i in range(16)] * 2)
+    # the server itself saw one request at a time, then eight at once (how much faster
+    # that is, is bench/bench_batch.py's to measure)
+    assert served == {1: 1, 8: 8}
+    assert sorted(bodies_sent) == sorted([f"say q{i}" for i in range(16)] * 2)
 
 
 def test_the_default_is_four_in_flight_and_rate_limits_are_retried(shell, ollama):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+from subchat_magics.testing import store_rows
+
 from .conftest import last_reply
 
 
@@ -76,14 +78,35 @@ def test_num_ctx_comes_from_the_flag_then_the_environment(shell, ollama, monkeyp
     assert sent(ollama)["options"]["num_ctx"] == 2048
 
 
-@pytest.mark.parametrize("line, where", [("--num-ctx 10", "--num-ctx"), ("", "OLLAMA_NUM_CTX")])
-def test_a_bad_num_ctx_is_one_line(shell, ollama, monkeypatch, line, where):
+BAD_NUM_CTX = [("--num-ctx 10", "--num-ctx"), ("", "OLLAMA_NUM_CTX")]
+
+
+def _send_bad_num_ctx(shell, ollama, monkeypatch, line) -> str:
     if not line:
         monkeypatch.setenv("OLLAMA_NUM_CTX", "lots")
-    result, cap = shell.run(f"%%subchat root --backend ollama {line}\nhello")
-    text = str(result.error_in_exec) + cap.stdout + cap.stderr
-    assert f"{where} must be a whole number of tokens, at least 256" in text
+    return shell.fails(f"%%subchat root --backend ollama {line}\nhello")  # a UsageError
+
+
+def _rows(workdir) -> list:
+    return [store_rows(workdir / "subchats.db", f"SELECT * FROM {t} ORDER BY id")
+            for t in ("chats", "messages")]
+
+
+@pytest.mark.parametrize("line, where", BAD_NUM_CTX)
+def test_a_bad_num_ctx_is_one_line(shell, ollama, monkeypatch, line, where):
+    msg = _send_bad_num_ctx(shell, ollama, monkeypatch, line)
+    assert msg.startswith("%%subchat: ") and "\n" not in msg.strip(), msg
+    assert f"{where} must be a whole number of tokens, at least 256" in msg
     assert not ollama.chat_requests()
+
+
+@pytest.mark.parametrize("line, where", BAD_NUM_CTX)
+def test_a_bad_num_ctx_leaves_the_store_unchanged(shell, ollama, workdir, monkeypatch, line, where):
+    shell.ok("%%subchat root --backend ollama\nfirst")
+    ollama.configure(reply="never sent")
+    before = _rows(workdir)
+    _send_bad_num_ctx(shell, ollama, monkeypatch, line)
+    assert _rows(workdir) == before
 
 
 def test_a_server_that_does_not_say_the_models_length_gets_what_the_chat_needs(shell, ollama):
