@@ -107,10 +107,8 @@ def test_ctrl_c_in_a_running_tool_stops_the_loop_and_keeps_the_finished_calls(ke
             break
     else:
         raise AssertionError("the slow tool never started")
-    t0 = time.monotonic()
     km.interrupt_kernel()
-    msgs = _until_idle(kc, msg_id, timeout=30)
-    assert time.monotonic() - t0 < 10  # at once, not after the tool's 60 s
+    msgs = _until_idle(kc, msg_id, timeout=30)  # the tool sleeps 60 s: this ends only if cut
     errors = [m for m in msgs if m["msg_type"] == "error"]
     assert errors and errors[0]["content"]["ename"] == "KeyboardInterrupt"
     out = "".join(m["content"].get("text", "") for m in msgs if m["msg_type"] == "stream")
