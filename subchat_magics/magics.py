@@ -371,8 +371,8 @@ class SubchatMagics(Magics):
         if args.each is not None or any(v is not None for v in (
                 args.as_var, args.limit, args.concurrency, args.fresh)):
             if tools is not None:
-                raise UsageError("%%subchat: --tools does not go with --each yet; send the "
-                                 "rows one cell at a time, or leave --tools out")
+                opts.update(tools=tools, approve=True if args.yes else None,
+                            max_rounds=args.max_rounds, limits=self.limits)
             return self._each(args, _trim(cell or ""), opts)  # one message per item
         filled = notebook.context(self.shell).fill(_trim(cell or ""), self.limits)
         text = filled.text

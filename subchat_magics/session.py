@@ -28,7 +28,7 @@ from .errors import ChatNotFound, InvalidInput
 from .events import Listener, Listeners
 from .exchange import check_backend_name, check_prompt, check_text
 from .settings import getenv, where
-from .toolrun import MAX_ROUNDS, Approver, ToolRun
+from .toolrun import MAX_ROUNDS, Approver, ToolRun, run_calls
 from .tools import Toolset
 from .tree import ROOT, Chat, ChatTree, default_store_path, normalize_path
 from .turn import Fanout, Turn
@@ -525,7 +525,8 @@ class Session:
               limit: int | None = None, concurrency: int | None = None,
               backend: str | None = None, system: str | None = None,
               known: Callable[[str], bool] | None = None, template: str | None = None,
-              **options: Any) -> Batch:
+              tools: Any = None, approve: Any = None, max_rounds: int | None = None,
+              limits: Limits | None = None, **options: Any) -> Batch:
         """Plan a batch: ``prompt(item, index)`` is the message of each item of ``items``
         (a list, tuple, dict, sized iterable, pandas Series or DataFrame), sent into its
         own chat ``PATH/NAME/<index>`` under a batch chat ``PATH/NAME`` that holds no
@@ -534,8 +535,12 @@ class Session:
         requests in flight (remote default 4; vLLM: up to 1024 in the engine). ``system``
         sets the batch chat's system prompt. ``template`` with ``known`` (names of the
         namespace) checks that every ``{field}`` it names is in every item. Everything is
-        checked before the tree is touched; ``.run()`` sends."""
+        checked before the tree is touched; ``.run()`` sends.
+
+        ``tools`` (with ``approve``, ``max_rounds``): each row may call them, between
+        rounds of the batch; approvals are asked once per tool for the whole batch."""
         name = batch_mod.check_name(name)
+        toolset, rounds = _tools(tools, approve, max_rounds, options)
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise InvalidInput(f"--limit takes a number of items >= 1, not {limit!r}")
         if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
@@ -584,9 +589,22 @@ class Session:
             chat = tree.get(chat.id)
         self._set_current(parent, reason="batch")
         system_ = self.defaults.system_prompt
+        run_tools = None
+        if toolset is not None:
+            approver = Approver.of(approve)
+            if not approver.yes:
+                approver.per_tool = True  # one answer per tool for the whole batch
+            lim = limits or Limits()
+
+            def run_tools(c: Chat, calls: list) -> None:
+                for _ in run_calls(tree, c, calls, toolset, approver, lim):
+                    pass
+
         return batch_mod.Batch(tree, chat, rows, selection=plan.selection,
-                               make_exchange=lambda c, text: exchange.Exchange(
-                                   tree, c, text, opts, default_system=system_),
+                               make_exchange=lambda c, text, follow_up=False: exchange.Exchange(
+                                   tree, c, text, opts, default_system=system_,
+                                   follow_up=follow_up),
+                               run_tools=run_tools, max_rounds=rounds,
                                in_flight=concurrency or plan.backend.concurrency,
                                stale=stale, notes=notes,
                                index=None if found.pandas_index is None

@@ -70,7 +70,14 @@ class Approver:
             return self.decided[call.name]
         ask = self.ask or builtins.input
         scope = " (for all of them)" if self.per_tool else ""  # a fan-out, a batch
-        answer = str(ask(f"run {call.signature()}? [y]es / [n]o / [a]lways {call.name}{scope}: "))
+        try:
+            answer = str(ask(f"run {call.signature()}? [y]es / [n]o / [a]lways {call.name}{scope}: "))
+        except (KeyboardInterrupt, EOFError):
+            raise KeyboardInterrupt from None  # no answer: stop, as Ctrl-C does
+        except Exception as exc:  # noqa: BLE001 - a front end that cannot ask (no stdin)
+            raise InvalidInput(f"cannot ask before running {call.name} here ({type(exc).__name__}"
+                               f"); add --yes to run the calls without asking, or "
+                               "approve=... in Python") from None
         answer = answer.strip().lower()
         allowed = answer in ("y", "yes", "a", "always")
         if answer in ("a", "always") or self.per_tool:
@@ -172,33 +179,49 @@ class ToolRun:
             if not calls or turn.reply is None or turn.reply.status != "complete":
                 return
             rounds += 1
-            for i, call in enumerate(calls):
-                yield ToolEvent("call", call)
-                try:
-                    result = self._run(call)
-                except KeyboardInterrupt:
-                    # every call of the stored reply gets a result, so the chat stays valid
-                    for cut in calls[i:]:
-                        self._store(ToolResult(cut, "interrupted: the user stopped the run "
-                                                    "before this call finished", "interrupted"))
-                    raise
-                self._store(result)
-                yield ToolEvent("result", call, result)
+            for event in run_calls(self.tree, self.chat, calls, self.toolset, self.approver,
+                                   self.limits, self.calls):
+                yield event
             if rounds >= self.max_rounds:
                 self.stopped = (f"stopped after {rounds} round(s) of tool calls (--max-rounds "
                                 f"{self.max_rounds}); the results are stored, no answer yet")
                 return
             self.turns.append(self._new_turn(True))
 
-    def _run(self, call: ToolCall) -> ToolResult:
-        problem = self.toolset.check(call)
-        if problem is not None:  # never asked, never run: the model is told why
-            return ToolResult(call, f"error: invalid call: {problem}", "error", 0.0)
-        if not self.approver(call):
-            return ToolResult(call, REFUSED, "refused")
-        return self.toolset.run(call, self.limits)
 
-    def _store(self, result: ToolResult) -> None:
+
+def run_one(call: ToolCall, toolset: Toolset, approver: Approver, limits: Limits) -> ToolResult:
+    """One call: checked (an invalid one is never asked about nor run: the model is told
+    why), asked, run."""
+    problem = toolset.check(call)
+    if problem is not None:
+        return ToolResult(call, f"error: invalid call: {problem}", "error", 0.0)
+    if not approver(call):
+        return ToolResult(call, REFUSED, "refused")
+    return toolset.run(call, limits)
+
+
+def run_calls(tree: "ChatTree", chat: "Chat", calls: list[ToolCall], toolset: Toolset,
+              approver: Approver, limits: Limits,
+              done: list[tuple[ToolCall, ToolResult]] | None = None) -> Iterator[ToolEvent]:
+    """Run the calls of one stored reply in turn, each result stored as a ``tool`` message
+    of ``chat`` (and added to ``done``); a :class:`ToolEvent` before and after each. On
+    Ctrl-C (or any failure while asking) every call left gets a result marked
+    ``interrupted``, so the chat stays a valid context, and the exception goes on."""
+    def store(result: ToolResult) -> None:
         status = "interrupted" if result.status == "interrupted" else "complete"
-        self.tree.append(self.chat, "tool", result.content, status, result.provenance())
-        self.calls.append((result.call, result))
+        tree.append(chat, "tool", result.content, status, result.provenance())
+        if done is not None:
+            done.append((result.call, result))
+
+    for i, call in enumerate(calls):
+        yield ToolEvent("call", call)
+        try:
+            result = run_one(call, toolset, approver, limits)
+        except BaseException:
+            for cut in calls[i:]:
+                store(ToolResult(cut, "interrupted: the user stopped the run before this call "
+                                      "finished", "interrupted"))
+            raise
+        store(result)
+        yield ToolEvent("result", call, result)

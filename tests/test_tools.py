@@ -315,7 +315,8 @@ def test_a_refused_call_is_sent_back_as_refused():
     ("%%subchat root --backend echo --yes\nhi", "--yes and --max-rounds go with --tools"),
     ("%%subchat root --backend echo --tools lookup --max-rounds 0\nhi", "--max-rounds takes"),
     ("%%subchat root --backend echo --tools lookup --fanout 0\nhi", "--fanout takes a number"),
-    ("%%subchat root --backend echo --tools lookup --each xs\n{item}", "does not go with --each"),
+    ("%%subchat root --backend echo --tools lookup --each xs --max-rounds 0\n{item}",
+     "--max-rounds takes"),
 ])
 def test_bad_tool_input_is_one_line_and_leaves_the_store_unchanged(shell, workdir, cell, words):
     shell.ok(DEFS + "\nxs = [1, 2]")
@@ -357,6 +358,18 @@ def test_fanout_approvals_are_asked_once_per_tool_for_every_subchat(shell, workd
     assert len(asked) == 2 and asked[0].endswith("(for all of them): ")
     assert [c[0] for c in shell.ns["calls"]] == ["lookup"] * 3  # top refused for all three
     assert all("top → refused" in run.text for run in runs)
+
+
+def test_a_front_end_that_cannot_ask_says_to_add_yes_in_one_line(shell, workdir):
+    shell.ok(DEFS)  # pytest captures stdin: input() cannot ask here, as under nbval
+    msg = shell.fails("%%subchat root --backend echo --tools lookup\nhi")
+    assert "cannot ask before running lookup here" in msg and "add --yes" in msg
+    assert "\n" not in msg and shell.ns["calls"] == []
+    from subchat_magics.session import default_session
+
+    # the call kept a result (marked), so the chat stays a valid context
+    assert [m.role for m in default_session().tree.get("root").messages] == [
+        "user", "assistant", "tool"]
 
 
 def test_a_tool_interrupted_by_ctrl_c_keeps_every_finished_step(shell, workdir):
@@ -440,3 +453,41 @@ def test_echo_calls_each_tool_with_arguments_valid_against_its_schema():
         params = describe(fn, name=fn.__name__.strip("_")).parameters
         args = example_arguments(params)
         assert schema_error(params, args) is None, (fn.__name__, args)
+
+
+def test_each_row_of_a_batch_runs_its_own_tool_loop_and_a_rerun_reuses_the_answers(
+        shell, workdir):
+    shell.ok(DEFS + "\nregions = ['north', 'south', 'east']")
+    out = shell.ok("%%subchat root --each regions --tools lookup --yes --as answers\n"
+                   "How many in {item}?")
+    assert "3 done" in out or "3/3" in out, out
+    assert shell.ns["calls"] == [("lookup", "")] * 3
+    assert [a.splitlines() for a in shell.ns["answers"]] == [
+        [f"echo (3 messages): How many in {r}?", "tool results: lookup → 0"]
+        for r in ("north", "south", "east")]
+    from subchat_magics.session import default_session
+
+    tree = default_session().tree
+    assert [m.role for m in tree.get("root/regions/0").messages] == [
+        "user", "assistant", "tool", "assistant"]
+    again = shell.ok("%%subchat root --each regions --tools lookup --yes --as again\n"
+                     "How many in {item}?")
+    assert shell.ns["calls"] == [("lookup", "")] * 3  # nothing sent again, no call run again
+    assert shell.ns["again"] == shell.ns["answers"], again
+
+
+def test_a_batch_asks_once_per_tool_and_stops_rows_at_max_rounds(shell, workdir):
+    from subchat_magics.session import default_session
+    from subchat_magics.toolrun import Approver
+
+    shell.ok(DEFS)
+    asked: list[str] = []
+    approver = Approver(ask=lambda prompt: asked.append(prompt) or "y")
+    result = default_session().batch(
+        "root", ["a", "b", "c", "d"], lambda item, i: f"About {item}", name="qs",
+        backend="echo", tools=[shell.ns["lookup"], shell.ns["top"]], approve=approver,
+        max_rounds=1).run()
+    assert len(asked) == 1 and asked[0].startswith("run lookup(region='')")
+    assert [c[0] for c in shell.ns["calls"]] == ["lookup"] * 4
+    assert [r.status for r in result.rows] == ["failed"] * 4
+    assert "stopped after 1 round(s) of tool calls" in result.rows[0].reason
