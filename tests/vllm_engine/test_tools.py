@@ -94,3 +94,38 @@ def test_cells_with_tools_run_every_call_asked_for_and_the_choice_binds_the_answ
     rendered = active_engine().builder.render_text(tree.context(f"root/t{seed}"), tools=tools)
     assert "# Tools" in rendered and "<tool_response>" in rendered
     assert f'<tool_call>\n{{"name": "{calls[0]["name"]}", "arguments": ' in rendered
+
+
+def test_a_batch_with_tools_runs_every_row_s_loop_in_the_engine_and_every_call_is_valid(vshell):
+    vshell.ok(DEFS + "\nregions = ['north', 'south', 'east', 'north', 'south', 'east']")
+    out = vshell.ok("%%subchat root --each regions --backend vllm --tools units,flag --yes "
+                    "-t 1.0 --max-rounds 2 -n 40 --as answers\nHow many units in {item}?")
+    tree = default_session().tree
+    rows = [tree.get(f"root/regions/{i}") for i in range(6)]
+    results = [m for c in rows for m in c.messages if m.role == "tool"]
+    calls = [call for c in rows for m in c.messages for call in m.tool_calls]
+    assert len(results) == len(calls) == len(vshell.ns["calls"])
+    assert all(r.provenance["tool_status"] == "ok" for r in results)  # every call valid
+    for c, answer in zip(rows, vshell.ns["answers"]):
+        last = c.messages[-1]
+        if last.role == "assistant" and not last.tool_calls:
+            assert answer == last.content  # a row that answered gives its answer
+        else:
+            assert answer is None  # stopped at --max-rounds 2: failed, said in the summary
+    assert "6" in out
+
+
+def test_a_batch_whose_rows_must_call_runs_each_call_once_per_round(vshell):
+    """tool_choice=required (vLLM's own option): every row calls, so each round's calls
+    are really made in the engine, checked and run."""
+    vshell.ok(DEFS)
+    result = default_session().batch(
+        "root", ["north", "south", "east", "north"], lambda r, i: f"Units in {r}?", name="req",
+        backend="vllm", tools=[vshell.ns["units"], vshell.ns["flag"]], approve=True,
+        max_rounds=2, temperature=1.0, max_tokens=40,
+        extra={"tool_choice": "required"}).run()
+    tree = default_session().tree
+    results = [m for i in range(4) for m in tree.get(f"root/req/{i}").messages if m.role == "tool"]
+    assert len(results) == len(vshell.ns["calls"]) == 8  # 4 rows x 2 rounds, one call each
+    assert all(r.provenance["tool_status"] == "ok" for r in results)
+    assert [r.status for r in result.rows] == ["failed"] * 4  # still calling at round 2

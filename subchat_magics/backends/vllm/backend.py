@@ -16,11 +16,14 @@ from ...errors import BackendUnavailable, InvalidInput, SubchatError
 from ...structured import json_schema
 from ...tools import ToolCall, pseudo_answer_name, step_schema
 from ..base import Availability, Backend, Finish, GenerationOptions, Message, Stream, cut_finish
+from ..pool import END, Pool, ThreadPool
 from . import slot
 from .pool import EnginePool
 
 #: own options that go with tools (see :meth:`VLLMBackend._tool_step`)
 TOOL_OPTIONS = {"tool_choice", "tool_constraint"}
+#: the fewest tokens a tool step may write (its JSON must close for the call to be valid)
+STEP_MIN_TOKENS = 256
 
 
 class VLLMBackend(Backend):
@@ -129,17 +132,27 @@ class VLLMBackend(Backend):
         return self._one(messages, options)
 
     def _one(self, messages: Sequence[Message], options: GenerationOptions) -> Stream:
-        batch = self.stream_batch([(messages, options)])
+        """One request straight into the engine (a pool of one), whatever its options: a
+        tool step's requests come here too."""
+        engine = self._engine()
 
         def run(stream: Stream) -> Iterator[str | Finish]:
+            pool = EnginePool(engine, 1, True)
             try:
-                for _, item in batch:
+                pool.submit(0, messages, options)
+                while True:
+                    ev = pool.next_event(0.05)
+                    if ev is None:
+                        continue
+                    item = ev[1]
+                    if item is END:
+                        return
                     if isinstance(item, BaseException):
                         raise item
                     yield item
             finally:
-                batch.close()
-                cut = cut_finish(batch)
+                pool.close()
+                cut = pool.cut_finish(0)
                 if cut is not None:
                     stream.cut[0] = cut
 
@@ -162,8 +175,11 @@ class VLLMBackend(Backend):
         required = options.extra.get("tool_choice") == "required"  # a call, never the answer
         extra = {**options.extra, "_prefill": "<tool_call>\n"}
         schema = step_schema(tools, None if required else answer)
+        # the call is valid only once its JSON is whole: a step may take more tokens than
+        # the reply's --max-tokens (a call is short; a model that runs on is cut there)
         step = replace(options, extra=extra, constraint=_step_constraint(json.dumps(schema))
                        if constrained else None,
+                       max_tokens=max(options.max_tokens, STEP_MIN_TOKENS),
                        stop=None if constrained else ["</tool_call>"])
         parts: list[str] = []
         finish: Finish | None = None
@@ -213,10 +229,12 @@ class VLLMBackend(Backend):
         finish.extra["tool_step"] = "constrained" if constrained else "free"
         yield finish
 
-    def open_pool(self, size: int, deltas: bool = True) -> EnginePool:
+    def open_pool(self, size: int, deltas: bool = True) -> Pool:
         """Requests in the engine (one reply, a fan-out, a batch's rows): each goes into
-        the engine when it is submitted, so every request in flight is batched."""
-        return EnginePool(self._engine(), size, deltas)
+        the engine when it is submitted, so every request in flight is batched. A request
+        with tools goes through :meth:`stream` (its constrained step, then the answer) on a
+        thread of its own, into the same engine (:class:`ToolsPool`)."""
+        return ToolsPool(self, EnginePool(self._engine(), size, deltas), size)
 
     def unfinished_requests(self) -> int:
         """Requests the engine still holds (0 when idle)."""
@@ -236,3 +254,49 @@ def _step_constraint(schema_json: str) -> Any:
     """The constraint of a tool step, checked once per set of tools (checking a schema
     against its meta-schema takes milliseconds: not once per round)."""
     return json_schema(json.loads(schema_json))
+
+
+class ToolsPool(Pool):
+    """The engine's pool, and threads for the requests with tools (each a constrained step
+    and maybe an answer: :meth:`VLLMBackend.stream`); both feed the one engine, which
+    batches every request in flight."""
+
+    MAX_THREADS = 64
+
+    def __init__(self, backend: VLLMBackend, engine_pool: EnginePool, size: int):
+        self.size = engine_pool.size
+        self.engine_pool = engine_pool
+        self.threads = ThreadPool(backend, min(max(1, size), self.MAX_THREADS))
+        self._plain = self._tooled = 0  # requests sent each way so far
+
+    def submit(self, index: int, messages: Sequence[Message], options: GenerationOptions) -> None:
+        self.submit_many([(index, messages, options)])
+
+    def submit_many(self, requests: Sequence[tuple[int, Sequence[Message], GenerationOptions]]
+                    ) -> None:
+        plain = [r for r in requests if not r[2].tools]
+        if plain:
+            self._plain += len(plain)
+            self.engine_pool.submit_many(plain)
+        for index, messages, options in requests:
+            if options.tools:
+                self._tooled += 1
+                self.threads.submit(index, messages, options)
+
+    def next_event(self, timeout: float = 0.05) -> Any:
+        if not self._tooled:
+            return self.engine_pool.next_event(timeout)
+        if not self._plain:
+            return self.threads.next_event(timeout)
+        return self.engine_pool.next_event(0) or self.threads.next_event(timeout / 2) \
+            or self.engine_pool.next_event(timeout / 2)
+
+    def cut_finish(self, index: int) -> Finish | None:
+        return self.engine_pool.cut_finish(index) or self.threads.cut_finish(index)
+
+    def close(self) -> None:
+        self.threads.close()
+        self.engine_pool.close()
+
+    def join(self, timeout: float) -> None:
+        self.threads.join(timeout)
