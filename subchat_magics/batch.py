@@ -261,9 +261,10 @@ class Batch:
     the planned ``selection``."""
 
     def __init__(self, tree: ChatTree, chat: Chat, rows: list[Row], *, selection: Selection,
-                 make_exchange: Callable[[Chat, str], Exchange], in_flight: int,
+                 make_exchange: Callable[..., Exchange], in_flight: int,
                  stale: list[int] | None = None, notes: list[str] | None = None,
-                 index: Any = None):
+                 index: Any = None, run_tools: Callable[[Chat, list], None] | None = None,
+                 max_rounds: int = 5):
         self.tree = tree
         self.index = index
         self.chat = chat
@@ -286,6 +287,12 @@ class Batch:
         self._group: list[Exchange] | None = None  # the rows stored in the open _writes block
         self._kids: dict[str, Chat] | None = None
         self._rows: dict[int, Row] = {}  # id(exchange) -> its row
+        # with tools: ``run_tools(chat, calls)`` runs a row's calls and stores the results
+        # (the session's tool loop); the row then goes on with a follow-up exchange
+        self.run_tools = run_tools
+        self.max_rounds = max_rounds
+        self._calling: deque = deque()  # (row, exchange) whose reply called tools
+        self._rounds: dict[int, int] = {}  # row chat id -> rounds of calls so far
 
     @property
     def backend(self) -> Backend:
@@ -340,6 +347,8 @@ class Batch:
                     while (runner.handled and runner.flying
                            and not (pending and runner.in_flight < self.in_flight // 2 + 1)):
                         runner.step(0)  # (top up the engine before handling the rest)
+                if self._calling:  # outside the write transaction: a tool may take its time
+                    self._call_tools(runner)
                 p.in_flight = runner.in_flight
                 tick()
         except BaseException as exc:
@@ -426,6 +435,24 @@ class Batch:
                     tree.emit("chat-created", id=chat.id, path=chat.path)
         return [kids[r.name] for r in rows]
 
+    def _call_tools(self, runner: Runner) -> None:
+        """Run the calls of each row whose reply called tools, then send its next round
+        (a follow-up exchange), or end the row when it has had ``max_rounds``."""
+        while self._calling:
+            row, ex = self._calling.popleft()
+            rounds = self._rounds[ex.chat.id] = self._rounds.get(ex.chat.id, 0) + 1
+            self.run_tools(ex.chat, list(ex.finish.tool_calls))  # type: ignore[misc,union-attr]
+            if rounds >= self.max_rounds:
+                row.status = "failed"
+                row.reason = (f"stopped after {rounds} round(s) of tool calls (--max-rounds "
+                              f"{self.max_rounds}), no answer")
+                self.progress.failed += 1
+                continue
+            nxt = self.make_exchange(ex.chat, None, follow_up=True)
+            self._rows[id(nxt)] = row
+            runner.begin([nxt])
+            runner.submit([nxt])
+
     def _record(self, ex: Exchange) -> None:
         row = self._rows.pop(id(ex), None)
         if row is None:
@@ -436,11 +463,15 @@ class Batch:
         p = self.progress
         f = ex.finish
         if f is not None:
-            row.prompt_tokens = f.prompt_tokens or 0
-            row.completion_tokens = f.completion_tokens or 0
-            p.prompt_tokens += row.prompt_tokens
-            p.completion_tokens += row.completion_tokens
+            row.prompt_tokens += f.prompt_tokens or 0
+            row.completion_tokens += f.completion_tokens or 0
+            p.prompt_tokens += f.prompt_tokens or 0
+            p.completion_tokens += f.completion_tokens or 0
         status = reply.status if reply is not None else "interrupted"
+        if (status == "complete" and self.run_tools is not None and f is not None
+                and f.tool_calls):
+            self._calling.append((row, ex))  # its calls run after this step's commit
+            return
         if status == "complete":
             row.status, row.reason = "done", None
             row.result = ex.value if ex.options.constraint is not None else ex.text
@@ -495,6 +526,15 @@ def match_rows(tree: ChatTree, chat: Chat, rows: list[Row],
                 f"{c.path} holds another message than item {r.label!r} gives now (the data "
                 f"or the template changed since that batch ran); --fresh starts a new batch "
                 f"chat, or %subchat delete {chat.path} --force removes the old one")
+        if len(ex) > 1 and ex[1][2] == "complete" and ex[1][3].get("tool_calls"):
+            # a row answered with tools: done when its last message is a complete answer
+            last = tree.store.messages(c.id)[-1]
+            if last.role == "assistant" and last.status == "complete" \
+                    and not last.provenance.get("tool_calls"):
+                ex = [ex[0], (last.role, last.content, last.status, last.provenance)]
+            elif not c.children:
+                stale.append(c.id)  # its loop was cut: sent again from the start
+                continue
         if len(ex) > 1 and ex[1][2] == "complete":
             r.reused, r.status, r.chat_id = True, "done", c.id
             r.result = ex[1][1]

@@ -127,10 +127,18 @@ def check_constraint(first: Backend, opts: GenerationOptions) -> None:
                                f"least --max-tokens {need[longest]}")
 
 
+def check_tools(backend: Backend, opts: GenerationOptions) -> None:
+    """Refuse tools ``backend`` cannot offer (or a model that cannot call them)."""
+    why = backend.cannot_call_tools(opts) if opts.tools else None
+    if why:
+        raise InvalidInput(f"{why}; use a backend that can (vllm, ollama, openai, groq, echo)")
+
+
 def _fits(backend: Backend, opts: GenerationOptions) -> bool:
     """Whether a fallback under ``auto`` can take this request as it is."""
     try:
         check_for(backend, opts)
+        check_tools(backend, opts)
         c = opts.constraint
         return c is None or c.best_effort or backend.cannot_enforce(opts) is None
     except SubchatError:
@@ -146,6 +154,13 @@ def choose(requested: "str | Backend", opts: GenerationOptions | Sequence[Genera
     many = list(opts) if isinstance(opts, (list, tuple)) else [opts]
     selection = (Selection(requested.id, [requested]) if isinstance(requested, Backend)
                  else registry().select(requested))
+    if not selection.explicit and any(o.tools for o in many):
+        # with tools, ``auto`` passes over the backends that cannot offer them
+        able = [b for b in selection.candidates
+                if all(b.cannot_call_tools(o) is None for o in many)]
+        if able:
+            gone = [(b.id, "cannot call tools") for b in selection.candidates if b not in able]
+            selection = Selection(selection.requested, able, selection.passed_over + gone)
     if not selection.candidates:
         raise BackendUnavailable("no backend is available; "
                                  + "; ".join(f"{n}: {r}" for n, r in selection.passed_over))
@@ -156,6 +171,7 @@ def choose(requested: "str | Backend", opts: GenerationOptions | Sequence[Genera
             raise BackendUnavailable(ready.reason)
     for o in many:
         check_for(first, o)
+        check_tools(first, o)
         check_constraint(first, o)
     rest = [b for b in rest if all(_fits(b, o) for o in many)]
     return Selection(selection.requested, [first, *rest], selection.passed_over)
@@ -231,13 +247,17 @@ class Exchange:
     ``messages`` is what the backend receives (the context from the root and the message);
     ``provenance`` is recorded with the reply, beside what the backend reports."""
 
-    def __init__(self, tree: "ChatTree", chat: "Chat", text: str, options: GenerationOptions,
-                 *, default_system: str | None = None):
+    def __init__(self, tree: "ChatTree", chat: "Chat", text: str | None,
+                 options: GenerationOptions, *, default_system: str | None = None,
+                 follow_up: bool = False):
         self.tree = tree
         self.chat = chat
         self.text_sent = text
         self.options = options
-        self.messages = context(tree, chat, text, default_system)
+        #: no new user message: the reply answers what the chat ends with (a tool loop's
+        #: next round, after the tool results); ``text`` is None
+        self.follow_up = follow_up
+        self.messages = context(tree, chat, None if follow_up else text, default_system)
         self.provenance: dict[str, Any] = {}
         system, source = system_in_force(tree, chat, default_system)
         if system:  # what was sent, in the reply's provenance
@@ -271,8 +291,11 @@ class Exchange:
         busy(self.tree).claim(self)
         self.backend = backend
         try:
-            self.user_message, self.reply_row = self.tree.begin_turn(self.chat, self.text_sent,
-                                                                     backend.id)
+            if self.follow_up:
+                self.reply_row = self.tree.begin_reply(self.chat, backend.id)
+            else:
+                self.user_message, self.reply_row = self.tree.begin_turn(
+                    self.chat, self.text_sent, backend.id)
         except BaseException:
             self.abandon()
             raise
@@ -341,7 +364,8 @@ class Exchange:
         self.finish = self.finish or cut
         if finish_reason is None:
             finish_reason = (self.finish.reason if self.finish else None) or "stop"
-        if status == "complete" and self.options.constraint is not None:
+        if (status == "complete" and self.options.constraint is not None
+                and not (self.finish and self.finish.tool_calls)):  # binds the answer only
             status, finish_reason = self._validate(finish_reason)
         try:
             self._store(status, finish_reason, time.perf_counter() - self._t0)
@@ -380,6 +404,8 @@ class Exchange:
             prov["error"] = redact(str(self.error))[:500]
         if self.notes:
             prov["notes"] = list(self.notes)
+        if f.tool_calls:  # the reply called tools instead of answering
+            prov["tool_calls"] = [call.to_dict() for call in f.tool_calls]
         c = self.options.constraint
         if c is not None:  # what the reply had to be, and whether the backend enforced it
             prov["constraint"] = dict(c.provenance(), enforced=self._enforced())

@@ -28,6 +28,7 @@ from .magic_args import in_kernel, parse_line, usage_errors
 from .secrets import redact
 from .session import Session, check_backend_name, default_session
 from .streaming import Coalescer
+from .tools import Toolset, describe
 from .tree import normalize_path
 from .values import Limits
 
@@ -301,6 +302,15 @@ class SubchatMagics(Magics):
     @argument("--best-effort", action="store_true", default=None,
               help="With --json/--choice/--regex: use a backend that cannot enforce it and "
                    "validate the reply when it is in.")
+    @argument("--tools", default=None, metavar="F,G",
+              help="Let the model call these notebook functions (or the functions in the "
+                   "list variable NAME): described from their signatures, type hints and "
+                   "docstrings; each call is asked before it runs (see --yes), its result "
+                   "sent back; the calls and results are messages of the chat.")
+    @argument("--yes", action="store_true", default=None,
+              help="With --tools: run the calls without asking.")
+    @argument("--max-rounds", type=int, default=None, metavar="N",
+              help="With --tools: at most N rounds of calls (default 5), then stop.")
     @argument("--each", default=None, metavar="NAME",
               help="Send the cell once per item of the variable NAME (a list, tuple, dict, "
                    "pandas Series or DataFrame), each into its own chat PATH/NAME/<index>: "
@@ -358,19 +368,153 @@ class SubchatMagics(Magics):
                     constraint=structured.from_options(
                         json=args.json, choice=args.choice, regex=args.regex,
                         best_effort=args.best_effort, namespace=self.shell.user_ns))
+        tools = self._tools(args)
         if args.each is not None or any(v is not None for v in (
                 args.as_var, args.limit, args.concurrency, args.fresh)):
+            if tools is not None:
+                opts.update(tools=tools, approve=True if args.yes else None,
+                            max_rounds=args.max_rounds, limits=self.limits)
             return self._each(args, _trim(cell or ""), opts)  # one message per item
         filled = notebook.context(self.shell).fill(_trim(cell or ""), self.limits)
         text = filled.text
         if fanout:
             self._say_masked(filled)
+            if tools is not None:
+                return self._fanout_tools(args, text, opts, tools)
             return self._fanout(args, text, opts)
         if args.temperatures is not None:
             raise UsageError("%%subchat: --temperatures goes with --fanout N or --children a,b")
+        if tools is not None:
+            run = self.session.send(args.path, text, backend=args.backend, system=args.system,
+                                    tools=tools, approve=True if args.yes else None,
+                                    max_rounds=args.max_rounds, limits=self.limits, **opts)
+            self._say_masked(filled)
+            return self._stream_tools(run, args.format or self.format, args.var)
         turn = self.session.send(args.path, text, backend=args.backend, system=args.system, **opts)
         self._say_masked(filled)
         self._stream(turn, args.format or self.format, args.var)
+
+    def _fanout_tools(self, args: Any, text: str, opts: dict[str, Any], tools: Any) -> None:
+        """``--fanout``/``--children`` with ``--tools``: each subchat's tool loop in turn,
+        under its path; --var gets the answers in order."""
+        names = args.children.split(",") if args.children is not None else None
+        temps = None
+        if args.temperatures is not None:
+            try:
+                temps = [float(x) for x in args.temperatures.split(",")]
+            except ValueError:
+                raise UsageError("%%subchat: --temperatures takes numbers, one per subchat, "
+                                 f"e.g. 0,0.7,1.0, not {args.temperatures!r}") from None
+        runs = self.session.fanout(args.path, text, n=args.fanout, names=names,
+                                   backend=args.backend, system=args.system, temperatures=temps,
+                                   tools=tools, approve=True if args.yes else None,
+                                   max_rounds=args.max_rounds, limits=self.limits, **opts)
+        values: list[Any] = []
+        try:
+            for run in runs:
+                print(f"── {run.chat.path} ──")
+                box: dict[str, Any] = {}
+                self._stream_tools(run, args.format or self.format, "_", into=box)
+                values.append(box.get("_"))
+        finally:
+            if args.var:
+                self.shell.user_ns[args.var] = values + [None] * (len(runs) - len(values))
+
+    def _tools(self, args: Any) -> Any:
+        """``--tools f,g`` (or the name of a list of functions) as a Toolset; --yes and
+        --max-rounds without it are refused."""
+        if args.tools is None:
+            if args.yes is not None or args.max_rounds is not None:
+                raise UsageError("%%subchat: --yes and --max-rounds go with --tools f,g")
+            return None
+        ns = self.shell.user_ns
+        found: list[Any] = []
+        for name in (n.strip() for n in args.tools.split(",")):
+            if not name:
+                continue
+            if name not in ns:
+                raise UsageError(f"%%subchat: --tools {name}: no variable {name!r} in the "
+                                 "notebook; define the function first")
+            value = ns[name]
+            if isinstance(value, (list, tuple)):
+                found += [(f"{name}[{i}]", v) for i, v in enumerate(value)]
+            else:
+                found.append((name, value))
+        if not found:
+            raise UsageError("%%subchat: --tools needs function names, e.g. --tools lookup,plot")
+        return Toolset.of([describe(v, label=label) for label, v in found])
+
+    def _stream_tools(self, run: Any, fmt: str, var: str | None,
+                      into: dict[str, Any] | None = None) -> None:
+        """Stream a tool run: each round's text, each call and result shown collapsed (the
+        call asked about first unless --yes), then the answer as a reply. ``var`` is set
+        in ``into`` (default: the notebook's namespace)."""
+        ns = self.shell.user_ns if into is None else into
+        view: ReplyView | None = None
+        events = run.events()
+        try:
+            for ev in events:
+                if isinstance(ev, str):
+                    if view is None:
+                        view = ReplyView(self.shell, "markdown" if fmt == "code" else fmt,
+                                         self.update_interval)
+                        view.start()
+                    view.delta(ev)
+                elif ev.kind == "call" and view is not None:
+                    view.finish()  # a round's text before its calls
+                    view = None
+                elif ev.kind == "result":
+                    self._show_tool_result(ev.result)
+        except KeyboardInterrupt:
+            events.close()
+            if view is not None:
+                view.finish("interrupted: partial reply kept" if run.text else
+                            "interrupted: nothing arrived")
+            done = sum(1 for _, r in run.calls if r.status != "interrupted")
+            print(f"interrupted: {done} finished tool call(s) kept in {run.chat.path}")
+            if var:
+                ns[var] = run.text
+            raise KeyboardInterrupt from None
+        except BackendError as exc:
+            if view is not None:
+                view.finish(f"error: partial reply kept in {run.chat.path}" if run.text else None)
+            raise UsageError(f"%%subchat: {redact(str(exc))}") from None
+        finally:
+            events.close()
+        if run.stopped:
+            print(f"note: {run.stopped}")
+            if var:
+                ns[var] = None
+            return
+        if view is None:
+            view = ReplyView(self.shell, "markdown" if fmt == "code" else fmt, self.update_interval)
+            view.start()
+        turn = run.turn
+        constrained = turn.options.constraint is not None
+        if constrained and turn.value is not None:
+            view.shown = structured.bundle(turn.value, turn.text)
+        view.finish(structured.mark(turn.reply) if constrained and structured.mark(turn.reply)
+                    else "stopped at max tokens" if turn.finish and turn.finish.reason == "length"
+                    else None)
+        for note in run.notes:
+            print(f"note: {note}")
+        if var:
+            ns[var] = turn.value if constrained else turn.text
+        if fmt == "code":
+            self._next_cell(turn.text)
+
+    def _show_tool_result(self, result: Any) -> None:
+        """One call and its result, collapsed: a ``<details>`` in a notebook, one line in a
+        terminal."""
+        line = render.tool_line(result.call.signature(), result.content, result.status)
+        if not in_kernel(self.shell):
+            print(line)
+            return
+        from IPython.display import display
+
+        display({"text/plain": line,
+                 "text/html": render.tool_html(result.call.signature(), result.content,
+                                               result.status)}, raw=True)
 
     def _line(self, line: str, path_first: bool = False) -> str:
         """A magic's options line as typed, without its ``# comment``, with ``{name}`` of

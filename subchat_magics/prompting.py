@@ -35,6 +35,7 @@ No vLLM import here: the tokenizer is any Hugging Face-style tokenizer
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from array import array
 from collections import OrderedDict
@@ -52,6 +53,33 @@ CHATML_TEMPLATE = (
 )
 
 _SENTINEL = "SubChat-Sentinel-7f3a9c"  # mixed case: a template that changes case is caught
+
+
+def template_message(m: dict[str, Any]) -> dict[str, Any]:
+    """A message as a chat template reads it: role and content, plus a tool call's
+    ``tool_calls`` (arguments as a mapping: templates write them with ``tojson`` or as
+    given) or a tool result's ``tool_call_id`` and ``name``."""
+    out: dict[str, Any] = {"role": m["role"], "content": m["content"]}
+    if m.get("tool_calls"):
+        calls = []
+        for c in m["tool_calls"]:
+            fn = dict(c.get("function") or {})
+            args = fn.get("arguments")
+            if isinstance(args, str):
+                try:
+                    fn["arguments"] = json.loads(args)
+                except ValueError:
+                    pass  # written as the model wrote it
+            calls.append({"id": c.get("id"), "type": "function", "function": fn})
+        out["tool_calls"] = calls
+    if m["role"] == "tool":
+        out["tool_call_id"] = m.get("tool_call_id")
+        out["name"] = m.get("name")
+    return out
+
+
+def has_tool_messages(messages: Sequence[dict[str, Any]]) -> bool:
+    return any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
 
 
 def ran_with_thinking(content: str) -> bool:
@@ -147,15 +175,26 @@ class PromptBuilder:
 
     # -- rendering ---------------------------------------------------------------------------
     def render_text(self, messages: Sequence[dict[str, str]], *, think: bool = False,
-                    add_generation_prompt: bool = True) -> str:
-        """The chat template's plain render (what ``LLM.chat`` would send)."""
-        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
-        key = _digest(add_generation_prompt, think, *(x for m in msgs for x in (m["role"], m["content"])))
+                    add_generation_prompt: bool = True,
+                    tools: Sequence[dict[str, Any]] | None = None) -> str:
+        """The chat template's plain render (what ``LLM.chat`` would send); ``tools``: the
+        tools' descriptions, and the messages' tool calls and results, as the template
+        writes them."""
+        if tools or has_tool_messages(messages):
+            msgs = [template_message(m) for m in messages]
+            key = _digest(add_generation_prompt, think, json.dumps(msgs, sort_keys=True),
+                          json.dumps(list(tools or ()), sort_keys=True))
+        else:
+            msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+            key = _digest(add_generation_prompt, think,
+                          *(x for m in msgs for x in (m["role"], m["content"])))
         hit = self._renders.get(key)
         if hit is not None:
             return hit
         kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt,
                                   "enable_thinking": bool(think)}
+        if tools:
+            kwargs["tools"] = list(tools)
         if self.chat_template is not None:
             kwargs["chat_template"] = self.chat_template
         try:
@@ -298,13 +337,22 @@ class PromptBuilder:
 
     # -- fitting -----------------------------------------------------------------------------
     def build(self, messages: Sequence[dict[str, str]], max_tokens: int, *,
-              think: bool = False) -> Prompt:
-        """Render ``messages`` and fit them with ``max_tokens`` into ``max_model_len``."""
-        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+              think: bool = False, tools: Sequence[dict[str, Any]] | None = None,
+              prefill: str = "") -> Prompt:
+        """Render ``messages`` and fit them with ``max_tokens`` into ``max_model_len``.
+        With ``tools`` or tool messages the chat is rendered plainly (the template's own
+        tool format); ``prefill`` is text the reply starts with (after the generation
+        prompt)."""
+        plain = bool(tools) or bool(prefill) or has_tool_messages(messages)
+        msgs = [dict(m) if plain else {"role": m["role"], "content": m["content"]}
+                for m in messages]
         if not msgs:
             raise InvalidInput("there is no message to send")
 
         def measure(kept: list[dict[str, str]]) -> tuple[int, Any]:
+            if plain:
+                ids = self.encode(self.render_text(kept, think=think, tools=tools) + prefill)
+                return len(ids), (ids, False)
             ids, exact = self.token_ids(kept, think=think)
             return len(ids), (ids, exact)
 

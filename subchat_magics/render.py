@@ -70,6 +70,36 @@ def provenance_line(m: Message) -> str:
     return line
 
 
+def tool_line(signature: str, result: str, status: str = "ok", width: int = 80) -> str:
+    """A call and its result on one line: ``🔧 lookup(id=3) → row 3``."""
+    short = " ".join((result or "").split())
+    if len(short) > width:
+        short = short[: width - 1] + "…"
+    mark = "" if status in ("ok", "complete") else f" [{status}]"
+    return f"🔧 {signature} → {short}{mark}"
+
+
+def tool_html(signature: str, result: str, status: str = "ok") -> str:
+    """A call and its result collapsed: the call and a short result as the summary, the
+    whole result inside."""
+    return (f"<details><summary><code>{html.escape(tool_line(signature, result, status))}"
+            f"</code></summary><pre>{html.escape(result or '')}</pre></details>")
+
+
+def _call_signature(call: dict[str, Any]) -> str:
+    args = call.get("arguments")
+    if isinstance(args, dict):
+        inner = ", ".join(f"{k}={v!r}" for k, v in args.items())
+    else:
+        inner = repr(args)
+    return f"{call.get('name', '?')}({inner})"
+
+
+def _tool_timing(m: Message) -> str:
+    d = m.provenance.get("duration_s")
+    return f" ({d * 1000:.3g} ms)" if isinstance(d, (int, float)) else ""
+
+
 # the one resolver of the prompt in force lives with the exchange (it decides what is sent)
 system_source = system_in_force
 
@@ -175,6 +205,19 @@ def _message_lines(msgs: list[Message], provenance: bool, markdown: bool) -> lis
         if markdown:
             out.append(message_markdown(m, provenance))
             continue
+        if m.role == "tool":
+            name = m.provenance.get("name", "?")
+            out.append(f"[tool {name}]{tag} {m.content}"
+                       + (_tool_timing(m) if provenance else ""))
+            continue
+        if m.tool_calls:
+            calls = ", ".join(_call_signature(c) for c in m.tool_calls)
+            out.append(f"[{m.role}]{tag} {m.content + ' ' if m.content else ''}calls {calls}")
+            if provenance:
+                line = provenance_line(m)
+                if line:
+                    out.append(f"    ({line})")
+            continue
         out.append(f"[{m.role}]{tag} {m.content}")
         if provenance and m.role == "assistant":
             line = provenance_line(m)
@@ -187,7 +230,15 @@ def message_markdown(m: Message, provenance: bool = False, *, colon: bool = True
     """One message as Markdown: ``**role**`` (with ``[reason]`` if it did not complete;
     ``colon``: followed by ``:``), its text (a reply's thinking collapsed; *(no text)*
     for an empty reply), then, if asked, the reply's provenance as a quote."""
-    if m.role == "assistant":
+    if m.role == "tool":
+        name = m.provenance.get("name", "?")
+        timing = _tool_timing(m) if provenance else ""
+        return (f"**tool** `{name}`{_status_tag(m)}{timing}{':' if colon else ''}\n\n"
+                f"<details><summary>result</summary>\n\n```\n{m.content}\n```\n\n</details>")
+    if m.role == "assistant" and m.tool_calls:
+        calls = "\n".join(f"- calls `{_call_signature(c)}`" for c in m.tool_calls)
+        body = (reply_markdown(m.content) + "\n\n" if m.content else "") + calls
+    elif m.role == "assistant":
         body = reply_markdown(m.content) if m.content else "*(no text)*"
     else:
         body = m.content
@@ -300,7 +351,7 @@ def _check_messages(msgs: Any, where: str, bad: Any) -> None:
     if not isinstance(msgs, list):
         raise bad(f"{where} has messages that are not a list")
     for m in msgs:
-        if (not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system")
+        if (not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system", "tool")
                 or not isinstance(m.get("content"), str)
                 or not isinstance(m.get("status", "complete"), str)
                 or not isinstance(m.get("provenance") or {}, dict)):
@@ -368,6 +419,25 @@ def _reply_outputs(m: Message) -> list[dict[str, Any]]:
     return [{"output_type": "display_data", "data": {"text/plain": ""}, "metadata": {}},
             {"output_type": "display_data", "metadata": {},
              "data": {"text/plain": text or "(empty reply)", "text/markdown": reply_markdown(text)}}]
+
+
+def _tool_outputs(steps: list[Message]) -> list[dict[str, Any]]:
+    """What ``%%subchat --tools`` showed for a stored tool run: each call with its result
+    collapsed, then the reply."""
+    out: list[dict[str, Any]] = []
+    calls: dict[str, str] = {}
+    for m in steps:
+        if m.role == "assistant" and m.tool_calls:
+            calls.update({str(c.get("id")): _call_signature(c) for c in m.tool_calls})
+        elif m.role == "tool":
+            sig = calls.get(str(m.provenance.get("tool_call_id")), m.provenance.get("name", "?"))
+            status = m.provenance.get("tool_status", "ok")
+            out.append({"output_type": "display_data", "metadata": {}, "data": {
+                "text/plain": tool_line(sig, m.content, status),
+                "text/html": tool_html(sig, m.content, status)}})
+        elif m.role == "assistant":
+            out += _reply_outputs(m)
+    return out
 
 
 def export_notebook(tree: ChatTree, chat: Chat, default_system: str | None = None) -> str:
@@ -441,12 +511,34 @@ def export_notebook(tree: ChatTree, chat: Chat, default_system: str | None = Non
                 i += 1
                 continue
             reply = msgs[i + 1] if i + 1 < len(msgs) and msgs[i + 1].role == "assistant" else None
+            steps: list[Message] = []  # a tool run: its calls and results, then the reply
+            j = i + 1
+            while reply is not None and reply.tool_calls and j < len(msgs) \
+                    and msgs[j].role != "user":
+                steps.append(msgs[j])
+                j += 1
+            if steps:
+                reply = steps[-1] if steps[-1].role == "assistant" and not steps[-1].tool_calls \
+                    else None
             line = f"%%subchat {c.path}"
+            if steps:
+                names = list(dict.fromkeys(call.get("name", "?") for s in steps
+                                           for call in s.tool_calls))
+                line += f" --tools {','.join(names)}"
             if system:
                 line += f" --system {shlex.quote(system)}"
                 system = None
             made.add(c.id)
             extra: dict[str, Any] = {}
+            if steps:
+                extra["outputs"] = _tool_outputs(steps)
+                # a rerun asks before each call and runs the notebook's functions again
+                extra["metadata"] = {"tags": ["nbval-ignore-output"]}
+                add("markdown", f"*This message was answered with the tools "
+                    f"{', '.join(names)}: define them before running the cell below.*")
+                add("code", f"{line}\n{escape_braces(m.content)}", **extra)
+                i = j
+                continue
             if reply is not None:
                 extra["outputs"] = _reply_outputs(reply)
                 if reply.status != "complete":  # a rerun completes it: nbval may not compare

@@ -28,8 +28,11 @@ from .errors import ChatNotFound, InvalidInput, SubchatError
 from .events import Listener, Listeners
 from .exchange import check_backend_name, check_prompt, check_text
 from .settings import getenv, where
+from .toolrun import MAX_ROUNDS, Approver, ToolRun, run_calls
+from .tools import Toolset
 from .tree import ROOT, Chat, ChatTree, default_store_path, normalize_path
 from .turn import Fanout, Turn
+from .values import Limits
 
 MAX_FANOUT = 64
 
@@ -49,12 +52,14 @@ class Tree(ChatTree):
             self._session = Session.on_tree(self)
         return self._session
 
-    def send(self, chat: "str | int | Chat", text: str, **kwargs: Any) -> Turn:
+    def send(self, chat: "str | int | Chat", text: str, **kwargs: Any) -> "Turn | ToolRun":
         """Start a turn: ``for delta in tree.send("root", "hi"): ...``; then
         ``turn.reply`` is the stored reply. Keyword arguments: ``backend``, ``system`` and
         the generation options (``max_tokens``, ``temperature``, ``top_p``, ``stop``,
-        ``seed``, ``model``, ``think``, ``extra``, ``constraint``). Everything is checked
-        before anything is stored, as for a cell."""
+        ``seed``, ``model``, ``think``, ``extra``, ``constraint``); ``tools=[f, g]`` (with
+        ``approve``, ``max_rounds``) lets the model call them (a
+        :class:`~subchat_magics.toolrun.ToolRun`). Everything is checked before anything
+        is stored, as for a cell."""
         return self.session.send(chat, text, **kwargs)
 
     def batch(self, path: "str | int | Chat", items: Any, prompt: Callable[[Any, Any], str],
@@ -380,12 +385,20 @@ class Session:
         return self.tree.get(path)
 
     def send(self, path: "str | int | Chat | None", text: str, *, backend: str | None = None,
-             system: str | None = None, **options: Any) -> Turn:
+             system: str | None = None, tools: Any = None, approve: Any = None,
+             max_rounds: int | None = None, limits: Limits | None = None,
+             **options: Any) -> "Turn | ToolRun":
         """Start a turn in ``path`` (created under an existing parent if new) or the
         current chat, which becomes current. Iterate the turn to stream. Everything is
-        checked before the tree is touched; ``system`` sets the chat's system prompt."""
+        checked before the tree is touched; ``system`` sets the chat's system prompt.
+
+        ``tools`` (functions, or a :class:`~subchat_magics.tools.Toolset`): the model may
+        call them; the result is a :class:`~subchat_magics.toolrun.ToolRun` that asks
+        before each call (``approve=True``: run every call; ``False``: refuse them all; a
+        function of the call: decide) for up to ``max_rounds`` rounds (default 5)."""
         check_prompt(text)
         check_text(system, "the system prompt")
+        toolset, rounds = _tools(tools, approve, max_rounds, options)
         plan = self.plan(backend, self.options(**options))
         if isinstance(path, str):
             normalize_path(path)  # a bad path is refused before anything is made
@@ -394,8 +407,24 @@ class Session:
         if system is not None and chat.system_prompt != (system or None):
             self.tree.set_system_prompt(chat, system)
         self._set_current(chat, reason="send")
+        if toolset is not None:
+            return self._tool_run(chat, text, toolset, plan.selection, plan.options[0],
+                                  Approver.of(approve), rounds, limits)
         return Turn(self.tree, chat, text, backend=plan.selection, options=plan.options[0],
                     default_system=self.defaults.system_prompt)
+
+    def _tool_run(self, chat: Chat, text: str, toolset: Toolset, selection: Selection,
+                  opts: GenerationOptions, approver: Approver, rounds: int,
+                  limits: Limits | None) -> ToolRun:
+        """A message answered with tools: each round a :class:`Turn` on the plan made."""
+        tree, system = self.tree, self.defaults.system_prompt
+
+        def new_turn(follow_up: bool) -> Turn:
+            return Turn(tree, chat, None if follow_up else text, backend=selection,
+                        options=opts, default_system=system, follow_up=follow_up)
+
+        return ToolRun(tree, chat, text, toolset, new_turn, approve=approver,
+                       max_rounds=rounds, limits=limits or Limits())
 
     def _check_free(self, refs: list["str | int | Chat | None"]) -> None:
         """Refuse, before anything is written, a send into a chat with a reply streaming
@@ -434,12 +463,18 @@ class Session:
     def fanout(self, path: "str | int | Chat | None", text: str, *, n: int | None = None,
                names: list[str] | None = None, backend: str | None = None,
                system: str | None = None, temperatures: list[float] | None = None,
-               **options: Any) -> Fanout:
+               tools: Any = None, approve: Any = None, max_rounds: int | None = None,
+               limits: Limits | None = None, **options: Any) -> "Fanout | list[ToolRun]":
         """Send ``text`` into several new (or named) subchats of ``path`` at once.
         Without names the children are numbered after the existing ones (``1``, ``2``...).
-        Without a temperature they sample at 0.7 with seeds 1..N, so they differ."""
+        Without a temperature they sample at 0.7 with seeds 1..N, so they differ.
+
+        With ``tools`` each subchat gets its own tool loop (a list of
+        :class:`~subchat_magics.toolrun.ToolRun`, run one after the other: a call runs in
+        this thread); approvals are asked once per tool for all of them."""
         check_prompt(text)
         check_text(system, "the system prompt")
+        toolset, rounds = _tools(tools, approve, max_rounds, options)
         if names is not None and n is not None:
             raise InvalidInput("--fanout N makes numbered subchats and --children a,b names "
                                "them: give one of the two")
@@ -475,15 +510,24 @@ class Session:
             raise InvalidInput("--children takes names of one path part each, e.g. a,b,c")
         self._check_free(list(paths))
         turns = []
+        chats = []
         for p, opts in zip(paths, per_chat):
             chat = self.tree.ensure(p, system_prompt=system)
             # -s sets the prompt of every chat it names, as for one chat: existing ones too
             if system is not None and chat.system_prompt != (system or None):
                 self.tree.set_system_prompt(chat, system)
                 chat = self.tree.get(chat.id)
+            chats.append((chat, opts))
+        self._set_current(parent, reason="fanout")
+        if toolset is not None:
+            approver = Approver.of(approve)
+            if not approver.yes:
+                approver.per_tool = True  # one answer per tool for every subchat
+            return [self._tool_run(chat, text, toolset, plan.selection, opts, approver, rounds,
+                                   limits) for chat, opts in chats]
+        for chat, opts in chats:
             turns.append(Turn(self.tree, chat, text, backend=plan.selection, options=opts,
                               default_system=self.defaults.system_prompt))
-        self._set_current(parent, reason="fanout")
         return Fanout(turns)
 
     def batch(self, path: "str | int | Chat | None", items: Any,
@@ -491,7 +535,8 @@ class Session:
               limit: int | None = None, concurrency: int | None = None,
               backend: str | None = None, system: str | None = None,
               known: Callable[[str], bool] | None = None, template: str | None = None,
-              **options: Any) -> Batch:
+              tools: Any = None, approve: Any = None, max_rounds: int | None = None,
+              limits: Limits | None = None, **options: Any) -> Batch:
         """Plan a batch: ``prompt(item, index)`` is the message of each item of ``items``
         (a list, tuple, dict, sized iterable, pandas Series or DataFrame), sent into its
         own chat ``PATH/NAME/<index>`` under a batch chat ``PATH/NAME`` that holds no
@@ -500,8 +545,12 @@ class Session:
         requests in flight (remote default 4; vLLM: up to 1024 in the engine). ``system``
         sets the batch chat's system prompt. ``template`` with ``known`` (names of the
         namespace) checks that every ``{field}`` it names is in every item. Everything is
-        checked before the tree is touched; ``.run()`` sends."""
+        checked before the tree is touched; ``.run()`` sends.
+
+        ``tools`` (with ``approve``, ``max_rounds``): each row may call them, between
+        rounds of the batch; approvals are asked once per tool for the whole batch."""
         name = batch_mod.check_name(name)
+        toolset, rounds = _tools(tools, approve, max_rounds, options)
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise InvalidInput(f"--limit takes a number of items >= 1, not {limit!r}")
         if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
@@ -550,9 +599,22 @@ class Session:
             chat = tree.get(chat.id)
         self._set_current(parent, reason="batch")
         system_ = self.defaults.system_prompt
+        run_tools = None
+        if toolset is not None:
+            approver = Approver.of(approve)
+            if not approver.yes:
+                approver.per_tool = True  # one answer per tool for the whole batch
+            lim = limits or Limits()
+
+            def run_tools(c: Chat, calls: list) -> None:
+                for _ in run_calls(tree, c, calls, toolset, approver, lim):
+                    pass
+
         return batch_mod.Batch(tree, chat, rows, selection=plan.selection,
-                               make_exchange=lambda c, text: exchange.Exchange(
-                                   tree, c, text, opts, default_system=system_),
+                               make_exchange=lambda c, text, follow_up=False: exchange.Exchange(
+                                   tree, c, text, opts, default_system=system_,
+                                   follow_up=follow_up),
+                               run_tools=run_tools, max_rounds=rounds,
                                in_flight=concurrency or plan.backend.concurrency,
                                stale=stale, notes=notes,
                                index=None if found.pandas_index is None
@@ -631,6 +693,22 @@ class Session:
 
 
 _default: Session | None = None
+
+
+def _tools(tools: Any, approve: Any, max_rounds: Any,
+           options: dict[str, Any]) -> "tuple[Toolset | None, int]":
+    """``tools`` described (a :class:`Toolset`) and put in ``options``, and the rounds
+    allowed; --yes/--max-rounds without tools are refused."""
+    if tools is None:
+        if approve is not None or max_rounds is not None:
+            raise InvalidInput("--yes and --max-rounds go with --tools f,g")
+        return None, MAX_ROUNDS
+    toolset = Toolset.of(tools)
+    rounds = MAX_ROUNDS if max_rounds is None else max_rounds
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        raise InvalidInput(f"--max-rounds takes a whole number >= 1, not {rounds!r}")
+    options["tools"] = toolset.tools
+    return toolset, rounds
 
 
 def default_session() -> Session:

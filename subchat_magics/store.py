@@ -32,7 +32,7 @@ from .errors import StoreError
 from .secrets import redact
 
 APPLICATION_ID = 0x53554243  # "SUBC"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 10_000
 # Opening checks the file's b-trees (PRAGMA quick_check, linear in the file size: ~0.17 s
 # for 15 MB here). Above this size only the chats table is checked, so that opening
@@ -60,7 +60,7 @@ CREATE TABLE messages (
     id          INTEGER PRIMARY KEY,
     chat_id     INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
     seq         INTEGER NOT NULL,
-    role        TEXT NOT NULL CHECK (role IN ('user', 'assistant', 'system')),
+    role        TEXT NOT NULL CHECK (role IN ('user', 'assistant', 'system', 'tool')),
     content     TEXT NOT NULL,
     status      TEXT NOT NULL DEFAULT 'complete',
     provenance  TEXT,
@@ -78,8 +78,22 @@ def _one_root(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE UNIQUE INDEX chats_one_root ON chats(name) WHERE parent_id IS NULL")
 
 
+def _tool_role(conn: sqlite3.Connection) -> None:
+    """1 -> 2: messages may have the role ``tool`` (a tool's result; the calls live in the
+    assistant message's provenance). SQLite cannot change a CHECK constraint in place, so
+    the table is copied into a new one, ids and all (nothing refers to a message)."""
+    new = SCHEMA_V1[SCHEMA_V1.index("CREATE TABLE messages"):].replace(
+        "CREATE TABLE messages", "CREATE TABLE messages_v2", 1)
+    conn.execute(new)
+    conn.execute("INSERT INTO messages_v2 (id, chat_id, seq, role, content, status, provenance, "
+                 "created_at) SELECT id, chat_id, seq, role, content, status, provenance, "
+                 "created_at FROM messages")
+    conn.execute("DROP TABLE messages")
+    conn.execute("ALTER TABLE messages_v2 RENAME TO messages")
+
+
 # version N -> function upgrading a connection from N to N+1 (inside one transaction)
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _one_root}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _one_root, 1: _tool_role}
 
 
 @dataclass
@@ -724,14 +738,20 @@ class Store:
         sql += "ORDER BY seq"
         return [self._msg(r) for r in self._read(sql, args)]
 
-    def path_messages(self, limits: list[tuple[int, int | None]], full: bool = False) -> list[tuple]:
+    def path_messages(self, limits: list[tuple[int, int | None]], full: bool = False,
+                      tool_meta: bool = False) -> list[tuple]:
         """Messages of a path in one query: ``limits`` is ``[(chat_id, seq_limit), ...]``
         from the root down (``None``: all). Rows are ``(chat_id, seq, role, content,
-        status)`` in path order, or full message rows with ``full=True``."""
+        status)`` in path order, or full message rows with ``full=True``; ``tool_meta``
+        adds a sixth column, the provenance text of tool messages and of assistant
+        messages that call tools (None for the rest: nothing else is parsed)."""
         if not limits:
             return []
         cols = ("m.id, m.chat_id, m.seq, m.role, m.content, m.status, m.provenance, m.created_at"
                 if full else "m.chat_id, m.seq, m.role, m.content, m.status")
+        if tool_meta and not full:
+            cols += (", CASE WHEN m.role = 'tool' OR (m.role = 'assistant' AND "
+                     "instr(m.provenance, '\"tool_calls\"') > 0) THEN m.provenance END")
         out: list[tuple] = []
         for start in range(0, len(limits), 400):
             part = limits[start:start + 400]

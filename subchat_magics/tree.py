@@ -9,6 +9,7 @@ ancestors'), then those inherited messages, then the chat's own messages.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -89,8 +90,33 @@ class Message:
     def finish_reason(self) -> str | None:
         return self.provenance.get("finish_reason")
 
-    def as_chat(self) -> dict[str, str]:
+    def as_chat(self) -> dict[str, Any]:
+        if self.role == "tool" or self.tool_calls:
+            return tool_message(self.role, self.content, self.provenance)
         return {"role": self.role, "content": self.content}
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """The tool calls of an assistant message (``id``, ``name``, ``arguments``)."""
+        calls = self.provenance.get("tool_calls") if self.role == "assistant" else None
+        return list(calls) if isinstance(calls, list) else []
+
+
+def tool_message(role: str, content: str, provenance: dict[str, Any]) -> dict[str, Any]:
+    """A tool call or a tool result in the chat format backends read (OpenAI's:
+    ``tool_calls`` with JSON-text arguments on an assistant message; ``tool`` messages with
+    ``tool_call_id`` and ``name``); each backend turns it into its own."""
+    if role == "tool":
+        return {"role": "tool", "content": content,
+                "tool_call_id": str(provenance.get("tool_call_id", "")),
+                "name": str(provenance.get("name", ""))}
+    calls = []
+    for c in provenance.get("tool_calls") or []:
+        args = c.get("arguments")
+        calls.append({"id": str(c.get("id", "")), "type": "function", "function": {
+            "name": str(c.get("name", "")),
+            "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}})
+    return {"role": role, "content": content, "tool_calls": calls}
 
 
 class Chat:
@@ -478,14 +504,18 @@ class ChatTree:
         system = self.system_prompt_for(chat)
         if system:
             msgs.append({"role": "system", "content": system})
-        # (chat_id, seq, role, content, status) rows: no provenance parsing on this path
-        hist = self.store.path_messages(self._limits(chat))
-        for i, (_, _, role, content, _) in enumerate(hist):
+        # (chat_id, seq, role, content, status, tool meta) rows: the provenance is parsed
+        # only for tool calls and results
+        hist = self.store.path_messages(self._limits(chat), tool_meta=True)
+        for i, (_, _, role, content, _, meta) in enumerate(hist):
+            if meta is not None:
+                msgs.append(tool_message(role, content, json.loads(meta)))
+                continue
             if role == "assistant" and not content:
                 continue  # a reply that failed or was stopped before its first token
             if role == "user" and i + 1 < len(hist):
                 nxt = hist[i + 1]
-                if nxt[2] == "assistant" and not nxt[3] and nxt[4] != "complete":
+                if nxt[2] == "assistant" and not nxt[3] and nxt[4] != "complete" and nxt[5] is None:
                     continue  # ...and the prompt it never answered (retried later)
             msgs.append({"role": role, "content": content})
         if new_user_message is not None:
@@ -525,6 +555,15 @@ class ChatTree:
         # (one dict item set or popped is atomic)
         self._open_turns[reply.id] = (msg, chat.id, chat.path)
         return msg, Message.from_row(reply)
+
+    def begin_reply(self, chat: "str | Chat", backend: str | None = None) -> Message:
+        """Store an empty ``interrupted`` reply row with no new user message: the next
+        round of a tool loop answers the tool results just stored."""
+        chat = self.get(chat)
+        prov: dict[str, Any] = {"finish_reason": "interrupted"}
+        if backend:
+            prov["backend"] = backend
+        return Message.from_row(self.store.append_message(chat.id, "assistant", "", "interrupted", prov))
 
     def finish_reply(self, chat: "str | Chat", reply: Message, content: str, status: str,
                      provenance: dict[str, Any]) -> Message:

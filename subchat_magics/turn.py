@@ -36,13 +36,16 @@ class Turn(Exchange):
     keyword arguments are generation options (``max_tokens``, ``temperature``, ``top_p``,
     ``stop``, ``seed``, ``model``, ``think``)."""
 
-    def __init__(self, tree: "ChatTree", chat: "Chat", text: str, *,
+    def __init__(self, tree: "ChatTree", chat: "Chat", text: str | None, *,
                  backend: "str | Backend | Selection | None" = None,
                  options: GenerationOptions | None = None, default_system: str | None = None,
-                 **overrides: Any):
-        check_prompt(text)
+                 follow_up: bool = False, **overrides: Any):
+        # follow_up: no new user message; the reply answers what the chat ends with (a
+        # tool loop's next round, after the tool results)
+        if not follow_up:
+            check_prompt(text)  # type: ignore[arg-type]
         super().__init__(tree, chat, text, (options or GenerationOptions()).replace(**overrides),
-                         default_system=default_system)
+                         default_system=default_system, follow_up=follow_up)
         self.selection = select(backend)
         if not self.selection.candidates:
             raise InvalidInput("no backend is available")

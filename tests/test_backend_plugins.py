@@ -68,3 +68,16 @@ def test_an_unknown_backend_lists_the_plugins_too(shell, site):
     shell.ok("%reload_ext subchat_magics")
     err = shell.fails("%%subchat --backend nope\nhi")
     assert "shout" in err and "echo" in err
+
+
+def test_a_plugin_that_cannot_call_tools_is_refused_by_name_and_passed_over_by_auto(shell, site):
+    install_plugin(site, "shout", 15)
+    shell.ok("%reload_ext subchat_magics")
+    shell.ok('def lookup(region: str) -> int:\n    """Units."""\n    return 12')
+    shell.ok("%%subchat\nfirst")
+    before = shell.ok("%subchat show")
+    msg = shell.fails("%%subchat --backend shout --tools lookup --yes\nhow many?")
+    assert "the shout backend cannot call tools" in msg and "\n" not in msg
+    assert shell.ok("%subchat show") == before  # nothing stored
+    out = shell.ok("%%subchat --tools lookup --yes\nhow many?")  # auto: shout passed over
+    assert "🔧 lookup(region='') → 12" in out and "echo (5 messages): how many?" in out

@@ -19,8 +19,10 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, TypeVar
 import cachetools
 
 from ..errors import BackendError, BackendUnavailable, InvalidInput
+from ..prompting import has_tool_messages
 from ..secrets import mask, redact, register_secret
 from ..settings import getenv
+from ._tool_wire import DeltaCalls, openai_messages, tool_specs
 from .base import Backend, Finish
 
 T = TypeVar("T")
@@ -518,6 +520,10 @@ class ChatCompletionsBackend(RemoteBackend):
     #: the request asks for usage in the last chunk (``stream_options``)
     ask_usage: ClassVar[bool] = False
     wire = "an OpenAI-style event stream"
+    #: ``tools``/``tool_choice`` in the request, calls read from the stream's deltas
+    supports_tools = True
+    #: a tool result message carries the tool's ``name`` (Groq reads it; OpenAI does not)
+    tool_result_names: ClassVar[bool] = False
 
     # -- hooks ---------------------------------------------------------------------------------
     def service(self, base_url: str | None) -> str:
@@ -617,6 +623,11 @@ class ChatCompletionsBackend(RemoteBackend):
         kwargs: dict[str, Any] = dict(model=model, messages=list(messages), stream=True,
                                       temperature=options.temperature, top_p=options.top_p,
                                       max_tokens=options.max_tokens)
+        if options.tools or has_tool_messages(messages):
+            kwargs["messages"] = openai_messages(messages, keep_name=self.tool_result_names)
+        if options.tools:
+            kwargs["tools"] = tool_specs(options.tools)
+            kwargs["tool_choice"] = "auto"  # the model answers or calls
         if options.stop:
             kwargs["stop"] = list(options.stop)
         if options.seed is not None:
@@ -648,6 +659,7 @@ class ChatCompletionsBackend(RemoteBackend):
         finish_reason = None
         usage = None
         served_model = None
+        calls = DeltaCalls()
         try:
             for chunk in chunks:
                 call.received += 1
@@ -669,6 +681,9 @@ class ChatCompletionsBackend(RemoteBackend):
                         yield Thought((reasoning, content))
                     elif content:
                         yield content
+                    tool_deltas = delta.get("tool_calls")
+                    if tool_deltas:
+                        calls.add(tool_deltas)
                     if choice.finish_reason:
                         finish_reason = choice.finish_reason
                 if new_usage is not None:
@@ -678,7 +693,8 @@ class ChatCompletionsBackend(RemoteBackend):
                     call.finish = Finish(reason=finish_reason, model=served_model or call.model,
                                          prompt_tokens=getattr(usage, "prompt_tokens", None),
                                          completion_tokens=getattr(usage, "completion_tokens", None),
-                                         cached_tokens=getattr(details, "cached_tokens", None))
+                                         cached_tokens=getattr(details, "cached_tokens", None),
+                                         tool_calls=calls.calls() if calls else [])
         finally:
             chunks.close()
 

@@ -17,9 +17,12 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 from ..errors import InvalidInput
 from ..structured import Constraint
+from ..tools import Tool, ToolCall
 from .pool import END, Pool, ThreadPool
 
-Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
+# {"role": "system"|"user"|"assistant"|"tool", "content": str}; an assistant message that
+# calls tools adds "tool_calls" (OpenAI's form), a tool result "tool_call_id" and "name"
+Message = dict
 
 
 @dataclass
@@ -36,6 +39,9 @@ class GenerationOptions:
     extra: dict[str, Any] = field(default_factory=dict)
     #: what the reply must be (``--json``/``--choice``/``--regex``); None: free text
     constraint: Constraint | None = None
+    #: the tools the model may call instead of answering (``--tools``); the reply is then
+    #: either text or calls (:attr:`Finish.tool_calls`). The constraint binds the answer.
+    tools: tuple[Tool, ...] | None = None
 
     def validate(self) -> "GenerationOptions":
         """Check every value once (the one place the ranges are written); returns self."""
@@ -71,6 +77,10 @@ def check_option(name: str, value: Any) -> None:
     elif name == "seed":
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise InvalidInput(f"seed must be a whole number, not {value!r}")
+    elif name == "tools":
+        if value is not None and (not isinstance(value, tuple)
+                                  or not all(isinstance(t, Tool) for t in value)):
+            raise InvalidInput("tools must be described with subchat_magics.tools (Toolset.of)")
     elif name == "constraint":
         if value is not None and not isinstance(value, Constraint):
             raise InvalidInput("constraint must be made with subchat_magics.structured "
@@ -116,9 +126,11 @@ class Finish:
     completion_tokens: int | None = None
     cached_tokens: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the tools the model called instead of answering (a request with ``tools`` only)
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v not in (None, {})}
+        return {k: v for k, v in asdict(self).items() if v not in (None, {}, [])}
 
 
 @dataclass
@@ -160,6 +172,8 @@ class Backend:
     #: the kinds of :class:`~subchat_magics.structured.Constraint` this backend enforces
     #: while generating (``json``, ``choice``, ``regex``); others only with best effort
     constraints: ClassVar[tuple[str, ...]] = ()
+    #: whether this backend can offer tools to the model (``GenerationOptions.tools``)
+    supports_tools: ClassVar[bool] = False
 
     def available(self) -> Availability:
         """Whether ``auto`` selection may use this backend now, and why (not)."""
@@ -199,6 +213,14 @@ class Backend:
         if c is None or c.kind in self.constraints:
             return None
         return f"the {self.id} backend cannot enforce {c} while generating"
+
+    def cannot_call_tools(self, options: GenerationOptions) -> str | None:
+        """Why this backend cannot offer ``options.tools`` (one clause, said before anything
+        is sent), or None. Reads :attr:`supports_tools`; backends whose answer depends on
+        the model override it."""
+        if not options.tools or self.supports_tools:
+            return None
+        return f"the {self.id} backend cannot call tools"
 
     def count_tokens(self, text: str, options: GenerationOptions) -> int | None:
         """How many tokens ``text`` takes in a reply, where the backend can count them

@@ -26,6 +26,7 @@ class GroqBackend(ChatCompletionsBackend):
     id = "groq"
     description = "Groq cloud (GROQ_API_KEY)"
     extra = "groq"
+    tool_result_names = True  # Groq's tool messages carry the tool's name
     auto_priority = 30
     sdk_module = "groq"
     key_var = "GROQ_API_KEY"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from ..errors import BackendError, BackendUnavailable, InvalidInput
-from ..prompting import fit_window
+from ..prompting import fit_window, has_tool_messages
 from ..secrets import mask, redact, register_secret
 from ..settings import getenv
 from . import _remote
@@ -35,6 +35,7 @@ from ._remote import (
     Thought,
     failure,
 )
+from ._tool_wire import ollama_calls, ollama_messages, tool_specs
 from .base import Availability, Finish, GenerationOptions, Message, Option
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
@@ -151,6 +152,7 @@ class OllamaBackend(_remote.RemoteBackend):
     own_options = {"num_ctx": Option("num_ctx", int, "the context window in tokens",
                                      lambda v: check_num_ctx(v, "--num-ctx"))}
     key_env = "OLLAMA_API_KEY"  # a key for an Ollama behind a proxy (optional)
+    supports_tools = True  # ``tools`` in the request; whole calls in the stream
     url_var = "OLLAMA_HOST"
     wire = "Ollama's NDJSON"
     no_finish = "it ended without its final `done` line"
@@ -278,7 +280,11 @@ class OllamaBackend(_remote.RemoteBackend):
         extra: dict[str, Any] = {"think": bool(options.think)}
         if options.constraint is not None and options.constraint.kind == "json":
             extra["format"] = options.constraint.schema or {"type": "object"}  # the answer only
-        body = {"model": model, "messages": [dict(m) for m in window.messages], "stream": True,
+        if options.tools:
+            extra["tools"] = tool_specs(options.tools)
+        messages_out = ollama_messages(window.messages) if has_tool_messages(window.messages) \
+            else [dict(m) for m in window.messages]
+        body = {"model": model, "messages": messages_out, "stream": True,
                 "options": sampling, **extra}
         said: dict[str, Any] = {"num_ctx": window.num_ctx}
         if window.notes:
@@ -304,6 +310,7 @@ class OllamaBackend(_remote.RemoteBackend):
         ``call.finish`` from the ``done`` line. The body is read to its end, so the
         connection is reused."""
         loads = json.loads
+        calls: list = []  # Ollama sends each call whole, in a message of its own
         try:
             for line in response.iter_lines():
                 part = loads(line)
@@ -322,12 +329,15 @@ class OllamaBackend(_remote.RemoteBackend):
                     yield Thought((thought, content))
                 elif content:
                     yield content
+                if msg.get("tool_calls"):
+                    calls += ollama_calls(msg)
                 if part.get("done"):
-                    call.finish = Finish(reason=part.get("done_reason") or "stop",
+                    reason = part.get("done_reason") or "stop"
+                    call.finish = Finish(reason="tool_calls" if calls and reason == "stop" else reason,
                                          model=part.get("model") or call.model,
                                          prompt_tokens=_count(part.get("prompt_eval_count")),
                                          completion_tokens=_count(part.get("eval_count")),
-                                         extra=call.extra)
+                                         extra=call.extra, tool_calls=calls)
         finally:
             response.close()
 
@@ -357,7 +367,8 @@ class OllamaBackend(_remote.RemoteBackend):
         two from 4096, at most ``model_limit``. A chat that does not fit is fitted as vLLM
         fits it (the oldest turns below the system prompt dropped, or ``max_tokens``
         lowered), and the notes say so; a message that cannot fit at all is an error."""
-        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        msgs = [dict(m) if m["role"] == "tool" or m.get("tool_calls") else
+                {"role": m["role"], "content": m["content"]} for m in messages]
         max_tokens = int(options.max_tokens)
         given = (options.extra or {}).get("num_ctx")
         if given is not None:

@@ -50,6 +50,12 @@ class Script:
     usage: tuple[int, int] | None = None  # (prompt, completion) tokens reported
     finish_reason: str = "stop"
     model: str | None = None  # the model named in chunks (default: the one asked for)
+    #: tool calls streamed after the text, each ``{"name", "arguments", "id"?}``
+    #: (``arguments``: a dict, or raw text sent as the model wrote it), in each server's
+    #: own wire form: OpenAI's deltas (the name, then the arguments in fragments), Groq's
+    #: (one delta a call), Ollama's (one message with every call, arguments as objects)
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls_times: int | None = None  # ...in the first N chat requests only (None: all)
 
     def deltas(self) -> list[str]:
         if self.chunks is not None:
@@ -61,6 +67,20 @@ class Script:
         """``("reasoning" | "content", text)`` in the order they are streamed."""
         return [("reasoning", r) for r in self.reasoning or ()] + \
             [("content", d) for d in self.deltas()]
+
+    def calls(self, request_number: int = 1) -> list[dict[str, Any]]:
+        """The tool calls with an id each and their arguments as JSON text too, for the
+        ``request_number``-th chat request (none after ``tool_calls_times``)."""
+        if self.tool_calls_times is not None and request_number > self.tool_calls_times:
+            return []
+        out = []
+        for i, c in enumerate(self.tool_calls or ()):
+            args = c.get("arguments", {})
+            text = args if isinstance(args, str) else json.dumps(args)
+            out.append({"index": i, "id": c.get("id") or f"call_fake{request_number - 1}{i:03d}"
+                        if request_number > 1 else c.get("id") or f"call_fake{i:04d}",
+                        "name": c["name"], "arguments": args, "text": text})
+        return out
 
 
 @dataclass
@@ -330,7 +350,7 @@ class FakeServer:
         if s.hang_after == 0:
             self._hang()
         h.start_stream(content_type)
-        items = s.items()[:MAX_CHUNKS]
+        items = self._items()[:MAX_CHUNKS]
         for i, (kind, text) in enumerate(items):
             if s.cut_after is not None and i >= s.cut_after:
                 h.cut()
@@ -353,6 +373,11 @@ class FakeServer:
         for data in encode_final:
             h.write_chunk(data)
         h.end_stream()
+
+    def _items(self) -> list[tuple[str, str]]:
+        """What a stream sends, in order: the script's text, then its tool calls as this
+        server sends them (``("tool", json)`` items; each server encodes its own)."""
+        return self.script.items() + [("tool", json.dumps(c)) for c in self.script.calls(self._chat_count)]
 
     def _usage(self, req: Request, deltas: list[str]) -> tuple[int, int]:
         if self.script.usage is not None:
@@ -380,6 +405,10 @@ class FakeOllama(FakeServer):
 
     def _known(self, model: str | None) -> bool:
         return bool(model) and (model in self.models or f"{model}:latest" in self.models)
+
+    def _items(self) -> list[tuple[str, str]]:
+        calls = self.script.calls(self._chat_count)  # Ollama sends every call in one message
+        return self.script.items() + ([("tool", json.dumps(calls))] if calls else [])
 
     def handle(self, h: _Handler, req: Request) -> None:
         if req.path == "/api/version" and req.method == "GET":
@@ -437,6 +466,10 @@ class FakeOllama(FakeServer):
                  "eval_duration": 345_678}
         if body.get("stream") is False:
             final["message"]["content"] = "".join(deltas)
+            if s.tool_calls:
+                final["message"]["tool_calls"] = [{"id": c["id"], "function": {
+                    "index": c["index"], "name": c["name"], "arguments": c["arguments"]}}
+                    for c in s.calls(self._chat_count)]
             h.send_json(200, final)
             return
 
@@ -444,9 +477,15 @@ class FakeOllama(FakeServer):
             return json.dumps(payload).encode() + b"\n"
 
         def chunk(i: int, kind: str, text: str) -> bytes:
-            message = {"role": "assistant", "content": text if kind == "content" else ""}
+            message: dict[str, Any] = {"role": "assistant",
+                                       "content": text if kind == "content" else ""}
             if kind == "reasoning":
                 message["thinking"] = text
+            if kind == "tool":
+                calls = json.loads(text)
+                message["tool_calls"] = [{"id": c["id"], "function": {
+                    "index": c["index"], "name": c["name"], "arguments": c["arguments"]}}
+                    for c in calls]
             return line({"model": shown, "created_at": _now_iso(), "message": message,
                          "done": False})
 
@@ -527,9 +566,15 @@ class _FakeChatCompletions(FakeServer):
             return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
         def delta(i: int, kind: str, text: str) -> bytes:
-            content = {self.reasoning_field: text} if kind == "reasoning" else {"content": text}
+            if kind == "tool":
+                content: dict[str, Any] = {"tool_calls": [self._tool_delta(json.loads(text))]}
+            elif kind == "reasoning":
+                content = {self.reasoning_field: text}
+            else:
+                content = {"content": text}
             if i == 0:
-                content = {"role": "assistant", **content}
+                content = {"role": "assistant", **({"content": None} if kind == "tool" else {}),
+                           **content}
             return event([{"index": 0, "delta": content, "logprobs": None, "finish_reason": None}])
 
         usage = {"prompt_tokens": prompt, "completion_tokens": completion,
@@ -544,6 +589,27 @@ class _FakeChatCompletions(FakeServer):
 
     def _final(self, event: Any, usage: dict, body: dict) -> list[bytes]:
         raise NotImplementedError
+
+    def _items(self) -> list[tuple[str, str]]:
+        """OpenAI's form: a call's first delta has its index, id, type and name with empty
+        arguments; the arguments follow in fragments."""
+        out = self.script.items()
+        for c in self.script.calls(self._chat_count):
+            out.append(("tool", json.dumps({"index": c["index"], "id": c["id"], "type": "function",
+                                            "function": {"name": c["name"], "arguments": ""}})))
+            text = c["text"]
+            for k in range(0, len(text), 7):
+                out.append(("tool", json.dumps({"index": c["index"],
+                                                "function": {"arguments": text[k:k + 7]}})))
+        return out
+
+    def _tool_delta(self, item: dict[str, Any]) -> dict[str, Any]:
+        return item
+
+    def _finish_reason(self) -> str:
+        s = self.script
+        calls = s.calls(self._chat_count)
+        return "tool_calls" if calls and s.finish_reason == "stop" else s.finish_reason
 
 
 class FakeGroq(_FakeChatCompletions):
@@ -562,8 +628,15 @@ class FakeGroq(_FakeChatCompletions):
         usage = {"queue_time": 0.01, "prompt_time": 0.002, "completion_time": 0.05,
                  "total_time": 0.052, **usage}
         return [event([{"index": 0, "delta": {}, "logprobs": None,
-                        "finish_reason": self.script.finish_reason}],
+                        "finish_reason": self._finish_reason()}],
                       x_groq={"id": "req_fake", "usage": usage})]
+
+    def _items(self) -> list[tuple[str, str]]:
+        """Groq's form: each call whole in one delta (index, id, type, name, arguments)."""
+        return self.script.items() + [
+            ("tool", json.dumps({"index": c["index"], "id": c["id"], "type": "function",
+                                 "function": {"name": c["name"], "arguments": c["text"]}}))
+            for c in self.script.calls(self._chat_count)]
 
 
 class FakeOpenAI(_FakeChatCompletions):
@@ -580,7 +653,7 @@ class FakeOpenAI(_FakeChatCompletions):
 
     def _final(self, event: Any, usage: dict, body: dict) -> list[bytes]:
         out = [event([{"index": 0, "delta": {}, "logprobs": None,
-                       "finish_reason": self.script.finish_reason}])]
+                       "finish_reason": self._finish_reason()}])]
         if (body.get("stream_options") or {}).get("include_usage"):
             if self.cached_tokens is not None:
                 usage = {**usage, "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}

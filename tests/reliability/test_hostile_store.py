@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import sqlite3
 
@@ -284,9 +285,27 @@ def test_a_real_full_disk_keeps_every_saved_turn(workdir):
     assert result["sent"] * 2 <= result["messages"] <= result["sent"] * 2 + len(result["errors"])
 
 
+def _make_v1(path):
+    """Turn a store into a real schema-1 file: messages whose role cannot be ``tool``
+    (the table rebuilt with schema 1's CHECK, ids kept), ``user_version`` 1."""
+    conn = sqlite3.connect(path)
+    sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'messages'").fetchone()[0]
+    old = re.sub(r'CREATE TABLE "?messages"?', "CREATE TABLE messages_v1",
+                 sql.replace("'system', 'tool')", "'system')"), count=1)
+    assert old != sql
+    conn.execute(old)
+    conn.execute("INSERT INTO messages_v1 SELECT * FROM messages")
+    conn.execute("DROP TABLE messages")
+    conn.execute("ALTER TABLE messages_v1 RENAME TO messages")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+
+
 def _make_v0(path):
     """Turn a store into a real schema-0 file: schema 1 without the one-root index,
     ``user_version`` 0 (what the store's first release wrote)."""
+    _make_v1(path)
     conn = sqlite3.connect(path)
     conn.execute("DROP INDEX chats_one_root")
     conn.execute("PRAGMA user_version = 0")
@@ -304,7 +323,7 @@ def _dump(p):
 
 
 def test_a_migration_backs_up_the_store_first_and_never_overwrites_a_backup(workdir, base):
-    assert SCHEMA_VERSION == 1, "add a fixture of the version before ours and its migration test"
+    assert SCHEMA_VERSION == 2, "add a fixture of the version before ours and its migration test"
     path = _copy(base, workdir)
     _make_v0(path)
     old = _dump(path)
@@ -324,6 +343,30 @@ def test_a_migration_backs_up_the_store_first_and_never_overwrites_a_backup(work
     tree = ChatTree(path)
     assert {c.path: [m.content for m in c.messages] for c in tree.chats() if c.messages} == base[1]
     tree.close()
+
+
+def test_a_schema_1_store_upgrades_to_tool_messages_keeping_every_message(workdir, base):
+    path = _copy(base, workdir)
+    _make_v1(path)
+    conn = sqlite3.connect(path)
+    before = conn.execute("SELECT * FROM messages ORDER BY id").fetchall()
+    chat_id = before[0][1]
+    with pytest.raises(sqlite3.IntegrityError):  # the fixture is a real schema 1
+        conn.execute("INSERT INTO messages (chat_id, seq, role, content, created_at) "
+                     "VALUES (?, 999, 'tool', 'x', 0)", (chat_id,))
+    conn.close()
+    store = Store(path)
+    try:
+        assert store._read("SELECT * FROM messages ORDER BY id") == before  # ids and all
+        row = store.append_message(chat_id, "tool", "42", provenance={"tool_call_id": "c1"})
+        assert store.messages(chat_id)[-1].role == "tool" and row.provenance["tool_call_id"] == "c1"
+    finally:
+        store.close()
+    assert (workdir / "subchats.db.bak-v1").exists()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    conn.close()
 
 
 def test_a_failed_migration_leaves_the_store_as_it_was(workdir, base):

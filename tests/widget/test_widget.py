@@ -383,3 +383,25 @@ def test_close_stops_its_reply_unsubscribes_and_leaves_no_threads(echo_session, 
     echo_session.send("root", "after the view is gone").run()
     assert comms.since(mark) == []
     assert v.comm is None
+
+
+def test_a_tool_run_from_a_cell_shows_its_calls_and_results_in_the_open_view(
+        shell, echo_session, comms):
+    def lookup(region: str) -> int:
+        """Units sold in a region."""
+        return 12
+
+    v = TreeView(echo_session.tree, session=echo_session, clock=ManualClock(), autodraw=False)
+    try:
+        run = echo_session.send("root", "How many?", tools=[lookup], approve=True)
+        for _ in run:
+            v.sync()
+        v.sync()
+        shown = markdowns(v)
+        assert shown[0] == "**user**\n\nHow many?"
+        assert shown[1] == "**assistant**\n\n- calls `lookup(region='')`"
+        assert shown[2].startswith("**tool** `lookup`\n\n<details><summary>result</summary>")
+        assert "\n12\n" in shown[2]
+        assert shown[3].startswith("**assistant**\n\necho (3 messages): How many?")
+    finally:
+        v.close()

@@ -93,7 +93,14 @@ class Engine:
         """The fitted prompt of a request (as a fresh :class:`Reply`) and its sampling
         parameters. A too-long chat or a bad option raises here, before the engine."""
         think = self.think if options.think is None else bool(options.think)
-        prompt = self.builder.build(messages, int(options.max_tokens), think=think)
+        # a tool step (``_prefill``: the reply starts inside the template's <tool_call>)
+        # is written without thinking: its JSON is constrained from the first token
+        prefill = str(options.extra.get("_prefill", ""))
+        if prefill:
+            think = False
+        tools = [t.spec() for t in options.tools] if options.tools else None
+        prompt = self.builder.build(messages, int(options.max_tokens), think=think, tools=tools,
+                                    prefill=prefill)
         if self.builder.has_thinking_switch:
             thinking = "on" if think else "off"
         elif think:

@@ -1,0 +1,120 @@
+"""Tools in a real Jupyter kernel: each call asked through the notebook's stdin (the
+kernel's ``input_request``, answered as a frontend does), a refused call sent back as
+refused, and Ctrl-C (the kernel's interrupt) landing in a running tool."""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import time
+
+import pytest
+
+from subchat_magics.testing.kernel import clean_env, execute
+
+DEFS = '''
+ran = []
+def lookup(region: str) -> int:
+    """Units sold in a region."""
+    ran.append(("lookup", region))
+    return 12
+
+def wipe(table: str) -> str:
+    """Deletes a table."""
+    ran.append(("wipe", table))
+    return "wiped"
+
+def slow(x: int) -> int:
+    """Takes a long time."""
+    import time
+    print("slow started", flush=True)
+    time.sleep(60)
+    return x
+'''
+
+
+@pytest.fixture
+def kernel(tmp_path):
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(tmp_path),
+                              env=clean_env(LLM_BACKEND="echo"), startup_timeout=60)
+    try:
+        execute(kc, "%load_ext subchat_magics")
+        execute(kc, DEFS)
+        yield km, kc, tmp_path
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def _messages(path):
+    conn = sqlite3.connect(path / "subchats.db")
+    try:
+        return conn.execute("SELECT role, content, status FROM messages ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+def _until_idle(kc, msg_id, timeout=60):
+    msgs = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = kc.get_iopub_msg(timeout=timeout)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        msgs.append(msg)
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return msgs
+    raise AssertionError("the cell did not end")
+
+
+def test_each_call_is_asked_through_stdin_and_a_refusal_is_sent_back(kernel):
+    km, kc, path = kernel
+    msg_id = kc.execute("%%subchat root --tools lookup,wipe\nHow much did north sell?",
+                        allow_stdin=True)
+    prompts = []
+    for answer in ("y", "n"):
+        req = kc.get_stdin_msg(timeout=30)
+        assert req["msg_type"] == "input_request"
+        prompts.append(req["content"]["prompt"])
+        kc.input(answer)
+    msgs = _until_idle(kc, msg_id)
+    assert prompts[0].startswith("run lookup(region='')? [y]es / [n]o / [a]lways lookup")
+    assert prompts[1].startswith("run wipe(table='')?")
+    assert execute(kc, "print(ran)")[0][-2]["content"]["text"].strip() == "[('lookup', '')]"
+    shown = [m["content"]["data"]["text/plain"] for m in msgs if m["msg_type"] == "display_data"]
+    assert "🔧 lookup(region='') → 12" in shown
+    assert any(s.startswith("🔧 wipe(table='') → refused") and s.endswith("[refused]")
+               for s in shown)
+    stored = _messages(path)
+    assert [r for r, _, _ in stored] == ["user", "assistant", "tool", "assistant", "tool",
+                                         "assistant"]
+    assert stored[4][1].startswith("refused: the user did not allow this call")
+    assert "wipe → refused" in stored[5][1]  # the model was told
+
+
+def test_ctrl_c_in_a_running_tool_stops_the_loop_and_keeps_the_finished_calls(kernel):
+    km, kc, path = kernel
+    msg_id = kc.execute("%%subchat root --tools lookup,slow --yes\nhi")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # wait until the tool runs
+        try:
+            msg = kc.get_iopub_msg(timeout=1)
+        except queue.Empty:
+            continue
+        if msg["msg_type"] == "stream" and "slow started" in msg["content"]["text"]:
+            break
+    else:
+        raise AssertionError("the slow tool never started")
+    km.interrupt_kernel()
+    msgs = _until_idle(kc, msg_id, timeout=30)  # the tool sleeps 60 s: this ends only if cut
+    errors = [m for m in msgs if m["msg_type"] == "error"]
+    assert errors and errors[0]["content"]["ename"] == "KeyboardInterrupt"
+    out = "".join(m["content"].get("text", "") for m in msgs if m["msg_type"] == "stream")
+    assert "interrupted: 1 finished tool call(s) kept in root" in out
+    assert [(r, s) for r, _, s in _messages(path)] == [
+        ("user", "complete"), ("assistant", "complete"), ("tool", "complete"),
+        ("assistant", "complete"), ("tool", "interrupted")]
+    # the kernel is usable and the chat goes on
+    assert "echo (6 messages)" in str(execute(kc, "%%subchat root\nagain")[0])
