@@ -242,7 +242,7 @@ def fuzz_shell(shell, workdir, monkeypatch):
                         schema={"type": "object", "properties": {"a": {"type": "integer"}}})
         from subchat_magics.session import default_session
 
-        default_session().tree  # the store (and its root) exist before the first case: a
+        _ = default_session().tree  # the store (and its root) exist before the first case: a
         yield shell  # refusal is then judged on the rows it wrote, not on opening the store
     registry().close()
     _report()
