@@ -48,7 +48,11 @@ def progress_line(path: str, p: Progress) -> str:
     if p.interrupted:
         bits.append(f"{p.interrupted} interrupted")
     bits.append(f"{p.tokens_per_s:,.0f} tokens/s")
-    bits.append(f"{_clock(p.eta_s)} left" if not p.finished else f"{_clock(p.elapsed_s)}")
+    if p.finished:
+        bits.append(_clock(p.elapsed_s))
+    else:  # the rate of finished rows, once a few have finished (Progress.eta_s)
+        eta = p.eta_s
+        bits.append("estimating" if eta is None else f"{_clock(eta)} left")
     return f"{path}  {'█' * full}{'░' * (BAR - full)} " + " · ".join(bits)
 
 

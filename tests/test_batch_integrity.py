@@ -224,3 +224,28 @@ def test_show_of_a_batch_chat_prints_its_summary(shell, workdir):
     shell.ok("%%subchat root --each qs --choice yes,no --backend echo\nsay {item}")
     out = shell.ok("%subchat show root/qs")
     assert "batch" in out and "3/3 done" in out and "--choice" in out
+
+
+def test_the_progress_line_says_estimating_until_rows_have_finished():
+    from subchat_magics.batch import Progress
+    from subchat_magics.batch_view import progress_line
+
+    p = Progress(total=1000, sent=1000, elapsed_s=0.05)
+    assert progress_line("root/qs", p).endswith("estimating")
+    p.done, p.elapsed_s = 100, 2.0  # 100 rows in 2 s: 900 left at that rate is 18 s
+    assert progress_line("root/qs", p).endswith("0:18 left")
+
+
+def test_show_p_of_a_failed_row_names_the_reason(shell, workdir, monkeypatch):
+    from subchat_magics.testing.fakeservers import FakeOpenAI
+
+    shell.ns["qs"] = ["a"]
+    with FakeOpenAI() as server:
+        server.configure(status=400, message="model crashed")
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test-000000000000")
+        monkeypatch.setenv("OPENAI_MODEL", "other-model")
+        out = shell.ok("%%subchat root --each qs --backend openai\nsay {item}")
+    assert "1 failed" in out
+    out = shell.ok("%subchat show root/qs/0 -p")
+    assert "error: " in out and "model crashed" in out and "batch row 0 of 1" in out
