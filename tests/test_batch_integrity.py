@@ -249,3 +249,25 @@ def test_show_p_of_a_failed_row_names_the_reason(shell, workdir, monkeypatch):
     assert "1 failed" in out
     out = shell.ok("%subchat show root/qs/0 -p")
     assert "error: " in out and "model crashed" in out and "batch row 0 of 1" in out
+
+
+@pytest.mark.parametrize("setup, flag, expected", [
+    ("labels = ['a', 'b']", "--choice lables", "no variable 'lables' in the notebook"),
+    ("d = {'a': 1, 'b': 2}", "--choice d", "'d' is a dict, not a list or tuple of choices"),
+    ("n = 3", "--choice n", "'n' is a int, not a list or tuple"),
+    ("", "--choice yes", "no variable 'yes'"),
+    ("one = ['x']", "--choice one", "one value is no choice"),
+    ("", "--choice x,x", "--choice lists a choice twice"),
+])
+def test_a_choice_that_is_not_a_list_or_has_one_value_is_refused(shell, workdir, setup, flag,
+                                                                  expected):
+    shell.ok("%%subchat root --backend echo\nhello")
+    if setup:
+        shell.ok(setup)
+    shell.ns["qs"] = ["a"]
+    before = snapshot(workdir)
+    for cell in (f"%%subchat root {flag} --backend echo\nsay",
+                 f"%%subchat root --each qs {flag} --backend echo\nsay {{item}}"):
+        msg = shell.fails(cell)
+        assert expected in msg and "\n" not in msg
+    assert snapshot(workdir) == before
