@@ -859,17 +859,18 @@ def match_rows(tree: ChatTree, chat: Chat, rows: list[Row], *, redo: bool = Fals
             r.target = st.chat_id
             continue
         r.chat_id = last.chat_id
-        if st.by_hand:
-            kept += 1
+        if st.by_hand:  # never touched; a note unless it is simply done
             r.reused, r.status = True, "done" if last.status == "complete" else "failed"
             r.reason = None if last.status == "complete" else (last.status or "no reply")
-            if last.status == "complete" and stored_parts(last) == (r.request or {}):
+            old = stored_parts(last)
+            if last.status == "complete" and all(old[k] == (r.request or {}).get(k) for k in old):
                 try:
                     r.result = constraint.parse(last.content) if constraint else last.content
                 except SubchatError:
-                    r.result = None
+                    r.status, r.reason = "failed", "continued by hand; its reply does not parse"
             elif last.status == "complete":
                 r.status, r.reason = "failed", "continued by hand under another request"
+            kept += r.status != "done"
             continue
         if (last.status == "interrupted" and (owner_alive(last.provenance.get("owner"))
                                               or busy_chat(last.chat_id))):
@@ -907,8 +908,8 @@ def match_rows(tree: ChatTree, chat: Chat, rows: list[Row], *, redo: bool = Fals
         notes.append(f"--redo: {n} row(s) resent under the new request; their earlier replies "
                      "are kept (each row's attempt-N subchats hold the new ones)")
     if kept:
-        notes.append(f"{kept} row(s) were continued by hand; they are kept as they are "
-                     "(not sent again)")
+        notes.append(f"{kept} row(s) without a complete reply to this request were continued "
+                     "by hand; they are kept as they are (not sent again)")
     if taken:
         notes.append(f"{taken} row(s) are being answered by another kernel now; run the cell "
                      "again once it ends to collect them")
