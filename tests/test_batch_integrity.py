@@ -271,3 +271,12 @@ def test_a_choice_that_is_not_a_list_or_has_one_value_is_refused(shell, workdir,
         msg = shell.fails(cell)
         assert expected in msg and "\n" not in msg
     assert snapshot(workdir) == before
+
+
+def test_json_with_raw_control_characters_inside_strings_parses_as_the_grammar_allows():
+    from subchat_magics import structured
+
+    c = structured.from_options(json="", namespace={})
+    assert c.parse('{"label": "a\tb\x06c"}') == {"label": "a\tb\x06c"}
+    with pytest.raises(structured.InvalidOutput):
+        c.parse('{"label": "a"')  # (still JSON: an unclosed object is refused)
