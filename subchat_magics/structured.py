@@ -80,7 +80,7 @@ class Constraint:
                 return answer
             raise InvalidOutput(f"{_short(answer)} does not match {self.pattern!r}")
         try:
-        # (strict=False: the engines' JSON grammars allow raw control characters in strings)
+            # (strict=False: the engines' JSON grammars allow raw control characters in strings)
             value = json.loads(answer, strict=False)
         except ValueError as exc:
             raise InvalidOutput(f"not JSON ({exc.msg} at character {exc.pos})") from None
