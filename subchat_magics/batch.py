@@ -17,13 +17,18 @@ is a pandas one only if pandas is already imported).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import keyword
+import os
 import re
+import socket
 import sys
 import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Callable, Iterator
 
 from .backends.base import Backend, GenerationOptions
@@ -68,35 +73,92 @@ def _pandas(value: Any) -> Any:
     return sys.modules.get("pandas") if "pandas" in mods else None
 
 
-def items_of(value: Any, name: str = "the items") -> Items:
+def items_of(value: Any, name: str = "the items", limit: int | None = None) -> Items:
     """The entries of a list, tuple, any sized iterable, a dict (keys are the labels), a
-    pandas Series or DataFrame (the index labels). A str, bytes or an unsized iterator is
-    refused: it is almost never a list of items."""
+    pandas Series or DataFrame (the index labels); with ``limit`` only the first ``limit``
+    are converted (a 200,000-row DataFrame tried on 3 rows costs 3 rows). A str, bytes or
+    an unsized iterator is refused: it is almost never a list of items; so is a set (its
+    order changes between kernels, so a batch over it could not be resumed) and a
+    DataFrame with two columns of one name (one would hide the other)."""
     pd = _pandas(value)
     if pd is not None and isinstance(value, pd.DataFrame):
-        cols = [str(c) for c in value.columns]
-        entries = [Entry(i, label, dict(zip(cols, row)), dict(zip(cols, row)))
-                   for i, (label, row) in enumerate(zip(value.index,
-                                                        value.itertuples(index=False, name=None)))]
-        return Items(entries, value.index)
+        dup = [str(c) for c in value.columns[value.columns.duplicated()]]
+        if dup:
+            raise InvalidInput(
+                f"{name} has more than one column named {', '.join(map(repr, dict.fromkeys(dup)))}; "
+                f"rename them first (e.g. {name}.columns = [...]) so each field is one column")
+        part = value.iloc[:limit] if limit is not None else value
+        cols = [str(c) for c in part.columns]
+        entries = []
+        for i, (label, row) in enumerate(zip(part.index, part.itertuples(index=False, name=None))):
+            fields = dict(zip(cols, row))
+            entries.append(Entry(i, label, fields, fields))
+        return Items(entries, part.index)
     if pd is not None and isinstance(value, pd.Series):
+        part = value.iloc[:limit] if limit is not None else value
         return Items([Entry(i, label, v, fields_of(v)) for i, (label, v)
-                      in enumerate(zip(value.index, value.tolist()))], value.index)
+                      in enumerate(zip(part.index, part.tolist()))], part.index)
     if isinstance(value, (str, bytes, bytearray)):
         raise InvalidInput(f"{name} is a {type(value).__name__}, one text, not a list of items; "
                            f"put it in a list ([{name}]) or split it")
+    if isinstance(value, (set, frozenset)):
+        raise InvalidInput(f"{name} is a {type(value).__name__}: it has no order that holds "
+                           f"from one kernel to the next, so the batch could not be resumed; "
+                           f"give sorted({name}) or list it in the order you want")
     if isinstance(value, dict):
-        return Items([Entry(i, k, v, fields_of(v)) for i, (k, v) in enumerate(value.items())])
+        pairs = list(islice(value.items(), limit)) if limit is not None else value.items()
+        return Items([Entry(i, k, v, fields_of(v)) for i, (k, v) in enumerate(pairs)])
     if not hasattr(value, "__iter__") or not hasattr(value, "__len__"):
         kind = "an iterator without a length" if hasattr(value, "__iter__") else "not iterable"
         raise InvalidInput(f"{name} is {kind} ({type(value).__name__}); give a list, a tuple, "
                            f"a dict, a pandas Series or DataFrame (list({name}) if it is a "
                            "generator)")
     try:
-        values = list(value)
+        values = list(islice(value, limit)) if limit is not None else list(value)
     except TypeError as exc:
         raise InvalidInput(f"{name} cannot be iterated ({type(value).__name__}: {exc})") from None
     return Items([Entry(i, i, v, fields_of(v)) for i, v in enumerate(values)])
+
+
+def missing(value: Any) -> bool:
+    """Whether ``value`` is a missing value: None, a float NaN, pandas' NA/NaT, numpy's
+    NaT (never sent as the text ``nan``)."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return value != value
+    pd = _pandas(value)
+    if pd is not None or type(value).__module__.partition(".")[0] == "numpy":
+        pd = sys.modules.get("pandas")
+        if pd is not None:
+            try:
+                out = pd.isna(value)
+            except (TypeError, ValueError):
+                return False
+            return out is True or (type(out).__name__ == "bool_" and bool(out))
+        try:
+            return bool(value != value)
+        except (TypeError, ValueError):
+            return False
+    return False
+
+
+def missing_fields(entry: Entry, names: list[str] | None) -> list[str]:
+    """The fields (or ``item``) a row's message would take from a missing value: those the
+    template names (all of ``item``/fields when there is no template to read)."""
+    out = []
+    fields = entry.fields or {}
+    if names is None:  # a prompt function: the item itself, or any of its fields
+        if entry.fields is None:
+            return ["item"] if missing(entry.item) else []
+        return [k for k, v in fields.items() if missing(v)]
+    for n in names:
+        if n == "item":
+            if missing(entry.item):
+                out.append("item")
+        elif n in fields and missing(fields[n]):
+            out.append(n)
+    return out
 
 
 def fields_of(value: Any) -> dict[str, Any] | None:
@@ -118,11 +180,9 @@ def names_in(template: str) -> list[str]:
 
 def check_fields(template: str, items: Items, known: Callable[[str], bool]) -> None:
     """Refuse, before any request, a ``{name}`` that is not ``item``/``index``, not
-    ``known`` (the notebook's namespace) and missing from some item with fields: the
-    error names the field and the first item without it."""
+    ``known`` (the notebook's namespace) and missing from some item with fields (the error
+    names the field and the first item without it), or, for plain items, in none."""
     with_fields = [e for e in items.entries if e.fields is not None]
-    if not with_fields:
-        return
     for name in names_in(template):
         if name in ("item", "index"):
             continue
@@ -131,6 +191,11 @@ def check_fields(template: str, items: Items, known: Callable[[str], bool]) -> N
             continue  # a name of the namespace, not a field
         if holders == len(items.entries):
             continue
+        if not with_fields:
+            raise InvalidInput(
+                f"the template names {{{name}}}, which is not {{item}}, {{index}}, a field of "
+                f"the items (they have none) or a notebook variable; fix the name, or write "
+                f"{{{{{name}}}}} for the braces themselves")
         first = next(e for e in items.entries if e.fields is None or name not in e.fields)
         have = sorted(first.fields or {})
         raise InvalidInput(
@@ -169,13 +234,92 @@ class Row:
     label: Any
     name: str
     text: str
-    status: str = "pending"  # pending | done | failed | interrupted
+    #: pending | done | failed | interrupted | skipped (not sent: a missing value, an
+    #: empty message) | claimed (another kernel is answering it now)
+    status: str = "pending"
     result: Any = None  # the reply text (or parsed value), None unless done
-    reason: str | None = None  # why it failed or was cut
-    reused: bool = False  # done in an earlier run, not sent again
-    chat_id: int | None = None
+    reason: str | None = None  # why it failed, was cut or skipped
+    reused: bool = False  # done (or kept) in an earlier run, not sent again
+    chat_id: int | None = None  # the chat holding the row's answer (its latest attempt)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    request: dict[str, str] | None = None  # what identifies the request (see request_parts)
+    row_chat: int | None = None  # the row's chat, once it exists
+    attempt: int = 1  # 1: the row's own chat; k: its subchat attempt-k (a resend)
+    target: int | None = None  # the chat the next attempt goes into, if it exists already
+    cut_value: bool = False  # a value was cut to max_value_chars in its message
+
+
+# -- a row's identity: its whole request --------------------------------------------------------
+PARTS = ("message", "system", "options", "constraint", "backend", "model")
+PART_NAMES = {"message": "the message (the data or the template)",
+              "system": "the system prompt in force", "options": "the generation options "
+              "(-t, -n, --top-p, --seed, --think, ...)",
+              "constraint": "the constraint (--json/--choice/--regex)",
+              "backend": "the backend", "model": "the model"}
+ATTEMPT = re.compile(r"attempt-(\d+)")
+
+
+def _h(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def options_part(opts: GenerationOptions) -> str:
+    """The generation options that shape a reply, as one digest (the constraint apart)."""
+    return _h(json.dumps({"max_tokens": opts.max_tokens, "temperature": opts.temperature,
+                          "top_p": opts.top_p, "stop": opts.stop, "seed": opts.seed,
+                          "think": opts.think, "extra": opts.extra},
+                         sort_keys=True, default=str))
+
+
+def request_parts(text: str, system: str | None, opts: GenerationOptions, backend: str,
+                  model: str | None, options: str | None = None) -> dict[str, str]:
+    """What identifies a row's request: the message, the system prompt in force, the
+    options, the constraint (kind and content), the backend and the model."""
+    c = opts.constraint
+    return {"message": _h(text), "system": _h(system or ""),
+            "options": options if options is not None else options_part(opts),
+            "constraint": f"{c.kind}:{c.digest()}" if c is not None else "",
+            "backend": backend, "model": model or ""}
+
+
+def request_digest(parts: dict[str, str]) -> str:
+    """The digest kept in a row's provenance (``batch.digest``) of its request's parts."""
+    return _h(json.dumps({k: parts.get(k, "") for k in PARTS}, sort_keys=True))
+
+
+# -- claims: who is answering a row now -----------------------------------------------------------
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+OWNER = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}
+
+
+def owner_alive(owner: Any) -> bool:
+    """Whether the process that claimed a row (its reply row's ``owner``) still runs: on
+    this host, a process of that id started at that time. Another host's claim is taken as
+    alive (it cannot be checked from here)."""
+    if not isinstance(owner, dict):
+        return False
+    if owner.get("host") != OWNER["host"]:
+        return True
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    if pid == OWNER["pid"] and owner.get("start") == OWNER["start"]:
+        return False  # this process: a run of it that is over (its own claims are in Busy)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return owner.get("start") is None or _start_time(pid) == owner.get("start")
 
 
 @dataclass
@@ -187,15 +331,19 @@ class Progress:
     failed: int = 0
     interrupted: int = 0
     reused: int = 0
+    skipped: int = 0  # not sent: a missing value or an empty message
+    claimed: int = 0  # being answered by another kernel
     in_flight: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    elapsed_s: float = 0.0
+    elapsed_s: float = 0.0  # since the first row was sent (generation, planning apart)
+    planning_s: float = 0.0  # deciding, making the rows' chats before the first send
     finished: bool = False
+    sent: int = 0  # rows handed to the backend in this run
 
     @property
     def ended(self) -> int:
-        return self.done + self.failed + self.interrupted
+        return self.done + self.failed + self.interrupted + self.skipped + self.claimed
 
     @property
     def tokens_per_s(self) -> float:
@@ -203,14 +351,16 @@ class Progress:
 
     @property
     def eta_s(self) -> float | None:
-        """Seconds left at the rate of the rows sent in this run (None before the first)."""
-        sent = self.ended - self.reused
+        """Seconds left at the rate of the rows finished in this run; None (``estimating``)
+        until a few have finished: the first rows end together with the engine's first
+        steps, so an earlier rate says nothing."""
+        ended_here = self.done + self.failed + self.interrupted - self.reused
         left = self.total - self.ended
         if left <= 0:
             return 0.0
-        if sent <= 0 or self.elapsed_s <= 0:
+        if ended_here < max(3, min(self.sent, self.total) // 50) or self.elapsed_s < 0.3:
             return None
-        return left * self.elapsed_s / sent
+        return left * self.elapsed_s / ended_here
 
 
 @dataclass
@@ -244,12 +394,20 @@ class BatchResult:
                 f"{s.failed} failed"]
         if s.interrupted:
             bits.append(f"{s.interrupted} interrupted")
+        if s.skipped:
+            bits.append(f"{s.skipped} skipped")
+        if s.claimed:
+            bits.append(f"{s.claimed} sent by another kernel")
         rate = f"{s.tokens_per_s:,.0f} tokens/s"
+        plan = f" (+{s.planning_s:.2f} s planning)" if s.planning_s >= 0.01 else ""
         return (f"batch {self.path}: {', '.join(bits)} · tokens {s.prompt_tokens:,} in / "
-                f"{s.completion_tokens:,} out · {s.elapsed_s:.2f} s · {rate}")
+                f"{s.completion_tokens:,} out · {s.elapsed_s:.2f} s{plan} · {rate}")
 
     def failures(self) -> list[Row]:
         return [r for r in self.rows if r.status in ("failed", "interrupted")]
+
+    def skipped(self) -> list[Row]:
+        return [r for r in self.rows if r.status == "skipped"]
 
 
 class Batch:
@@ -258,13 +416,19 @@ class Batch:
     Made by :meth:`subchat_magics.session.Session.batch`, which checks everything first;
     ``make_exchange(chat, text)`` makes the exchange of one row (the session's options and
     system prompt); the rows run through one :class:`~subchat_magics.exchange.Runner` on
-    the planned ``selection``."""
+    the planned ``selection`` (one backend: a batch never falls back mid-way).
+
+    Nothing of a batch is ever deleted: a row resent (cut before, or ``--redo``) gets a new
+    attempt, the subchat ``attempt-K`` of its row forked before the row's first message
+    (the same context), and the earlier attempts stay as they were. A row is claimed in
+    the same transaction that stores its message: its reply row names the process
+    answering it (``owner``) until it ends, and another kernel skips it meanwhile."""
 
     def __init__(self, tree: ChatTree, chat: Chat, rows: list[Row], *, selection: Selection,
                  make_exchange: Callable[..., Exchange], in_flight: int,
-                 stale: list[int] | None = None, notes: list[str] | None = None,
-                 index: Any = None, run_tools: Callable[[Chat, list], None] | None = None,
-                 max_rounds: int = 5):
+                 notes: list[str] | None = None, index: Any = None,
+                 planning_s: float = 0.0, mark: dict[str, Any] | None = None,
+                 run_tools: Callable[[Chat, list], None] | None = None, max_rounds: int = 5):
         self.tree = tree
         self.index = index
         self.chat = chat
@@ -272,9 +436,9 @@ class Batch:
         self.selection = selection
         self.make_exchange = make_exchange
         self.in_flight = max(1, int(in_flight))
-        self.stale = stale or []  # row chats holding a cut reply: made again before sending
         self.notes = notes or []
-        self.progress = Progress(total=len(rows))
+        self.mark = mark or {}  # more of the batch mark (the template's resolved references)
+        self.progress = Progress(total=len(rows), planning_s=planning_s)
         for r in rows:
             if r.reused:
                 self.progress.reused += 1
@@ -282,6 +446,10 @@ class Batch:
                     self.progress.done += 1
                 else:
                     self.progress.failed += 1
+            elif r.status == "skipped":
+                self.progress.skipped += 1
+            elif r.status == "claimed":
+                self.progress.claimed += 1
         self._started = False
         self._ready: deque = deque()  # (row, chat) made ahead of sending
         self._group: list[Exchange] | None = None  # the rows stored in the open _writes block
@@ -293,6 +461,7 @@ class Batch:
         self.max_rounds = max_rounds
         self._calling: deque = deque()  # (row, exchange) whose reply called tools
         self._rounds: dict[int, int] = {}  # row chat id -> rounds of calls so far
+        self._unsent: list[Exchange] = []
 
     @property
     def backend(self) -> Backend:
@@ -304,7 +473,7 @@ class Batch:
 
     @property
     def to_send(self) -> int:
-        return sum(1 for r in self.rows if not r.reused)
+        return sum(1 for r in self.rows if r.status == "pending")
 
     def run(self, progress: Callable[[Progress], None] | None = None,
             every: float = PROGRESS_EVERY_S) -> BatchResult:
@@ -316,32 +485,41 @@ class Batch:
         if self._started:
             raise InvalidInput("a batch runs once; plan it again to resume it")
         self._started = True
-        t0 = time.perf_counter()
+        t_plan = time.perf_counter()
+        t0 = [t_plan]
         p = self.progress
         last = [0.0]
 
         def tick(force: bool = False) -> None:
             now = time.perf_counter()
-            p.elapsed_s = now - t0
+            p.elapsed_s = now - t0[0]
             if progress is not None and (force or now - last[0] >= every):
                 last[0] = now
                 progress(p)
 
         tick(force=True)
         self.tree.emit("batch-start", id=self.chat.id, path=self.path, total=len(self.rows))
-        self._drop_stale()
-        pending = deque(r for r in self.rows if not r.reused)
+        pending = deque(r for r in self.rows if r.status == "pending")
         if not pending:  # every row done before: nothing to send, no backend needed
             p.finished = True
-            tick(force=True)
+            p.elapsed_s = 0.0
+            if progress is not None:
+                progress(p)
             return self.result()
         runner = Runner(self.selection, size=self.in_flight, stream_deltas=False,
                         on_end=self._record)
+        started = False
         try:
             while pending or runner.flying:
                 if pending and runner.in_flight < self.in_flight:
                     self._start(pending, runner)
+                    if not started and runner.in_flight:
+                        started = True  # generation time counts from the first send
+                        p.planning_s += time.perf_counter() - t_plan
+                        t0[0] = time.perf_counter()
                     p.in_flight = runner.in_flight
+                    if not runner.flying:
+                        continue  # (every row of the group was claimed elsewhere)
                 with self._writes(runner):  # the rows that ended together: one commit
                     runner.step(0.05)
                     while (runner.handled and runner.flying
@@ -353,6 +531,11 @@ class Batch:
                 tick()
         except BaseException as exc:
             runner.close(exc)
+            for ex in self._unsent:  # stored, never handed to the backend
+                if ex.begun and ex.reply is None and all(f is not ex for f in runner.flying.values()):
+                    ex.fail(exc)
+                    self._record(ex)
+            self._unsent = []
             p.in_flight = 0
             p.finished = True
             tick(force=True)
@@ -366,9 +549,14 @@ class Batch:
 
     def result(self) -> BatchResult:
         """The rows as they stand (after :meth:`run`, or after it was interrupted)."""
+        notes = list(self.notes)
+        cut = sum(1 for r in self.rows if r.cut_value and r.status != "skipped")
+        if cut and not any("cut at" in n for n in notes):
+            notes.append(f"{cut} row(s) had a value cut at max_value_chars (see %config "
+                         "SubchatMagics.max_value_chars); show -p of a row names it")
         return BatchResult(self.path, self.rows, self.progress,
                            interrupted=any(r.status == "interrupted" for r in self.rows),
-                           notes=list(self.notes), index=self.index)
+                           notes=notes, index=self.index)
 
     # -- inside the run ----------------------------------------------------------------------------
     @contextmanager
@@ -390,13 +578,6 @@ class Batch:
         finally:
             self._group = None
 
-    def _drop_stale(self) -> None:
-        for cid in self.stale:
-            chat = self.tree.find(cid)
-            if chat is not None:
-                self.tree.delete(chat, force=True)
-        self.stale = []
-
     def _start(self, pending: deque, runner: Runner) -> None:
         """Submit rows until ``in_flight`` are in flight, together; their chats are made
         ahead, ``CREATE_CHUNK`` at a time and more (one store round and index reload each)."""
@@ -411,29 +592,93 @@ class Batch:
                 row, chat = self._ready.popleft()
                 pending.popleft()
                 ex = self.make_exchange(chat, row.text)
-                ex.provenance[MARK] = {"of": len(self.rows), "item": row.name}
+                if row.request is not None and row.request.get("backend") != runner.backend.id:
+                    self._moved(row, runner.backend, ex)  # (auto passed over the first)
+                mark = {"of": len(self.rows), "item": row.name, **self.mark}
+                if row.request is not None:
+                    mark["request"] = row.request
+                    mark["digest"] = request_digest(row.request)
+                if row.attempt > 1:
+                    mark["attempt"] = row.attempt
+                if row.cut_value:
+                    mark["cut_value"] = True
+                ex.provenance[MARK] = mark
                 row.status, row.chat_id = "pending", chat.id
                 self._rows[id(ex)] = row
                 group.append(ex)
-            runner.begin(group)  # a group's messages: one commit
-            runner.submit(group)  # the engine starts on these while we make the next
+            self._unsent = group  # (begun, not yet in flight: ended by run() if cut here)
+            group = self._claim(group, runner)  # a group's messages and claims: one commit
+            if group:
+                self.progress.sent += len(group)
+                runner.submit(group)  # the engine starts on these while we make the next
+            self._unsent = []
+
+    def _claim(self, group: list[Exchange], runner: Runner) -> list[Exchange]:
+        """Store the group's messages, claiming each row, in one transaction: a row whose
+        chat got a message since it was planned (another kernel claimed it) is skipped."""
+        if not group:
+            return group
+        store = self.tree.store
+        with store.transaction() as c:
+            ids = [ex.chat.id for ex in group]
+            held: dict[int, int] = {}
+            for i in range(0, len(ids), 500):
+                part = ids[i:i + 500]
+                held.update(c.execute(
+                    f"SELECT chat_id, COUNT(*) FROM messages WHERE chat_id IN "
+                    f"({','.join('?' * len(part))}) GROUP BY chat_id", part).fetchall())
+            mine = [ex for ex in group if not held.get(ex.chat.id)]
+            for ex in group:
+                if held.get(ex.chat.id):
+                    row = self._rows.pop(id(ex))
+                    row.status, row.reason = "claimed", "answered by another kernel"
+                    self.progress.claimed += 1
+            runner.begin(mine)
+            for ex in mine:
+                r = ex.reply_row
+                c.execute("UPDATE messages SET provenance = ? WHERE id = ?",
+                          (json.dumps(dict(r.provenance, owner=OWNER), sort_keys=True), r.id))
+        return mine
 
     def _row_chats(self, rows: list[Row]) -> list[Chat]:
+        """The chat each row's next attempt goes into, made where missing (one transaction,
+        one index reload): the row's own chat, or its subchat ``attempt-K``."""
         tree = self.tree
         if self._kids is None:
             self._kids = {c.name: c for c in tree.children(self.chat)}
         kids = self._kids
+        made: list[int] = []
         with tree.store.transaction():
-            made = [tree.store.insert_chat(self.chat.id, r.name, None, 0).id
-                    for r in rows if r.name not in kids]
+            for r in rows:
+                if r.target is not None:
+                    continue
+                if r.attempt == 1:
+                    if r.name not in kids:
+                        made.append(tree.store.insert_chat(self.chat.id, r.name, None, 0).id)
+                else:
+                    r.target = tree.store.insert_chat(r.row_chat, f"attempt-{r.attempt}",
+                                                      None, 0).id
+                    made.append(r.target)
         if made:
             tree.refresh(force=True)
             for cid in made:
                 chat = tree.find(cid)
                 if chat is not None:
-                    kids[chat.name] = chat
+                    if chat.parent is not None and chat.parent.id == self.chat.id:
+                        kids[chat.name] = chat
                     tree.emit("chat-created", id=chat.id, path=chat.path)
-        return [kids[r.name] for r in rows]
+        out = []
+        for r in rows:
+            chat = tree.find(r.target) if r.target is not None else kids[r.name]
+            r.row_chat = r.row_chat or kids[r.name].id if r.name in kids else r.row_chat
+            out.append(chat)
+        return out
+
+    def _moved(self, row: Row, backend: Backend, ex: Exchange) -> None:
+        """The request of a row answered by the backend auto fell back to (before any
+        token of this run): the digest names the backend and model that answered."""
+        row.request = dict(row.request or {}, backend=backend.id,
+                           model=ex.options.model or backend.default_model() or "")
 
     def _call_tools(self, runner: Runner) -> None:
         """Run the calls of each row whose reply called tools, then send its next round
@@ -457,6 +702,17 @@ class Batch:
         row = self._rows.pop(id(ex), None)
         if row is None:
             return
+        mark = ex.provenance.get(MARK)
+        if (ex.backend is not None and ex.reply is not None and isinstance(mark, dict)
+                and row.request is not None and row.request.get("backend") != ex.backend.id):
+            self._moved(row, ex.backend, ex)  # in flight when auto fell back: fix its mark
+            mark["request"], mark["digest"] = row.request, request_digest(row.request)
+            prov = dict(ex.reply.provenance, **{MARK: mark})
+            self.tree.store.update_reply(ex.reply.id, ex.reply.content, ex.reply.status, prov)
+            for r in self.rows:  # the rows not begun yet follow
+                if r.status == "pending" and r.request is not None:
+                    r.request = dict(r.request, backend=row.request["backend"],
+                                     model=row.request["model"])
         if self._group is not None:
             self._group.append(ex)
         reply = ex.reply
@@ -503,58 +759,223 @@ def chat_path(tree: ChatTree, parent: Chat, name: str, fresh: bool) -> str:
     return candidate
 
 
-def match_rows(tree: ChatTree, chat: Chat, rows: list[Row],
-               opts: GenerationOptions) -> tuple[list[int], list[str]]:
-    """Mark the rows an earlier run completed with the same message as reused; return
-    the row chats holding only a cut or failed reply (made again before sending) and
-    notes. A row chat holding another message is refused: the data or the template
-    changed since, and mixing two runs in one batch would lie."""
-    kids = {c.name: c for c in tree.children(chat)}
-    firsts = first_exchanges(tree, chat)
-    stale: list[int] = []
+@dataclass
+class Attempt:
+    """One attempt of a row as stored: the row's own chat (``k`` 1) or its ``attempt-k``."""
+
+    chat_id: int
+    k: int
+    messages: int = 0  # messages the chat holds
+    subchats: int = 0
+    user: str | None = None  # the message sent
+    status: str | None = None  # its reply's status (None: no reply row)
+    content: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    tools: bool = False  # its first reply called tools (the row's loop follows it)
+
+
+@dataclass
+class Stored:
+    """A row chat as stored: its attempts (first to last) and whether a person wrote
+    below them (messages after the first exchange, or subchats of their own)."""
+
+    chat_id: int
+    attempts: list[Attempt] = field(default_factory=list)
+    by_hand: bool = False
+
+    @property
+    def latest(self) -> Attempt | None:
+        begun = [a for a in self.attempts if a.messages]
+        return begun[-1] if begun else None
+
+    def free(self) -> Attempt | None:
+        """An attempt chat made but never sent into, after the latest: the next one's."""
+        last = self.latest
+        for a in self.attempts:
+            if not a.messages and not a.subchats and (last is None or a.k > last.k):
+                return a
+        return None
+
+
+def stored_rows(tree: ChatTree, chat: Chat) -> dict[str, Stored]:
+    """Every row of the batch chat ``chat`` with its attempts, by row name: one query."""
+    chats: dict[int, tuple] = {}
+    firsts: dict[int, list[tuple]] = {}
+    for cid, parent, name, fork, count, kids, seq, role, content, status, prov \
+            in tree.store.batch_rows(chat.id):
+        chats[cid] = (parent, name, fork, count, kids)
+        if seq is not None:
+            firsts.setdefault(cid, []).append((role, content, status, prov))
+    out: dict[str, Stored] = {}
+    by_id: dict[int, Stored] = {}
+    for cid, (parent, name, *_) in chats.items():
+        if parent == chat.id:
+            st = Stored(cid)
+            out[name] = by_id[cid] = st
+    for cid, (parent, name, fork, count, kids) in chats.items():
+        first = firsts.get(cid, [])
+        att = Attempt(cid, 1, count, kids)
+        if first and first[0][0] == "user":
+            att.user = first[0][1]
+        if len(first) > 1 and first[1][0] == "assistant":
+            att.status, att.content, att.provenance = first[1][2], first[1][1], first[1][3]
+            att.tools = bool(att.provenance.get("tool_calls"))
+        if parent == chat.id:
+            by_id[cid].attempts.insert(0, att)
+            if count > 2 and not att.tools:
+                by_id[cid].by_hand = True
+            continue
+        st = by_id[parent]
+        m = ATTEMPT.fullmatch(name)
+        if m is None or fork != 0 or int(m.group(1)) < 2:
+            st.by_hand = True  # a subchat the user made below the row
+            continue
+        att.k = int(m.group(1))
+        if count > 2 and not att.tools or kids:
+            st.by_hand = True
+        st.attempts.append(att)
+    for st in out.values():
+        first, rest = st.attempts[:1], sorted(st.attempts[1:], key=lambda a: a.k)
+        st.attempts = first + rest
+    return out
+
+
+class Changed(InvalidInput):
+    """A rerun whose request differs from the rows' (refused before anything is sent)."""
+
+
+def stored_parts(att: Attempt) -> dict[str, str]:
+    """The request an attempt was sent with: its digest's parts (or, for a row stored
+    before digests, what its provenance says)."""
+    mark = att.provenance.get(MARK)
+    req = mark.get("request") if isinstance(mark, dict) else None
+    if isinstance(req, dict):
+        return {k: str(v) for k, v in req.items()}
+    out = {"message": _h(att.user or "")}
+    p = att.provenance
+    if p.get("backend"):
+        out["backend"] = p["backend"]
+    if p.get("model"):
+        out["model"] = p["model"]
+    return out
+
+
+def match_rows(tree: ChatTree, chat: Chat, rows: list[Row], *, redo: bool = False,
+               constraint: Any = None,
+               busy_chat: Callable[[int], bool] = lambda _: False) -> list[str]:
+    """Decide each row of a rerun from the store (one query), returning notes:
+
+    - a row whose latest attempt completed with the same request is reused;
+    - one cut or failed with the same request is resent as a new attempt (the cut one kept);
+    - one being answered now by another live process is left to it (``claimed``);
+    - one a person continued (messages or subchats below it) is kept as it is, never sent;
+    - one whose request differs (message, system prompt in force, options, constraint,
+      backend, model) is refused, naming what changed for how many rows, unless ``redo``:
+      then it is resent as a new attempt, the earlier ones kept.
+
+    Raises :class:`Changed` before anything is written."""
+    stored = stored_rows(tree, chat)
     notes: list[str] = []
-    kept = 0
+    changed: dict[str, list[Row]] = {}
+    examples: dict[str, tuple[Row, Attempt, dict[str, str]]] = {}
+    kept = taken = 0
+    resend: list[tuple[Row, Stored, Attempt | None]] = []
     for r in rows:
-        c = kids.get(r.name)
-        if c is None:
+        if r.status != "pending":
+            continue  # skipped (a missing value): not sent, nothing to decide
+        st = stored.get(r.name)
+        if st is None:
+            continue  # a new row
+        r.row_chat = st.chat_id
+        last = st.latest
+        if last is None:  # made, never sent
+            r.target = st.chat_id
             continue
-        ex = firsts.get(c.id) or []
-        if not ex:
-            continue  # made, never sent
-        if ex[0][0] != "user" or ex[0][1] != r.text:
-            raise InvalidInput(
-                f"{c.path} holds another message than item {r.label!r} gives now (the data "
-                f"or the template changed since that batch ran); --fresh starts a new batch "
-                f"chat, or %subchat delete {chat.path} --force removes the old one")
-        if len(ex) > 1 and ex[1][2] == "complete" and ex[1][3].get("tool_calls"):
-            # a row answered with tools: done when its last message is a complete answer
-            last = tree.store.messages(c.id)[-1]
-            if last.role == "assistant" and last.status == "complete" \
-                    and not last.provenance.get("tool_calls"):
-                ex = [ex[0], (last.role, last.content, last.status, last.provenance)]
-            elif not c.children:
-                stale.append(c.id)  # its loop was cut: sent again from the start
-                continue
-        if len(ex) > 1 and ex[1][2] == "complete":
-            r.reused, r.status, r.chat_id = True, "done", c.id
-            r.result = ex[1][1]
-            if opts.constraint is not None:
+        r.chat_id = last.chat_id
+        if last.tools and last.status == "complete":
+            # a row answered with tools: done when its loop's last message is a complete
+            # answer; a loop that was cut is sent again as a new attempt
+            final = tree.store.messages(last.chat_id)[-1]
+            if final.role == "assistant" and final.status == "complete" \
+                    and not final.provenance.get("tool_calls"):
+                last.content = final.content
+            else:
+                last.status = "cut"
+        if st.by_hand:  # never touched; a note unless it is simply done
+            r.reused, r.status = True, "done" if last.status == "complete" else "failed"
+            r.reason = None if last.status == "complete" else (last.status or "no reply")
+            old = stored_parts(last)
+            if last.status == "complete" and all(old[k] == (r.request or {}).get(k) for k in old):
                 try:
-                    r.result = opts.constraint.parse(ex[1][1])
+                    r.result = constraint.parse(last.content) if constraint else last.content
                 except SubchatError:
-                    r.reused, r.status, r.result = False, "pending", None
-                    stale.append(c.id)
+                    r.status, r.reason = "failed", "continued by hand; its reply does not parse"
+            elif last.status == "complete":
+                r.status, r.reason = "failed", "continued by hand under another request"
+            kept += r.status != "done"
             continue
-        if tree.store.message_count(c.id) <= 2 and not c.children:
-            stale.append(c.id)
-        else:  # a cut row that was continued by hand: kept as it is, not sent again
-            r.reused, r.status, r.chat_id = True, "failed", c.id
-            r.reason = ex[1][2] if len(ex) > 1 else "no reply"
-            kept += 1
+        if (last.status == "interrupted" and (owner_alive(last.provenance.get("owner"))
+                                              or busy_chat(last.chat_id))):
+            r.status, r.reason = "claimed", "answered by another kernel"
+            taken += 1
+            continue
+        old = stored_parts(last)
+        diff = [k for k in PARTS if k in old and old[k] != (r.request or {}).get(k)]
+        if diff:
+            for k in diff:
+                changed.setdefault(k, []).append(r)
+                examples.setdefault(k, (r, last, old))
+            resend.append((r, st, last))
+            continue
+        if last.status == "complete":
+            try:
+                r.result = constraint.parse(last.content) if constraint else last.content
+            except SubchatError:
+                resend.append((r, st, last))
+                continue
+            r.reused, r.status = True, "done"
+            continue
+        resend.append((r, st, last))  # cut or failed: a new attempt
+    if changed and not redo:
+        raise Changed(_changed_message(chat, rows, changed, examples))
+    for r, st, _ in resend:
+        free = st.free()
+        if free is not None:
+            r.attempt, r.target = free.k, free.chat_id
+        else:
+            r.attempt = max(a.k for a in st.attempts) + 1
+            r.target = None
+    if changed:
+        n = len({id(r) for rs in changed.values() for r in rs})
+        notes.append(f"--redo: {n} row(s) resent under the new request; their earlier replies "
+                     "are kept (each row's attempt-N subchats hold the new ones)")
     if kept:
-        notes.append(f"{kept} row(s) without a complete first reply were continued by hand; "
-                     "they are kept as they are (not sent again)")
-    return stale, notes
+        notes.append(f"{kept} row(s) without a complete reply to this request were continued "
+                     "by hand; they are kept as they are (not sent again)")
+    if taken:
+        notes.append(f"{taken} row(s) are being answered by another kernel now; run the cell "
+                     "again once it ends to collect them")
+    return notes
+
+
+def _changed_message(chat: Chat, rows: list[Row], changed: dict[str, list[Row]],
+                     examples: dict[str, tuple]) -> str:
+    sent = sum(1 for r in rows if r.chat_id is not None)
+    bits = []
+    for k in PARTS:
+        if k not in changed:
+            continue
+        r, att, old = examples[k]
+        bit = f"{PART_NAMES[k]} for {len(changed[k])} of {sent} row(s)"
+        if k == "message":
+            bit += (f" ({chat.path}/{r.name} holds another message than item {r.label!r} "
+                    "gives now)")
+        elif k in ("backend", "model"):
+            bit += f" ({old.get(k) or '?'} -> {(r.request or {}).get(k) or '?'})"
+        bits.append(bit)
+    return (f"{chat.path} was run with another request: {'; '.join(bits)}. Nothing was sent; "
+            "a batch is answered under one request. --redo resends those rows (their "
+            "earlier replies are kept), --fresh starts a new batch chat")
 
 
 # -- what the tree holds -----------------------------------------------------------------------------
@@ -592,9 +1013,14 @@ def summaries(tree: ChatTree, counts: dict[int, int] | None = None) -> dict[int,
         if not marked:
             continue
         total = max(int(p[MARK].get("of") or 0) for p in marked)
-        rows = len(tree.children(chat))
+        stored = stored_rows(tree, chat)
+        rows = len(stored)
         s = Summary(chat.id, max(total, rows), rows=rows)
-        for _, _, status, _ in firsts.values():
+        for st in stored.values():  # a row counts as its latest attempt says
+            last = st.latest
+            status = last.status if last is not None else None
+            if status is None:
+                continue
             if status == "complete":
                 s.done += 1
             elif status == "error":
@@ -603,6 +1029,27 @@ def summaries(tree: ChatTree, counts: dict[int, int] | None = None) -> dict[int,
                 s.interrupted += 1
         out[chat.id] = s
     return out
+
+
+def is_batch_chat(tree: ChatTree, chat: Chat) -> bool:
+    """Whether ``chat`` is a batch chat: no messages, and subchats whose first replies
+    carry the batch mark."""
+    if not tree.children(chat) or tree.store.message_count(chat.id):
+        return False
+    return any(len(ex) > 1 and isinstance(ex[1][3].get(MARK), dict)
+               for ex in first_exchanges(tree, chat).values())
+
+
+def check_not_batch(tree: ChatTree, chats: list[Chat]) -> None:
+    """Refuse a message into a batch chat (it would stop being one), with the ways on."""
+    for chat in chats:
+        if is_batch_chat(tree, chat):
+            parent = chat.parent.path if chat.parent is not None else "root"
+            raise InvalidInput(
+                f"{chat.path} is a batch chat (one subchat per row); a message into it would "
+                f"make it a plain chat. %%subchat {parent} continues the parent, "
+                f"%%subchat {chat.path}/ROW continues one row, and --as VAR then {{VAR}} puts "
+                "the results into a message")
 
 
 def first_exchanges(tree: ChatTree, chat: Chat) -> dict[int, list[tuple]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import shlex
 import sys
-from collections import ChainMap
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,8 +20,8 @@ from traitlets import Bool, Enum, Float, Int, TraitError, Unicode, observe, vali
 
 from . import keys, notebook, render, structured, transfer
 from .backends.base import GenerationOptions, check_option
-from .batch import check_var, fields_of
-from .batch_view import BatchProgress
+from .batch import check_var
+from .batch_view import BatchProgress, BatchTemplate, stored_refs
 from .errors import BackendError, ChatNotFound, InvalidInput, SubchatError
 from .magic_args import in_kernel, parse_line, usage_errors
 from .secrets import redact
@@ -326,6 +325,10 @@ class SubchatMagics(Magics):
                    "up to 1024, in the engine at once).")
     @argument("--fresh", action="store_true", default=None,
               help="With --each: start a new batch chat (NAME-2, ...) instead of resuming.")
+    @argument("--redo", action="store_true", default=None,
+              help="With --each: resend the rows whose request changed (message, system "
+                   "prompt, options, constraint, backend, model); their earlier replies are "
+                   "kept (attempt-N subchats of each row).")
     @cell_magic
     @usage_errors("%%subchat")
     def subchat(self, line: str, cell: str) -> None:
@@ -370,7 +373,7 @@ class SubchatMagics(Magics):
                         best_effort=args.best_effort, namespace=self.shell.user_ns))
         tools = self._tools(args)
         if args.each is not None or any(v is not None for v in (
-                args.as_var, args.limit, args.concurrency, args.fresh)):
+                args.as_var, args.limit, args.concurrency, args.fresh, args.redo)):
             if tools is not None:
                 opts.update(tools=tools, approve=True if args.yes else None,
                             max_rounds=args.max_rounds, limits=self.limits)
@@ -623,8 +626,8 @@ class SubchatMagics(Magics):
     def _each(self, args: Any, template: str, opts: dict[str, Any]) -> None:
         """``--each NAME``: the cell is a template sent once per item (batch.py does it)."""
         if args.each is None:
-            raise UsageError("%%subchat: --as, --limit, --concurrency and --fresh go with "
-                             "--each NAME")
+            raise UsageError("%%subchat: --as, --limit, --concurrency, --fresh and --redo go "
+                             "with --each NAME")
         clash = [flag for flag, v in (("--fanout", args.fanout), ("--children", args.children),
                                       ("--temperatures", args.temperatures), ("--var", args.var))
                  if v is not None] + (["--format code"] if args.format == "code" else [])
@@ -632,54 +635,52 @@ class SubchatMagics(Magics):
             raise UsageError(f"%%subchat: --each does not go with {', '.join(clash)} "
                              "(each item is its own chat; --as VAR takes the replies)")
         check_var(args.as_var)
+        if args.as_var is not None and args.as_var == args.each:
+            raise UsageError(f"%%subchat: --as {args.as_var} would overwrite the items of "
+                             f"--each {args.each}; name the results otherwise (e.g. --as "
+                             f"{args.each}_out)")
         ns = self.shell.user_ns
         if args.each not in ns:
             raise UsageError(f"%%subchat: --each {args.each}: no variable {args.each!r} in the "
                              "notebook; assign the list or DataFrame first")
-        hidden = getattr(self.shell, "user_ns_hidden", None) or {}
-        cells = notebook.context(self.shell)
-        masked: list[str] = []
-
-        def prompt(item: Any, index: Any) -> str:
-            own = {"item": item, "index": index, **(fields_of(item) or {})}
-            filled = notebook.interpolate(template, ChainMap(own, ns), hidden, cells=cells,
-                                          limits=self.limits)
-            masked.extend(filled.masked)
-            return filled.text
-
-        def known(name: str) -> bool:
-            return name in ns and not notebook.ipython_owned(name, ns, hidden)
-
-        batch = self.session.batch(args.path, ns[args.each], prompt, name=args.each,
-                                   fresh=bool(args.fresh), limit=args.limit,
-                                   concurrency=args.concurrency, backend=args.backend,
-                                   system=args.system, known=known, template=template, **opts)
-        if masked:
-            print(f"note: a key was masked in {', '.join(dict.fromkeys(masked))} before sending")
+        session = self.session
+        refs = {} if args.fresh else stored_refs(session, args.path, args.each)
+        fill = BatchTemplate(self.shell, template, self.limits, refs)
+        batch = session.batch(args.path, ns[args.each], fill.row, name=args.each,
+                              fresh=bool(args.fresh), redo=bool(args.redo), limit=args.limit,
+                              concurrency=args.concurrency, backend=args.backend,
+                              system=args.system, known=fill.known, template=template,
+                              mark={"refs": fill.refs} if fill.refs else None, **opts)
+        if fill.masked:
+            print(f"note: a key was masked in {', '.join(dict.fromkeys(fill.masked))} before "
+                  "sending")
         view = BatchProgress(self.shell, batch.path)
         try:
             batch.run(view)
         except KeyboardInterrupt:
             view.close()
             self._each_done(batch.result(), args.as_var, interrupted=True)
-            raise KeyboardInterrupt from None
+            return
         view.close()
         self._each_done(batch.result(), args.as_var)
 
     def _each_done(self, result: Any, var: str | None, interrupted: bool = False) -> None:
+        """The summary line, the first failure, the notes; ``var`` gets the results. After
+        Ctrl-C: the same, then one line (a UsageError, so a queue of cells stops there)."""
         print(result.summary())
         failed = [r for r in result.rows if r.status == "failed"]
         if failed:
             r = failed[0]
             print(f"failed: {len(failed)} row(s), e.g. {result.path}/{r.name}: "
                   f"{redact(str(r.reason))[:200]}")
-        if interrupted:
-            cut = sum(1 for r in result.rows if r.status in ("interrupted", "pending"))
-            print(f"interrupted: {cut} row(s) not done; run the cell again to send only those")
         for note in result.notes:
             print(f"note: {note}")
         if var:
             self.shell.user_ns[var] = result.output(var)
+        if interrupted:
+            cut = sum(1 for r in result.rows if r.status in ("interrupted", "pending"))
+            raise UsageError(f"%%subchat: interrupted: {cut} row(s) not done; run the cell "
+                             "again to send only those")
 
     def _fanout(self, args: Any, text: str, opts: dict[str, Any]) -> None:
         names = args.children.split(",") if args.children is not None else None

@@ -65,6 +65,17 @@ def provenance_line(m: Message) -> str:
                  + (f" ({c['model']})" if c.get("model") else "")
                  + (", enforced while generating" if c.get("enforced")
                     else ", validated after (not enforced)"))
+    if p.get("error"):  # why it failed, as stored
+        line += f"\n  error: {p['error']}"
+    mark = p.get(batch.MARK)
+    if isinstance(mark, dict):
+        line += f"\n  batch row {mark.get('item')} of {mark.get('of')}"
+        if mark.get("attempt"):
+            line += f" (attempt {mark['attempt']})"
+        if mark.get("digest"):
+            line += f" · request {mark['digest']}"
+        if mark.get("cut_value"):
+            line += " · a value was cut at max_value_chars"
     for note in p.get("notes", ()):
         line += f"\n  note: {note}"
     return line
@@ -98,6 +109,43 @@ def _call_signature(call: dict[str, Any]) -> str:
 def _tool_timing(m: Message) -> str:
     d = m.provenance.get("duration_s")
     return f" ({d * 1000:.3g} ms)" if isinstance(d, (int, float)) else ""
+
+
+def batch_summary(tree: ChatTree, chat: Chat, markdown: bool = False) -> list[str] | None:
+    """What ``show`` prints for a batch chat: its counts, the request it was run with and
+    its first failures (None when ``chat`` is not a batch chat)."""
+    if not batch.is_batch_chat(tree, chat):
+        return None
+    stored = batch.stored_rows(tree, chat)
+    latest = [(name, st.latest) for name, st in stored.items() if st.latest is not None]
+    total = max([int((a.provenance.get(batch.MARK) or {}).get("of") or 0) for _, a in latest]
+                + [len(stored)])
+    done = sum(1 for _, a in latest if a.status == "complete")
+    failed = [(n, a) for n, a in latest if a.status == "error"]
+    cut = [(n, a) for n, a in latest if a.status not in ("complete", "error")]
+    bits = [f"{done}/{total} done"]
+    if failed:
+        bits.append(f"{len(failed)} failed")
+    if cut:
+        bits.append(f"{len(cut)} interrupted")
+    attempts = sum(len([a for a in st.attempts if a.messages]) for st in stored.values())
+    out = [f"batch of {total} rows: {', '.join(bits)}"
+           + (f" ({attempts - len(latest)} earlier attempt(s) kept)" if attempts > len(latest)
+              else "")]
+    if latest:
+        p = latest[-1][1].provenance
+        req = [str(p.get("backend") or "?")]
+        if p.get("model") and p.get("model") != p.get("backend"):
+            req.append(str(p["model"]))
+        c = p.get("constraint")
+        if isinstance(c, dict):
+            req.append(f"--{c.get('kind')} {c.get('digest')}")
+        out.append("request: " + " · ".join(req) + f" · first message: "
+                   f"{(latest[0][1].user or '')[:120]!r}")
+    for name, a in failed[:3]:
+        out.append(f"failed: {chat.path}/{name}: {a.provenance.get('error') or a.provenance.get('finish_reason')}")
+    out.append(f"rows: {chat.path}/<index> (%subchat show {chat.path}/{latest[0][0] if latest else 0} -p)")
+    return out
 
 
 # the one resolver of the prompt in force lives with the exchange (it decides what is sent)
@@ -185,6 +233,10 @@ def transcript(tree: ChatTree, chat: Chat, provenance: bool = False, inherited: 
     if system:
         where = "" if source == "own" else f" ({_source_words(source)})"
         out.append(f"*system*{where}: {system}" if markdown else f"[system] {system}{where}")
+    summary = batch_summary(tree, chat)
+    if summary is not None:  # a batch chat holds no messages: its rows, summed up
+        out.extend(summary)
+        return "\n\n".join(out) if markdown else "\n".join(out)
     inherited_msgs, own = split_history(tree, chat)
     if inherited:
         if inherited_msgs:

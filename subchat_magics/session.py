@@ -438,6 +438,7 @@ class Session:
                 chats.append(tree.get(ref))
             elif ref in tree:
                 chats.append(tree.get(ref))
+        batch_mod.check_not_batch(tree, chats)
         exchange.busy(tree).check(chats)
 
     def next_child_names(self, parent: "str | int | Chat", count: int = 1) -> list[str]:
@@ -503,6 +504,7 @@ class Session:
             per_chat.append(opts.validate())
         plan = self.plan(backend, per_chat)
         parent = self._target(path, create=False)  # must exist: fan-out branches from it
+        batch_mod.check_not_batch(self.tree, [parent])  # (new rows in a batch would lie)
         if names is None:
             names = self.next_child_names(parent, count)
         paths = [normalize_path(f"{parent.path}/{name}") for name in names]
@@ -532,46 +534,56 @@ class Session:
 
     def batch(self, path: "str | int | Chat | None", items: Any,
               prompt: Callable[[Any, Any], str], *, name: str = "items", fresh: bool = False,
-              limit: int | None = None, concurrency: int | None = None,
+              redo: bool = False, limit: int | None = None, concurrency: int | None = None,
               backend: str | None = None, system: str | None = None,
               known: Callable[[str], bool] | None = None, template: str | None = None,
               tools: Any = None, approve: Any = None, max_rounds: int | None = None,
-              limits: Limits | None = None, **options: Any) -> Batch:
+              limits: Limits | None = None,
+              mark: dict[str, Any] | None = None, **options: Any) -> Batch:
         """Plan a batch: ``prompt(item, index)`` is the message of each item of ``items``
         (a list, tuple, dict, sized iterable, pandas Series or DataFrame), sent into its
         own chat ``PATH/NAME/<index>`` under a batch chat ``PATH/NAME`` that holds no
-        messages. Rows already completed with the same message are reused; ``fresh``
-        starts a new batch chat (``NAME-2``…). ``limit``: the first K items. ``concurrency``:
-        requests in flight (remote default 4; vLLM: up to 1024 in the engine). ``system``
-        sets the batch chat's system prompt. ``template`` with ``known`` (names of the
-        namespace) checks that every ``{field}`` it names is in every item. Everything is
-        checked before the tree is touched; ``.run()`` sends.
+        messages. A row is identified by its whole request (the message, the system prompt
+        in force, the options, the constraint, the backend and the model; a digest of them
+        is kept in its reply's provenance): rows already completed under the same request
+        are reused, and a rerun under another request is refused, naming what changed,
+        unless ``redo`` (those rows are resent, their earlier replies kept) or ``fresh`` (a
+        new batch chat ``NAME-2``…). A row with a missing value (None, NaN, NaT, NA) in a
+        field the template uses, or an empty message, is skipped and counted. ``limit``:
+        the first K items (only those are read). ``concurrency``: requests in flight
+        (remote default 4; vLLM: up to 1024 in the engine). ``system`` sets the batch
+        chat's system prompt. ``template`` with ``known`` (names of the namespace) checks
+        every ``{name}`` it uses. Everything is checked before the tree is touched;
+        ``.run()`` sends. The batch runs on one backend: no fallback mid-way.
 
         ``tools`` (with ``approve``, ``max_rounds``): each row may call them, between
         rounds of the batch; approvals are asked once per tool for the whole batch."""
+        import time as _time
+
+        t0 = _time.perf_counter()
         name = batch_mod.check_name(name)
         toolset, rounds = _tools(tools, approve, max_rounds, options)
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise InvalidInput(f"--limit takes a number of items >= 1, not {limit!r}")
         if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
             raise InvalidInput(f"--concurrency takes a number of requests >= 1, not {concurrency!r}")
+        if fresh and redo:
+            raise InvalidInput("--fresh starts a new batch chat and --redo resends rows of this "
+                               "one; give one of them")
         check_text(system, "the system prompt")
+        if template is not None and not template.strip():
+            check_prompt(template)
         opts = self.options(**options)
         plan = self.plan(backend, opts)
-        found = items if isinstance(items, batch_mod.Items) else batch_mod.items_of(items, name)
+        first = plan.backend
+        found = (items if isinstance(items, batch_mod.Items)
+                 else batch_mod.items_of(items, name, limit))
         entries = found.entries[:limit] if limit is not None else found.entries
         if not entries:
             raise InvalidInput(f"{name} is empty: there is nothing to send")
         if template is not None:
             batch_mod.check_fields(template, batch_mod.Items(entries), known or (lambda _: False))
-        texts = []
-        for e in entries:
-            text = prompt(e.item, e.label)
-            try:
-                check_prompt(text)
-            except InvalidInput as exc:
-                raise InvalidInput(f"item {e.label!r} (position {e.pos}): {exc}") from None
-            texts.append(text)
+        used = batch_mod.names_in(template) if template is not None else None
         tree = self.tree
         parent: Chat | None = None
         if isinstance(path, str):
@@ -582,13 +594,60 @@ class Session:
                 tree.get(full.rpartition("/")[0])  # its parent must exist (ChatNotFound)
         else:
             parent = self._target(path, create=False)
-        names = batch_mod.row_names(entries)
         chat_path = batch_mod.chat_path(tree, parent, name, fresh) if parent is not None else None
-        rows = [batch_mod.Row(e.pos, e.label, n, t) for e, n, t in zip(entries, names, texts)]
-        stale: list[int] = []
+        existing = tree.get(chat_path) if chat_path is not None and chat_path in tree else None
+        # the request every row is identified by (the prompt in force as the rows will see it)
+        default_system = self.defaults.system_prompt
+        above = parent if parent is not None else tree.get(full.rpartition("/")[0])
+        if system:
+            in_force: str | None = system
+        elif system is None and existing is not None:
+            in_force = exchange.system_in_force(tree, existing, default_system)[0]
+        else:  # the batch chat's own prompt cleared, or a new batch chat: what it inherits
+            in_force = exchange.system_in_force(tree, above, default_system)[0]
+        model = opts.model or first.default_model()
+        options_part = batch_mod.options_part(opts)
+        names = batch_mod.row_names(entries)
+        rows = []
+        for e, n in zip(entries, names):
+            row = batch_mod.Row(e.pos, e.label, n, "")
+            gone = batch_mod.missing_fields(e, used)
+            if gone:
+                row.status, row.reason = "skipped", f"missing: {', '.join(gone)}"
+            else:
+                text = prompt(e.item, e.label)
+                if not isinstance(text, str):
+                    raise InvalidInput(f"item {e.label!r} (position {e.pos}): the message must "
+                                       f"be text (a str), not {type(text).__name__}")
+                row.cut_value = bool(getattr(text, "cut", False))
+                text = str(text)
+                try:
+                    check_text(text, "the message")
+                except InvalidInput as exc:
+                    raise InvalidInput(f"item {e.label!r} (position {e.pos}): {exc}") from None
+                if not text.strip():
+                    row.status, row.reason = "skipped", "empty message"
+                row.text = text
+                row.request = batch_mod.request_parts(text, in_force, opts, first.id, model,
+                                                      options_part)
+            rows.append(row)
         notes: list[str] = []
-        if chat_path is not None and chat_path in tree:
-            stale, notes = batch_mod.match_rows(tree, tree.get(chat_path), rows, opts)
+        if existing is not None:
+            busy = exchange.busy(tree)
+            notes = batch_mod.match_rows(tree, existing, rows, redo=redo,
+                                         constraint=opts.constraint, busy_chat=busy.holds)
+        # a batch is answered by one backend: once a row of it was sent, no fallback (under
+        # auto a fresh batch may still pass over a backend that fails before its first token)
+        selection = plan.selection
+        if any(r.chat_id is not None for r in rows):
+            selection = Selection(selection.requested, [first], selection.passed_over)
+        skipped = [r for r in rows if r.status == "skipped"]
+        if skipped:
+            why: dict[str, int] = {}
+            for r in skipped:
+                why[r.reason or ""] = why.get(r.reason or "", 0) + 1
+            notes.insert(0, f"{len(skipped)} row(s) skipped, not sent: " + ", ".join(
+                f"{k} ({v})" for k, v in why.items()) + "; --as gets None for them")
         # every check passed: now the tree may change
         if parent is None:
             parent = self._target(path, create=True)
@@ -598,7 +657,6 @@ class Session:
             tree.set_system_prompt(chat, system)
             chat = tree.get(chat.id)
         self._set_current(parent, reason="batch")
-        system_ = self.defaults.system_prompt
         run_tools = None
         if toolset is not None:
             approver = Approver.of(approve)
@@ -610,13 +668,14 @@ class Session:
                 for _ in run_calls(tree, c, calls, toolset, approver, lim):
                     pass
 
-        return batch_mod.Batch(tree, chat, rows, selection=plan.selection,
+        return batch_mod.Batch(tree, chat, rows, selection=selection,
                                make_exchange=lambda c, text, follow_up=False: exchange.Exchange(
-                                   tree, c, text, opts, default_system=system_,
+                                   tree, c, text, opts, default_system=default_system,
                                    follow_up=follow_up),
                                run_tools=run_tools, max_rounds=rounds,
-                               in_flight=concurrency or plan.backend.concurrency,
-                               stale=stale, notes=notes,
+                               in_flight=concurrency or first.concurrency,
+                               notes=notes, mark=mark,
+                               planning_s=_time.perf_counter() - t0,
                                index=None if found.pandas_index is None
                                else found.pandas_index[:len(entries)])
 

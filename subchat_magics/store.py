@@ -774,6 +774,25 @@ class Store:
             "ORDER BY m.chat_id, m.seq", (parent_id,))
         return [(*r[:5], json.loads(r[5]) if r[5] else {}) for r in rows]
 
+    def batch_rows(self, parent_id: int) -> list[tuple]:
+        """A batch's rows and their attempts in one query: every child of ``parent_id``
+        and every grandchild, each with its message count, its own subchat count, its
+        fork point and its first two messages: ``(chat_id, parent_id, name, fork_seq,
+        messages, subchats, seq, role, content, status, provenance)`` (the last five None
+        for a chat without messages), ordered by chat id and seq."""
+        rows = self._read(
+            "WITH r(id, parent_id, name, fork_seq) AS ("
+            " SELECT id, parent_id, name, fork_seq FROM chats WHERE parent_id = ?"
+            " UNION ALL SELECT c.id, c.parent_id, c.name, c.fork_seq FROM chats c"
+            " JOIN chats p ON c.parent_id = p.id WHERE p.parent_id = ?) "
+            "SELECT r.id, r.parent_id, r.name, r.fork_seq,"
+            " (SELECT COUNT(*) FROM messages WHERE chat_id = r.id),"
+            " (SELECT COUNT(*) FROM chats WHERE parent_id = r.id),"
+            " m.seq, m.role, m.content, m.status, m.provenance "
+            "FROM r LEFT JOIN messages m ON m.chat_id = r.id AND m.seq < 2 "
+            "ORDER BY r.id, m.seq", (parent_id, parent_id))
+        return [(*r[:10], json.loads(r[10]) if r[10] else {}) for r in rows]
+
     def last_replies(self) -> dict[int, tuple[str, dict[str, Any]]]:
         """Each chat's last assistant message: ``{chat_id: (status, provenance)}``."""
         rows = self._read(

@@ -81,7 +81,8 @@ class Constraint:
                 return answer
             raise InvalidOutput(f"{_short(answer)} does not match {self.pattern!r}")
         try:
-            value = json.loads(answer)
+            # (strict=False: the engines' JSON grammars allow raw control characters in strings)
+            value = json.loads(answer, strict=False)
         except ValueError as exc:
             raise InvalidOutput(f"not JSON ({exc.msg} at character {exc.pos})") from None
         _validate(self.schema or {}, value)
@@ -232,11 +233,24 @@ def from_options(*, json: str | None = None, choice: str | None = None,  # noqa:
         return json_schema(ns[json], best_effort=be)
     if choice is not None:
         value: Any = choice
-        held = ns.get(choice) if choice.isidentifier() else None
-        if held is not None and not isinstance(held, (str, bytes, dict)) \
-                and hasattr(held, "__iter__"):
-            value = sorted(held, key=str) if isinstance(held, (set, frozenset)) else list(held)
-        return _choice(value, best_effort=be)
+        if choice.isidentifier():  # a name: a list or tuple variable of the notebook
+            if choice not in ns:
+                raise InvalidInput(
+                    f"--choice {choice}: no variable {choice!r} in the notebook, and one value "
+                    "is no choice; give the choices (--choice A,B) or the name of a list")
+            held = ns[choice]
+            if isinstance(held, (set, frozenset)):
+                held = sorted(held, key=str)
+            if not isinstance(held, (list, tuple)):
+                raise InvalidInput(
+                    f"--choice {choice}: {choice!r} is a {type(held).__name__}, not a list or "
+                    f"tuple of choices; give --choice A,B or a list (e.g. list({choice}))")
+            value = list(held)
+        c = _choice(value, best_effort=be)
+        if len(set(getattr(c, "choices", []) or [])) < 2:
+            raise InvalidInput(f"--choice {choice}: one value is no choice; give two or more "
+                               "(--choice A,B)")
+        return c
     return _regex(regex, best_effort=be)
 
 

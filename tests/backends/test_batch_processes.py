@@ -1,0 +1,86 @@
+"""Rows are claimed in the store (issue 20): two real processes resuming one batch on a
+paced loopback server never send a row twice, and a process killed mid-batch leaves claims
+that the next run takes over. Real processes, the real OpenAI client, a loopback server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+from subchat_magics.testing import store_rows
+from subchat_magics.testing.fakeservers import FakeOpenAI
+
+RUN = (
+    "import sys\n"
+    "from subchat_magics import open_tree\n"
+    "tree = open_tree(sys.argv[1])\n"
+    "r = tree.batch('root', [f'q{i}' for i in range(int(sys.argv[2]))], "
+    "lambda item, i: f'say {item}', name='qs', backend='openai', concurrency=8)\n"
+    "print(r.summary())\n")
+
+
+def _env(server) -> dict[str, str]:
+    env = dict(os.environ, OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY="sk-test-1234567890",
+               OPENAI_MODEL="other-model", PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("LLM_BACKEND", None)
+    return env
+
+
+def test_two_processes_resuming_one_batch_never_send_a_row_twice(tmp_path):
+    store = tmp_path / "s.db"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with FakeOpenAI() as server:
+        server.configure(reply="ok", delay=0.005)
+        env = _env(server)
+        env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"]
+        subprocess.run([sys.executable, "-c", RUN, str(store), "1"], env=env, check=True,
+                       capture_output=True)  # the store and the batch chat exist (q0 done)
+        first = len(server.chat_requests())
+        procs = [subprocess.Popen([sys.executable, "-c", RUN, str(store), "200"], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert all(p.returncode == 0 for p in procs), outs
+        assert all(" 0 failed" in o for o, _ in outs), outs
+        sent = Counter(r.body["messages"][-1]["content"]
+                       for r in server.chat_requests()[first:])
+    assert max(sent.values()) == 1, [k for k, v in sent.items() if v > 1][:5]
+    assert len(sent) == 199 and "say q0" not in sent
+    users = store_rows(store, "SELECT content, COUNT(*) FROM messages WHERE role = 'user' "
+                              "GROUP BY content")
+    assert len(users) == 200 and all(n == 1 for _, n in users)  # every row once in the store
+
+
+def test_a_killed_process_leaves_claims_the_next_run_takes_over(tmp_path):
+    store = tmp_path / "s.db"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with FakeOpenAI() as server:
+        server.configure(reply="a b c d e f g h", delay=0.05)  # ~0.4 s a row
+        env = _env(server)
+        env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"]
+        p = subprocess.Popen([sys.executable, "-c", RUN, str(store), "40"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.time() + 60
+        while time.time() < deadline:  # until some rows are claimed and in flight
+            if store.exists() and store_rows(
+                    store, "SELECT COUNT(*) FROM messages WHERE role = 'assistant' AND "
+                           "status = 'interrupted' AND provenance LIKE '%owner%'")[0][0] >= 4:
+                break
+            time.sleep(0.05)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        claimed = store_rows(store, "SELECT chat_id FROM messages WHERE role = 'assistant' AND "
+                                    "status = 'interrupted' AND provenance LIKE '%owner%'")
+        assert claimed
+        server.configure(reply="done", delay=0)
+        out = subprocess.run([sys.executable, "-c", RUN, str(store), "40"], env=env,
+                             capture_output=True, text=True, check=True).stdout
+    assert "40 items, 40 done" in out and "another kernel" not in out
+    # the dead process's cut attempts are kept; each of those rows has a new attempt-2
+    for (cid,) in claimed:
+        assert store_rows(store, "SELECT COUNT(*) FROM chats WHERE parent_id = ? AND "
+                                 "name = 'attempt-2'", (cid,))[0][0] == 1
