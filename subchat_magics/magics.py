@@ -20,6 +20,7 @@ from IPython.core.magic_arguments import (
 from traitlets import Bool, Enum, Float, Int, TraitError, Unicode, observe, validate
 
 from . import keys, notebook, render, structured, transfer
+from . import verdict_view as verdicts
 from .backends.base import GenerationOptions, check_option
 from .batch import check_var, fields_of
 from .batch_view import BatchProgress
@@ -309,6 +310,21 @@ class SubchatMagics(Magics):
                    "up to 1024, in the engine at once).")
     @argument("--fresh", action="store_true", default=None,
               help="With --each: start a new batch chat (NAME-2, ...) instead of resuming.")
+    @argument("--vote", type=int, default=None, metavar="K",
+              help="K samples of the message (2-64; on vLLM one request with n=K) kept as K "
+                   "numbered subchats, and the verdict, the most common answer, on the chat "
+                   "('7/8 agree'); --var/--as get the verdict. Sampled at 0.7 unless -t.")
+    @argument("--answer", default=None, metavar="PATTERN",
+              help="With --vote: compare the first group of PATTERN in each sample, e.g. "
+                   "'\\boxed\\{(.+?)\\}' (default: the parsed value under "
+                   "--json/--choice/--regex, else the stripped reply).")
+    @argument("--compare", default=None, metavar="A,B",
+              help="Send the message to each backend or backend:model at once, into "
+                   "subchats named after the model, side by side (e.g. vllm,groq:MODEL).")
+    @argument("--labels", default=None, metavar="NAME",
+              help="With --each: a column of the DataFrame (or a list variable of the same "
+                   "length) holding the right answers: accuracy (per model), a confusion "
+                   "table and the rows that disagree.")
     @cell_magic
     @usage_errors("%%subchat")
     def subchat(self, line: str, cell: str) -> None:
@@ -352,10 +368,16 @@ class SubchatMagics(Magics):
                         json=args.json, choice=args.choice, regex=args.regex,
                         best_effort=args.best_effort, namespace=self.shell.user_ns))
         if args.each is not None or any(v is not None for v in (
-                args.as_var, args.limit, args.concurrency, args.fresh)):
+                args.as_var, args.limit, args.concurrency, args.fresh, args.labels)):
             return self._each(args, _trim(cell or ""), opts)  # one message per item
+        many = args.vote is not None or args.answer is not None or args.compare is not None
+        if many:
+            verdicts.check_cell(args, fanout)
         filled = notebook.context(self.shell).fill(_trim(cell or ""), self.limits)
         text = filled.text
+        if many:
+            self._say_masked(filled)
+            return verdicts.run_cell(self, args, text, opts, FanoutView)
         if fanout:
             self._say_masked(filled)
             return self._fanout(args, text, opts)
@@ -424,8 +446,10 @@ class SubchatMagics(Magics):
     def _each(self, args: Any, template: str, opts: dict[str, Any]) -> None:
         """``--each NAME``: the cell is a template sent once per item (batch.py does it)."""
         if args.each is None:
-            raise UsageError("%%subchat: --as, --limit, --concurrency and --fresh go with "
-                             "--each NAME")
+            raise UsageError("%%subchat: --as, --limit, --concurrency, --fresh and --labels "
+                             "go with --each NAME")
+        if verdicts.wanted(args):
+            return verdicts.run_each(self, args, template, opts)
         clash = [flag for flag, v in (("--fanout", args.fanout), ("--children", args.children),
                                       ("--temperatures", args.temperatures), ("--var", args.var))
                  if v is not None] + (["--format code"] if args.format == "code" else [])
