@@ -537,6 +537,19 @@ class Runner:
             batch.append((index, ex.messages, ex.options))
         pool.submit_many(batch)
 
+    def submit_samples(self, exchanges: Sequence[Exchange]) -> None:
+        """Send begun exchanges that are samples of one message (``--vote K``: the same
+        messages, options that differ only in the seed) as one group: on vLLM one engine
+        request of K samples (the prompt computed once), elsewhere K requests in flight."""
+        pool = self._open()
+        indices = []
+        for ex in exchanges:
+            index = self._next_index
+            self._next_index += 1
+            self.flying[index] = ex
+            indices.append(index)
+        pool.submit_samples(indices, exchanges[0].messages, [ex.options for ex in exchanges])
+
     def events(self, timeout: float = 0.05) -> Iterator[tuple[Exchange, str]]:
         """Every delta as ``(exchange, delta)`` until no exchange is in flight; an exchange
         that ends is stored (``on_end`` is called with it)."""

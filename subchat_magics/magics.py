@@ -19,6 +19,7 @@ from IPython.core.magic_arguments import (
 from traitlets import Bool, Enum, Float, Int, TraitError, Unicode, observe, validate
 
 from . import keys, notebook, render, structured, transfer
+from . import verdict_view as verdicts
 from .backends.base import GenerationOptions, check_option
 from .batch import check_var
 from .batch_view import BatchProgress, BatchTemplate, stored_refs
@@ -329,6 +330,21 @@ class SubchatMagics(Magics):
               help="With --each: resend the rows whose request changed (message, system "
                    "prompt, options, constraint, backend, model); their earlier replies are "
                    "kept (attempt-N subchats of each row).")
+    @argument("--vote", type=int, default=None, metavar="K",
+              help="K samples of the message (2-64; on vLLM one request with n=K) kept as K "
+                   "numbered subchats, and the verdict, the most common answer, on the chat "
+                   "('7/8 agree'); --var/--as get the verdict. Sampled at 0.7 unless -t.")
+    @argument("--answer", default=None, metavar="PATTERN",
+              help="With --vote: compare the first group of PATTERN in each sample, e.g. "
+                   "'\\boxed\\{(.+?)\\}' (default: the parsed value under "
+                   "--json/--choice/--regex, else the stripped reply).")
+    @argument("--compare", default=None, metavar="A,B",
+              help="Send the message to each backend or backend:model at once, into "
+                   "subchats named after the model, side by side (e.g. vllm,groq:MODEL).")
+    @argument("--labels", default=None, metavar="NAME",
+              help="With --each: a column of the DataFrame (or a list variable of the same "
+                   "length) holding the right answers: accuracy (per model), a confusion "
+                   "table and the rows that disagree.")
     @cell_magic
     @usage_errors("%%subchat")
     def subchat(self, line: str, cell: str) -> None:
@@ -373,13 +389,23 @@ class SubchatMagics(Magics):
                         best_effort=args.best_effort, namespace=self.shell.user_ns))
         tools = self._tools(args)
         if args.each is not None or any(v is not None for v in (
-                args.as_var, args.limit, args.concurrency, args.fresh, args.redo)):
+                args.as_var, args.limit, args.concurrency, args.fresh, args.redo,
+                args.labels)):
             if tools is not None:
                 opts.update(tools=tools, approve=True if args.yes else None,
                             max_rounds=args.max_rounds, limits=self.limits)
             return self._each(args, _trim(cell or ""), opts)  # one message per item
+        many = args.vote is not None or args.answer is not None or args.compare is not None
+        if many:
+            if tools is not None:
+                raise UsageError("%%subchat: --tools goes with one reply, --fanout or --each, "
+                                 "not with --vote, --answer or --compare")
+            verdicts.check_cell(args, fanout)
         filled = notebook.context(self.shell).fill(_trim(cell or ""), self.limits)
         text = filled.text
+        if many:
+            self._say_masked(filled)
+            return verdicts.run_cell(self, args, text, opts, FanoutView)
         if fanout:
             self._say_masked(filled)
             if tools is not None:
@@ -626,8 +652,13 @@ class SubchatMagics(Magics):
     def _each(self, args: Any, template: str, opts: dict[str, Any]) -> None:
         """``--each NAME``: the cell is a template sent once per item (batch.py does it)."""
         if args.each is None:
-            raise UsageError("%%subchat: --as, --limit, --concurrency, --fresh and --redo go "
-                             "with --each NAME")
+            raise UsageError("%%subchat: --as, --limit, --concurrency, --fresh, --redo and "
+                             "--labels go with --each NAME")
+        if verdicts.wanted(args):
+            if args.tools is not None:
+                raise UsageError("%%subchat: --tools goes with a plain --each, not with --vote, "
+                                 "--answer, --compare or --labels")
+            return verdicts.run_each(self, args, template, opts)
         clash = [flag for flag, v in (("--fanout", args.fanout), ("--children", args.children),
                                       ("--temperatures", args.temperatures), ("--var", args.var))
                  if v is not None] + (["--format code"] if args.format == "code" else [])

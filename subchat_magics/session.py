@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import batch as batch_mod
-from . import exchange
+from . import compare as compare_mod
+from . import exchange, verdict
 from .backends.base import Availability, Backend, GenerationOptions
 from .backends.registry import Selection, registry
 from .batch import Batch, BatchResult
@@ -33,6 +34,7 @@ from .tools import Toolset
 from .tree import ROOT, Chat, ChatTree, default_store_path, normalize_path
 from .turn import Fanout, Turn
 from .values import Limits
+from .vote import Vote
 
 MAX_FANOUT = 64
 
@@ -387,7 +389,8 @@ class Session:
     def send(self, path: "str | int | Chat | None", text: str, *, backend: str | None = None,
              system: str | None = None, tools: Any = None, approve: Any = None,
              max_rounds: int | None = None, limits: Limits | None = None,
-             **options: Any) -> "Turn | ToolRun":
+             vote: int | None = None, answer: str | None = None,
+             compare: "str | list[str] | None" = None, **options: Any) -> Any:
         """Start a turn in ``path`` (created under an existing parent if new) or the
         current chat, which becomes current. Iterate the turn to stream. Everything is
         checked before the tree is touched; ``system`` sets the chat's system prompt.
@@ -395,7 +398,20 @@ class Session:
         ``tools`` (functions, or a :class:`~subchat_magics.tools.Toolset`): the model may
         call them; the result is a :class:`~subchat_magics.toolrun.ToolRun` that asks
         before each call (``approve=True``: run every call; ``False``: refuse them all; a
-        function of the call: decide) for up to ``max_rounds`` rounds (default 5)."""
+        function of the call: decide) for up to ``max_rounds`` rounds (default 5).
+        ``vote=K`` (with ``answer``): K samples and their verdict (a :class:`Vote`);
+        ``compare="a,b:model"``: the message to each (a :class:`Compare`)."""
+        if tools is not None and (vote is not None or answer is not None or compare is not None):
+            raise InvalidInput("--tools goes with one reply (or --fanout), not with --vote or "
+                               "--compare")
+        if vote is not None or answer is not None:
+            if compare is not None:
+                return self.compare(path, text, compare, backend=backend, system=system,
+                                    vote=vote, answer=answer, **options)
+            return self.vote(path, text, vote, answer=answer, backend=backend, system=system,
+                             **options)
+        if compare is not None:
+            return self.compare(path, text, compare, backend=backend, system=system, **options)
         check_prompt(text)
         check_text(system, "the system prompt")
         toolset, rounds = _tools(tools, approve, max_rounds, options)
@@ -531,6 +547,97 @@ class Session:
             turns.append(Turn(self.tree, chat, text, backend=plan.selection, options=opts,
                               default_system=self.defaults.system_prompt))
         return Fanout(turns)
+
+    def vote_options(self, k: int | None, options: dict[str, Any]) -> list[GenerationOptions]:
+        """The options of K samples (``--vote K``): sampled at 0.7 unless a temperature is
+        given (0 is refused: every sample would be the same answer), seeds ``seed + i``
+        (seed 1 by default), so the samples differ and a rerun gives the same ones."""
+        k = verdict.check_vote(k)
+        if k is None:
+            raise InvalidInput("--answer goes with --vote K (the samples' answers are compared)")
+        base = self.options(**options)
+        if options.get("temperature") is None:
+            base.temperature = 0.7
+        elif base.temperature == 0:
+            raise InvalidInput("--vote samples several answers; at --temperature 0 every sample "
+                               "is the same: give a temperature above 0 (or leave it out: 0.7)")
+        seed = 1 if base.seed is None else base.seed
+        return [base.replace(seed=seed + i) for i in range(k)]
+
+    def vote(self, path: "str | int | Chat | None", text: str, k: int | None, *,
+             answer: str | None = None, backend: "str | Backend | None" = None,
+             system: str | None = None, **options: Any) -> Vote:
+        """``k`` samples of ``text`` into ``k`` new numbered subchats of ``path`` (created if
+        new) and the verdict, the most common answer, on ``path``'s own exchange
+        (:class:`~subchat_magics.vote.Vote`). ``answer``: a regex whose first group is
+        what is compared (else the parsed value under a constraint, else the stripped
+        reply). On vLLM the samples are one engine request (``n=k``)."""
+        check_prompt(text)
+        check_text(system, "the system prompt")
+        pattern = verdict.compile_answer(answer)
+        per_sample = self.vote_options(k, options)
+        plan = self.plan(backend, per_sample)
+        if isinstance(path, str):
+            normalize_path(path)
+        self._check_free([path])
+        chat = self._target(path, create=True, system=system)
+        if system is not None and chat.system_prompt != (system or None):
+            self.tree.set_system_prompt(chat, system)
+            chat = self.tree.get(chat.id)
+        names = self.next_child_names(chat, len(per_sample))
+        samples = [self.tree.create(f"{chat.path}/{n}") for n in names]  # branch off before
+        self._set_current(chat, reason="vote")
+        return Vote(self.tree, chat, samples, text, per_sample, plan.selection, pattern=pattern,
+                    default_system=self.defaults.system_prompt)
+
+    def compare_plan(self, spec: "str | list[str]", options: dict[str, Any]
+                     ) -> tuple[list[compare_mod.Entry], list[exchange.Plan]]:
+        """Each entry of ``--compare`` planned on its own (named: it must be set up and take
+        every option), before anything is stored."""
+        entries = compare_mod.parse_entries(spec)
+        plans = []
+        for e in entries:
+            opts = self.options(**{**options, "model": e.model or options.get("model")})
+            plans.append(exchange.plan(e.backend, opts))
+        return entries, plans
+
+    def compare(self, path: "str | int | Chat | None", text: str, spec: "str | list[str]", *,
+                backend: str | None = None, system: str | None = None,
+                vote: int | None = None, answer: str | None = None,
+                **options: Any) -> compare_mod.Compare:
+        """``text`` to each backend or ``backend:model`` of ``spec`` at once, each into a
+        new subchat of ``path`` named after its model (:class:`~subchat_magics.compare.Compare`)."""
+        check_prompt(text)
+        check_text(system, "the system prompt")
+        if backend is not None:
+            raise InvalidInput("--compare names the backends itself; leave out --backend")
+        if vote is not None or answer is not None:
+            raise InvalidInput("--vote goes with --compare only with --each (a table of "
+                               "verdicts per model); vote on one model at a time here")
+        entries, plans = self.compare_plan(spec, options)
+        if isinstance(path, str):
+            normalize_path(path)
+        self._check_free([path])
+        names = compare_mod.column_names(entries, [p.backend for p in plans])
+        chat = self._target(path, create=True, system=system)
+        if system is not None and chat.system_prompt != (system or None):
+            self.tree.set_system_prompt(chat, system)
+            chat = self.tree.get(chat.id)
+        taken = {c.name for c in chat.children}
+        paths = []
+        for n in names:  # a second comparison in the same chat: echo-2, other-2…
+            k, name = 1, n
+            while name in taken:
+                k += 1
+                name = f"{n}-{k}"
+            paths.append(f"{chat.path}/{name}")
+        self._check_free(paths)
+        kids = [self.tree.ensure(p) for p in paths]
+        self._set_current(chat, reason="compare")
+        system_ = self.defaults.system_prompt
+        return compare_mod.Compare(
+            [exchange.Exchange(self.tree, c, text, p.options[0], default_system=system_)
+             for c, p in zip(kids, plans)], [p.selection for p in plans], names)
 
     def batch(self, path: "str | int | Chat | None", items: Any,
               prompt: Callable[[Any, Any], str], *, name: str = "items", fresh: bool = False,

@@ -42,6 +42,13 @@ class Pool:
         for index, messages, options in requests:
             self.submit(index, messages, options)
 
+    def submit_samples(self, indices: Sequence[int], messages: Sequence["Message"],
+                       options: Sequence["GenerationOptions"]) -> None:
+        """K samples of one message (``--vote K``), ``options[i]`` for sample ``i`` (the
+        same but for the seed). Here K requests in flight; an engine overrides it with
+        one request of K samples (vLLM's ``n``: the prompt computed once)."""
+        self.submit_many([(i, messages, o) for i, o in zip(indices, options)])
+
     def next_event(self, timeout: float = 0.05) -> "BatchEvent | None":
         """The next ``(index, item)``, or None after ``timeout`` seconds without one."""
         raise NotImplementedError

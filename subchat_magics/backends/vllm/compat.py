@@ -501,6 +501,7 @@ class Delta:
     finished: bool
     finish_reason: str | None
     num_cached_tokens: int | None
+    index: int = 0  # which sample of a request of several (``n``)
 
 
 def final_only(params: Any) -> Any:
@@ -518,6 +519,18 @@ def delta_of(out: Any) -> Delta:
     c = out.outputs[0]
     return Delta(c.text, list(c.token_ids), bool(out.finished), c.finish_reason,
                  getattr(out, "num_cached_tokens", None))
+
+
+def deltas_of(out: Any, samples: int = 1) -> list[Delta]:
+    """A ``RequestOutput`` as one :class:`Delta` per sample it holds. A request of one
+    sample is :func:`delta_of`; in a request of ``samples`` > 1 (``n``; DELTA mode: one
+    sample an output, FINAL_ONLY: all of them in the last) each sample's end is its own
+    ``finish_reason``, and ``index`` says which sample it is."""
+    if samples <= 1:
+        return [delta_of(out)]
+    cached = getattr(out, "num_cached_tokens", None)
+    return [Delta(c.text, list(c.token_ids), c.finish_reason is not None, c.finish_reason,
+                  cached, int(getattr(c, "index", 0))) for c in out.outputs]
 
 
 def is_request_rejection(exc: BaseException) -> bool:

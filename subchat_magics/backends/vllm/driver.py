@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from ...errors import BackendError, BackendUnavailable
-from .compat import Delta, delta_of, engine_input
+from .compat import Delta, deltas_of, engine_input
 from .plan import first_line
 
 POLL_S = 0.05  # how often a waiting consumer wakes, so that an interrupt lands promptly
@@ -27,6 +27,7 @@ class _Request:
     rid: str
     sink: "queue.SimpleQueue[tuple[Any, Delta | BaseException]]"
     tag: Any
+    samples: int = 1  # n: samples of the one prompt (--vote)
 
 
 class Driver:
@@ -41,6 +42,7 @@ class Driver:
         self._requests: dict[str, _Request] = {}
         self._dead: BaseException | None = None
         self._stopped = threading.Event()
+        self.requests_added = 0  # engine requests added so far (a vote of K is one)
         self._thread = threading.Thread(target=self._drive, name=f"subchat-vllm-{next(self._ids)}",
                                         daemon=True)
         self._thread.start()
@@ -73,10 +75,10 @@ class Driver:
                     req = self._requests.get(out.request_id)
                     if req is None:
                         continue  # aborted meanwhile
-                    delta = delta_of(out)
-                    if delta.finished:
+                    if out.finished:
                         del self._requests[out.request_id]
-                    req.sink.put((req.tag, delta))
+                    for delta in deltas_of(out, req.samples):
+                        req.sink.put((req.tag, delta))
         except Exception as exc:  # noqa: BLE001 - the engine failed: every consumer is told
             self._dead = exc
             self._abort_all(eng, BackendError(
@@ -90,9 +92,10 @@ class Driver:
         kind = cmd[0]
         if kind == "add":
             for rid, prompt_ids, params, sink, tag in cmd[1]:
-                self._requests[rid] = _Request(rid, sink, tag)
+                self._requests[rid] = _Request(rid, sink, tag, int(getattr(params, "n", 1) or 1))
                 try:
                     eng.add_request(rid, engine_input(eng, prompt_ids), params)
+                    self.requests_added += 1
                 except Exception as exc:  # noqa: BLE001 - the request's consumer gets it
                     self._requests.pop(rid, None)
                     sink.put((tag, exc))

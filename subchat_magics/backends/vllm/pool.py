@@ -59,14 +59,53 @@ class EnginePool(Pool):
             for (_, _, index), rid in zip(items, engine.submit(items, self._sink)):
                 self._replies[index].rid, self._replies[index].in_engine = rid, True
 
+    def submit_samples(self, indices: Sequence[int], messages: Sequence[Message],
+                       options: Sequence[GenerationOptions]) -> None:
+        """K samples of one message as ONE engine request with ``n=K``: the prompt is
+        computed once and the engine samples K continuations (sample ``i`` with the seed
+        ``seed + i``, as ``options[i]`` says). Each sample keeps its own reply."""
+        indices = list(indices)
+        if len(indices) == 1:
+            self.submit(indices[0], messages, options[0])
+            return
+        engine = self.engine
+        try:
+            first, params = engine.prepare(messages, options[0], samples=len(indices))
+        except SubchatError as exc:
+            for index in indices:
+                self._ready += [(index, exc), (index, END)]
+            return
+        replies = [first] + [Reply(first.prompt, o, first.thinking) for o in options[1:]]
+        for index, reply in zip(indices, replies):
+            self._replies[index] = reply
+        tag = tuple(indices)
+        (rid,) = engine.submit([(first.prompt.token_ids,
+                                 params if self.deltas else final_only(params), tag)], self._sink)
+        for reply in replies:
+            reply.rid, reply.in_engine = rid, True
+
     def next_event(self, timeout: float = 0.05) -> BatchEvent | None:
         if self._ready:
             return self._ready.pop(0)
         try:
-            index, ev = self._sink.get(timeout=timeout)
+            tag, ev = self._sink.get(timeout=timeout)
         except queue.Empty:
             self.engine.driver.check()  # an engine that failed or was unloaded says so
             return None
+        if isinstance(tag, tuple):  # a request of several samples
+            if isinstance(ev, BaseException):
+                live = [i for i in tag if i in self._replies]
+                for index in live:
+                    self._replies[index].in_engine = False
+                    self._cut[index] = self._replies[index].finish(self.engine.label, "error")
+                    self._end(index)
+                    self._ready.insert(0, (index, as_error(ev)))
+                return self._ready.pop(0) if self._ready else None
+            index = tag[ev.index]
+            if index not in self._replies:
+                return None
+        else:
+            index = tag
         reply = self._replies[index]
         if isinstance(ev, BaseException):
             reply.in_engine = False
@@ -92,7 +131,7 @@ class EnginePool(Pool):
         return self._cut.get(index)
 
     def close(self) -> None:
-        held = [r.rid for r in self._replies.values() if r.in_engine]
+        held = list(dict.fromkeys(r.rid for r in self._replies.values() if r.in_engine))
         self.engine.abort(held)  # all at once; returns when the engine let go of them
         for index, reply in list(self._replies.items()):
             if not reply.finished:

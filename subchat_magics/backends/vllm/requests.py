@@ -25,12 +25,14 @@ def structured_outputs(constraint: Constraint) -> dict[str, Any]:
         else {"regex": constraint.pattern}
 
 
-def sampling_params(options: GenerationOptions, max_tokens: int, constrain: bool = True) -> Any:
+def sampling_params(options: GenerationOptions, max_tokens: int, constrain: bool = True,
+                    samples: int = 1) -> Any:
     """vLLM ``SamplingParams`` for ``options`` (streaming deltas); ``options.extra`` keys
     that are ``SamplingParams`` fields (``top_k``, ``repetition_penalty``…) pass through.
     ``options.constraint`` becomes vLLM's structured outputs unless ``constrain`` is false
     (thinking is on: the constraint would bind the thinking too; the reply is validated
-    afterwards instead)."""
+    afterwards instead). ``samples`` > 1: one request of that many samples (``n``; the
+    engine gives sample ``i`` the seed ``seed + i``)."""
     base: dict[str, Any] = {
         "max_tokens": max_tokens,
         "temperature": float(options.temperature),
@@ -38,6 +40,8 @@ def sampling_params(options: GenerationOptions, max_tokens: int, constrain: bool
     }
     if options.seed is not None:
         base["seed"] = int(options.seed)
+    if samples > 1:
+        base["n"] = int(samples)
     if options.stop:
         base["stop"] = list(options.stop)
     extra = options.extra

@@ -89,7 +89,8 @@ class Engine:
         return " · ".join(bits)
 
     # -- requests ----------------------------------------------------------------------------
-    def prepare(self, messages: Sequence[Message], options: GenerationOptions) -> tuple[Reply, Any]:
+    def prepare(self, messages: Sequence[Message], options: GenerationOptions,
+                samples: int = 1) -> tuple[Reply, Any]:
         """The fitted prompt of a request (as a fresh :class:`Reply`) and its sampling
         parameters. A too-long chat or a bad option raises here, before the engine."""
         think = self.think if options.think is None else bool(options.think)
@@ -110,7 +111,7 @@ class Engine:
         else:
             thinking = None
         return Reply(prompt, options, thinking), sampling_params(
-            options, prompt.max_tokens, constrain=thinking != "on")
+            options, prompt.max_tokens, constrain=thinking != "on", samples=samples)
 
     def thinks(self, options: GenerationOptions) -> bool:
         """Whether a request with ``options`` runs with thinking on."""
@@ -132,6 +133,11 @@ class Engine:
 
     def submit(self, items: Sequence[tuple[list[int], Any, Any]], sink: queue.SimpleQueue) -> list[str]:
         return self.driver.submit(items, sink)
+
+    @property
+    def requests_added(self) -> int:
+        """Engine requests added through this engine's driver (a vote of K samples is one)."""
+        return self.driver.requests_added
 
     def abort(self, rids: Sequence[str]) -> None:
         self.driver.abort(rids)

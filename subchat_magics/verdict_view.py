@@ -1,0 +1,205 @@
+"""The magics' side of ``--vote``, ``--compare`` and ``--labels``: check the flags, call
+the core, show the samples side by side, the verdict, and the scores against labels.
+
+A face helper (below the magics): reads the shell's namespace, prints; the work is the
+core's (:mod:`subchat_magics.vote`, :mod:`subchat_magics.compare`,
+:mod:`subchat_magics.multibatch`, :mod:`subchat_magics.verdict`)."""
+
+from __future__ import annotations
+
+import sys
+from collections import ChainMap
+from typing import Any
+
+from IPython.core.error import UsageError
+
+from . import notebook, verdict
+from .batch import fields_of
+from .batch_view import BatchProgress
+from .errors import BackendError
+from .multibatch import MultiBatch, Side
+from .secrets import redact
+
+
+def check_cell(args: Any, fanout: bool) -> None:
+    """Refuse flags that do not go with ``--vote``/``--compare`` on one message."""
+    if fanout and (args.vote is not None or args.answer is not None):
+        raise UsageError("%%subchat: --vote K makes its own K samples; it does not go with "
+                         "--fanout/--children")
+    if fanout and args.compare is not None:
+        raise UsageError("%%subchat: --compare makes one subchat per model; it does not go "
+                         "with --fanout/--children")
+    if args.format == "code":
+        raise UsageError("%%subchat: --format code takes the code of one reply; it does not go "
+                         "with --vote/--compare")
+
+
+def run_cell(m: Any, args: Any, text: str, opts: dict[str, Any], view_class: Any) -> None:
+    """``--vote K`` or ``--compare A,B`` on one message: samples (or models) side by side,
+    then the verdict; ``--var`` gets the verdict (or ``{model: answer}``)."""
+    session = m.session
+    if args.compare is not None:
+        job = session.compare(args.path, text, args.compare, backend=args.backend,
+                              system=args.system, vote=args.vote, answer=args.answer, **opts)
+        exchanges = job.exchanges
+    else:
+        job = session.vote(args.path, text, args.vote, answer=args.answer, backend=args.backend,
+                           system=args.system, **opts)
+        exchanges = job.samples
+    view = view_class(m.shell, [ex.chat.path for ex in exchanges], m.update_interval)
+    view.start()
+    error: BaseException | None = None
+    stream = iter(job)
+    try:
+        for i, delta in stream:
+            view.delta(i, delta)
+    except KeyboardInterrupt:
+        stream.close()
+        view.finish(["interrupted" for _ in exchanges])
+        raise KeyboardInterrupt from None
+    except BackendError as exc:
+        error = exc
+    finally:
+        stream.close()
+    view.finish([None if (ex.reply and ex.reply.status == "complete") else
+                 (ex.reply.provenance.get("finish_reason") if ex.reply else "error")
+                 for ex in exchanges])
+    if args.compare is not None:
+        result: Any = job.values
+        errors = job.errors
+    else:
+        print(f"verdict in {job.chat.path}: {job.verdict.label()}")
+        result = job.value
+        errors = [job.error] if job.error is not None else []
+    if args.var:
+        m.shell.user_ns[args.var] = result
+    error = error or (errors[0] if errors else None)
+    if error is not None:
+        raise UsageError(f"%%subchat: {redact(str(error))}")
+
+
+def wanted(args: Any) -> bool:
+    """Whether an ``--each`` cell needs this module (a vote, a comparison, labels)."""
+    return any(v is not None for v in (args.vote, args.answer, args.compare, args.labels))
+
+
+def labels_of(ns: dict[str, Any], name: str, items: Any, count: int) -> list[Any]:
+    """The labels ``--labels NAME`` names: a column of the ``--each`` DataFrame, else a
+    list variable with one label per item; refused otherwise (before anything is sent)."""
+    pd = sys.modules.get("pandas")
+    if pd is not None and isinstance(items, pd.DataFrame) and name in items.columns:
+        return list(items[name])[:count]
+    if name in ns and not isinstance(ns[name], (str, bytes)) and hasattr(ns[name], "__len__"):
+        values = list(ns[name])
+        if len(values) < count:
+            raise UsageError(f"%%subchat: --labels {name} holds {len(values)} labels for "
+                             f"{count} items; give one label per item")
+        if len(values) != count and len(values) != len(items):
+            raise UsageError(f"%%subchat: --labels {name} holds {len(values)} labels for "
+                             f"{len(items)} items; give one label per item")
+        return values[:count]
+    where = "no column or variable" if not (pd is not None and isinstance(items, pd.DataFrame)) \
+        else "no column of the --each DataFrame and no list variable"
+    raise UsageError(f"%%subchat: --labels {name}: {where} named {name!r}; name the column "
+                     "holding the right answers")
+
+
+def run_each(m: Any, args: Any, template: str, opts: dict[str, Any]) -> None:
+    """``--each`` with ``--vote``/``--compare``/``--labels``."""
+    from .compare import column_names
+
+    session = m.session
+    ns = m.shell.user_ns
+    if args.each not in ns:
+        raise UsageError(f"%%subchat: --each {args.each}: no variable {args.each!r} in the "
+                         "notebook; assign the list or DataFrame first")
+    clash = [f for f, v in (("--fanout", args.fanout), ("--children", args.children),
+                            ("--var", args.var)) if v is not None]
+    if clash:
+        raise UsageError(f"%%subchat: --each does not go with {', '.join(clash)} "
+                         "(each item is its own chat; --as VAR takes the replies)")
+    items = ns[args.each]
+    pattern = verdict.compile_answer(args.answer)
+    k = args.vote
+    if args.answer is not None and k is None:
+        raise UsageError("%%subchat: --answer goes with --vote K (the samples' answers are compared)")
+    if k is not None:
+        verdict.check_vote(k)
+    sides: list[Side] = []
+    if args.compare is not None:
+        if args.backend is not None:
+            raise UsageError("%%subchat: --compare names the backends itself; leave out --backend")
+        entries, plans = session.compare_plan(args.compare, opts)
+        names = column_names(entries, [p.backend for p in plans])
+        for n, p in zip(names, plans):
+            o = p.options[0]
+            per = session.vote_options(k, {**opts, "model": o.model}) if k else [o]
+            sides.append(Side(n, p.selection, per))
+    hidden = getattr(m.shell, "user_ns_hidden", None) or {}
+    cells = notebook.context(m.shell)
+
+    def prompt(item: Any, index: Any) -> str:
+        own = {"item": item, "index": index, **(fields_of(item) or {})}
+        return notebook.interpolate(template, ChainMap(own, ns), hidden, cells=cells,
+                                    limits=m.limits).text
+
+    count = min(len(items), args.limit) if args.limit else len(items)
+    labels = labels_of(ns, args.labels, items, count) if args.labels is not None else None
+    if not sides:
+        per = session.vote_options(k, opts) if k else None
+    batch = session.batch(args.path, items, prompt, name=args.each, fresh=bool(args.fresh),
+                          limit=args.limit, concurrency=args.concurrency,
+                          backend=None if args.compare is not None else args.backend,
+                          system=args.system, template=template,
+                          known=lambda n: n in ns, **opts)
+    if not sides:
+        sides = [Side(None, batch.selection, per or [batch.make_exchange(batch.chat, "x").options])]
+    run = MultiBatch(batch, sides, pattern=pattern, default_system=session.defaults.system_prompt)
+    view = BatchProgress(m.shell, batch.path)
+    try:
+        run.run(view)
+    except KeyboardInterrupt:
+        view.close()
+        raise KeyboardInterrupt from None
+    view.close()
+    result = batch.result()
+    print(result.summary())
+    if k:
+        print(f"no majority: {run.no_majority()} row(s) (a tie, or half of the samples or fewer)")
+    failed = [r for r in result.rows if r.status == "failed"]
+    if failed:
+        print(f"failed: {len(failed)} row(s), e.g. {result.path}/{failed[0].name}: "
+              f"{redact(str(failed[0].reason))[:200]}")
+    if labels is not None:
+        show_scores(m, run, labels)
+    if args.as_var:
+        m.shell.user_ns[args.as_var] = (run.table(result.index) if (k or args.compare)
+                                        else result.output(args.as_var))
+
+
+def show_scores(m: Any, run: MultiBatch, labels: list[Any]) -> list[verdict.Score]:
+    """Accuracy per model (with and without the vote), the confusion table and the rows
+    that disagree; a bar plot where matplotlib is installed (in a notebook)."""
+    scores = []
+    for s in run.sides:
+        name = s.name or "answers"
+        sc = verdict.score(run.answers_of(s.name), labels, name + (" (vote)" if s.k > 1 else ""))
+        scores.append(sc)
+        print(sc.line())
+        if s.k > 1:
+            print(verdict.score(run.first_samples_of(s.name), labels,
+                                f"{name} (first sample, no vote)").line())
+    if len(run.sides) > 1:
+        a, b = run.sides[0], run.sides[1]
+        print(verdict.agreement(run.answers_of(a.name), run.answers_of(b.name),
+                                f"{a.name} vs {b.name}").line("agreement"))
+    for sc in scores:
+        print(f"confusion ({sc.name}):\n{sc.table()}")
+        if sc.wrong:
+            rows = [run.rows[i].name for i in sc.wrong[:10]]
+            print(f"disagreeing rows ({sc.name}): {', '.join(map(str, rows))}"
+                  + (" …" if len(sc.wrong) > 10 else ""))
+    return scores
+
+
+__all__ = ["check_cell", "run_cell", "wanted", "run_each", "labels_of", "show_scores"]

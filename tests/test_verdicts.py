@@ -1,0 +1,161 @@
+"""--vote, --answer, --compare and --labels through the real shell on echo, the verdict
+rules as properties, and every bad input refused with nothing stored."""
+
+from __future__ import annotations
+
+import pandas as pd
+from hypothesis import given
+from hypothesis import strategies as st
+
+from subchat_magics import verdict
+
+
+def test_tally_takes_the_most_common_answer_and_says_ties():
+    v = verdict.tally(["4", "5", "4", None])
+    assert (v.answer, v.count, v.k, v.tie, v.first) == ("4", 2, 4, False, 0)
+    assert v.agree == "2/4 agree" and not v.majority
+    t = verdict.tally(["a", "b", "b", "a"])
+    assert t.tie and t.tied == ["a", "b"] and t.answer == "a" and "tie" in t.label()
+    assert verdict.tally([None, None]).answer is None
+
+
+def test_json_answers_compare_by_their_canonical_form():
+    v = verdict.tally([{"a": 1, "b": 2}, {"b": 2, "a": 1}, {"a": 2}])
+    assert v.count == 2 and v.answer == {"a": 1, "b": 2}
+
+
+def test_answer_pattern_takes_the_last_match_of_the_first_group():
+    rx = verdict.compile_answer(r"\\boxed\{(.+?)\}")
+    assert verdict.answer_of("so \\boxed{3} no \\boxed{ 4 }", pattern=rx) == "4"
+    assert verdict.answer_of("no box", pattern=rx) is None
+
+
+@given(st.lists(st.one_of(st.none(), st.sampled_from("abc")), min_size=1, max_size=30))
+def test_the_verdict_is_a_most_common_answer(answers):
+    v = verdict.tally(answers)
+    given_ = [a for a in answers if a is not None]
+    if not given_:
+        assert v.answer is None and v.count == 0
+        return
+    top = max(given_.count(a) for a in set(given_))
+    assert v.count == top == given_.count(v.answer)
+    assert v.tie == (sum(1 for a in set(given_) if given_.count(a) == top) > 1)
+    assert answers[v.first] == v.answer and answers.index(v.answer) == v.first
+
+
+@given(st.lists(st.tuples(st.sampled_from("xyz"), st.sampled_from("xyz")), max_size=30))
+def test_score_counts_add_up(pairs):
+    s = verdict.score([a for a, _ in pairs], [b for _, b in pairs])
+    assert s.n == len(pairs) == sum(s.confusion.values())
+    assert s.correct == sum(1 for a, b in pairs if a == b) == s.n - len(s.wrong)
+
+
+def test_vote_keeps_samples_as_siblings_and_the_verdict_on_the_chat(shell):
+    shell.ok("%%subchat root/q -b echo --vote 5 --choice yes,no --var v\nIs it?")
+    assert shell.ns["v"] == "yes"
+    tree = __import__("subchat_magics.session", fromlist=["x"]).default_session().tree
+    chat = tree.get("root/q")
+    msgs = chat.messages
+    assert [m.role for m in msgs] == ["user", "assistant"]
+    vote = msgs[1].provenance["vote"]
+    assert vote["answer"] == "yes" and vote["agree"] == "5/5 agree" and len(vote["samples"]) == 5
+    kids = tree.children(chat)
+    assert [c.name for c in kids] == ["1", "2", "3", "4", "5"]
+    for i, c in enumerate(kids):
+        m = c.messages
+        assert m[1].provenance["vote"]["sample"] == i + 1
+        assert m[1].provenance["temperature"] if "temperature" in m[1].provenance else True
+    # the samples branch off before the verdict: their context is not the verdict's
+    assert tree.context(kids[0])[-2:] == [{"role": "user", "content": "Is it?"},
+                                         {"role": "assistant", "content": "yes"}]
+    assert len(tree.context(kids[0])) == 2
+
+
+def test_answer_pattern_picks_what_is_compared(shell):
+    shell.ok("%%subchat root/a -b echo --vote 3 --answer 'messages\\): (\\w+)' --var v\nforty two")
+    assert shell.ns["v"] == "forty"
+
+
+def test_compare_sends_to_each_model_into_subchats_named_after_it(shell):
+    shell.ok("%%subchat root/c --compare echo,echo:other --var c\nhello")
+    assert set(shell.ns["c"]) == {"echo", "other"}
+    tree = __import__("subchat_magics.session", fromlist=["x"]).default_session().tree
+    assert [c.name for c in tree.children(tree.get("root/c"))] == ["echo", "other"]
+    prov = tree.get("root/c/other").messages[1].provenance
+    assert prov["compare"]["name"] == "other" and prov["compare"]["of"] == ["echo", "other"]
+
+
+def test_each_with_vote_and_labels_gives_a_table_and_scores(shell):
+    shell.ns["df"] = pd.DataFrame({"q": ["a", "b", "c"], "gold": ["yes", "no", "yes"]})
+    out = shell.ok("%%subchat root -b echo --each df --vote 3 --choice yes,no --labels gold --as t\n{q}?")
+    t = shell.ns["t"]
+    assert list(t.columns) == ["verdict", "agreement", "answers"]
+    assert list(t["verdict"]) == ["yes"] * 3 and list(t["agreement"]) == ["3/3"] * 3
+    assert "accuracy 2/3" in out and "no majority: 0 row(s)" in out
+    assert "disagreeing rows" in out and "confusion" in out
+    tree = __import__("subchat_magics.session", fromlist=["x"]).default_session().tree
+    assert [c.name for c in tree.children(tree.get("root/df/1"))] == ["1", "2", "3"]
+
+
+def test_each_with_compare_gives_one_column_per_model(shell):
+    shell.ns["qs"] = ["x", "y"]
+    shell.ns["gold"] = ["yes", "yes"]
+    out = shell.ok("%%subchat root --each qs --compare echo,echo:other --choice yes,no "
+                   "--labels gold --as t\n{item}?")
+    assert list(shell.ns["t"].columns) == ["echo", "other"]
+    assert "echo vs other: agreement 2/2" in out and "echo: accuracy 2/2" in out
+
+
+def _all_messages(tree):
+    return {(m.id, m.content, m.status) for c in tree.chats() for m in tree.store.messages(c.id)}
+
+
+def test_a_changed_each_vote_or_compare_rerun_keeps_every_earlier_row(shell):
+    """Rows of a vote or a comparison are never deleted: a rerun with another message
+    resends each row as attempt-2, the earlier answers kept; an unchanged rerun reuses."""
+    tree = __import__("subchat_magics.session", fromlist=["x"]).default_session().tree
+    shell.ns["qs"] = ["x", "y"]
+    shell.ok("%%subchat root --each qs -b echo --vote 3 --choice yes,no --as t\n{item}?")
+    shell.ok("%%subchat root/qs/0/1\nfollow-up typed by hand")  # a person continues a sample
+    before = _all_messages(tree)
+    out = shell.ok("%%subchat root --each qs -b echo --vote 3 --choice yes,no --as t\n{item}?")
+    assert "2 reused" in out and _all_messages(tree) == before
+    shell.ok("%%subchat root --each qs -b echo --vote 3 --choice yes,no --as t\nNow {item}?")
+    after = _all_messages(tree)
+    assert before <= after and len(after) > len(before)
+    assert "root/qs/0/1" in tree and tree.get("root/qs/0/attempt-2").messages[0].content == "Now x?"
+    assert list(shell.ns["t"]["agreement"]) == ["3/3", "3/3"]
+    shell.ns["ps"] = ["p"]
+    shell.ok("%%subchat root --each ps --compare echo,echo:other --choice yes,no --as c\n{item}?")
+    before = _all_messages(tree)
+    shell.ok("%%subchat root --each ps --compare echo,echo:other --choice yes,no --as c\n{item}!")
+    assert before <= _all_messages(tree)
+    assert [c.name for c in tree.children(tree.get("root/ps/0/attempt-2"))] == ["echo", "other"]
+
+
+def _count(shell):
+    tree = __import__("subchat_magics.session", fromlist=["x"]).default_session().tree
+    return len(tree.chats()), sum(tree.store.message_counts().values())
+
+
+def test_bad_input_is_one_line_and_stores_nothing(shell):
+    shell.ns["df"] = pd.DataFrame({"q": ["a", "b"], "gold": ["yes", "no"]})
+    shell.ns["short"] = ["yes"]
+    before = _count(shell)
+    for line, words in [
+        ("root/q -b echo --vote 1", "--vote takes a number"),
+        ("root/q -b echo --vote 3 --fanout 2", "does not go"),
+        ("root/q -b echo --vote 3 --children a,b", "does not go"),
+        ("root/q -b echo --vote 3 --answer '('", "not a regular expression"),
+        ("root/q -b echo --vote 3 --answer 'x'", "has no group"),
+        ("root/q --compare echo", "two or more"),
+        ("root/q --compare echo,nope", "unknown backend"),
+        ("root/q --compare echo,groq", "GROQ_API_KEY"),
+        ("root/q -b echo --vote 3 -t 0", "temperature"),
+        ("root -b echo --each df --labels nope", "--labels nope"),
+        ("root -b echo --each df --labels short", "labels for"),
+        ("root/q -b echo --labels gold", "go with --each"),
+    ]:
+        err = shell.fails(f"%%subchat {line}\n{{q}}")
+        assert words in err and "\n" not in err.strip(), (line, err)
+        assert _count(shell) == before, line

@@ -1,0 +1,42 @@
+"""--vote on the real vLLM engine with the tiny model: K samples are ONE engine request
+with n=K (the driver's count of requests added shows it), a constraint's verdict is one
+of its choices, and --each --vote 4 over 64 rows."""
+
+from __future__ import annotations
+
+import pytest
+
+from subchat_magics.backends.vllm import slot
+from subchat_magics.session import default_session
+
+pytestmark = pytest.mark.vllm
+
+
+def test_vote_8_is_one_engine_request_of_8_samples(vshell, engine):
+    before = slot.active_engine().requests_added
+    vshell.ok("%%subchat root/v --vote 8 -n 8 --var v\nSay something.")
+    assert slot.active_engine().requests_added - before == 1
+    tree = default_session().tree
+    kids = tree.children(tree.get("root/v"))
+    assert len(kids) == 8
+    texts = [c.messages[1].content for c in kids]
+    assert len(set(texts)) > 1  # sampled at 0.7 with seeds 1..8: they differ
+    prov = tree.get("root/v").messages[1].provenance["vote"]
+    assert prov["k"] == 8 and vshell.ns["v"] == prov["answer"]
+
+
+def test_a_constrained_vote_gives_one_of_the_choices(vshell, engine):
+    before = slot.active_engine().requests_added
+    vshell.ok("%%subchat root/c --vote 6 --choice red,green,blue --no-think --var v\nA colour?")
+    assert slot.active_engine().requests_added - before == 1
+    assert vshell.ns["v"] in ("red", "green", "blue")
+
+
+def test_each_vote_4_over_64_rows(vshell, engine):
+    vshell.ns["qs"] = [f"question {i}" for i in range(64)]
+    before = slot.active_engine().requests_added
+    out = vshell.ok("%%subchat root --each qs --vote 4 -n 6 --as t\n{item}?")
+    assert "64 done" in out, out
+    assert slot.active_engine().requests_added - before == 64
+    t = vshell.ns["t"]
+    assert len(t) == 64 and all(len(row["answers"]) == 4 for row in t)  # (no pandas: dicts)
