@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import shlex
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 from IPython.core.error import UsageError
@@ -18,11 +17,12 @@ from IPython.core.magic_arguments import (
 )
 from traitlets import Bool, Enum, Float, Int, TraitError, Unicode, observe, validate
 
-from . import keys, notebook, render, structured, transfer
+from . import notebook, render, structured
 from . import verdict_view as verdicts
 from .backends.base import GenerationOptions, check_option
 from .batch import check_var
 from .batch_view import BatchProgress, BatchTemplate, stored_refs
+from .commands import COMMANDS
 from .errors import BackendError, ChatNotFound, InvalidInput, SubchatError
 from .magic_args import in_kernel, parse_line, usage_errors
 from .secrets import redact
@@ -789,12 +789,12 @@ class SubchatMagics(Magics):
             print(self.subchat_line.__doc__.replace("        ", "  "))
             return None
         cmd, rest = words[0], words[1:]
-        handler = getattr(self, f"_cmd_{cmd.replace('-', '_')}", None) if "_" not in cmd else None
+        handler = COMMANDS.get(cmd)
         if handler is None:
             raise UsageError(
                 f"%subchat: unknown subcommand {cmd!r}; one of: {', '.join(SUBCOMMANDS)} "
                 "(%subchat help explains them)")
-        result = handler(rest)
+        result = handler(self, rest)
         note = self.session.store_note()
         if note:
             print(f"note: {note}")
@@ -820,171 +820,7 @@ class SubchatMagics(Magics):
         else:
             print(text)
 
-    def _cmd_tree(self, rest: list[str]) -> Any:
-        a = self._parse("tree", rest, (("--text",), dict(action="store_true")))
-        if not a.text and in_kernel(self.shell) and self.open_view is not None:
-            view = self.open_view(self.session)  # (the faces know nothing of each other)
-            if view is not None:
-                return view
-        print(render.tree_text(self.session.tree, self.session.current))
-        return None
-
-    def _cmd_show(self, rest: list[str]) -> None:
-        a = self._parse("show", rest, (("path",), dict(nargs="?")),
-                        (("-p", "--provenance"), dict(action="store_true")),
-                        (("--own",), dict(action="store_true")))
-        tree = self.session.tree
-        chat = self.session.chat(a.path)
-        system = self.session.defaults.system_prompt
-        self._show(render.transcript(tree, chat, a.provenance, not a.own, default_system=system),
-                   render.transcript(tree, chat, a.provenance, not a.own, markdown=True,
-                                     default_system=system))
-
-    def _cmd_use(self, rest: list[str]) -> None:
-        a = self._parse("use", rest, (("path",), {}))
-        print(f"current chat: {self.session.use(a.path)}")
-
-    def _cmd_status(self, rest: list[str]) -> None:
-        self._parse("status", rest)
-        st = self.session.status()
-        lines = [
-            f"store:    {st['store']} ({st['chats']} chats, {st['messages']} messages)"
-            + (f", read-only: {st['read_only']}" if st["read_only"] else ""),
-            f"current:  {st['current']}",
-            f"backend:  {st['active'] or 'none'} (asked for {st['requested']!r} by {st['requested_from']})",
-        ]
-        if st["store_problem"]:
-            lines.insert(1, f"          {st['store_problem']}")
-        if st["requested"] == "auto":
-            lines.append(f"auto order: {' -> '.join(st['auto_order'])}")
-            for name, reason in st["passed_over"]:
-                lines.append(f"  passed over {name}: {redact(reason)}")
-        d = self.session.defaults
-        o = d.options
-        lines.append(f"defaults: max_tokens={o.max_tokens} temperature={o.temperature} "
-                     f"top_p={o.top_p} format={d.format}" + (f" model={o.model}" if o.model else ""))
-        print("\n".join(lines))
-
-    def _cmd_reopen(self, rest: list[str]) -> None:
-        a = self._parse("reopen", rest, (("--restore",), dict(action="store_true")))
-        tree = self.session.reopen(restore=a.restore)
-        print(f"store: {self.session.store_path()} ({len(tree.chats())} chats); current chat: root")
-
-    def _cmd_copy_to(self, rest: list[str]) -> None:
-        a = self._parse("copy-to", rest, (("file",), {}))
-        old = self.session.store_path()
-        tree = self.session.copy_to(a.file)
-        new = self.session.store_path()
-        self.store_path = str(new)  # %config shows the store in use
-        print(f"copied {old} to {new} ({len(tree.chats())} chats); now writing "
-              f"there, current chat: {self.session.current} (the original is untouched)")
-
-    def _cmd_backend(self, rest: list[str]) -> None:
-        a = self._parse("backend", rest, (("name",), dict(nargs="?")))
-        name, source, active = self.session.set_backend(a.name)
-        print(f"backend: {name} (from {source}); active: {active}")
-
-    def _cmd_backends(self, rest: list[str]) -> None:
-        self._parse("backends", rest)
-        for b in self.session.backends():
-            av = b.availability
-            place = f"auto #{b.auto_place}" if b.auto_place else "by name only"
-            extras = "".join([f"; key {b.key_env} (%subchat key {b.name})" if b.key_env else "",
-                              f"; own options {', '.join(b.own_options)}" if b.own_options else ""])
-            print(f"{b.name:8} {'available' if av.ok else 'not available'}: {redact(av.reason)}"
-                  f"  [{place}{extras}]")
-
-    def _cmd_doctor(self, rest: list[str]) -> None:
-        self._parse("doctor", rest)
-        from .doctor import doctor
-
-        print(doctor(self.session))
-
-    def _cmd_key(self, rest: list[str]) -> None:
-        known = keys.key_backends()
-        a = self._parse("key", rest, (("name",), dict(choices=sorted(known))))
-        import getpass
-
-        var = known[a.name]
-        try:
-            value = getpass.getpass(f"{var} (input hidden): ")
-        except (EOFError, OSError, NotImplementedError, KeyboardInterrupt):
-            # StdinNotImplementedError (a frontend that takes no input) is a NotImplementedError
-            raise UsageError(
-                f"%subchat key: cannot ask for the key here (no input available); put {var} "
-                "in the environment or in a .env file in the working folder") from None
-        keys.set_key(a.name, value)
-        print(f"{var} set for this kernel (not saved anywhere)")
-
-    def _cmd_explain(self, rest: list[str]) -> None:
-        a = self._parse("explain", rest, (("n",), dict(nargs="?", type=int, default=None)),
-                        (("--into",), dict(default=None)))
-        ctx = notebook.context(self.shell)
-        if a.n is None:
-            error = ctx.last_error()
-            if error is None:
-                print("%subchat explain: no error recorded yet (errors are recorded from the "
-                      "cells run after %load_ext subchat_magics)")
-                return
-        else:
-            error = ctx.error(a.n, label="%subchat explain")
-        filled = notebook.explain_prompt(error, self.limits)
-        turn = self.session.send(a.into, filled.text)
-        which = f"the {error.ename} of {error.where}" if a.n is not None else \
-            f"the last error ({error.ename})"
-        print(f"explaining {which} in {turn.chat.path}")
-        self._say_masked(filled)
-        self._stream(turn, self.format, None, magic="%subchat explain")
-
-    def _cmd_export(self, rest: list[str]) -> None:
-        a = self._parse("export", rest, (("path",), dict(nargs="?")),
-                        (("--format",), dict(choices=["md", "json", "ipynb"], default=None)),
-                        (("--out",), dict(default=None)))
-        chat = self.session.chat(a.path)
-        text, fmt, count = transfer.export(self.session.tree, chat, a.format, a.out,
-                                           self.session.defaults.system_prompt)
-        if a.out:
-            print(f"exported {count} chat(s) from {chat.path} to {Path(a.out).expanduser()} ({fmt})")
-        else:
-            print(text)
-
-    def _cmd_import(self, rest: list[str]) -> None:
-        a = self._parse("import", rest, (("file",), {}), (("--into",), dict(default=None)))
-        done = transfer.import_file(self.session.tree, a.file, a.into)
-        made = done.paths
-        print(f"imported {len(made)} chat(s): {', '.join(made[:5])}{' …' if len(made) > 5 else ''}")
-        for note in done.notes:
-            print(f"note: {note}")
-
-    def _cmd_rename(self, rest: list[str]) -> None:
-        a = self._parse("rename", rest, (("path",), {}), (("new_name",), {}))
-        chat = self.session.rename(a.path, a.new_name)
-        print(f"renamed to {chat.path}")
-
-    def _cmd_system(self, rest: list[str]) -> None:
-        a = self._parse("system", rest, (("path",), {}), (("text",), dict(nargs="?")))
-        chat = self.session.chat(a.path)
-        if a.text is not None:
-            chat = self.session.set_system(chat, a.text)
-        own, in_force, source = self.session.system_of(chat)
-        if own:
-            print(f"system prompt of {chat.path}: {own!r}")
-        elif source == "none":
-            print(f"{chat.path} has no system prompt (none on its path, none configured)")
-        else:
-            print(f"{chat.path} inherits the system prompt {in_force!r} (from {source})")
-
-    def _cmd_delete(self, rest: list[str]) -> None:
-        a = self._parse("delete", rest, (("path",), {}), (("--force",), dict(action="store_true")))
-        done = self.session.delete(a.path, force=a.force)
-        gone = done.paths
-        print(f"deleted {len(gone)} chat(s): {', '.join(gone[:5])}{' …' if len(gone) > 5 else ''}")
-        if done.current_moved_to:
-            print(f"current chat: {done.current_moved_to} (the deleted one was current)")
-
-
-SUBCOMMANDS = sorted(n[5:].replace("_", "-") for n in dir(SubchatMagics)
-                     if n.startswith("_cmd_")) + ["help"]
+SUBCOMMANDS = sorted(COMMANDS) + ["help"]
 
 
 def _align_usage(doc: str) -> str:

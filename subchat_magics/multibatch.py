@@ -25,8 +25,8 @@ from typing import Any, Callable
 
 from .backends.base import GenerationOptions
 from .backends.registry import Selection
-from .batch import MARK as BATCH_MARK
 from .batch import ATTEMPT, Batch, BatchResult, Progress, Row, first_exchanges
+from .batch import MARK as BATCH_MARK
 from .exchange import Exchange, Runner
 from .tree import Chat
 from .verdict import Verdict, answer_of, tally

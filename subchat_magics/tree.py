@@ -382,6 +382,11 @@ class ChatTree:
         """All chats, parents before children, siblings in creation order."""
         return self.subtree(ROOT)
 
+    def message_counts(self) -> dict[int, int]:
+        """How many messages each chat holds (chat id -> count; chats without any are
+        left out): one query, for the views' labels."""
+        return self.store.message_counts()
+
     def children(self, chat: "str | Chat") -> list[Chat]:
         chat = self.get(chat)
         with self._lock:

@@ -118,7 +118,7 @@ class ViewState:
     # -- labels ------------------------------------------------------------------------------
     def load(self) -> None:
         """Read every chat's count and last reply from the store (streaming counts kept)."""
-        counts = self.tree.store.message_counts()
+        counts = self.tree.message_counts()
         info: dict[int, ChatInfo] = {}
         for chat in self.tree.chats():
             n = counts.get(chat.id, 0)
