@@ -26,8 +26,12 @@ distribution-free 95% confidence interval (order statistics); repetitions are ad
 whose interval stays wider and reaches past 1.05 fails as *not precise enough*. A
 first-token difference whose whole interval lies below -1 ms is *implausible* (the two
 sides are not timed alike) and fails. The backend alone is reported beside, not judged.
-``replay``: our chunk loop on recorded chunks, no network; ``turn_replay``: the turn's own
-per-chunk cost on an in-process stream.
+``cell_vs_backend`` (reported, not judged): the cell against our own backend beside it,
+the cell's own share apart from how the backend reads the stream (Groq and OpenAI read
+the SSE body as plain dicts, Ollama its NDJSON lines: no SDK model built per chunk, so
+our backend alone runs below the raw client). ``replay``: our chunk loop on recorded
+events against a bare loop, no network; ``turn_replay``: the turn's own per-chunk cost on
+an in-process stream.
 
     python bench/bench_remote_overhead.py [--tokens 2000] [--reps 40] [--max-reps 240]
     python bench/bench_remote_overhead.py --broken per-chunk    # +3 us a chunk: must FAIL
