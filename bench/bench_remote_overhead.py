@@ -19,15 +19,18 @@ The text is checked on every side: the raw client's joined deltas, our backend's
 text the cell finally shows (and stores) must each be the server's reply exactly.
 
 **Pass** is judged on the cell, on every backend: the median over repetitions of each
-cell's total time divided by the raw run beside it is <= 1.05, and the median of the
-paired differences in first-token time is < 5 ms. Each median comes with a
+cell's total time divided by the raw run beside it is <= 1.05, the median of the
+paired differences in first-token time is < 5 ms, and the cell's own share — what it adds
+over our backend run beside it, divided by the raw run's time — is <= 5% (our backend
+reads Groq's and OpenAI's streams several times faster than their SDKs; without this a
+slower cell would hide behind that). Each median comes with a
 distribution-free 95% confidence interval (order statistics); repetitions are added
 (``--reps`` up to ``--max-reps``) until the ratio's interval is within +-0.015; a run
 whose interval stays wider and reaches past 1.05 fails as *not precise enough*. A
 first-token difference whose whole interval lies below -1 ms is *implausible* (the two
 sides are not timed alike) and fails. The backend alone is reported beside, not judged.
-``cell_vs_backend`` (reported, not judged): the cell against our own backend beside it,
-the cell's own share apart from how the backend reads the stream (Groq and OpenAI read
+``cell_vs_backend`` (reported; ``cell_own_share`` is what is judged): the cell against
+our own backend beside it, the cell's own cost apart from how the backend reads the stream (Groq and OpenAI read
 the SSE body as plain dicts, Ollama its NDJSON lines: no SDK model built per chunk, so
 our backend alone runs below the raw client). ``replay``: our chunk loop on recorded
 events against a bare loop, no network; ``turn_replay``: the turn's own per-chunk cost on
@@ -69,6 +72,10 @@ KEY = "gsk_bench_key_0123456789abcdef"
 MODES = ("raw", "backend", "cell")
 TARGET_RATIO = 1.05
 TARGET_TTFT_ADDED_MS = 5.0
+# what the cell adds over our own backend, as a share of the raw client's time: our backend
+# reads Groq/OpenAI streams several times faster than the SDK does, which would hide a
+# slower cell behind the ratio to the raw client; judged too, so that it cannot
+TARGET_OWN_SHARE = 0.05
 RATIO_PRECISION = 0.015  # half-width of the ratio's 95% interval: two runs agree to about +-0.02
 IMPLAUSIBLE_TTFT_MS = -1.0  # a whole interval below this: the cell "beats" its own client
 BROKEN = {"per-chunk": (3.0, 0.0), "first-token": (0.0, 6.0)}  # (us a chunk, ms first)
@@ -369,9 +376,13 @@ def paired(samples: dict[str, list[tuple[float, float, float]]], mode: str,
             "cpu_ratio_paired_median": round(statistics.median(o[2] / r[2] for o, r in pairs), 4)}
 
 
-def judge(turn: dict) -> list[str]:
-    """Why the cell misses the targets on one backend (empty: it meets them)."""
+def judge(turn: dict, own: dict | None = None) -> list[str]:
+    """Why the cell misses the targets on one backend (empty: it meets them). ``own``: the
+    cell's own share (``cell_own_share``)."""
     why = []
+    if own is not None and own["of_raw_time_paired_median"] > TARGET_OWN_SHARE:
+        why.append(f"the cell adds {own['of_raw_time_paired_median']:.1%} of the raw client's "
+                   f"time over our own backend > {TARGET_OWN_SHARE:.0%}")
     lo, hi = turn["total_ratio_ci95"]
     if turn["total_ratio_paired_median"] > TARGET_RATIO:
         why.append(f"total {turn['total_ratio_paired_median']}x > {TARGET_RATIO}x")
@@ -412,9 +423,13 @@ def summarize(samples: dict[str, list[tuple[float, float, float]]], tokens: int)
             "cpu_us_per_token_added_best": round(
                 (ours["cpu_ms"]["best"] - raw["cpu_ms"]["best"]) * 1e3 / tokens, 2),
         }
-    # what the cell adds to our own backend (reported, not judged): the cell's own share,
+    # what the cell adds to our own backend (the ratio reported; the share judged): its own cost,
     # apart from how fast the backend reads the stream
     out["cell_vs_backend"] = paired(samples, "cell", base="backend")
+    share, share_lo, share_hi = median_ci([(c[1] - b[1]) / r[1] for c, b, r in
+                                           zip(samples["cell"], samples["backend"], samples["raw"])])
+    out["cell_own_share"] = {"of_raw_time_paired_median": round(share, 4),
+                             "ci95": [round(share_lo, 4), round(share_hi, 4)]}
     out["reps"] = len(samples["raw"])
     return out
 
@@ -561,7 +576,7 @@ def main() -> int:
                     break
                 args.reps = min(args.max_reps, rep + 20)
             results[name] = summarize(samples, args.tokens)
-            results[name]["fails"] = judge(results[name]["cell_vs_raw"])
+            results[name]["fails"] = judge(results[name]["cell_vs_raw"], results[name]["cell_own_share"])
             cell_ms = results[name]["cell"]["total_ms"]["median"]
             results[name]["cell_display_updates"] = {
                 "median_per_cell": statistics.median(updates[name]),
@@ -572,7 +587,8 @@ def main() -> int:
                   f"{results[name]['cell_vs_raw']['total_ratio_ci95']}, first token "
                   f"{results[name]['cell_vs_raw']['ttft_added_ms_paired_median']:+} ms "
                   f"{results[name]['cell_vs_raw']['ttft_added_ms_ci95']}, {rep} reps; vs our "
-                  f"backend {results[name]['cell_vs_backend']['total_ratio_paired_median']}x, "
+                  f"backend {results[name]['cell_vs_backend']['total_ratio_paired_median']}x (own share "
+                  f"{results[name]['cell_own_share']['of_raw_time_paired_median']:.1%}), "
                   f"backend vs raw {results[name]['backend_vs_raw']['total_ratio_paired_median']}x"
                   + (f"; FAILS: {'; '.join(results[name]['fails'])}" if results[name]["fails"] else ""),
                   file=sys.stderr, flush=True)
@@ -603,6 +619,7 @@ def main() -> int:
                     "cell_total_ratio_ci95_half_width_max": RATIO_PRECISION,
                     "cell_ttft_added_ms_paired_median_max_exclusive": TARGET_TTFT_ADDED_MS,
                     "cell_ttft_added_ms_ci95_upper_min": IMPLAUSIBLE_TTFT_MS,
+                    "cell_own_share_of_raw_time_paired_median_max": TARGET_OWN_SHARE,
                     "every_judged_backend_ran": names},
         "texts_checked": texts_checked,
         "load_average": {"before": [round(x, 2) for x in load_before],
