@@ -40,3 +40,18 @@ def test_each_vote_4_over_64_rows(vshell, engine):
     assert slot.active_engine().requests_added - before == 64
     t = vshell.ns["t"]
     assert len(t) == 64 and all(len(row["answers"]) == 4 for row in t)  # (no pandas: dicts)
+
+
+def test_a_seeded_vote_batch_beyond_the_token_budget_runs_on_the_cpu_engine(vshell, engine):
+    """512 seeded samples of 40-token prompts: more prompt tokens than one engine step
+    takes. With chunked prefill, vLLM would cut a seeded prefill and rewind its generator,
+    which a CPU torch.Generator cannot do ('CPU Generator does not use offset'): the CPU
+    load turns chunked prefill off, so the seeds are sent and the batch runs."""
+    assert engine.seeds
+    vshell.ns["qs"] = [f"question {i}: " + "tell me about the colour of the sky " * 4
+                       for i in range(128)]
+    out = vshell.ok("%%subchat root --each qs --vote 4 -n 2 --as t\n{item}?")
+    assert "128 done" in out, out
+    tree = default_session().tree
+    sample = tree.get("root/qs/5/3").messages[1]
+    assert sample.provenance.get("seed") == 3 and not sample.provenance.get("notes")

@@ -283,6 +283,16 @@ class ToolsPool(Pool):
                 self._tooled += 1
                 self.threads.submit(index, messages, options)
 
+    def submit_samples(self, indices: Sequence[int], messages: Sequence[Message],
+                       options: Sequence[GenerationOptions]) -> None:
+        """K samples of one message (``--vote K``): ONE engine request with ``n=K``
+        (without this the base pool's K separate requests would be sent)."""
+        if any(o.tools for o in options):  # refused earlier; kept safe: one thread each
+            self.submit_many([(i, messages, o) for i, o in zip(indices, options)])
+            return
+        self._plain += len(indices)
+        self.engine_pool.submit_samples(indices, messages, options)
+
     def next_event(self, timeout: float = 0.05) -> Any:
         if not self._tooled:
             return self.engine_pool.next_event(timeout)
