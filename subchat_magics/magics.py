@@ -26,6 +26,7 @@ from .commands import COMMANDS
 from .errors import BackendError, ChatNotFound, InvalidInput, SubchatError
 from .magic_args import in_kernel, parse_line, usage_errors
 from .secrets import redact
+from .multibatch import run_plain
 from .session import Session, check_backend_name, default_session
 from .streaming import Coalescer
 from .tools import Toolset, describe
@@ -687,7 +688,7 @@ class SubchatMagics(Magics):
                   "sending")
         view = BatchProgress(self.shell, batch.path)
         try:
-            batch.run(view)
+            run_plain(batch, view)  # identical prompts at temperature 0 sent once
         except KeyboardInterrupt:
             view.close()
             self._each_done(batch.result(), args.as_var, interrupted=True)

@@ -154,7 +154,8 @@ def run_each(m: Any, args: Any, template: str, opts: dict[str, Any]) -> None:
                           known=lambda n: n in ns, **opts)
     if not sides:
         sides = [Side(None, batch.selection, per or [batch.make_exchange(batch.chat, "x").options])]
-    run = MultiBatch(batch, sides, pattern=pattern, default_system=session.defaults.system_prompt)
+    run = MultiBatch(batch, sides, pattern=pattern, default_system=session.defaults.system_prompt,
+                     labels=labels)
     view = BatchProgress(m.shell, batch.path)
     try:
         run.run(view)
