@@ -25,8 +25,8 @@ from .batch_view import BatchProgress, BatchTemplate, stored_refs
 from .commands import COMMANDS
 from .errors import BackendError, ChatNotFound, InvalidInput, SubchatError
 from .magic_args import in_kernel, parse_line, usage_errors
-from .secrets import redact
 from .multibatch import run_plain
+from .secrets import redact
 from .session import Session, check_backend_name, default_session
 from .streaming import Coalescer
 from .tools import Toolset, describe

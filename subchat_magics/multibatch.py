@@ -23,13 +23,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .backends.base import GenerationOptions
+from .backends.base import Finish, GenerationOptions
 from .backends.registry import Selection
 from .batch import ATTEMPT, Batch, BatchResult, Progress, Row, first_exchanges
 from .batch import MARK as BATCH_MARK
 from .exchange import Exchange, Runner
-from .tree import Chat
 from .scores import LABEL
+from .tree import Chat
 from .verdict import Verdict, _jsonable, answer_of, tally
 from .vote import MARK as VOTE_MARK
 from .vote import sample_answer, store_verdict
@@ -453,8 +453,6 @@ class Dedup:
 
     def fill(self) -> None:
         """Store each copy's exchange from its first (done ones only)."""
-        from .backends.base import Finish
-
         batch = self.batch
         tree = batch.tree
         todo = [(r, f) for r, f in self.copies if f.status == "done" and f.chat_id is not None]
