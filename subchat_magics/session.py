@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from . import batch as batch_mod
 from . import compare as compare_mod
+from . import estimate as estimate_mod
 from . import exchange, verdict
 from .backends.base import Availability, Backend, GenerationOptions
 from .backends.registry import Selection, registry
@@ -28,6 +29,7 @@ from .batch import Batch, BatchResult
 from .errors import ChatNotFound, InvalidInput, SubchatError
 from .events import Listener, Listeners
 from .exchange import check_backend_name, check_prompt, check_text
+from .multibatch import run_plain
 from .settings import getenv, where
 from .toolrun import MAX_ROUNDS, Approver, ToolRun, run_calls
 from .tools import Toolset
@@ -65,12 +67,28 @@ class Tree(ChatTree):
         return self.session.send(chat, text, **kwargs)
 
     def batch(self, path: "str | int | Chat", items: Any, prompt: Callable[[Any, Any], str],
-              progress: Callable[[Any], None] | None = None, **kwargs: Any) -> BatchResult:
+              progress: Callable[[Any], None] | None = None, *, estimate: bool = False,
+              sample: int | None = None, **kwargs: Any) -> "BatchResult | estimate_mod.Estimate":
         """Send ``prompt(item, index)`` for every item into ``PATH/NAME/<index>`` and wait:
         ``tree.batch("root", questions, lambda q, i: f"Answer briefly: {q}", name="qs")``.
         Returns the results in input order and the run's figures (see
-        :meth:`Session.batch` for the options); a rerun sends only what is not done."""
-        return self.session.batch(path, items, prompt, **kwargs).run(progress)
+        :meth:`Session.batch` for the options); a rerun sends only what is not done.
+        At temperature 0 identical prompts are sent once (the copies marked ``duplicate_of``).
+
+        ``estimate=True``: size the batch instead (rows, prompt tokens, the KV budget, a
+        projection from ``sample`` rows run for real and kept; default 4) and return the
+        :class:`~subchat_magics.estimate.Estimate` (``.lines()`` says it)."""
+        if sample is not None and not estimate:
+            raise InvalidInput("sample= goes with estimate=True (the rows it times)")
+        k = estimate_mod.check_sample(sample) if estimate else 0
+        planned = self.session.batch(path, items, prompt, **kwargs)
+        if not estimate:
+            return run_plain(planned, progress)
+        if planned.run_tools is not None:
+            raise InvalidInput("estimate=True goes with a batch without tools")
+        est = estimate_mod.count(planned, [estimate_mod.Side(
+            planned.backend, planned.make_exchange(planned.chat, "x").options)])
+        return estimate_mod.sample(est, planned, k, lambda: planned.run(progress))
 
 
 def open_tree(path: str | os.PathLike[str] | None = None) -> Tree:

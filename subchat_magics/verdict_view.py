@@ -13,10 +13,10 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
-from . import notebook, verdict
+from . import estimate, notebook, verdict
 from .batch import fields_of
 from .batch_view import BatchProgress
-from .errors import BackendError
+from .errors import BackendError, InvalidInput
 from .multibatch import MultiBatch, Side
 from .secrets import redact
 
@@ -157,6 +157,10 @@ def run_each(m: Any, args: Any, template: str, opts: dict[str, Any]) -> None:
     run = MultiBatch(batch, sides, pattern=pattern, default_system=session.defaults.system_prompt,
                      labels=labels)
     view = BatchProgress(m.shell, batch.path)
+    if args.estimate:
+        return estimate_each(m, args, batch, [
+            estimate.Side(s.selection.candidates[0], s.options[0], s.k, s.name) for s in sides],
+            lambda: run.run(view), view)
     try:
         run.run(view)
     except KeyboardInterrupt:
@@ -176,6 +180,48 @@ def run_each(m: Any, args: Any, template: str, opts: dict[str, Any]) -> None:
     if args.as_var:
         m.shell.user_ns[args.as_var] = (run.table(result.index) if (k or args.compare)
                                         else result.output(args.as_var))
+
+
+def check_estimate(args: Any) -> None:
+    """``--estimate``/``--sample`` go with ``--each`` (before anything is touched)."""
+    if args.sample is not None and not args.estimate:
+        raise UsageError("%%subchat: --sample K goes with --estimate (the rows it times)")
+    if args.estimate and args.each is None:
+        raise UsageError("%%subchat: --estimate sizes a batch before it runs: it goes with "
+                         "--each NAME (add --each, or leave --estimate out)")
+    if args.estimate and getattr(args, "tools", None) is not None:
+        raise UsageError("%%subchat: --estimate goes with a batch without --tools (a tool "
+                         "loop's rounds cannot be projected from a sample)")
+    if args.estimate:
+        try:
+            estimate.check_sample(args.sample)
+        except InvalidInput as exc:
+            raise UsageError(f"%%subchat: {exc}") from None
+
+
+def estimate_each(m: Any, args: Any, batch: Any, sides: list[Any], run: Any, view: Any) -> None:
+    """``--estimate``: count, time ``--sample K`` rows (kept), project, print the cell to run."""
+    est = estimate.count(batch, sides)
+    try:
+        estimate.sample(est, batch, estimate.check_sample(args.sample), run)
+    except KeyboardInterrupt:
+        view.close()
+        raise KeyboardInterrupt from None
+    view.close()
+    est.cell = "%%subchat " + cell_line(getattr(args, "line", "") or "") + "  (the same cell without --estimate)"
+    for line in est.lines():
+        print(line)
+    if args.as_var:
+        m.shell.user_ns[args.as_var] = est
+
+
+def cell_line(line: str) -> str:
+    """The options line without ``--estimate`` and ``--sample K``."""
+    import re
+
+    line = re.sub(r"(^|\s)--estimate(?=\s|$)", " ", line)
+    line = re.sub(r"(^|\s)--sample(\s+|=)\S+", " ", line)
+    return " ".join(line.split())
 
 
 def show_scores(m: Any, run: MultiBatch, labels: list[Any]) -> list[verdict.Score]:

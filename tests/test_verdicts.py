@@ -231,3 +231,64 @@ def test_identical_prompts_at_temperature_0_are_sent_once(shell):
     assert "4 done (4 reused)" in again
     sampled = shell.ok("%%subchat root -b echo --each qs -t 0.5 --fresh\n{item}")
     assert "repeat" not in sampled  # sampled: every row is its own draw
+
+
+def test_estimate_counts_times_a_sample_kept_as_rows_and_stops(shell):
+    """--estimate: the rows after --limit, their prompt tokens (estimated on echo, and
+    said so), the KV budget, a projection from --sample K rows that are real rows of the
+    batch; nothing else is sent, and the cell to run is said. That run reuses the sample."""
+    from subchat_magics.session import default_session
+
+    shell.ns["qs"] = [f"question number {i}" for i in range(10)]
+    out = shell.ok("%%subchat root -b echo --each qs --limit 8 --estimate --sample 3 --as e\n"
+                   "{item}?")
+    e = shell.ns["e"]
+    assert "estimate for root/qs: 8 rows, 8 to send" in out
+    assert "estimated (UTF-8 bytes / 3" in out and "KV budget: the server's" in out
+    assert e.sample_rows == 3 and e.left == 5 and e.projected_out_tokens > 0
+    assert "to run it: %%subchat root -b echo --each qs --limit 8 --as e " in out
+    tree = default_session().tree
+    sent = [c.name for c in tree.children(tree.get("root/qs")) if c.messages]
+    assert sent == ["0", "1", "2"]
+    again = shell.ok("%%subchat root -b echo --each qs --limit 8 --as e\n{item}?")
+    assert "8 done (3 reused)" in again
+    again = shell.ok("%%subchat root -b echo --each qs --estimate --sample 0\n{item}?")
+    assert "10 rows (8 done before, 2 to send)" in again and "--sample 0" in again
+    assert len([c for c in tree.children(tree.get("root/qs")) if c.messages]) == 8
+
+
+def test_estimate_of_a_vote_batch_runs_its_sample_as_vote_rows(shell):
+    shell.ns["df"] = pd.DataFrame({"q": list("abcdef"), "gold": ["yes"] * 6})
+    out = shell.ok("%%subchat root -b echo --each df --vote 3 --choice yes,no --labels gold "
+                   "--estimate --sample 2\n{q}?")
+    assert "sample: 2 row(s)" in out and "projected for the 4 row(s) left" in out
+    out = shell.ok("%%subchat root -b echo --each df --vote 3 --choice yes,no --labels gold\n{q}?")
+    assert "6 done (2 reused)" in out and "accuracy 6/6" in out
+
+
+def test_estimate_through_the_python_api(workdir):
+    from subchat_magics.session import open_tree
+
+    tree = open_tree(workdir / "t.db")
+    est = tree.batch("root", ["a", "b", "c", "d"], lambda q, i: f"Say {q}", name="qs",
+                     backend="echo", estimate=True, sample=1)
+    assert (est.rows, est.sample_rows, est.left) == (4, 1, 3) and not est.exact
+    assert any(line.startswith("projected") for line in est.lines())
+    done = tree.batch("root", ["a", "b", "c", "d"], lambda q, i: f"Say {q}", name="qs",
+                      backend="echo")
+    assert done.stats.reused == 1 and done.stats.done == 4
+
+
+def test_estimate_bad_input_is_one_line_and_stores_nothing(shell):
+    shell.ns["qs"] = ["a", "b"]
+    shell.ns["f"] = len
+    before = _count(shell)
+    for line, words in [
+        ("root/q -b echo --estimate", "--estimate sizes a batch before it runs: it goes with --each"),
+        ("root -b echo --each qs --sample 2", "--sample K goes with --estimate"),
+        ("root -b echo --each qs --estimate --sample -1", "--sample takes a number"),
+        ("root -b echo --each qs --estimate --tools f", "without --tools"),
+    ]:
+        err = shell.fails(f"%%subchat {line}\n{{item}}")
+        assert words in err and "\n" not in err.strip(), (line, err)
+        assert _count(shell) == before, line
