@@ -55,3 +55,20 @@ def test_a_seeded_vote_batch_beyond_the_token_budget_runs_on_the_cpu_engine(vshe
     tree = default_session().tree
     sample = tree.get("root/qs/5/3").messages[1]
     assert sample.provenance.get("seed") == 3 and not sample.provenance.get("notes")
+
+
+def test_estimate_counts_prompt_tokens_with_the_engines_tokenizer(vshell, engine):
+    """On vLLM the prompt tokens --estimate counts are those the engine then gets (the
+    chat template and tokenizer), and the KV budget is the loaded engine's."""
+    vshell.ns["qs"] = [f"question {i} " * (i + 1) for i in range(12)]
+    out = vshell.ok("%%subchat root --each qs --estimate --sample 4 -n 4 --as e\n{item}?")
+    e = vshell.ns["e"]
+    assert e.exact and "counted with the model's tokenizer" in out, out
+    assert e.kv["kv_tokens"] == engine.kv_tokens > 0
+    assert f"rows in flight at max_model_len {engine.max_model_len}" in out
+    assert e.sample_rows == 4 and e.left == 8
+    vshell.ok("%%subchat root --each qs -n 4\n{item}?")
+    tree = default_session().tree
+    stored = sum(tree.get(f"root/qs/{i}").messages[1].provenance["prompt_tokens"]
+                 for i in range(12))
+    assert e.prompt_tokens == stored
