@@ -189,6 +189,10 @@ def check_estimate(args: Any) -> None:
     if args.estimate and args.each is None:
         raise UsageError("%%subchat: --estimate sizes a batch before it runs: it goes with "
                          "--each NAME (add --each, or leave --estimate out)")
+    if args.estimate and args.fresh:
+        raise UsageError("%%subchat: --estimate does not go with --fresh: its sample would "
+                         "start a new batch chat that the cell it gives (without --fresh) "
+                         "does not resume; estimate under a new --each name instead")
     if args.estimate and getattr(args, "tools", None) is not None:
         raise UsageError("%%subchat: --estimate goes with a batch without --tools (a tool "
                          "loop's rounds cannot be projected from a sample)")

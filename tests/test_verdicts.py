@@ -288,6 +288,7 @@ def test_estimate_bad_input_is_one_line_and_stores_nothing(shell):
         ("root -b echo --each qs --sample 2", "--sample K goes with --estimate"),
         ("root -b echo --each qs --estimate --sample -1", "--sample takes a number"),
         ("root -b echo --each qs --estimate --tools f", "without --tools"),
+        ("root -b echo --each qs --estimate --fresh", "does not go with --fresh"),
     ]:
         err = shell.fails(f"%%subchat {line}\n{{item}}")
         assert words in err and "\n" not in err.strip(), (line, err)
