@@ -5,10 +5,11 @@ in flight at ``max_model_len``), and a projected time and output-token count fro
 sample: the first ``--sample K`` rows to send, run for real as rows of the batch (the
 run that follows reuses them). Then it stops, saying the cell to run.
 
-The projection is the sample's pace: seconds and output tokens a row, with the sample
-run at the batch's own concurrency (``min(K, in flight)`` rows at once), times the rows
-left. A remote backend answers at that concurrency whatever the batch's size; an engine
-batching many more rows at once than the sample may go faster than projected.
+The projection: output tokens are the sample's a row times the rows left; time comes
+from the sample run as two groups (a quarter of it, then the rest), whose two timings
+give a wave's fixed time and each row's share, and the rows left run in waves of as many
+rows as the run keeps in flight (``--concurrency``, capped by an engine's ``max_num_seqs``
+and KV cache). ``bench/bench_verdicts.py`` checks it against the real run.
 
 A caller of the batch (as :mod:`subchat_magics.multibatch`); never IPython.
 """
@@ -66,6 +67,7 @@ class Estimate:
     projected_s: float | None = None
     projected_out_tokens: int | None = None
     cell: str | None = None
+    model: str = ""  # how the projection was made
     notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -98,8 +100,8 @@ class Estimate:
                        + " (kept: they are rows of the batch)")
         if self.projected_s is not None:
             out.append(f"projected for the {self.left} row(s) left: ~{_duration(self.projected_s)}, "
-                       f"~{self.projected_out_tokens:,} output tokens (the sample's pace, "
-                       f"{min(self.sample_rows, self.in_flight)} in flight)")
+                       f"~{self.projected_out_tokens:,} output tokens (from the sample: "
+                       f"{self.model})")
         elif self.to_send and not self.sample_rows:
             out.append("projected: no row was timed (--sample 0)")
         out += [f"note: {n}" for n in self.notes]
@@ -163,31 +165,67 @@ def pending_rows(batch: Batch) -> list[Row]:
     return [r for r in batch.rows if r.status == "pending" and not r.reused]
 
 
+def wave(est: Estimate) -> int:
+    """Rows the run keeps in flight at once: the batch's concurrency (in sequences, a row
+    being ``sequences`` of them), capped by an engine's ``max_num_seqs`` and by the KV
+    cache at this batch's length."""
+    seqs = max(1, est.sequences)
+    rows = max(1, est.in_flight // seqs) if est.in_flight >= seqs else 1
+    kv = est.kv or {}
+    if kv.get("max_num_seqs"):
+        rows = min(rows, max(1, int(kv["max_num_seqs"]) // seqs))
+    if kv.get("kv_tokens"):
+        need = est.prompt_tokens / max(1, est.to_send) / seqs + est.max_tokens
+        rows = min(rows, max(1, int(kv["kv_tokens"] // max(1.0, need)) // seqs))
+    return rows
+
+
 def sample(est: Estimate, batch: Batch, k: int, run: Callable[[], Any]) -> Estimate:
     """Run the first ``k`` rows to send (the others held back), timed, and project the
-    rest from their pace. ``run`` runs the batch (plain or with several answers)."""
+    rest. ``run`` runs the batch (plain or with several answers). With 4 rows or more the
+    sample runs as two groups, a quarter then the rest: two timings give a wave's fixed
+    time and each row's share of it, so the projection follows how the backend batches
+    (a remote server at ``--concurrency`` takes about as long for 1 row as for 4; an
+    engine's step grows with its batch); the rest runs in waves of :func:`wave` rows."""
     todo = pending_rows(batch)
     chosen, held = todo[:k], todo[k:]
+    est.left = len(held)
     if not chosen:
-        est.left = 0
         return est
-    for r in held:  # the run sends only pending rows that are not reused
-        r.status, r.reused = "held", True
-    t0 = time.perf_counter()
-    try:
-        run()
-    finally:
-        for r in held:
-            r.status, r.reused = "pending", False
-    est.sample_s = time.perf_counter() - t0
+    split = max(1, len(chosen) // 4)
+    groups = [chosen[:split], chosen[split:]] if len(chosen) >= 4 else [chosen]
+    times: list[float] = []
+    for g, group in enumerate(groups):
+        later = [r for gg in groups[g + 1:] for r in gg]
+        waiting = held + later
+        for r in waiting:  # the run sends only pending rows that are not reused
+            r.status, r.reused = "held", True
+        batch._started = False  # (each group is one run of the planned batch)
+        t0 = time.perf_counter()
+        try:
+            run()
+        finally:
+            times.append(time.perf_counter() - t0)
+            for r in waiting:
+                r.status, r.reused = "pending", False
+            for r in group:
+                r.reused = r.reused or r.status == "done"  # not sent again by the next group
+    est.sample_s = sum(times)
     est.sample_rows = len(chosen)
     est.sample_out_tokens = sum(r.completion_tokens for r in chosen)
     est.sample_failed = sum(1 for r in chosen if r.status != "done")
-    est.left = len(held)
     timed = max(1, len(chosen) - est.sample_failed)
-    # rows run min(k, in flight) at a time: the sample's seconds a row at that concurrency
-    est.projected_s = est.sample_s / len(chosen) * est.left
     est.projected_out_tokens = int(round(est.sample_out_tokens / timed * est.left))
+    w = min(wave(est), max(1, est.left))
+    if len(groups) == 2:
+        (n1, n2), (t1, t2) = (len(groups[0]), len(groups[1])), times
+        per_row = max(0.0, (t2 - t1) / (n2 - n1)) if n2 != n1 else 0.0
+        fixed = max(0.0, t1 - per_row * n1)
+        est.model = f"a wave of {w} row(s): {fixed:.2f} s + {per_row:.3f} s a row"
+        est.projected_s = math.ceil(est.left / w) * (fixed + per_row * w) if est.left else 0.0
+    else:
+        est.model = f"{len(chosen)} row(s) at once"
+        est.projected_s = est.sample_s * math.ceil(est.left / max(1, len(chosen)))
     if est.sample_failed:
         est.notes.append(f"{est.sample_failed} sampled row(s) did not complete: "
                          "the projection counts them as they ran")

@@ -568,8 +568,11 @@ class Session:
 
     def vote_options(self, k: int | None, options: dict[str, Any]) -> list[GenerationOptions]:
         """The options of K samples (``--vote K``): sampled at 0.7 unless a temperature is
-        given (0 is refused: every sample would be the same answer), seeds ``seed + i``
-        (seed 1 by default), so the samples differ and a rerun gives the same ones."""
+        given (0 is refused: every sample would be the same answer). With ``--seed S`` the
+        samples are seeded ``S + i`` (a rerun gives the same ones); without, they are
+        unseeded draws: they differ, and an engine samples them all with its one random
+        generator (on vLLM a seeded sample costs a generator of its own at every step:
+        ~10% of a large vote batch's time on the CPU engine, see bench_verdicts)."""
         k = verdict.check_vote(k)
         if k is None:
             raise InvalidInput("--answer goes with --vote K (the samples' answers are compared)")
@@ -579,8 +582,9 @@ class Session:
         elif base.temperature == 0:
             raise InvalidInput("--vote samples several answers; at --temperature 0 every sample "
                                "is the same: give a temperature above 0 (or leave it out: 0.7)")
-        seed = 1 if base.seed is None else base.seed
-        return [base.replace(seed=seed + i) for i in range(k)]
+        if base.seed is None:
+            return [base.replace() for _ in range(k)]
+        return [base.replace(seed=base.seed + i) for i in range(k)]
 
     def vote(self, path: "str | int | Chat | None", text: str, k: int | None, *,
              answer: str | None = None, backend: "str | Backend | None" = None,

@@ -17,6 +17,7 @@ from . import estimate, notebook, verdict
 from .batch import fields_of
 from .batch_view import BatchProgress
 from .errors import BackendError, InvalidInput
+from .magic_args import in_kernel
 from .multibatch import MultiBatch, Side
 from .secrets import redact
 
@@ -228,6 +229,30 @@ def cell_line(line: str) -> str:
     return " ".join(line.split())
 
 
+def plot_scores(scores: list[verdict.Score]) -> bool:
+    """A small bar plot of the accuracies, where matplotlib is installed (imported only
+    here); False (nothing drawn: the printed table stands) without it or without scores.
+    Called where a notebook can draw (a kernel)."""
+    import importlib.util
+
+    if not scores or importlib.util.find_spec("matplotlib") is None:
+        return False
+    import matplotlib.pyplot as plt  # an optional heavy package: only when drawing
+    from IPython.display import display
+
+    fig, ax = plt.subplots(figsize=(5, 0.45 * len(scores) + 0.8))
+    ax.barh([s.name for s in scores][::-1], [s.accuracy for s in scores][::-1])
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("accuracy")
+    for i, s in enumerate(scores[::-1]):
+        ax.text(min(s.accuracy, 0.98), i, f" {s.correct}/{s.n}", va="center",
+                ha="right" if s.accuracy > 0.85 else "left")
+    fig.tight_layout()
+    display(fig)
+    plt.close(fig)
+    return True
+
+
 def show_scores(m: Any, run: MultiBatch, labels: list[Any]) -> list[verdict.Score]:
     """Accuracy per model (with and without the vote), the confusion table and the rows
     that disagree; a bar plot where matplotlib is installed (in a notebook)."""
@@ -250,6 +275,8 @@ def show_scores(m: Any, run: MultiBatch, labels: list[Any]) -> list[verdict.Scor
             rows = [run.rows[i].name for i in sc.wrong[:10]]
             print(f"disagreeing rows ({sc.name}): {', '.join(map(str, rows))}"
                   + (" …" if len(sc.wrong) > 10 else ""))
+    if in_kernel(m.shell):
+        plot_scores(scores)
     return scores
 
 
