@@ -59,6 +59,7 @@ class Estimate:
     sequences: int  # sequences a row (samples x models)
     in_flight: int
     kv: dict[str, Any] | None = None
+    sides: int = 1  # models a row
     sample_rows: int = 0
     sample_s: float = 0.0
     sample_out_tokens: int = 0
@@ -69,6 +70,12 @@ class Estimate:
     cell: str | None = None
     model: str = ""  # how the projection was made
     notes: list[str] = field(default_factory=list)
+
+    def seq_tokens(self) -> float:
+        """KV tokens one sequence takes at most: its prompt (an engine's samples of one
+        row share the prompt's blocks) and ``max_tokens``."""
+        prompts = self.prompt_tokens / max(1, self.to_send) / max(1, self.sides)
+        return prompts + self.max_tokens
 
     def lines(self) -> list[str]:
         out = [f"estimate for {self.path}: {self.rows} rows"
@@ -81,7 +88,7 @@ class Estimate:
                    + (f"; {self.too_long} row(s) do not fit the window" if self.too_long else ""))
         kv = self.kv
         if kv and kv.get("kv_tokens"):
-            need = per / max(1, self.sequences) + self.max_tokens
+            need = self.seq_tokens()
             fit = int(kv["kv_tokens"] // max(1.0, need))
             if kv.get("max_num_seqs"):
                 fit = min(fit, int(kv["max_num_seqs"]))
@@ -158,7 +165,7 @@ def count(batch: Batch, sides: Sequence[Side]) -> Estimate:
     return Estimate(batch.path, len(rows), len(rows) - len(todo), len(batch.rows) - len(rows),
                     len(todo), total, exact, how, longest, too_long,
                     int(sides[0].options.max_tokens), sum(s.k for s in sides),
-                    batch.in_flight, kv)
+                    batch.in_flight, kv, len(sides))
 
 
 def pending_rows(batch: Batch) -> list[Row]:
@@ -175,7 +182,7 @@ def wave(est: Estimate) -> int:
     if kv.get("max_num_seqs"):
         rows = min(rows, max(1, int(kv["max_num_seqs"]) // seqs))
     if kv.get("kv_tokens"):
-        need = est.prompt_tokens / max(1, est.to_send) / seqs + est.max_tokens
+        need = est.seq_tokens()
         rows = min(rows, max(1, int(kv["kv_tokens"] // max(1.0, need)) // seqs))
     return rows
 
