@@ -35,6 +35,7 @@ from .vote import MARK as VOTE_MARK
 from .vote import sample_answer, store_verdict
 
 DUPLICATE = "duplicate_of"  # provenance of a row filled from an identical prompt's reply
+START_CHUNK = 64  # rows made and submitted together (measured: 16, 64, 256 within noise; 64 a hair faster)
 
 
 @dataclass
@@ -224,7 +225,7 @@ class MultiBatch:
                 per_row = max(s.k for s in self.sides)
                 while pending and max(r.in_flight for r in runners) + per_row <= max(limit, per_row):
                     room = (max(limit, per_row) - max(r.in_flight for r in runners)) // per_row
-                    self._start([pending.popleft() for _ in range(min(len(pending), room, 16))],
+                    self._start([pending.popleft() for _ in range(min(len(pending), room, START_CHUNK))],
                                 runners)
                 for r in runners:
                     if r.flying:
