@@ -1008,8 +1008,9 @@ def summaries(tree: ChatTree, counts: dict[int, int] | None = None) -> dict[int,
     candidates = [c for c in tree.chats() if not counts.get(c.id) and c.children]
     out: dict[int, Summary] = {}
     for chat in candidates:
+        names = {c.id: c.name for c in chat.children}
         firsts = {cid: ex[1] for cid, ex in first_exchanges(tree, chat).items() if len(ex) > 1}
-        marked = [ex[3] for ex in firsts.values() if isinstance(ex[3].get(MARK), dict)]
+        marked = [ex[3] for cid, ex in firsts.items() if marks_row(names.get(cid, ""), ex[3])]
         if not marked:
             continue
         total = max(int(p[MARK].get("of") or 0) for p in marked)
@@ -1031,13 +1032,28 @@ def summaries(tree: ChatTree, counts: dict[int, int] | None = None) -> dict[int,
     return out
 
 
+def marks_row(name: str, provenance: dict[str, Any]) -> bool:
+    """Whether a first reply in the subchat ``name`` is a batch row's: it carries the
+    batch mark naming that row (a vote's samples ``1..K``, a comparison's model subchats
+    and ``attempt-K`` subchats name another chat: their parent is not a batch chat)."""
+    mark = provenance.get(MARK)
+    return isinstance(mark, dict) and ("item" not in mark or str(mark["item"]) == name)
+
+
 def is_batch_chat(tree: ChatTree, chat: Chat) -> bool:
-    """Whether ``chat`` is a batch chat: no messages, and subchats whose first replies
-    carry the batch mark."""
-    if not tree.children(chat) or tree.store.message_count(chat.id):
+    """Whether ``chat`` is a batch chat: no messages, and subchats that are its rows (a
+    row's first reply carries the batch mark naming it; a comparison's row holds nothing
+    and its models' subchats carry the mark naming the row)."""
+    kids = tree.children(chat)
+    if not kids or tree.store.message_count(chat.id):
         return False
-    return any(len(ex) > 1 and isinstance(ex[1][3].get(MARK), dict)
-               for ex in first_exchanges(tree, chat).values())
+    names = {c.id: c.name for c in kids}
+    firsts = first_exchanges(tree, chat)
+    if any(len(ex) > 1 and marks_row(names[cid], ex[1][3]) for cid, ex in firsts.items()):
+        return True
+    return any(len(ex) > 1 and marks_row(k.name, ex[1][3])
+               for k in kids if k.id not in firsts and k.children
+               for ex in first_exchanges(tree, k).values())
 
 
 def check_not_batch(tree: ChatTree, chats: list[Chat]) -> None:

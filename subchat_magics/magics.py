@@ -25,6 +25,7 @@ from .batch_view import BatchProgress, BatchTemplate, stored_refs
 from .commands import COMMANDS
 from .errors import BackendError, ChatNotFound, InvalidInput, SubchatError
 from .magic_args import in_kernel, parse_line, usage_errors
+from .multibatch import run_plain
 from .secrets import redact
 from .session import Session, check_backend_name, default_session
 from .streaming import Coalescer
@@ -345,6 +346,12 @@ class SubchatMagics(Magics):
               help="With --each: a column of the DataFrame (or a list variable of the same "
                    "length) holding the right answers: accuracy (per model), a confusion "
                    "table and the rows that disagree.")
+    @argument("--estimate", action="store_true", default=None,
+              help="With --each: before the batch, the rows, their prompt tokens (the model's "
+                   "tokenizer on vLLM), the KV budget, and a projected time and output tokens "
+                   "from a timed sample (kept as rows of the batch); then it stops.")
+    @argument("--sample", type=int, default=None, metavar="K",
+              help="With --estimate: the rows timed (default 4; 0: count only).")
     @cell_magic
     @usage_errors("%%subchat")
     def subchat(self, line: str, cell: str) -> None:
@@ -376,6 +383,8 @@ class SubchatMagics(Magics):
             Fix this cell: {In[-1]} It raised: {Err[-1]}
         """
         args = parse_line(self.subchat, self._line(line, path_first=True))
+        args.line = line
+        verdicts.check_estimate(args)
         check_var(args.var, "--var")
         fanout = args.fanout is not None or args.children is not None
         if args.format == "code" and fanout:
@@ -686,8 +695,12 @@ class SubchatMagics(Magics):
             print(f"note: a key was masked in {', '.join(dict.fromkeys(fill.masked))} before "
                   "sending")
         view = BatchProgress(self.shell, batch.path)
+        if args.estimate:
+            return verdicts.estimate_each(self, args, batch, [verdicts.estimate.Side(
+                batch.backend, batch.make_exchange(batch.chat, "x").options)],
+                lambda: batch.run(view), view)
         try:
-            batch.run(view)
+            run_plain(batch, view)  # identical prompts at temperature 0 sent once
         except KeyboardInterrupt:
             view.close()
             self._each_done(batch.result(), args.as_var, interrupted=True)

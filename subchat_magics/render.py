@@ -9,7 +9,7 @@ import shlex
 import time
 from typing import Any
 
-from . import batch
+from . import batch, scores
 from .errors import InvalidInput
 from .exchange import CONFIG_SYSTEM, system_in_force
 from .tree import Chat, ChatTree, Message
@@ -116,6 +116,14 @@ def batch_summary(tree: ChatTree, chat: Chat, markdown: bool = False) -> list[st
     its first failures (None when ``chat`` is not a batch chat)."""
     if not batch.is_batch_chat(tree, chat):
         return None
+    board = scores.board(tree, chat)
+    if board is not None and board.compare:
+        # a comparison's row holds one subchat per model: a row is done when every model is
+        return [f"batch of {board.total} rows, {len(board.sides)} models "
+                f"({', '.join(map(str, board.sides))}): {board.done}/{board.total} done",
+                *board.lines(),
+                f"rows: {chat.path}/<index>/<model> (%subchat show {chat.path}/"
+                f"{board.rows[0] if board.rows else 0}/{board.sides[0]} -p)"]
     stored = batch.stored_rows(tree, chat)
     latest = [(name, st.latest) for name, st in stored.items() if st.latest is not None]
     total = max([int((a.provenance.get(batch.MARK) or {}).get("of") or 0) for _, a in latest]
@@ -144,6 +152,8 @@ def batch_summary(tree: ChatTree, chat: Chat, markdown: bool = False) -> list[st
                    f"{(latest[0][1].user or '')[:120]!r}")
     for name, a in failed[:3]:
         out.append(f"failed: {chat.path}/{name}: {a.provenance.get('error') or a.provenance.get('finish_reason')}")
+    if board is not None:
+        out.extend(board.lines())
     out.append(f"rows: {chat.path}/<index> (%subchat show {chat.path}/{latest[0][0] if latest else 0} -p)")
     return out
 

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from . import batch as batch_mod
 from . import compare as compare_mod
+from . import estimate as estimate_mod
 from . import exchange, verdict
 from .backends.base import Availability, Backend, GenerationOptions
 from .backends.registry import Selection, registry
@@ -28,6 +29,7 @@ from .batch import Batch, BatchResult
 from .errors import ChatNotFound, InvalidInput, SubchatError
 from .events import Listener, Listeners
 from .exchange import check_backend_name, check_prompt, check_text
+from .multibatch import run_plain
 from .settings import getenv, where
 from .toolrun import MAX_ROUNDS, Approver, ToolRun, run_calls
 from .tools import Toolset
@@ -65,12 +67,28 @@ class Tree(ChatTree):
         return self.session.send(chat, text, **kwargs)
 
     def batch(self, path: "str | int | Chat", items: Any, prompt: Callable[[Any, Any], str],
-              progress: Callable[[Any], None] | None = None, **kwargs: Any) -> BatchResult:
+              progress: Callable[[Any], None] | None = None, *, estimate: bool = False,
+              sample: int | None = None, **kwargs: Any) -> "BatchResult | estimate_mod.Estimate":
         """Send ``prompt(item, index)`` for every item into ``PATH/NAME/<index>`` and wait:
         ``tree.batch("root", questions, lambda q, i: f"Answer briefly: {q}", name="qs")``.
         Returns the results in input order and the run's figures (see
-        :meth:`Session.batch` for the options); a rerun sends only what is not done."""
-        return self.session.batch(path, items, prompt, **kwargs).run(progress)
+        :meth:`Session.batch` for the options); a rerun sends only what is not done.
+        At temperature 0 identical prompts are sent once (the copies marked ``duplicate_of``).
+
+        ``estimate=True``: size the batch instead (rows, prompt tokens, the KV budget, a
+        projection from ``sample`` rows run for real and kept; default 4) and return the
+        :class:`~subchat_magics.estimate.Estimate` (``.lines()`` says it)."""
+        if sample is not None and not estimate:
+            raise InvalidInput("sample= goes with estimate=True (the rows it times)")
+        k = estimate_mod.check_sample(sample) if estimate else 0
+        planned = self.session.batch(path, items, prompt, **kwargs)
+        if not estimate:
+            return run_plain(planned, progress)
+        if planned.run_tools is not None:
+            raise InvalidInput("estimate=True goes with a batch without tools")
+        est = estimate_mod.count(planned, [estimate_mod.Side(
+            planned.backend, planned.make_exchange(planned.chat, "x").options)])
+        return estimate_mod.sample(est, planned, k, lambda: planned.run(progress))
 
 
 def open_tree(path: str | os.PathLike[str] | None = None) -> Tree:
@@ -550,8 +568,11 @@ class Session:
 
     def vote_options(self, k: int | None, options: dict[str, Any]) -> list[GenerationOptions]:
         """The options of K samples (``--vote K``): sampled at 0.7 unless a temperature is
-        given (0 is refused: every sample would be the same answer), seeds ``seed + i``
-        (seed 1 by default), so the samples differ and a rerun gives the same ones."""
+        given (0 is refused: every sample would be the same answer). With ``--seed S`` the
+        samples are seeded ``S + i`` (a rerun gives the same ones); without, they are
+        unseeded draws: they differ, and an engine samples them all with its one random
+        generator (on vLLM a seeded sample costs a generator of its own at every step:
+        ~10% of a large vote batch's time on the CPU engine, see bench_verdicts)."""
         k = verdict.check_vote(k)
         if k is None:
             raise InvalidInput("--answer goes with --vote K (the samples' answers are compared)")
@@ -561,8 +582,9 @@ class Session:
         elif base.temperature == 0:
             raise InvalidInput("--vote samples several answers; at --temperature 0 every sample "
                                "is the same: give a temperature above 0 (or leave it out: 0.7)")
-        seed = 1 if base.seed is None else base.seed
-        return [base.replace(seed=seed + i) for i in range(k)]
+        if base.seed is None:
+            return [base.replace() for _ in range(k)]
+        return [base.replace(seed=base.seed + i) for i in range(k)]
 
     def vote(self, path: "str | int | Chat | None", text: str, k: int | None, *,
              answer: str | None = None, backend: "str | Backend | None" = None,

@@ -13,10 +13,11 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
-from . import notebook, verdict
+from . import estimate, notebook, verdict
 from .batch import fields_of
 from .batch_view import BatchProgress
-from .errors import BackendError
+from .errors import BackendError, InvalidInput
+from .magic_args import in_kernel
 from .multibatch import MultiBatch, Side
 from .secrets import redact
 
@@ -154,8 +155,13 @@ def run_each(m: Any, args: Any, template: str, opts: dict[str, Any]) -> None:
                           known=lambda n: n in ns, **opts)
     if not sides:
         sides = [Side(None, batch.selection, per or [batch.make_exchange(batch.chat, "x").options])]
-    run = MultiBatch(batch, sides, pattern=pattern, default_system=session.defaults.system_prompt)
+    run = MultiBatch(batch, sides, pattern=pattern, default_system=session.defaults.system_prompt,
+                     labels=labels)
     view = BatchProgress(m.shell, batch.path)
+    if args.estimate:
+        return estimate_each(m, args, batch, [
+            estimate.Side(s.selection.candidates[0], s.options[0], s.k, s.name) for s in sides],
+            lambda: run.run(view), view)
     try:
         run.run(view)
     except KeyboardInterrupt:
@@ -175,6 +181,76 @@ def run_each(m: Any, args: Any, template: str, opts: dict[str, Any]) -> None:
     if args.as_var:
         m.shell.user_ns[args.as_var] = (run.table(result.index) if (k or args.compare)
                                         else result.output(args.as_var))
+
+
+def check_estimate(args: Any) -> None:
+    """``--estimate``/``--sample`` go with ``--each`` (before anything is touched)."""
+    if args.sample is not None and not args.estimate:
+        raise UsageError("%%subchat: --sample K goes with --estimate (the rows it times)")
+    if args.estimate and args.each is None:
+        raise UsageError("%%subchat: --estimate sizes a batch before it runs: it goes with "
+                         "--each NAME (add --each, or leave --estimate out)")
+    if args.estimate and args.fresh:
+        raise UsageError("%%subchat: --estimate does not go with --fresh: its sample would "
+                         "start a new batch chat that the cell it gives (without --fresh) "
+                         "does not resume; estimate under a new --each name instead")
+    if args.estimate and getattr(args, "tools", None) is not None:
+        raise UsageError("%%subchat: --estimate goes with a batch without --tools (a tool "
+                         "loop's rounds cannot be projected from a sample)")
+    if args.estimate:
+        try:
+            estimate.check_sample(args.sample)
+        except InvalidInput as exc:
+            raise UsageError(f"%%subchat: {exc}") from None
+
+
+def estimate_each(m: Any, args: Any, batch: Any, sides: list[Any], run: Any, view: Any) -> None:
+    """``--estimate``: count, time ``--sample K`` rows (kept), project, print the cell to run."""
+    est = estimate.count(batch, sides)
+    try:
+        estimate.sample(est, batch, estimate.check_sample(args.sample), run)
+    except KeyboardInterrupt:
+        view.close()
+        raise KeyboardInterrupt from None
+    view.close()
+    est.cell = "%%subchat " + cell_line(getattr(args, "line", "") or "") + "  (the same cell without --estimate)"
+    for line in est.lines():
+        print(line)
+    if args.as_var:
+        m.shell.user_ns[args.as_var] = est
+
+
+def cell_line(line: str) -> str:
+    """The options line without ``--estimate`` and ``--sample K``."""
+    import re
+
+    line = re.sub(r"(^|\s)--estimate(?=\s|$)", " ", line)
+    line = re.sub(r"(^|\s)--sample(\s+|=)\S+", " ", line)
+    return " ".join(line.split())
+
+
+def plot_scores(scores: list[verdict.Score]) -> bool:
+    """A small bar plot of the accuracies, where matplotlib is installed (imported only
+    here); False (nothing drawn: the printed table stands) without it or without scores.
+    Called where a notebook can draw (a kernel)."""
+    import importlib.util
+
+    if not scores or importlib.util.find_spec("matplotlib") is None:
+        return False
+    import matplotlib.pyplot as plt  # an optional heavy package: only when drawing
+    from IPython.display import display
+
+    fig, ax = plt.subplots(figsize=(5, 0.45 * len(scores) + 0.8))
+    ax.barh([s.name for s in scores][::-1], [s.accuracy for s in scores][::-1])
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("accuracy")
+    for i, s in enumerate(scores[::-1]):
+        ax.text(min(s.accuracy, 0.98), i, f" {s.correct}/{s.n}", va="center",
+                ha="right" if s.accuracy > 0.85 else "left")
+    fig.tight_layout()
+    display(fig)
+    plt.close(fig)
+    return True
 
 
 def show_scores(m: Any, run: MultiBatch, labels: list[Any]) -> list[verdict.Score]:
@@ -199,6 +275,8 @@ def show_scores(m: Any, run: MultiBatch, labels: list[Any]) -> list[verdict.Scor
             rows = [run.rows[i].name for i in sc.wrong[:10]]
             print(f"disagreeing rows ({sc.name}): {', '.join(map(str, rows))}"
                   + (" …" if len(sc.wrong) > 10 else ""))
+    if in_kernel(m.shell):
+        plot_scores(scores)
     return scores
 
 

@@ -159,3 +159,137 @@ def test_bad_input_is_one_line_and_stores_nothing(shell):
         err = shell.fails(f"%%subchat {line}\n{{q}}")
         assert words in err and "\n" not in err.strip(), (line, err)
         assert _count(shell) == before, line
+
+
+def test_a_vote_or_comparison_row_is_not_taken_for_a_batch_chat(shell):
+    """A row of a comparison holds nothing and its model subchats carry the batch mark;
+    a vote's samples 1..K and attempt-K subchats hang below rows too: none of them makes
+    its parent a batch chat. The batch chat itself is one (show sums it up)."""
+    from subchat_magics import batch
+    from subchat_magics.session import default_session
+
+    shell.ns["qs"] = ["x", "y"]
+    shell.ok("%%subchat root/v -b echo --vote 3 --choice yes,no\nIs it?")
+    shell.ok("%%subchat root --each qs -b echo --vote 3 --choice yes,no\n{item}?")
+    shell.ok("%%subchat root --each qs --compare echo,echo:other\n{item}?")  # attempt-2 rows
+    shell.ns["ps"] = ["p"]
+    shell.ok("%%subchat root --each ps --compare echo,echo:other --vote 2\n{item}?")
+    tree = default_session().tree
+    flagged = {c.path for c in tree.chats() if batch.is_batch_chat(tree, c)}
+    assert flagged == {"root/qs", "root/ps"}
+    assert set(batch.summaries(tree)) == {tree.get("root/qs").id}
+    assert "batch of" not in shell.ok("%subchat show root/ps/0")
+    assert "batch of" not in shell.ok("%subchat show root/qs/0/attempt-2")
+    out = shell.ok("%subchat show root/ps")
+    assert "batch of 1 rows, 2 models (echo, other): 1/1 done" in out
+
+
+def test_show_of_a_labelled_batch_prints_its_scores(shell):
+    """--labels keeps each row's label in its batch mark: show of the batch chat scores
+    the rows as stored (accuracy with and without the vote, confusion, disagreeing rows;
+    agreement between models), a later session included."""
+    from subchat_magics.session import reset_default_session
+
+    shell.ns["df"] = pd.DataFrame({"q": ["a", "b", "c"], "gold": ["yes", "no", "yes"]})
+    shell.ok("%%subchat root -b echo --each df --vote 3 --choice yes,no --labels gold\n{q}?")
+    shell.ns["gold"] = ["yes", "no"]
+    shell.ns["ps"] = ["p", "q"]
+    shell.ok("%%subchat root --each ps --compare echo,echo:other --choice yes,no "
+             "--labels gold\n{item}?")
+    reset_default_session()  # what show reads is in the store, not in this session
+    out = shell.ok("%subchat show root/df")
+    assert "batch of 3 rows: 3/3 done" in out
+    assert "answers (vote): accuracy 2/3 (67%)" in out
+    assert "answers (first sample, no vote): accuracy 2/3" in out
+    assert "disagreeing rows (answers (vote)): 1" in out
+    assert "label \\ answer" in out
+    out = shell.ok("%subchat show root/ps")
+    assert "echo: accuracy 1/2" in out and "other: accuracy 1/2" in out
+    assert "echo vs other: agreement 2/2" in out
+    shell.ns["plain"] = ["p", "q"]
+    shell.ok("%%subchat root -b echo --each plain\n{item}")
+    shown = shell.ok("%subchat show root/plain")
+    assert "2/2 done" in shown and "accuracy" not in shown  # no labels: no scores
+
+
+def test_identical_prompts_at_temperature_0_are_sent_once(shell):
+    """A plain batch at temperature 0: a repeated message is sent once, each copy
+    filled from the first (marked duplicate_of in its provenance) and counted in the
+    summary's notes; a rerun reuses every row."""
+    from subchat_magics.session import default_session
+
+    shell.ns["qs"] = ["same", "other", "same", "same"]
+    out = shell.ok("%%subchat root -b echo --each qs -t 0 --as r\n{item}")
+    assert "4 done" in out and "2 row(s) repeat an earlier row's message" in out
+    tree = default_session().tree
+    provs = [tree.get(f"root/qs/{i}").messages[1].provenance for i in range(4)]
+    assert [p.get("duplicate_of") for p in provs] == [None, None, "root/qs/0", "root/qs/0"]
+    assert provs[2]["batch"]["item"] == "2" and provs[3]["prompt_tokens"] == 0
+    assert shell.ns["r"] == [tree.get("root/qs/0").messages[1].content, shell.ns["r"][1],
+                             shell.ns["r"][0], shell.ns["r"][0]]
+    again = shell.ok("%%subchat root -b echo --each qs -t 0 --as r\n{item}")
+    assert "4 done (4 reused)" in again
+    sampled = shell.ok("%%subchat root -b echo --each qs -t 0.5 --fresh\n{item}")
+    assert "repeat" not in sampled  # sampled: every row is its own draw
+
+
+def test_estimate_counts_times_a_sample_kept_as_rows_and_stops(shell):
+    """--estimate: the rows after --limit, their prompt tokens (estimated on echo, and
+    said so), the KV budget, a projection from --sample K rows that are real rows of the
+    batch; nothing else is sent, and the cell to run is said. That run reuses the sample."""
+    from subchat_magics.session import default_session
+
+    shell.ns["qs"] = [f"question number {i}" for i in range(10)]
+    out = shell.ok("%%subchat root -b echo --each qs --limit 8 --estimate --sample 3 --as e\n"
+                   "{item}?")
+    e = shell.ns["e"]
+    assert "estimate for root/qs: 8 rows, 8 to send" in out
+    assert "estimated (UTF-8 bytes / 3" in out and "KV budget: the server's" in out
+    assert e.sample_rows == 3 and e.left == 5 and e.projected_out_tokens > 0
+    assert "to run it: %%subchat root -b echo --each qs --limit 8 --as e " in out
+    tree = default_session().tree
+    sent = [c.name for c in tree.children(tree.get("root/qs")) if c.messages]
+    assert sent == ["0", "1", "2"]
+    again = shell.ok("%%subchat root -b echo --each qs --limit 8 --as e\n{item}?")
+    assert "8 done (3 reused)" in again
+    again = shell.ok("%%subchat root -b echo --each qs --estimate --sample 0\n{item}?")
+    assert "10 rows (8 done before, 2 to send)" in again and "--sample 0" in again
+    assert len([c for c in tree.children(tree.get("root/qs")) if c.messages]) == 8
+
+
+def test_estimate_of_a_vote_batch_runs_its_sample_as_vote_rows(shell):
+    shell.ns["df"] = pd.DataFrame({"q": list("abcdef"), "gold": ["yes"] * 6})
+    out = shell.ok("%%subchat root -b echo --each df --vote 3 --choice yes,no --labels gold "
+                   "--estimate --sample 2\n{q}?")
+    assert "sample: 2 row(s)" in out and "projected for the 4 row(s) left" in out
+    out = shell.ok("%%subchat root -b echo --each df --vote 3 --choice yes,no --labels gold\n{q}?")
+    assert "6 done (2 reused)" in out and "accuracy 6/6" in out
+
+
+def test_estimate_through_the_python_api(workdir):
+    from subchat_magics.session import open_tree
+
+    tree = open_tree(workdir / "t.db")
+    est = tree.batch("root", ["a", "b", "c", "d"], lambda q, i: f"Say {q}", name="qs",
+                     backend="echo", estimate=True, sample=1)
+    assert (est.rows, est.sample_rows, est.left) == (4, 1, 3) and not est.exact
+    assert any(line.startswith("projected") for line in est.lines())
+    done = tree.batch("root", ["a", "b", "c", "d"], lambda q, i: f"Say {q}", name="qs",
+                      backend="echo")
+    assert done.stats.reused == 1 and done.stats.done == 4
+
+
+def test_estimate_bad_input_is_one_line_and_stores_nothing(shell):
+    shell.ns["qs"] = ["a", "b"]
+    shell.ns["f"] = len
+    before = _count(shell)
+    for line, words in [
+        ("root/q -b echo --estimate", "--estimate sizes a batch before it runs: it goes with --each"),
+        ("root -b echo --each qs --sample 2", "--sample K goes with --estimate"),
+        ("root -b echo --each qs --estimate --sample -1", "--sample takes a number"),
+        ("root -b echo --each qs --estimate --tools f", "without --tools"),
+        ("root -b echo --each qs --estimate --fresh", "does not go with --fresh"),
+    ]:
+        err = shell.fails(f"%%subchat {line}\n{{item}}")
+        assert words in err and "\n" not in err.strip(), (line, err)
+        assert _count(shell) == before, line

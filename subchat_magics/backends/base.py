@@ -227,6 +227,17 @@ class Backend:
         exactly (a tokenizer at hand); None: it cannot say."""
         return None
 
+    def prompt_tokens(self, messages: Sequence[Message], options: GenerationOptions) -> int | None:
+        """The tokens ``messages`` take as the prompt this backend would send (its chat
+        template and tokenizer), where it can count them exactly; None: it cannot say
+        (``--estimate`` then estimates them, and says so)."""
+        return None
+
+    def kv_budget(self) -> dict[str, int | None] | None:
+        """The KV cache of an engine in this process (``kv_tokens``, ``max_model_len``,
+        ``max_num_seqs``, ``rows_in_flight``); None for a server's (not known here)."""
+        return None
+
     def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[str | Finish]:
         raise NotImplementedError
 

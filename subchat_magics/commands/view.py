@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .. import render
+from .. import batch, render, scores
 from ..magic_args import in_kernel
 from ..secrets import redact
+from ..verdict_view import plot_scores
 
 if TYPE_CHECKING:
     from ..magics import SubchatMagics
@@ -35,6 +36,10 @@ def show(m: "SubchatMagics", rest: list[str]) -> None:
     m._show(render.transcript(tree, chat, a.provenance, not a.own, default_system=system),
                render.transcript(tree, chat, a.provenance, not a.own, markdown=True,
                                  default_system=system))
+    if in_kernel(m.shell) and not chat.messages:  # a labelled batch chat: its scores drawn
+        board = scores.board(tree, chat) if batch.is_batch_chat(tree, chat) else None
+        if board is not None:
+            plot_scores(board.scores())
 
 
 def status(m: "SubchatMagics", rest: list[str]) -> None:

@@ -115,6 +115,19 @@ class VLLMBackend(Backend):
         engine = slot.active_engine()
         return engine.count_tokens(text) if engine is not None else None
 
+    def prompt_tokens(self, messages: Sequence[Message], options: GenerationOptions) -> int | None:
+        """The prompt's tokens as the engine would get them (the chat template rendered and
+        tokenized, the window fitted): the same preparation a request goes through."""
+        reply, _ = self._engine().prepare(messages, options)
+        return reply.prompt.length
+
+    def kv_budget(self) -> dict[str, int | None]:
+        """The loaded engine's KV cache: tokens, ``max_model_len``, ``max_num_seqs`` and
+        the rows of ``max_model_len`` tokens it holds at once."""
+        e = self._engine()
+        return {"kv_tokens": e.kv_tokens, "max_model_len": e.max_model_len,
+                "max_num_seqs": e.max_num_seqs, "rows_in_flight": e.rows_in_flight}
+
     def _engine(self) -> slot.Engine:
         engine = slot.active_engine()
         if engine is None:
@@ -285,10 +298,10 @@ class ToolsPool(Pool):
 
     def submit_samples(self, indices: Sequence[int], messages: Sequence[Message],
                        options: Sequence[GenerationOptions]) -> None:
-        """K samples of one message: one engine request with ``n=K`` (samples with tools
-        each run their own loop on a thread)."""
-        if any(o.tools for o in options):
-            super().submit_samples(indices, messages, options)
+        """K samples of one message (``--vote K``): ONE engine request with ``n=K``
+        (without this the base pool's K separate requests would be sent)."""
+        if any(o.tools for o in options):  # refused earlier; kept safe: one thread each
+            self.submit_many([(i, messages, o) for i, o in zip(indices, options)])
             return
         self._plain += len(indices)
         self.engine_pool.submit_samples(indices, messages, options)

@@ -402,6 +402,11 @@ def engine_facts(llm: Any) -> dict[str, Any]:
     mc = eng.model_config
     pc = eng.vllm_config.parallel_config
     cc = eng.vllm_config.cache_config
+    sc = getattr(eng.vllm_config, "scheduler_config", None)
+    dc = getattr(eng.vllm_config, "device_config", None)
+    blocks = getattr(cc, "num_gpu_blocks", None)
+    chunked = bool(getattr(sc, "enable_chunked_prefill", False))
+    cpu = str(getattr(dc, "device_type", "") or "") == "cpu"
     return {
         "model_path": str(getattr(mc, "model", "")),
         "max_model_len": int(mc.max_model_len),
@@ -409,6 +414,13 @@ def engine_facts(llm: Any) -> dict[str, Any]:
         "tensor_parallel_size": int(getattr(pc, "tensor_parallel_size", 1)),
         "block_size": int(cc.block_size or 0),
         "prefix_caching": bool(cc.enable_prefix_caching),
+        "kv_tokens": int(blocks) * int(cc.block_size or 0) if blocks else None,
+        "max_num_seqs": int(getattr(sc, "max_num_seqs", 0) or 0) or None,
+        # a seeded request whose prefill is cut into chunks has its sampled token thrown
+        # away and its generator rewound (``set_offset``), which a CPU torch.Generator
+        # cannot do ('CPU Generator does not use offset' kills the engine): on a CPU
+        # engine with chunked prefill, per-request seeds are not sent
+        "seeds": not (cpu and chunked),
     }
 
 

@@ -26,19 +26,20 @@ def structured_outputs(constraint: Constraint) -> dict[str, Any]:
 
 
 def sampling_params(options: GenerationOptions, max_tokens: int, constrain: bool = True,
-                    samples: int = 1) -> Any:
+                    samples: int = 1, seeds: bool = True) -> Any:
     """vLLM ``SamplingParams`` for ``options`` (streaming deltas); ``options.extra`` keys
     that are ``SamplingParams`` fields (``top_k``, ``repetition_penalty``…) pass through.
     ``options.constraint`` becomes vLLM's structured outputs unless ``constrain`` is false
     (thinking is on: the constraint would bind the thinking too; the reply is validated
     afterwards instead). ``samples`` > 1: one request of that many samples (``n``; the
-    engine gives sample ``i`` the seed ``seed + i``)."""
+    engine gives sample ``i`` the seed ``seed + i``). ``seeds`` False: the engine cannot
+    replay a seeded request (a CPU engine with chunked prefill), so no seed is sent."""
     base: dict[str, Any] = {
         "max_tokens": max_tokens,
         "temperature": float(options.temperature),
         "top_p": float(options.top_p),
     }
-    if options.seed is not None:
+    if options.seed is not None and seeds:
         base["seed"] = int(options.seed)
     if samples > 1:
         base["n"] = int(samples)

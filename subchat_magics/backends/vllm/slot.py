@@ -46,6 +46,10 @@ from .plan import (
 from .progress import LogPhases, LogTail
 from .requests import Reply, sampling_params
 
+SEED_NOTE = ("the seed was not sent: this CPU engine runs with chunked prefill, where vLLM "
+             "cannot replay a seeded request (load it with %load_vllm, which turns chunked "
+             "prefill off on a CPU)")
+
 
 class Engine:
     """A ``vllm.LLM``, the driver thread that alone calls it, and its prompt builder.
@@ -68,6 +72,9 @@ class Engine:
         self.tensor_parallel_size = facts["tensor_parallel_size"]
         self.block_size = facts["block_size"]
         self.prefix_caching = facts["prefix_caching"]
+        self.kv_tokens = facts.get("kv_tokens")
+        self.max_num_seqs = facts.get("max_num_seqs")
+        self.seeds = bool(facts.get("seeds", True))
         self.builder = PromptBuilder(llm.get_tokenizer(), self.max_model_len)
         self.driver = Driver(llm.llm_engine)
 
@@ -110,8 +117,20 @@ class Engine:
                                 "thinking is not on, and --think changes nothing")
         else:
             thinking = None
+        if options.seed is not None and not self.seeds:
+            prompt.notes.append(SEED_NOTE)
         return Reply(prompt, options, thinking), sampling_params(
-            options, prompt.max_tokens, constrain=thinking != "on", samples=samples)
+            options, prompt.max_tokens, constrain=thinking != "on", samples=samples,
+            seeds=self.seeds)
+
+    @property
+    def rows_in_flight(self) -> int | None:
+        """Sequences of ``max_model_len`` tokens the KV cache holds at once (capped by
+        ``max_num_seqs``); None where the engine does not say."""
+        if not self.kv_tokens or not self.max_model_len:
+            return None
+        rows = self.kv_tokens // self.max_model_len
+        return min(rows, self.max_num_seqs) if self.max_num_seqs else rows
 
     def thinks(self, options: GenerationOptions) -> bool:
         """Whether a request with ``options`` runs with thinking on."""
@@ -282,6 +301,10 @@ def load(settings: LoadSettings, echo: Callable[[str], None] | None = print) -> 
     n, caps = compat.detect_gpus()
     plan = _named(plan_load(settings, config, path, n, caps), settings, found)
     plan.kwargs.update(compat.coerce_engine_args(settings.engine_args))
+    if n == 0:
+        # a CPU engine: chunked prefill off, so seeded requests (--seed, --vote's samples)
+        # never meet the generator rewind a CPU torch.Generator cannot do
+        plan.kwargs.setdefault("enable_chunked_prefill", False)
     memory = _memory_plan(plan, config, found, compat.gpu_totals(n))
     if memory is not None:
         for line in memory.lines():
