@@ -35,6 +35,7 @@ from .backends.base import Backend, GenerationOptions
 from .backends.registry import Selection
 from .errors import InvalidInput, SubchatError
 from .exchange import Exchange, Runner
+from .prompting import TOO_LONG
 from .tree import Chat, ChatTree, normalize_path
 
 DEFAULT_CONCURRENCY = 4  # remote backends: requests in flight
@@ -248,6 +249,7 @@ class Row:
     attempt: int = 1  # 1: the row's own chat; k: its subchat attempt-k (a resend)
     target: int | None = None  # the chat the next attempt goes into, if it exists already
     cut_value: bool = False  # a value was cut to max_value_chars in its message
+    room_lowered: bool = False  # its reply room was lowered to fit the window
 
 
 # -- a row's identity: its whole request --------------------------------------------------------
@@ -554,6 +556,7 @@ class Batch:
         if cut and not any("cut at" in n for n in notes):
             notes.append(f"{cut} row(s) had a value cut at max_value_chars (see %config "
                          "SubchatMagics.max_value_chars); show -p of a row names it")
+        notes += fit_notes(self.rows)
         return BatchResult(self.path, self.rows, self.progress,
                            interrupted=any(r.status == "interrupted" for r in self.rows),
                            notes=notes, index=self.index)
@@ -724,6 +727,7 @@ class Batch:
             p.prompt_tokens += f.prompt_tokens or 0
             p.completion_tokens += f.completion_tokens or 0
         status = reply.status if reply is not None else "interrupted"
+        row.room_lowered = any(n.startswith("max_tokens lowered") for n in ex.notes)
         if (status == "complete" and self.run_tools is not None and f is not None
                 and f.tool_calls):
             self._calling.append((row, ex))  # its calls run after this step's commit
@@ -740,6 +744,21 @@ class Batch:
             row.reason = (reply.provenance.get("error") or reply.provenance.get("finish_reason")
                           if reply is not None else "error")
             p.failed += 1
+
+
+def fit_notes(rows: list[Row]) -> list[str]:
+    """What fitting the window did to rows: replies given less room, rows too long to
+    answer with their context (failed: a row never loses its instructions)."""
+    notes = []
+    low = sum(1 for r in rows if r.room_lowered and not r.reused)
+    if low:
+        notes.append(f"{low} row(s) had their reply room (max_tokens) lowered to fit the "
+                     "context window; show -p of a row names it")
+    long = sum(1 for r in rows if r.status == "failed" and TOO_LONG in str(r.reason or ""))
+    if long:
+        notes.append(f"{long} row(s) failed as {TOO_LONG} (the parent's messages are never "
+                     "dropped from a row); shorten those values or use a larger window")
+    return notes
 
 
 # -- resuming ---------------------------------------------------------------------------------------

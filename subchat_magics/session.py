@@ -680,7 +680,8 @@ class Session:
         check_text(system, "the system prompt")
         if template is not None and not template.strip():
             check_prompt(template)
-        opts = self.options(**options)
+        # a row keeps its context (the batch's instructions): never cut to fit a window
+        opts = self.options(**options, keep_context=True)
         plan = self.plan(backend, opts)
         first = plan.backend
         found = (items if isinstance(items, batch_mod.Items)

@@ -388,8 +388,13 @@ class OllamaBackend(_remote.RemoteBackend):
             return (f"{what} is too long for the context window: ~{both} prompt tokens (estimated), "
                     f"and num_ctx is {num_ctx}; shorten {what}, or {room}")
 
+        c = options.constraint
+        need = (max(estimate_tokens([{"role": "assistant", "content": x}]) for x in c.choices) + 1
+                if c is not None and c.kind == "choice" and c.choices and not options.think
+                and not options.tools else None)
         fit = fit_window(msgs, max_tokens, num_ctx, lambda kept: (estimate_tokens(kept), None),
-                         too_long, window="num_ctx")
+                         too_long, window="num_ctx", need=need,
+                         keep_context=options.keep_context)
         notes = list(fit.notes)
         if notes:
             notes.append("token counts for Ollama are estimated (~3 bytes of text a token; "

@@ -101,7 +101,8 @@ class Engine:
             think = False
         tools = [t.spec() for t in options.tools] if options.tools else None
         prompt = self.builder.build(messages, int(options.max_tokens), think=think, tools=tools,
-                                    prefill=prefill)
+                                    prefill=prefill, need=self.reply_need(options, think),
+                                    keep_context=options.keep_context)
         if self.builder.has_thinking_switch:
             thinking = "on" if think else "off"
         elif think:
@@ -112,6 +113,14 @@ class Engine:
             thinking = None
         return Reply(prompt, options, thinking), sampling_params(
             options, prompt.max_tokens, constrain=thinking != "on", samples=samples)
+
+    def reply_need(self, options: GenerationOptions, think: bool) -> int | None:
+        """The most tokens an answer can use, where the constraint bounds it (a
+        ``--choice`` without thinking: its longest choice and the stop token)."""
+        c = options.constraint
+        if c is None or c.kind != "choice" or not c.choices or think or options.tools:
+            return None
+        return max(len(self.builder.encode(x)) for x in c.choices) + 1
 
     def thinks(self, options: GenerationOptions) -> bool:
         """Whether a request with ``options`` runs with thinking on."""
