@@ -36,6 +36,7 @@ from .backends.registry import Selection
 from .errors import InvalidInput, SubchatError
 from .exchange import Exchange, Runner
 from .prompting import TOO_LONG
+from .settings import getenv
 from .tree import Chat, ChatTree, normalize_path
 
 DEFAULT_CONCURRENCY = 4  # remote backends: requests in flight
@@ -43,6 +44,7 @@ ENGINE_IN_FLIGHT = 1024  # vLLM: requests in the engine at once (its scheduler t
 CREATE_CHUNK = 256  # row chats made ahead at least (one index reload a round; rounds double)
 SUBMIT_EVERY = 16  # rows handed to the pool together while the next ones are prepared
 PROGRESS_EVERY_S = 0.1  # progress callbacks at most this often
+RATE_LIMIT_PAUSE_S = 600.0  # the most a batch pauses, in all, for rate limits (429)
 MARK = "batch"  # the provenance key of a row's reply
 _NAME_TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _UNSAFE = re.compile(r"[^\w.\-]")
@@ -342,6 +344,7 @@ class Progress:
     planning_s: float = 0.0  # deciding, making the rows' chats before the first send
     finished: bool = False
     sent: int = 0  # rows handed to the backend in this run
+    paused: float = 0.0  # seconds left of a pause for a rate limit (0: running)
 
     @property
     def ended(self) -> int:
@@ -464,6 +467,7 @@ class Batch:
         self._calling: deque = deque()  # (row, exchange) whose reply called tools
         self._rounds: dict[int, int] = {}  # row chat id -> rounds of calls so far
         self._unsent: list[Exchange] = []
+        self._runner: Runner | None = None
 
     @property
     def backend(self) -> Backend:
@@ -508,12 +512,13 @@ class Batch:
             if progress is not None:
                 progress(p)
             return self.result()
-        runner = Runner(self.selection, size=self.in_flight, stream_deltas=False,
-                        on_end=self._record)
+        runner = self._runner = Runner(self.selection, size=self.in_flight, stream_deltas=False,
+                                       on_end=self._record, pause_s=pause_budget())
         started = False
         try:
             while pending or runner.flying:
-                if pending and runner.in_flight < self.in_flight:
+                p.paused = runner.paused  # (a rate limit: nothing new is sent meanwhile)
+                if pending and runner.in_flight < self.in_flight and not p.paused:
                     self._start(pending, runner)
                     if not started and runner.in_flight:
                         started = True  # generation time counts from the first send
@@ -557,6 +562,11 @@ class Batch:
             notes.append(f"{cut} row(s) had a value cut at max_value_chars (see %config "
                          "SubchatMagics.max_value_chars); show -p of a row names it")
         notes += fit_notes(self.rows)
+        r = self._runner
+        if r is not None and r.pauses:
+            notes.append(f"rate-limited: the batch paused {r.pauses} time(s), {r.paused_s:.0f} s "
+                         f"in all, and resent those rows (at most {pause_budget():.0f} s of "
+                         "pauses: SUBCHAT_RATE_LIMIT_PAUSE)")
         return BatchResult(self.path, self.rows, self.progress,
                            interrupted=any(r.status == "interrupted" for r in self.rows),
                            notes=notes, index=self.index)
@@ -744,6 +754,22 @@ class Batch:
             row.reason = (reply.provenance.get("error") or reply.provenance.get("finish_reason")
                           if reply is not None else "error")
             p.failed += 1
+
+
+def pause_budget() -> float:
+    """``SUBCHAT_RATE_LIMIT_PAUSE``: the most seconds a batch pauses, in all, for rate
+    limits before a rate-limited row fails (default 600; 0: never pause)."""
+    raw = getenv("SUBCHAT_RATE_LIMIT_PAUSE")
+    if raw is None:
+        return RATE_LIMIT_PAUSE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise InvalidInput(f"SUBCHAT_RATE_LIMIT_PAUSE must be a number of seconds >= 0, not "
+                           f"{raw!r}")
+    return value
 
 
 def fit_notes(rows: list[Row]) -> list[str]:

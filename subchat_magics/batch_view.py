@@ -49,6 +49,8 @@ def progress_line(path: str, p: Progress) -> str:
     bits.append(f"{p.tokens_per_s:,.0f} tokens/s")
     if p.finished:
         bits.append(_clock(p.elapsed_s))
+    elif p.paused:
+        bits.append(f"paused: rate-limited, resuming in {_clock(p.paused)}")
     else:  # the rate of finished rows, once a few have finished (Progress.eta_s)
         eta = p.eta_s
         bits.append("estimating" if eta is None else f"{_clock(eta)} left")

@@ -677,6 +677,7 @@ class Session:
         if fresh and redo:
             raise InvalidInput("--fresh starts a new batch chat and --redo resends rows of this "
                                "one; give one of them")
+        batch_mod.pause_budget()  # (SUBCHAT_RATE_LIMIT_PAUSE checked before anything)
         check_text(system, "the system prompt")
         if template is not None and not template.strip():
             check_prompt(template)
