@@ -677,15 +677,21 @@ class SubchatMagics(Magics):
         session = self.session
         refs = {} if args.fresh else stored_refs(session, args.path, args.each)
         fill = BatchTemplate(self.shell, template, self.limits, refs)
-        batch = session.batch(args.path, ns[args.each], fill.row, name=args.each,
-                              fresh=bool(args.fresh), redo=bool(args.redo), limit=args.limit,
-                              concurrency=args.concurrency, backend=args.backend,
-                              system=args.system, known=fill.known, template=template,
-                              mark={"refs": fill.refs} if fill.refs else None, **opts)
+        view = BatchProgress(self.shell, f"--each {args.each}")  # (its path once planned)
+        try:
+            batch = session.batch(args.path, ns[args.each], fill.row, name=args.each,
+                                  fresh=bool(args.fresh), redo=bool(args.redo),
+                                  limit=args.limit, concurrency=args.concurrency,
+                                  backend=args.backend, system=args.system, known=fill.known,
+                                  template=template, planning=view.planning,
+                                  mark={"refs": fill.refs} if fill.refs else None, **opts)
+        except BaseException:
+            view.close()
+            raise
         if fill.masked:
             print(f"note: a key was masked in {', '.join(dict.fromkeys(fill.masked))} before "
                   "sending")
-        view = BatchProgress(self.shell, batch.path)
+        view.path = batch.path
         try:
             batch.run(view)
         except KeyboardInterrupt:
