@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .tree import Chat, ChatTree, Message
 
 SAVE_EVERY_S = 2.0  # while streaming, the partial reply is written this often
+PARTIAL = "\ufffd"  # what a character cut mid-way decodes to
 RATE_LIMIT_WAIT_S = 5.0  # a batch's pause for a rate limit that does not say how long
 CONFIG_SYSTEM = "%config SubchatMagics.system_prompt"
 
@@ -365,6 +366,12 @@ class Exchange:
         self.finish = self.finish or cut
         if finish_reason is None:
             finish_reason = (self.finish.reason if self.finish else None) or "stop"
+        if finish_reason == "length" and self.parts and self.parts[-1].endswith(PARTIAL):
+            # stopped at max tokens inside a character: its bytes decode to U+FFFD, which
+            # is no text the model wrote (nor counted as such by a constraint)
+            self.parts = [self.text.rstrip(PARTIAL)]
+            self.notes.append("it stopped at max tokens inside a character; that "
+                              "character's undecodable bytes (U+FFFD) were left out")
         if (status == "complete" and self.options.constraint is not None
                 and not (self.finish and self.finish.tool_calls)):  # binds the answer only
             status, finish_reason = self._validate(finish_reason)

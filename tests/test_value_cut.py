@@ -62,3 +62,22 @@ def test_a_batch_row_cut_on_an_accent_keeps_the_accent_with_its_letter(shell):
     kept = sent[1:sent.index("\n")]
     assert kept == "cafe\u0301caf"  # 8 characters: no "e" cut from its accent
     assert "(17 more characters left out)" in sent
+
+
+def test_a_reply_stopped_inside_a_character_keeps_no_replacement_character(shell, workdir,
+                                                                             monkeypatch):
+    # a byte-level model stopped at max tokens after the first byte of "é": the server
+    # (vLLM's OpenAI server does this) sends U+FFFD for the bytes that never completed
+    from subchat_magics.testing.fakeservers import FakeOpenAI
+
+    with FakeOpenAI() as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        server.configure(chunks=["Il ", "était ", "une ", "fois, ", "\ufffd"],
+                         finish_reason="length")
+        shell.ns["qs"] = ["a", "b"]
+        out = shell.ok("%%subchat root --each qs --as out --backend openai -n 5\n{item}")
+    assert shell.ns["out"] == ["Il était une fois, "] * 2
+    assert "\ufffd" not in out
+    reply = default_session().tree.get("root/qs/0").messages[1]
+    assert reply.content == "Il était une fois, "
+    assert any("U+FFFD" in n for n in reply.provenance["notes"])
