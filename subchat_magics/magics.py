@@ -24,7 +24,7 @@ from .batch import check_var
 from .batch_view import BatchProgress, BatchTemplate, stored_refs
 from .commands import COMMANDS
 from .errors import BackendError, ChatNotFound, InvalidInput, SubchatError
-from .magic_args import in_kernel, parse_line, usage_errors
+from .magic_args import choices_of, in_kernel, parse_line, usage_errors
 from .secrets import redact
 from .session import Session, check_backend_name, default_session
 from .streaming import Coalescer
@@ -385,7 +385,7 @@ class SubchatMagics(Magics):
                     seed=args.seed, model=args.model, think=args.think,
                     extra={"num_ctx": args.num_ctx} if args.num_ctx is not None else None,
                     constraint=structured.from_options(
-                        json=args.json, choice=args.choice, regex=args.regex,
+                        json=args.json, choice=choices_of(args), regex=args.regex,
                         best_effort=args.best_effort, namespace=self.shell.user_ns))
         tools = self._tools(args)
         if args.each is not None or any(v is not None for v in (

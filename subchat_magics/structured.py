@@ -186,6 +186,10 @@ def choice(values: Any, *, best_effort: bool = False) -> Constraint:
     items = [v for v in items if v != ""]
     if not items:
         raise InvalidInput("--choice needs at least one choice, e.g. --choice yes,no")
+    spaced = [v for v in items if v != v.strip()]
+    if spaced:  # a reply is compared stripped: ' yes' could never be told from 'yes'
+        raise InvalidInput(f"--choice {spaced[0]!r} begins or ends with a space, and replies "
+                           f"are compared without one; write {spaced[0].strip()!r}")
     if len(set(items)) != len(items):
         raise InvalidInput(f"--choice lists a choice twice: {', '.join(items)}")
     return Constraint("choice", choices=tuple(items), best_effort=best_effort)
@@ -206,7 +210,7 @@ def regex(pattern: str, *, best_effort: bool = False) -> Constraint:
 _choice, _regex = choice, regex  # from_options' keywords shadow the builders' names
 
 
-def from_options(*, json: str | None = None, choice: str | None = None,  # noqa: A002
+def from_options(*, json: str | None = None, choice: "str | list[str] | None" = None,  # noqa: A002
                  regex: str | None = None, best_effort: bool | None = None,
                  namespace: dict[str, Any] | None = None) -> Constraint | None:
     """The constraint the options of ``%%subchat`` ask for (``--json [SCHEMA]``,
@@ -233,7 +237,9 @@ def from_options(*, json: str | None = None, choice: str | None = None,  # noqa:
         return json_schema(ns[json], best_effort=be)
     if choice is not None:
         value: Any = choice
-        if choice.isidentifier():  # a name: a list or tuple variable of the notebook
+        if isinstance(choice, list):  # the choices as typed, some quoted
+            choice = ",".join(choice)
+        elif choice.isidentifier():  # a name: a list or tuple variable of the notebook
             if choice not in ns:
                 raise InvalidInput(
                     f"--choice {choice}: no variable {choice!r} in the notebook, and one value "
