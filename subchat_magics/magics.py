@@ -617,8 +617,8 @@ class SubchatMagics(Magics):
             stream.close()  # Ctrl-C may land in the display code: end the turn now
             view.finish("interrupted: partial reply kept" if turn.text else
                         "interrupted: nothing arrived")
-            if var:
-                self.shell.user_ns[var] = turn.text  # what arrived, maybe ""
+            if var:  # what arrived, maybe "" (under a constraint: no value, as a batch row)
+                self.shell.user_ns[var] = None if turn.options.constraint is not None else turn.text
             raise KeyboardInterrupt from None  # short traceback, not the HTTP client's
         except BackendError as exc:
             view.finish(f"error: partial reply kept in {turn.chat.path}" if turn.text else None)
