@@ -52,7 +52,14 @@ class Constraint:
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
 
     def provenance(self) -> dict[str, Any]:
+        """What a reply records of its constraint: kind, digest and content (the choices,
+        the pattern, the schema as JSON text: an export writes the constraint from it)."""
         out: dict[str, Any] = {"kind": self.kind, "digest": self.digest()}
+        if self.kind == "json":  # as text: the store sorts keys, a schema's order matters
+            if self.schema is not None:
+                out["schema"] = json.dumps(self.schema, ensure_ascii=False)
+        else:
+            out["choices" if self.kind == "choice" else "pattern"] = self.spec()
         if self.model is not None:
             out["model"] = getattr(self.model, "__name__", str(self.model))
         if self.best_effort:
