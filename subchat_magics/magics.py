@@ -685,6 +685,10 @@ class SubchatMagics(Magics):
                                   backend=args.backend, system=args.system, known=fill.known,
                                   template=template, planning=view.planning,
                                   mark={"refs": fill.refs} if fill.refs else None, **opts)
+        except KeyboardInterrupt:  # (planning a big batch takes seconds): one line
+            view.close()
+            raise UsageError("%%subchat: interrupted while planning the batch; no row was "
+                             "sent: run the cell again to start it") from None
         except BaseException:
             view.close()
             raise

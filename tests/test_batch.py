@@ -357,3 +357,32 @@ def test_a_long_planning_shows_how_far_it_is_before_the_first_row(shell, monkeyp
     first_bar = out.index("root/docs  ")
     assert out.index("planning:") < first_bar
     assert "batch root/docs: 1400 items, 1400 done" in out
+
+
+def test_ctrl_c_while_planning_is_one_line_and_nothing_is_sent(shell, workdir):
+    import _thread
+    import threading
+
+    from subchat_magics.testing import store_rows
+
+    never = threading.Event()
+
+    class Heavy:
+        def __init__(self, n):
+            self.n = n
+
+        def __str__(self):
+            if self.n == 50:  # Ctrl-C lands while the 50th row's text is being made
+                _thread.interrupt_main()
+                never.wait(60)
+            return f"doc {self.n}"
+
+    shell.ok("%%subchat root --backend echo\nhello")
+    before = store_rows(workdir / "subchats.db", "SELECT id, chat_id, content FROM messages")
+    shell.ns["docs"] = [Heavy(i) for i in range(100)]
+    msg = shell.fails("%%subchat root --each docs --backend echo\n{item}")
+    assert msg == ("%%subchat: interrupted while planning the batch; no row was sent: run "
+                   "the cell again to start it")
+    assert store_rows(workdir / "subchats.db", "SELECT id, chat_id, content FROM messages") \
+        == before
+    assert "root/docs" not in default_session().tree
