@@ -402,11 +402,11 @@ def fit_window(msgs: Sequence[dict[str, str]], max_tokens: int, limit: int,
     left (not below ``need``), and a row whose prompt cannot fit with it raises
     :class:`InvalidInput` (the row fails, saying so)."""
     msgs = list(msgs)
+    if not msgs:
+        raise InvalidInput("there is no message to send")
     reserve = min(max_tokens, need) if need else max_tokens
     if keep_context:
         return _fit_whole(msgs, max_tokens, reserve, need, limit, measure, window)
-    if not msgs:
-        raise InvalidInput("there is no message to send")
     head = 1 if msgs[0]["role"] == "system" else 0
     # turn boundaries: each user message after the system prompt starts a turn
     starts = [i for i in range(head, len(msgs)) if msgs[i]["role"] == "user" or i == head]
@@ -454,7 +454,7 @@ def _fit_whole(msgs: list[dict[str, str]], max_tokens: int, reserve: int, need: 
     what is left, or :class:`InvalidInput` naming what does not fit."""
     length, payload = measure(msgs)
     p = Fit(msgs, length, max_tokens, payload=payload)
-    least = need or 1
+    least = reserve if need else 1
     if length + least > limit:
         inherited = len(msgs) - 1
         what = f"its message and {inherited} inherited" if inherited else "its message alone"
