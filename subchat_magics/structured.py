@@ -51,6 +51,21 @@ class Constraint:
         blob = json.dumps(self.spec(), sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
 
+    def longest_regex_match(self) -> int | None:
+        """The most characters a ``--regex`` answer can have (None: no bound, or not a
+        regex): what a batch row needs of reply room, at most 4 tokens a character."""
+        if self.kind != "regex" or not self.pattern:
+            return None
+        try:
+            from re import _parser  # the stdlib's own parser (sre_parse before 3.11)
+        except ImportError:  # pragma: no cover - a Python without it
+            return None
+        try:
+            most = _parser.parse(self.pattern).getwidth()[1]
+        except Exception:  # noqa: BLE001 - a pattern re compiles but this cannot measure
+            return None
+        return most if most < 100_000 else None
+
     def provenance(self) -> dict[str, Any]:
         """What a reply records of its constraint: kind, digest and content (the choices,
         the pattern, the schema as JSON text: an export writes the constraint from it)."""

@@ -71,3 +71,16 @@ def test_a_single_cell_still_drops_its_oldest_turns_as_a_chat_does(shell, ollama
     shell.ok(f"%%subchat root/task --backend ollama\n{INSTRUCTIONS}")
     out = shell.ok("%%subchat root/task --backend ollama\nlong " + "word " * 2000)
     assert "dropped the 1 oldest turn (2 messages)" in out
+
+
+def test_a_bounded_regex_row_reserves_only_its_longest_match(shell, ollama, monkeypatch):
+    monkeypatch.setenv("OLLAMA_NUM_CTX", "4096")
+    shell.ok("%config SubchatMagics.max_value_chars = 0")
+    ollama.configure(reply="123")
+    shell.ok(f"%%subchat root/task --backend ollama\n{INSTRUCTIONS}")
+    shell.ns["docs"] = ["short", "long " + "word " * 2000]
+    out = shell.ok("%%subchat root/task --each docs --regex '\\d{3}' --best-effort --as codes "
+                   "--backend ollama\n{item}")
+    assert "2 items, 2 done, 0 failed" in out and "lowered" not in out
+    assert shell.ns["codes"] == ["123", "123"]
+    assert bodies(ollama)["long word wo"]["messages"][0]["content"] == INSTRUCTIONS

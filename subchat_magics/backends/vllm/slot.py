@@ -115,12 +115,16 @@ class Engine:
             options, prompt.max_tokens, constrain=thinking != "on", samples=samples)
 
     def reply_need(self, options: GenerationOptions, think: bool) -> int | None:
-        """The most tokens an answer can use, where the constraint bounds it (a
-        ``--choice`` without thinking: its longest choice and the stop token)."""
+        """The most tokens an answer can use, where the constraint bounds it (without
+        thinking: a ``--choice``'s longest choice, a bounded ``--regex``'s longest match at
+        4 tokens a character, each and the stop token)."""
         c = options.constraint
-        if c is None or c.kind != "choice" or not c.choices or think or options.tools:
+        if c is None or think or options.tools:
             return None
-        return max(len(self.builder.encode(x)) for x in c.choices) + 1
+        if c.kind == "choice" and c.choices:
+            return max(len(self.builder.encode(x)) for x in c.choices) + 1
+        most = c.longest_regex_match()
+        return 4 * most + 1 if most is not None else None
 
     def thinks(self, options: GenerationOptions) -> bool:
         """Whether a request with ``options`` runs with thinking on."""
