@@ -338,13 +338,13 @@ class Progress:
     skipped: int = 0  # not sent: a missing value or an empty message
     claimed: int = 0  # being answered by another kernel
     in_flight: int = 0
+    paused: float = 0.0  # seconds left of a pause for a rate limit (0: running)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     elapsed_s: float = 0.0  # since the first row was sent (generation, planning apart)
     planning_s: float = 0.0  # deciding, making the rows' chats before the first send
     finished: bool = False
     sent: int = 0  # rows handed to the backend in this run
-    paused: float = 0.0  # seconds left of a pause for a rate limit (0: running)
 
     @property
     def ended(self) -> int:
