@@ -67,3 +67,37 @@ def test_a_bad_pause_budget_is_refused_before_anything_is_stored(shell, groq, mo
     assert "\n" not in msg
     assert store_rows(workdir / "subchats.db", MESSAGES) == before
     assert not groq.chat_requests()
+
+
+def test_ctrl_c_while_paused_ends_in_the_summary_and_a_rerun_sends_the_rest(shell, groq,
+                                                                          workdir):
+    import _thread
+    import threading
+    import time
+
+    groq.configure(reply="ok", status=429, retry_after="30")  # a pause of 30 s
+    shell.ns["qs"] = ["a", "b", "c"]
+    done = threading.Event()
+
+    def press_ctrl_c_once_paused():
+        while not done.is_set() and len(groq.chat_requests()) < 3:
+            time.sleep(0.01)
+        time.sleep(0.2)  # (the batch is waiting out the 30 s now)
+        if not done.is_set():
+            _thread.interrupt_main()
+
+    t = threading.Thread(target=press_ctrl_c_once_paused, daemon=True)
+    t.start()
+    started = time.monotonic()
+    try:
+        result, cap = shell.run("%%subchat root --each qs --as out --backend groq\nsay {item}")
+    finally:
+        done.set()
+    assert time.monotonic() - started < 25  # Ctrl-C ended the pause, not its 30 s
+    assert "3 items, 0 done, 0 failed, 3 interrupted" in cap.stdout
+    assert str(result.error_in_exec) == ("%%subchat: interrupted: 3 row(s) not done; run the "
+                                         "cell again to send only those")
+    assert shell.ns["out"] == [None, None, None]
+    groq.configure(reply="ok")
+    out = shell.ok("%%subchat root --each qs --as out --backend groq\nsay {item}")
+    assert "3 items, 3 done, 0 failed" in out and shell.ns["out"] == ["ok"] * 3
