@@ -35,6 +35,8 @@ from .backends.base import Backend, GenerationOptions
 from .backends.registry import Selection
 from .errors import InvalidInput, SubchatError
 from .exchange import Exchange, Runner
+from .prompting import TOO_LONG
+from .settings import getenv
 from .tree import Chat, ChatTree, normalize_path
 
 DEFAULT_CONCURRENCY = 4  # remote backends: requests in flight
@@ -42,6 +44,7 @@ ENGINE_IN_FLIGHT = 1024  # vLLM: requests in the engine at once (its scheduler t
 CREATE_CHUNK = 256  # row chats made ahead at least (one index reload a round; rounds double)
 SUBMIT_EVERY = 16  # rows handed to the pool together while the next ones are prepared
 PROGRESS_EVERY_S = 0.1  # progress callbacks at most this often
+RATE_LIMIT_PAUSE_S = 600.0  # the most a batch pauses, in all, for rate limits (429)
 MARK = "batch"  # the provenance key of a row's reply
 _NAME_TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _UNSAFE = re.compile(r"[^\w.\-]")
@@ -248,6 +251,7 @@ class Row:
     attempt: int = 1  # 1: the row's own chat; k: its subchat attempt-k (a resend)
     target: int | None = None  # the chat the next attempt goes into, if it exists already
     cut_value: bool = False  # a value was cut to max_value_chars in its message
+    room_lowered: bool = False  # its reply room was lowered to fit the window
 
 
 # -- a row's identity: its whole request --------------------------------------------------------
@@ -334,6 +338,7 @@ class Progress:
     skipped: int = 0  # not sent: a missing value or an empty message
     claimed: int = 0  # being answered by another kernel
     in_flight: int = 0
+    paused: float = 0.0  # seconds left of a pause for a rate limit (0: running)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     elapsed_s: float = 0.0  # since the first row was sent (generation, planning apart)
@@ -462,6 +467,7 @@ class Batch:
         self._calling: deque = deque()  # (row, exchange) whose reply called tools
         self._rounds: dict[int, int] = {}  # row chat id -> rounds of calls so far
         self._unsent: list[Exchange] = []
+        self._runner: Runner | None = None
 
     @property
     def backend(self) -> Backend:
@@ -506,12 +512,13 @@ class Batch:
             if progress is not None:
                 progress(p)
             return self.result()
-        runner = Runner(self.selection, size=self.in_flight, stream_deltas=False,
-                        on_end=self._record)
+        runner = self._runner = Runner(self.selection, size=self.in_flight, stream_deltas=False,
+                                       on_end=self._record, pause_s=pause_budget())
         started = False
         try:
             while pending or runner.flying:
-                if pending and runner.in_flight < self.in_flight:
+                p.paused = runner.paused  # (a rate limit: nothing new is sent meanwhile)
+                if pending and runner.in_flight < self.in_flight and not p.paused:
                     self._start(pending, runner)
                     if not started and runner.in_flight:
                         started = True  # generation time counts from the first send
@@ -554,6 +561,12 @@ class Batch:
         if cut and not any("cut at" in n for n in notes):
             notes.append(f"{cut} row(s) had a value cut at max_value_chars (see %config "
                          "SubchatMagics.max_value_chars); show -p of a row names it")
+        notes += fit_notes(self.rows)
+        r = self._runner
+        if r is not None and r.pauses:
+            notes.append(f"rate-limited: the batch paused {r.pauses} time(s), {r.paused_s:.0f} s "
+                         f"in all, and resent those rows (at most {pause_budget():.0f} s of "
+                         "pauses: SUBCHAT_RATE_LIMIT_PAUSE)")
         return BatchResult(self.path, self.rows, self.progress,
                            interrupted=any(r.status == "interrupted" for r in self.rows),
                            notes=notes, index=self.index)
@@ -724,6 +737,7 @@ class Batch:
             p.prompt_tokens += f.prompt_tokens or 0
             p.completion_tokens += f.completion_tokens or 0
         status = reply.status if reply is not None else "interrupted"
+        row.room_lowered = any(n.startswith("max_tokens lowered") for n in ex.notes)
         if (status == "complete" and self.run_tools is not None and f is not None
                 and f.tool_calls):
             self._calling.append((row, ex))  # its calls run after this step's commit
@@ -740,6 +754,37 @@ class Batch:
             row.reason = (reply.provenance.get("error") or reply.provenance.get("finish_reason")
                           if reply is not None else "error")
             p.failed += 1
+
+
+def pause_budget() -> float:
+    """``SUBCHAT_RATE_LIMIT_PAUSE``: the most seconds a batch pauses, in all, for rate
+    limits before a rate-limited row fails (default 600; 0: never pause)."""
+    raw = getenv("SUBCHAT_RATE_LIMIT_PAUSE")
+    if raw is None:
+        return RATE_LIMIT_PAUSE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise InvalidInput(f"SUBCHAT_RATE_LIMIT_PAUSE must be a number of seconds >= 0, not "
+                           f"{raw!r}")
+    return value
+
+
+def fit_notes(rows: list[Row]) -> list[str]:
+    """What fitting the window did to rows: replies given less room, rows too long to
+    answer with their context (failed: a row never loses its instructions)."""
+    notes = []
+    low = sum(1 for r in rows if r.room_lowered and not r.reused)
+    if low:
+        notes.append(f"{low} row(s) had their reply room (max_tokens) lowered to fit the "
+                     "context window; show -p of a row names it")
+    long = sum(1 for r in rows if r.status == "failed" and TOO_LONG in str(r.reason or ""))
+    if long:
+        notes.append(f"{long} row(s) failed as {TOO_LONG} (the parent's messages are never "
+                     "dropped from a row); shorten those values or use a larger window")
+    return notes
 
 
 # -- resuming ---------------------------------------------------------------------------------------

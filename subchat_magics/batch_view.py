@@ -49,6 +49,8 @@ def progress_line(path: str, p: Progress) -> str:
     bits.append(f"{p.tokens_per_s:,.0f} tokens/s")
     if p.finished:
         bits.append(_clock(p.elapsed_s))
+    elif p.paused:
+        bits.append(f"paused: rate-limited, resuming in {_clock(p.paused)}")
     else:  # the rate of finished rows, once a few have finished (Progress.eta_s)
         eta = p.eta_s
         bits.append("estimating" if eta is None else f"{_clock(eta)} left")
@@ -69,16 +71,25 @@ class BatchProgress:
     def __call__(self, p: Progress) -> None:
         self.updates += 1
         line = progress_line(self.path, p)
+        # it starts and ends empty: a saved notebook (and nbval) keeps only the summary
+        self._show(line, f"<progress value='{p.ended}' max='{max(p.total, 1)}' "
+                         f"style='width:16em;vertical-align:middle'></progress> "
+                         f"<code>{html.escape(line)}</code>")
+
+    def planning(self, stage: str, done: int, total: int) -> None:
+        """How far planning is (before the first row is sent): ``--each docs  planning:
+        preparing the rows 4,096/10,000``."""
+        self._show(f"{self.path}  planning: {stage} {done:,}/{total:,}",
+                   f"<code>{html.escape(self.path)}  planning: {html.escape(stage)} "
+                   f"{done:,}/{total:,}</code>")
+
+    def _show(self, line: str, markup: str) -> None:
         if self.kernel:
-            bundle = {"text/plain": line,
-                      "text/html": f"<progress value='{p.ended}' max='{max(p.total, 1)}' "
-                                   f"style='width:16em;vertical-align:middle'></progress> "
-                                   f"<code>{html.escape(line)}</code>"}
-            if self.handle is None:  # it starts and ends empty: a saved notebook (and
-                from IPython.display import display  # nbval) keeps only the summary
+            if self.handle is None:
+                from IPython.display import display
 
                 self.handle = display({"text/plain": ""}, raw=True, display_id=True)
-            self.handle.update(bundle, raw=True)
+            self.handle.update({"text/plain": line, "text/html": markup}, raw=True)
         elif self.tty:
             pad = max(0, self._width - len(line))
             sys.stdout.write("\r" + line + " " * pad)

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from .tree import Chat, ChatTree, Message
 
 SAVE_EVERY_S = 2.0  # while streaming, the partial reply is written this often
+PARTIAL = "\ufffd"  # what a character cut mid-way decodes to
+RATE_LIMIT_WAIT_S = 5.0  # a batch's pause for a rate limit that does not say how long
 CONFIG_SYSTEM = "%config SubchatMagics.system_prompt"
 
 
@@ -364,6 +366,12 @@ class Exchange:
         self.finish = self.finish or cut
         if finish_reason is None:
             finish_reason = (self.finish.reason if self.finish else None) or "stop"
+        if finish_reason == "length" and self.parts and self.parts[-1].endswith(PARTIAL):
+            # stopped at max tokens inside a character: its bytes decode to U+FFFD, which
+            # is no text the model wrote (nor counted as such by a constraint)
+            self.parts = [self.text.rstrip(PARTIAL)]
+            self.notes.append("it stopped at max tokens inside a character; that "
+                              "character's undecodable bytes (U+FFFD) were left out")
         if (status == "complete" and self.options.constraint is not None
                 and not (self.finish and self.finish.tool_calls)):  # binds the answer only
             status, finish_reason = self._validate(finish_reason)
@@ -507,11 +515,16 @@ class Runner:
 
     Under ``auto`` (``selection`` not explicit), while no exchange of the run has received
     anything, a backend that fails with a :class:`BackendError` is passed over for the next
-    candidate, and every exchange in flight is resent there (the reply says so)."""
+    candidate, and every exchange in flight is resent there (the reply says so).
+
+    ``pause_s`` (a batch): a rate limit (429) that an exchange met before its first token,
+    once the backend's own retries are spent, pauses the run for the time the server asks
+    (:attr:`paused`: the caller sends nothing new meanwhile) and then resends the exchange,
+    up to ``pause_s`` seconds of pauses in all; past that the exchange fails as usual."""
 
     def __init__(self, selection: Selection, *, size: int = 1, single: bool = False,
                  stream_deltas: bool = True, on_end: Callable[[Exchange], None] | None = None,
-                 join_s: float = 0.0):
+                 join_s: float = 0.0, pause_s: float = 0.0):
         self.selection = selection
         self.candidates = list(selection.candidates)
         self.backend = self.candidates[0]
@@ -527,6 +540,11 @@ class Runner:
         self._heard = False  # anything received from the backend in this run
         self.handled = False  # whether the last step handled an event
         self._reported: set[Exchange] = set()  # exchanges on_end was called with
+        self.pause_left_s = max(0.0, float(pause_s))  # rate-limit pauses still allowed
+        self.paused_s = 0.0  # seconds paused so far
+        self.pauses = 0
+        self.resume_at = 0.0  # perf_counter time the pause ends
+        self._held: dict[int, Exchange] = {}  # rate-limited, resent when the pause ends
 
     def _open(self) -> Pool:
         if self._pool is None:
@@ -537,6 +555,35 @@ class Runner:
     @property
     def in_flight(self) -> int:
         return len(self.flying)
+
+    @property
+    def paused(self) -> float:
+        """Seconds left of a rate-limit pause (0: not paused)."""
+        return max(0.0, self.resume_at - perf_counter()) if self._held else 0.0
+
+    def _hold(self, index: int, exc: BackendError) -> bool:
+        """Hold a rate-limited exchange until the pause ends, if the budget allows."""
+        wait = exc.retry_after if exc.retry_after is not None else RATE_LIMIT_WAIT_S
+        now = perf_counter()
+        extra = max(0.0, now + wait - max(self.resume_at, now))  # beyond the pause on now
+        if extra > self.pause_left_s:
+            return False
+        if self.resume_at <= now:
+            self.pauses += 1
+        self.pause_left_s -= extra
+        self.paused_s += extra
+        self.resume_at = max(self.resume_at, now + wait)
+        self._held[index] = self.flying[index]
+        return True
+
+    def _resume(self) -> None:
+        """The pause is over: resend the held exchanges (the same stored message)."""
+        held = [self.flying.pop(i) for i in list(self._held)]
+        self._held.clear()
+        for ex in held:
+            ex.restart(self.backend, "rate-limited before its first token; sent again after "
+                                     "the batch paused")
+        self.submit(held)
 
     def begin(self, exchanges: Sequence[Exchange]) -> None:
         """Store the exchanges' messages (one commit) without sending them yet; a commit
@@ -591,13 +638,15 @@ class Runner:
         an error or the end of a request stores the reply. None after ``timeout`` seconds
         without an event, or for an event that is not a delta."""
         pool = self._open()
+        if self._held and perf_counter() >= self.resume_at:
+            self._resume()
         ev = pool.next_event(timeout)
         self.handled = ev is not None
         if ev is None:
             return None
         index, item = ev
         ex = self.flying.get(index)
-        if ex is None:
+        if ex is None or index in self._held:
             return None
         if item is END:
             del self.flying[index]
@@ -611,6 +660,9 @@ class Runner:
             if (not self._heard and isinstance(item, BackendError)
                     and not self.selection.explicit and len(self.candidates) > 1):
                 self._fall_back(item)
+                return None
+            if (self.pause_left_s and isinstance(item, BackendError) and not ex.parts
+                    and item.reason == "rate-limit" and self._hold(index, item)):
                 return None
             error = ex.fail(item, pool.cut_finish(index))
             self.first_error = self.first_error or error
@@ -673,6 +725,7 @@ class Runner:
                 ex.fail(reason, pool.cut_finish(index) if pool is not None else None)
             self._ended(ex)  # (one whose end was cut by the interrupt, too)
         self.flying.clear()
+        self._held.clear()
         if pool is not None and self.join_s:
             pool.join(self.join_s)
 

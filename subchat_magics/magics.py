@@ -24,7 +24,7 @@ from .batch import check_var
 from .batch_view import BatchProgress, BatchTemplate, stored_refs
 from .commands import COMMANDS
 from .errors import BackendError, ChatNotFound, InvalidInput, SubchatError
-from .magic_args import in_kernel, parse_line, usage_errors
+from .magic_args import choices_of, in_kernel, parse_line, usage_errors
 from .multibatch import run_plain
 from .secrets import redact
 from .session import Session, check_backend_name, default_session
@@ -394,7 +394,7 @@ class SubchatMagics(Magics):
                     seed=args.seed, model=args.model, think=args.think,
                     extra={"num_ctx": args.num_ctx} if args.num_ctx is not None else None,
                     constraint=structured.from_options(
-                        json=args.json, choice=args.choice, regex=args.regex,
+                        json=args.json, choice=choices_of(args), regex=args.regex,
                         best_effort=args.best_effort, namespace=self.shell.user_ns))
         tools = self._tools(args)
         if args.each is not None or any(v is not None for v in (
@@ -626,8 +626,8 @@ class SubchatMagics(Magics):
             stream.close()  # Ctrl-C may land in the display code: end the turn now
             view.finish("interrupted: partial reply kept" if turn.text else
                         "interrupted: nothing arrived")
-            if var:
-                self.shell.user_ns[var] = turn.text  # what arrived, maybe ""
+            if var:  # what arrived, maybe "" (under a constraint: no value, as a batch row)
+                self.shell.user_ns[var] = None if turn.options.constraint is not None else turn.text
             raise KeyboardInterrupt from None  # short traceback, not the HTTP client's
         except BackendError as exc:
             view.finish(f"error: partial reply kept in {turn.chat.path}" if turn.text else None)
@@ -686,15 +686,25 @@ class SubchatMagics(Magics):
         session = self.session
         refs = {} if args.fresh else stored_refs(session, args.path, args.each)
         fill = BatchTemplate(self.shell, template, self.limits, refs)
-        batch = session.batch(args.path, ns[args.each], fill.row, name=args.each,
-                              fresh=bool(args.fresh), redo=bool(args.redo), limit=args.limit,
-                              concurrency=args.concurrency, backend=args.backend,
-                              system=args.system, known=fill.known, template=template,
-                              mark={"refs": fill.refs} if fill.refs else None, **opts)
+        view = BatchProgress(self.shell, f"--each {args.each}")  # (its path once planned)
+        try:
+            batch = session.batch(args.path, ns[args.each], fill.row, name=args.each,
+                                  fresh=bool(args.fresh), redo=bool(args.redo),
+                                  limit=args.limit, concurrency=args.concurrency,
+                                  backend=args.backend, system=args.system, known=fill.known,
+                                  template=template, planning=view.planning,
+                                  mark={"refs": fill.refs} if fill.refs else None, **opts)
+        except KeyboardInterrupt:  # (planning a big batch takes seconds): one line
+            view.close()
+            raise UsageError("%%subchat: interrupted while planning the batch; no row was "
+                             "sent: run the cell again to start it") from None
+        except BaseException:
+            view.close()
+            raise
         if fill.masked:
             print(f"note: a key was masked in {', '.join(dict.fromkeys(fill.masked))} before "
                   "sending")
-        view = BatchProgress(self.shell, batch.path)
+        view.path = batch.path
         if args.estimate:
             return verdicts.estimate_each(self, args, batch, [verdicts.estimate.Side(
                 batch.backend, batch.make_exchange(batch.chat, "x").options)],

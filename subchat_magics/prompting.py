@@ -52,6 +52,8 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+#: how a batch row that cannot fit with its context fails (the batch counts these)
+TOO_LONG = "too long to answer with its context"
 _SENTINEL = "SubChat-Sentinel-7f3a9c"  # mixed case: a template that changes case is caught
 
 
@@ -338,11 +340,11 @@ class PromptBuilder:
     # -- fitting -----------------------------------------------------------------------------
     def build(self, messages: Sequence[dict[str, str]], max_tokens: int, *,
               think: bool = False, tools: Sequence[dict[str, Any]] | None = None,
-              prefill: str = "") -> Prompt:
+              prefill: str = "", need: int | None = None, keep_context: bool = False) -> Prompt:
         """Render ``messages`` and fit them with ``max_tokens`` into ``max_model_len``.
         With ``tools`` or tool messages the chat is rendered plainly (the template's own
         tool format); ``prefill`` is text the reply starts with (after the generation
-        prompt)."""
+        prompt). ``need`` and ``keep_context``: see :func:`fit_window`."""
         plain = bool(tools) or bool(prefill) or has_tool_messages(messages)
         msgs = [dict(m) if plain else {"role": m["role"], "content": m["content"]}
                 for m in messages]
@@ -359,7 +361,8 @@ class PromptBuilder:
         def too_long(system: list[dict[str, str]], newest: list[dict[str, str]]) -> str:
             return self._too_long(system, newest, think)
 
-        fit = fit_window(msgs, max_tokens, self.max_model_len, measure, too_long)
+        fit = fit_window(msgs, max_tokens, self.max_model_len, measure, too_long,
+                         need=need, keep_context=keep_context)
         ids, exact = fit.payload
         p = Prompt(ids, fit.max_tokens, fit.messages, fit.dropped_messages, fit.dropped_turns, exact)
         p.notes.extend(fit.notes)
@@ -381,7 +384,8 @@ class Fit:
 
 
 def fit_window(msgs: Sequence[dict[str, str]], max_tokens: int, limit: int,
-               measure: Any, too_long: Any, window: str = "max_model_len") -> Fit:
+               measure: Any, too_long: Any, window: str = "max_model_len", *,
+               need: int | None = None, keep_context: bool = False) -> Fit:
     """The one fitting rule, for any backend that can count tokens (exactly or not).
 
     ``measure(kept) -> (length, payload)`` counts a list of messages; ``too_long(system,
@@ -389,10 +393,20 @@ def fit_window(msgs: Sequence[dict[str, str]], max_tokens: int, limit: int,
     When prompt + ``max_tokens`` exceeds ``limit``, the fewest oldest turns below the
     system prompt are dropped (a turn: a user message and what answered it); when only
     the newest exchange is left and it fits but leaves less than ``max_tokens``,
-    ``max_tokens`` is lowered to what is left. ``window`` names the limit in the notes."""
+    ``max_tokens`` is lowered to what is left. ``window`` names the limit in the notes.
+
+    ``need``: the most reply tokens the answer can use (a ``--choice``'s longest choice):
+    the room reserved is then ``min(max_tokens, need)``, so no turn is dropped for room the
+    answer could never fill. ``keep_context`` (a batch row, whose context holds the
+    batch's instructions): no turn is ever dropped; the reply room is lowered to what is
+    left (not below ``need``), and a row whose prompt cannot fit with it raises
+    :class:`InvalidInput` (the row fails, saying so)."""
     msgs = list(msgs)
     if not msgs:
         raise InvalidInput("there is no message to send")
+    reserve = min(max_tokens, need) if need else max_tokens
+    if keep_context:
+        return _fit_whole(msgs, max_tokens, reserve, need, limit, measure, window)
     head = 1 if msgs[0]["role"] == "system" else 0
     # turn boundaries: each user message after the system prompt starts a turn
     starts = [i for i in range(head, len(msgs)) if msgs[i]["role"] == "user" or i == head]
@@ -405,15 +419,15 @@ def fit_window(msgs: Sequence[dict[str, str]], max_tokens: int, limit: int,
         return Fit(kept, length, max_tokens, cut - head, k, payload)
 
     p = attempt(0)
-    if p.length + max_tokens > limit and len(starts) > 1:
+    if p.length + reserve > limit and len(starts) > 1:
         # the fewest dropped turns that fit (binary search: fewer turns, fewer tokens)
         lo, hi = 1, len(starts) - 1
         best = attempt(hi)
-        if best.length + max_tokens <= limit:
+        if best.length + reserve <= limit:
             while lo < hi:
                 mid = (lo + hi) // 2
                 cand = attempt(mid)
-                if cand.length + max_tokens <= limit:
+                if cand.length + reserve <= limit:
                     best, hi = cand, mid
                 else:
                     lo = mid + 1
@@ -427,7 +441,32 @@ def fit_window(msgs: Sequence[dict[str, str]], max_tokens: int, limit: int,
         raise InvalidInput(too_long(msgs[:head], msgs[last:]))
     if p.length + max_tokens > limit:
         p.max_tokens = limit - p.length
-        p.notes.append(
-            f"max_tokens lowered from {max_tokens} to {p.max_tokens} to fit {window} {limit}"
-        )
+        if p.max_tokens < reserve:  # (room the answer could not use is no loss)
+            p.notes.append(
+                f"max_tokens lowered from {max_tokens} to {p.max_tokens} to fit {window} {limit}"
+            )
+    return p
+
+
+def _fit_whole(msgs: list[dict[str, str]], max_tokens: int, reserve: int, need: int | None,
+               limit: int, measure: Any, window: str) -> Fit:
+    """:func:`fit_window` for a batch row: every message kept, the reply room lowered to
+    what is left, or :class:`InvalidInput` naming what does not fit."""
+    length, payload = measure(msgs)
+    p = Fit(msgs, length, max_tokens, payload=payload)
+    least = reserve if need else 1
+    if length + least > limit:
+        inherited = len(msgs) - 1
+        what = f"its message and {inherited} inherited" if inherited else "its message alone"
+        room = f"the {least} reply tokens the answer needs" if need else "a reply"
+        raise InvalidInput(
+            f"{TOO_LONG}: {length} prompt tokens ({what}) leave no room for {room} in "
+            f"{window} {limit}; no context was dropped: shorten the value (max_value_chars) "
+            "or the parent chat, or use a larger window")
+    if length + max_tokens > limit:
+        p.max_tokens = limit - length
+        if p.max_tokens < reserve:
+            p.notes.append(
+                f"max_tokens lowered from {max_tokens} to {p.max_tokens} to fit {window} {limit}"
+            )
     return p

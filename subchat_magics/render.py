@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import html
 import json
+import pprint
 import re
 import shlex
 import time
 from typing import Any
 
-from . import batch, scores
+from . import batch, scores, structured
 from .errors import InvalidInput
 from .exchange import CONFIG_SYSTEM, system_in_force
 from .tree import Chat, ChatTree, Message
@@ -467,9 +468,53 @@ def _nb_cell(kind: str, source: str, index: int, **extra: Any) -> dict[str, Any]
     return cell
 
 
-def _reply_outputs(m: Message) -> list[dict[str, Any]]:
+def line_word(value: str) -> str:
+    """``value`` as one word of a magic's options line (quoted where it must be)."""
+    if value and not any(ch.isspace() or ch in "'\"#" for ch in value):
+        return value
+    if "'" not in value:
+        return f"'{value}'"
+    return '"' + value.replace('"', '\\"') + '"'
+
+
+def constraint_flags(c: dict[str, Any], n: int) -> tuple[str, str | None]:
+    """The options that ask again for the constraint a reply recorded (``--choice A,B``,
+    ``--regex P``, ``--json=schema_N`` and the cell defining ``schema_N``), or nothing for
+    a reply stored before constraints kept their content."""
+    kind, tail = c.get("kind"), " --best-effort" if c.get("best_effort") else ""
+    if kind == "choice" and c.get("choices"):
+        items = [str(x) for x in c["choices"]]
+        if any(ch in x for x in items for ch in ",'\"") or any(not x.strip() for x in items):
+            return " --choice " + ",".join('"' + x.replace('"', '\\"') + '"' for x in items) \
+                + tail, None
+        return " --choice " + line_word(",".join(items)) + tail, None
+    if kind == "regex" and c.get("pattern"):
+        return " --regex " + line_word(str(c["pattern"])) + tail, None
+    if kind == "json":
+        if "schema" not in c:  # bare --json (any JSON object), or stored before schemas were
+            bare = structured.Constraint("json").digest()
+            return (" --json" + tail, None) if c.get("digest") == bare else ("", None)
+        name = f"schema_{n}"
+        try:
+            schema = json.loads(c["schema"]) if isinstance(c["schema"], str) else c["schema"]
+        except ValueError:
+            return "", None
+        return f" --json={name}" + tail, f"{name} = {pprint.pformat(schema, sort_dicts=False)}"
+    return "", None
+
+
+def _reply_outputs(m: Message, constraint: Any = None) -> list[dict[str, Any]]:
     """What ``%%subchat`` showed for a stored reply: its live display (ended empty), then
-    the final Markdown with a text/plain copy."""
+    the final Markdown with a text/plain copy (a parsed JSON value as the cell shows it)."""
+    if (isinstance(constraint, dict) and constraint.get("kind") == "json"
+            and m.status == "complete"):
+        try:
+            shown = structured.bundle(json.loads(m.content, strict=False), m.content)
+        except ValueError:
+            shown = None
+        if shown is not None:
+            return [{"output_type": "display_data", "data": {"text/plain": ""}, "metadata": {}},
+                    {"output_type": "display_data", "metadata": {}, "data": shown}]
     text = m.content
     tag = {"interrupted": "interrupted: partial reply kept"}.get(m.status)
     if m.status.startswith("error"):
@@ -583,6 +628,12 @@ def export_notebook(tree: ChatTree, chat: Chat, default_system: str | None = Non
                 reply = steps[-1] if steps[-1].role == "assistant" and not steps[-1].tool_calls \
                     else None
             line = f"%%subchat {c.path}"
+            cons = (reply.provenance.get("constraint") if reply is not None else None)
+            if isinstance(cons, dict):
+                flags, defs = constraint_flags(cons, len(cells))
+                if defs:
+                    add("code", defs)
+                line += flags
             if steps:
                 names = list(dict.fromkeys(call.get("name", "?") for s in steps
                                            for call in s.tool_calls))
@@ -602,7 +653,7 @@ def export_notebook(tree: ChatTree, chat: Chat, default_system: str | None = Non
                 i = j
                 continue
             if reply is not None:
-                extra["outputs"] = _reply_outputs(reply)
+                extra["outputs"] = _reply_outputs(reply, cons)
                 if reply.status != "complete":  # a rerun completes it: nbval may not compare
                     extra["metadata"] = {"tags": ["nbval-ignore-output"]}
             add("code", f"{line}\n{escape_braces(m.content)}", **extra)

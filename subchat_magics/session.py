@@ -668,7 +668,8 @@ class Session:
               known: Callable[[str], bool] | None = None, template: str | None = None,
               tools: Any = None, approve: Any = None, max_rounds: int | None = None,
               limits: Limits | None = None,
-              mark: dict[str, Any] | None = None, **options: Any) -> Batch:
+              mark: dict[str, Any] | None = None,
+              planning: Callable[[str, int, int], None] | None = None, **options: Any) -> Batch:
         """Plan a batch: ``prompt(item, index)`` is the message of each item of ``items``
         (a list, tuple, dict, sized iterable, pandas Series or DataFrame), sent into its
         own chat ``PATH/NAME/<index>`` under a batch chat ``PATH/NAME`` that holds no
@@ -686,7 +687,9 @@ class Session:
         ``.run()`` sends. The batch runs on one backend: no fallback mid-way.
 
         ``tools`` (with ``approve``, ``max_rounds``): each row may call them, between
-        rounds of the batch; approvals are asked once per tool for the whole batch."""
+        rounds of the batch; approvals are asked once per tool for the whole batch.
+        ``planning(stage, done, total)`` hears how far planning is, every ~0.1 s once it
+        has taken a second (a big batch: nothing is sent until it ends)."""
         import time as _time
 
         t0 = _time.perf_counter()
@@ -699,10 +702,12 @@ class Session:
         if fresh and redo:
             raise InvalidInput("--fresh starts a new batch chat and --redo resends rows of this "
                                "one; give one of them")
+        batch_mod.pause_budget()  # (SUBCHAT_RATE_LIMIT_PAUSE checked before anything)
         check_text(system, "the system prompt")
         if template is not None and not template.strip():
             check_prompt(template)
-        opts = self.options(**options)
+        # a row keeps its context (the batch's instructions): never cut to fit a window
+        opts = self.options(**options, keep_context=True)
         plan = self.plan(backend, opts)
         first = plan.backend
         found = (items if isinstance(items, batch_mod.Items)
@@ -738,7 +743,17 @@ class Session:
         options_part = batch_mod.options_part(opts)
         names = batch_mod.row_names(entries)
         rows = []
+        said = [0.0]
+
+        def say(stage: str, done: int) -> None:
+            now = _time.perf_counter()
+            if planning is not None and now - t0 >= 1.0 and now - said[0] >= 0.1:
+                said[0] = now
+                planning(stage, done, len(entries))
+
         for e, n in zip(entries, names):
+            if not e.pos & 255:
+                say("preparing the rows", e.pos)
             row = batch_mod.Row(e.pos, e.label, n, "")
             gone = batch_mod.missing_fields(e, used)
             if gone:
@@ -762,6 +777,7 @@ class Session:
             rows.append(row)
         notes: list[str] = []
         if existing is not None:
+            say("matching the stored rows", len(rows))
             busy = exchange.busy(tree)
             notes = batch_mod.match_rows(tree, existing, rows, redo=redo,
                                          constraint=opts.constraint, busy_chat=busy.holds)

@@ -51,8 +51,30 @@ class Constraint:
         blob = json.dumps(self.spec(), sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
 
+    def longest_regex_match(self) -> int | None:
+        """The most characters a ``--regex`` answer can have (None: no bound, or not a
+        regex): what a batch row needs of reply room, at most 4 tokens a character."""
+        if self.kind != "regex" or not self.pattern:
+            return None
+        try:
+            from re import _parser  # the stdlib's own parser (sre_parse before 3.11)
+        except ImportError:  # pragma: no cover - a Python without it
+            return None
+        try:
+            most = _parser.parse(self.pattern).getwidth()[1]
+        except Exception:  # noqa: BLE001 - a pattern re compiles but this cannot measure
+            return None
+        return most if most < 100_000 else None
+
     def provenance(self) -> dict[str, Any]:
+        """What a reply records of its constraint: kind, digest and content (the choices,
+        the pattern, the schema as JSON text: an export writes the constraint from it)."""
         out: dict[str, Any] = {"kind": self.kind, "digest": self.digest()}
+        if self.kind == "json":  # as text: the store sorts keys, a schema's order matters
+            if self.schema is not None:
+                out["schema"] = json.dumps(self.schema, ensure_ascii=False)
+        else:
+            out["choices" if self.kind == "choice" else "pattern"] = self.spec()
         if self.model is not None:
             out["model"] = getattr(self.model, "__name__", str(self.model))
         if self.best_effort:
@@ -186,6 +208,10 @@ def choice(values: Any, *, best_effort: bool = False) -> Constraint:
     items = [v for v in items if v != ""]
     if not items:
         raise InvalidInput("--choice needs at least one choice, e.g. --choice yes,no")
+    spaced = [v for v in items if v != v.strip()]
+    if spaced:  # a reply is compared stripped: ' yes' could never be told from 'yes'
+        raise InvalidInput(f"--choice {spaced[0]!r} begins or ends with a space, and replies "
+                           f"are compared without one; write {spaced[0].strip()!r}")
     if len(set(items)) != len(items):
         raise InvalidInput(f"--choice lists a choice twice: {', '.join(items)}")
     return Constraint("choice", choices=tuple(items), best_effort=best_effort)
@@ -206,7 +232,7 @@ def regex(pattern: str, *, best_effort: bool = False) -> Constraint:
 _choice, _regex = choice, regex  # from_options' keywords shadow the builders' names
 
 
-def from_options(*, json: str | None = None, choice: str | None = None,  # noqa: A002
+def from_options(*, json: str | None = None, choice: "str | list[str] | None" = None,  # noqa: A002
                  regex: str | None = None, best_effort: bool | None = None,
                  namespace: dict[str, Any] | None = None) -> Constraint | None:
     """The constraint the options of ``%%subchat`` ask for (``--json [SCHEMA]``,
@@ -233,7 +259,9 @@ def from_options(*, json: str | None = None, choice: str | None = None,  # noqa:
         return json_schema(ns[json], best_effort=be)
     if choice is not None:
         value: Any = choice
-        if choice.isidentifier():  # a name: a list or tuple variable of the notebook
+        if isinstance(choice, list):  # the choices as typed, some quoted
+            choice = ",".join(choice)
+        elif choice.isidentifier():  # a name: a list or tuple variable of the notebook
             if choice not in ns:
                 raise InvalidInput(
                     f"--choice {choice}: no variable {choice!r} in the notebook, and one value "

@@ -11,6 +11,7 @@ in ``sys.modules``."""
 from __future__ import annotations
 
 import sys
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,17 +28,69 @@ class Limits:
     columns: int = 20
 
 
+_JOINERS = {0x200C, 0x200D, 0x034F}  # ZWNJ, ZWJ, combining grapheme joiner
+
+
+def _joins(ch: str) -> bool:
+    """Whether ``ch`` belongs to the character before it (a combining accent, a variation
+    selector, a skin tone, an emoji tag, a joiner): a cut must not fall before it."""
+    o = ord(ch)
+    return (o in _JOINERS or 0xFE00 <= o <= 0xFE0F or 0xE0100 <= o <= 0xE01EF
+            or 0x1F3FB <= o <= 0x1F3FF or 0xE0020 <= o <= 0xE007F
+            or unicodedata.category(ch) in ("Mn", "Mc", "Me"))
+
+
+def _regional(ch: str) -> bool:
+    return 0x1F1E6 <= ord(ch) <= 0x1F1FF  # a flag is two of these
+
+
+def boundary(text: str, i: int) -> int:
+    """The nearest place at or before ``i`` where ``text`` can be cut without splitting
+    what reads as one character (``e`` + a combining accent, an emoji sequence joined by
+    ZWJ or with a skin tone, a flag's pair of regional indicators, CR LF). Within 32
+    characters; past that (no boundary so near) ``i`` itself."""
+    j = i
+    while i - j < 32:
+        if j <= 0 or j >= len(text):
+            return max(0, min(j, len(text)))
+        ch, before = text[j], text[j - 1]
+        if _joins(ch) or ord(before) in _JOINERS or (before == "\r" and ch == "\n"):
+            j -= 1
+            continue
+        if _regional(ch) and _regional(before):
+            run = 0
+            while j - run - 1 >= 0 and _regional(text[j - run - 1]):
+                run += 1
+            if run % 2:  # the cut would fall inside a pair
+                j -= 1
+                continue
+        return j
+    return i
+
+
+def _back_boundary(text: str, i: int) -> int:
+    """Like :func:`boundary`, but moving forward (where a kept tail begins)."""
+    j = i
+    while j - i < 32:
+        if j <= 0 or j >= len(text) or boundary(text, j) == j:
+            return j
+        j += 1
+    return i
+
+
 def cut(text: str, chars: int, keep: str = "head") -> str:
-    """``text`` cut to about ``chars`` characters with a note of what was left out.
+    """``text`` cut to about ``chars`` characters with a note of what was left out; a cut
+    never splits what reads as one character (:func:`boundary`).
     ``keep="ends"`` keeps its start and its end (a traceback's last line is the error)."""
     if chars <= 0 or len(text) <= chars:
         return text
     if keep == "ends":
-        head = chars // 3
-        tail = chars - head
-        left = len(text) - head - tail
-        return f"{text[:head]}\n… ({left} characters left out) …\n{text[-tail:]}"
-    return f"{text[:chars]}\n… ({len(text) - chars} more characters left out)"
+        head = boundary(text, chars // 3)
+        start = _back_boundary(text, len(text) - (chars - chars // 3))
+        left = start - head
+        return f"{text[:head]}\n… ({left} characters left out) …\n{text[start:]}"
+    end = boundary(text, chars)
+    return f"{text[:end]}\n… ({len(text) - end} more characters left out)"
 
 
 def masked_cut(text: str, chars: int, keep: str = "head") -> tuple[str, int]:

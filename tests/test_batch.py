@@ -323,3 +323,66 @@ def test_in_a_terminal_the_progress_is_one_line_rewritten_in_place(shell, monkey
     assert out.startswith("\rroot/qs  ████████░░░░░░░░░░░░ 4/10 · 1 failed · 20 tokens/s · 0:03 left")
     assert "\rroot/qs  ████████████████████ 10/10 · 25 tokens/s · 0:04" in out
     assert out.endswith("\r") and "\n" not in out  # taken away; the summary line follows
+
+
+def test_a_long_planning_shows_how_far_it_is_before_the_first_row(shell, monkeypatch):
+    # issue 20: a big batch spent seconds planning with no line at all; now the line says
+    # it is planning, and how far, once planning has taken a second
+    import io
+    import time
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    class Slow:  # a value whose text takes a while to make (a heavy object's __str__)
+        def __init__(self, n):
+            self.n = n
+
+        def __str__(self):
+            time.sleep(0.001)
+            return f"doc {self.n}"
+
+    shell.ns["docs"] = [Slow(i) for i in range(1500)]
+    term = Terminal()
+    monkeypatch.setattr(sys, "stdout", term)
+    result = shell.ip.run_cell("%%subchat root --each docs --limit 1400 --backend echo\n{item}")
+    monkeypatch.undo()
+    assert result.success, result.error_in_exec
+    out = term.getvalue()
+    planning = [line for line in out.split("\r") if "planning:" in line]
+    assert planning and planning[0].startswith("--each docs  planning: preparing the rows ")
+    assert planning[-1].rstrip().endswith("/1,400")
+    # planning is said before the first row's progress, which names the batch chat
+    first_bar = out.index("root/docs  ")
+    assert out.index("planning:") < first_bar
+    assert "batch root/docs: 1400 items, 1400 done" in out
+
+
+def test_ctrl_c_while_planning_is_one_line_and_nothing_is_sent(shell, workdir):
+    import _thread
+    import threading
+
+    from subchat_magics.testing import store_rows
+
+    never = threading.Event()
+
+    class Heavy:
+        def __init__(self, n):
+            self.n = n
+
+        def __str__(self):
+            if self.n == 50:  # Ctrl-C lands while the 50th row's text is being made
+                _thread.interrupt_main()
+                never.wait(60)
+            return f"doc {self.n}"
+
+    shell.ok("%%subchat root --backend echo\nhello")
+    before = store_rows(workdir / "subchats.db", "SELECT id, chat_id, content FROM messages")
+    shell.ns["docs"] = [Heavy(i) for i in range(100)]
+    msg = shell.fails("%%subchat root --each docs --backend echo\n{item}")
+    assert msg == ("%%subchat: interrupted while planning the batch; no row was sent: run "
+                   "the cell again to start it")
+    assert store_rows(workdir / "subchats.db", "SELECT id, chat_id, content FROM messages") \
+        == before
+    assert "root/docs" not in default_session().tree

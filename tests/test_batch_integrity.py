@@ -234,6 +234,8 @@ def test_the_progress_line_says_estimating_until_rows_have_finished():
     assert progress_line("root/qs", p).endswith("estimating")
     p.done, p.elapsed_s = 100, 2.0  # 100 rows in 2 s: 900 left at that rate is 18 s
     assert progress_line("root/qs", p).endswith("0:18 left")
+    p.paused = 30.0  # a rate limit: the line says the batch waits, not an estimate
+    assert progress_line("root/qs", p).endswith("paused: rate-limited, resuming in 0:30")
 
 
 def test_show_p_of_a_failed_row_names_the_reason(shell, workdir, monkeypatch):

@@ -40,3 +40,32 @@ def test_interrupt_keeps_the_partial_reply_marked(shell, workdir):
     # the tree goes on: the next message sees the partial reply as context
     out = shell.ok("%%subchat root\nnext")
     assert out.strip() == "echo (3 messages): next"
+
+
+def test_interrupted_under_a_constraint_var_is_none_not_a_partial_string(shell, workdir):
+    # issue 20: --var held '{"label": "positive", ' after Ctrl-C; a batch row gives None
+    from subchat_magics.session import default_session
+
+    seen = []
+    never = threading.Event()
+
+    def listener(event, data):
+        if event == "reply-delta":
+            seen.append(data["delta"])
+            if len(seen) == 2:
+                _thread.interrupt_main()
+                never.wait(60)
+
+    shell.ns["schema"] = {"type": "object", "properties": {
+        k: {"type": "string"} for k in ("label", "reason", "source", "detail")},
+        "required": ["label", "reason", "source", "detail"]}
+    shell.ns["v"] = "before"
+    unsubscribe = default_session().tree.subscribe(listener)
+    try:
+        result, _ = shell.run("%%subchat root --backend echo --json=schema --var v\nLabel it.")
+    finally:
+        unsubscribe()
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    assert len(seen) == 2 and shell.ns["v"] is None
+    status = store_rows(workdir / "subchats.db", "SELECT status FROM messages ORDER BY seq")
+    assert status[-1] == ("interrupted",)

@@ -42,6 +42,9 @@ class GenerationOptions:
     #: the tools the model may call instead of answering (``--tools``); the reply is then
     #: either text or calls (:attr:`Finish.tool_calls`). The constraint binds the answer.
     tools: tuple[Tool, ...] | None = None
+    #: a batch row: its context (the batch's instructions) is never dropped to fit a
+    #: window; the reply room is lowered instead, or the row fails saying why
+    keep_context: bool = False
 
     def validate(self) -> "GenerationOptions":
         """Check every value once (the one place the ranges are written); returns self."""

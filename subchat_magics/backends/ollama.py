@@ -388,8 +388,17 @@ class OllamaBackend(_remote.RemoteBackend):
             return (f"{what} is too long for the context window: ~{both} prompt tokens (estimated), "
                     f"and num_ctx is {num_ctx}; shorten {what}, or {room}")
 
+        c = options.constraint
+        need = None  # the most an answer can use (a choice's longest, a bounded regex's)
+        if c is not None and not options.think and not options.tools:
+            if c.kind == "choice" and c.choices:
+                need = max(estimate_tokens([{"role": "assistant", "content": x}])
+                           for x in c.choices) + 1
+            elif c.longest_regex_match() is not None:
+                need = 4 * c.longest_regex_match() + 1  # type: ignore[operator]
         fit = fit_window(msgs, max_tokens, num_ctx, lambda kept: (estimate_tokens(kept), None),
-                         too_long, window="num_ctx")
+                         too_long, window="num_ctx", need=need,
+                         keep_context=options.keep_context)
         notes = list(fit.notes)
         if notes:
             notes.append("token counts for Ollama are estimated (~3 bytes of text a token; "

@@ -20,6 +20,7 @@ from .state import Stream
 from .stream_pane import StreamPane
 
 MAX_SHOWN = 100  # own messages shown; older ones are summed up in the head
+COMPARE_PAGE = 8  # siblings side by side at most (a batch row has thousands)
 
 
 def dispose(widget: w.Widget, seen: set[int]) -> None:
@@ -170,7 +171,12 @@ class Transcript:
                           "branch it first")
             self.set_children()
             return
+        total = len(group)
+        group = self.compare_page(group, chat)
         head.value = f"<b>comparing</b> {' · '.join(html.escape(c.path) for c in group)}"
+        if len(group) < total:  # (a batch's rows: thousands of siblings)
+            head.value += (f"<br><i>{len(group)} of {total:,} siblings: the selected chat and "
+                           "its neighbours; select another to page on</i>")
         columns = []
         for c in group:
             msgs = c.messages
@@ -192,6 +198,15 @@ class Transcript:
     @staticmethod
     def compare_group(chat: Chat) -> list[Chat]:
         return list(chat.parent.children if chat.parent is not None else chat.children)
+
+    @staticmethod
+    def compare_page(group: list[Chat], chat: Chat, size: int = COMPARE_PAGE) -> list[Chat]:
+        """At most ``size`` of ``group``: ``chat`` and the siblings around it."""
+        if len(group) <= size:
+            return group
+        at = next((i for i, c in enumerate(group) if c.id == chat.id), 0)
+        start = min(max(0, at - size // 2), len(group) - size)
+        return group[start:start + size]
 
     # -- the box -----------------------------------------------------------------------------
     def set_children(self) -> None:

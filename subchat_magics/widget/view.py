@@ -502,8 +502,11 @@ class TreeView(w.VBox):
         return chat.path if chat is not None else fallback
 
     def _in_compare(self, chat_id: int) -> bool:
-        return self.compare.value and chat_id in {
-            c.id for c in Transcript.compare_group(self.state.selected())}
+        if not self.compare.value:
+            return False
+        chat = self.state.selected()
+        return chat_id in {c.id for c in Transcript.compare_page(
+            Transcript.compare_group(chat), chat)}
 
     def _on_chat_created(self, data: dict[str, Any]) -> None:
         self.state.chat_created(data["id"])

@@ -62,3 +62,29 @@ def test_the_views_messages_do_not_grow_with_the_rows(shell, echo_session, comms
         assert sizes[1] < sizes[0] * 1.5
     finally:
         v.close()
+
+
+def test_compare_on_a_batch_row_shows_one_page_of_its_siblings(shell, echo_session, comms):
+    # issue 20: compare on a row of 2,000 opened 4,005 widgets (~4 MB to the browser)
+    shell.ns["xs"] = list(range(300))
+    shell.ok("%%subchat root --each xs\nn {item}")
+    v = TreeView(echo_session.tree, session=echo_session)
+    try:
+        v.select("root/xs/150")
+        mark = comms.mark()
+        v.compare.value = True
+        grid = [w for w in v.transcript.children if "subchat-compare" in w._dom_classes][0]
+        heads = [t.splitlines()[0] for t in
+                 (c.outputs[0]["data"]["text/markdown"] for c in grid.children)]
+        assert heads == [f"**root/xs/{i}** (2 messages)" for i in range(146, 154)]
+        head = [w for w in v.transcript.children if "subchat-transcript-head" in w._dom_classes][0]
+        assert "8 of 300 siblings" in head.value
+        sent = comms.since(mark)
+        assert sum(s.msg_type == "comm_open" for s in sent) < 40  # a page, not 300 columns
+        assert sum(s.size for s in sent) < 100_000
+        v.select("root/xs/0")  # the first row: the page starts there
+        grid = [w for w in v.transcript.children if "subchat-compare" in w._dom_classes][0]
+        assert len(grid.children) == 8
+        assert grid.children[0].outputs[0]["data"]["text/markdown"].startswith("**root/xs/0**")
+    finally:
+        v.close()

@@ -108,7 +108,8 @@ class Engine:
             think = False
         tools = [t.spec() for t in options.tools] if options.tools else None
         prompt = self.builder.build(messages, int(options.max_tokens), think=think, tools=tools,
-                                    prefill=prefill)
+                                    prefill=prefill, need=self.reply_need(options, think),
+                                    keep_context=options.keep_context)
         if self.builder.has_thinking_switch:
             thinking = "on" if think else "off"
         elif think:
@@ -131,6 +132,18 @@ class Engine:
             return None
         rows = self.kv_tokens // self.max_model_len
         return min(rows, self.max_num_seqs) if self.max_num_seqs else rows
+
+    def reply_need(self, options: GenerationOptions, think: bool) -> int | None:
+        """The most tokens an answer can use, where the constraint bounds it (without
+        thinking: a ``--choice``'s longest choice, a bounded ``--regex``'s longest match at
+        4 tokens a character, each and the stop token)."""
+        c = options.constraint
+        if c is None or think or options.tools:
+            return None
+        if c.kind == "choice" and c.choices:
+            return max(len(self.builder.encode(x)) for x in c.choices) + 1
+        most = c.longest_regex_match()
+        return 4 * most + 1 if most is not None else None
 
     def thinks(self, options: GenerationOptions) -> bool:
         """Whether a request with ``options`` runs with thinking on."""
