@@ -272,8 +272,14 @@ class PromptBuilder:
                 break
         if ids is None:
             first = turns[0]
-            text = self.render_text(msgs[:first], think=ran_with_thinking(msgs[first]["content"]))
-            ids = self.encode(text)
+            fthink = ran_with_thinking(msgs[first]["content"])
+            head = self._states.get((prefix[first], fthink, "head"))
+            if head is not None:  # the chat's opening, encoded once for every row that shares it
+                ids, text = list(head[0]), head[1]
+            else:
+                text = self.render_text(msgs[:first], think=fthink)
+                ids = self.encode(text)
+                self._states.put((prefix[first], fthink, "head"), (array("I", ids), text))
         fresh: list[tuple[bytes, bool, int, int]] = []
         for k in range(start, len(turns)):
             i = turns[k]
