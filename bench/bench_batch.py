@@ -469,8 +469,10 @@ def main(argv: list[str] | None = None) -> int:
     conc = "--concurrency 1" if args.broken == "sequential" else ""
     if args.broken == "per-row":  # what the scale section replaced: a commit, an index reload a row
         from subchat_magics import batch
+        from subchat_magics.tree import ChatTree
 
         batch.CREATE_CHUNK = batch.SUBMIT_EVERY = 1
+        ChatTree.added = lambda self, rows: self.refresh(force=True)  # the old whole reload
     if "vllm" not in args.skip or "scale" not in args.skip:
         model = tiny_model.build()
         t0 = time.perf_counter()
