@@ -126,6 +126,15 @@ class _LRU:
                 self.data.popitem(last=False)
 
 
+def _opaque(content: Any) -> bool:
+    """Whether a message's content is plain words a template writes as they are: no
+    markup or switch a template might test for (``<tool_response>``, ``/no_think``), no
+    outer whitespace it might trim. (A template that tests a user message for a plain
+    word would not be caught: none of the common ones does.)"""
+    return (isinstance(content, str) and bool(content) and content == content.strip()
+            and not any(c in content for c in "<>{}[]%#|/\\") and _SENTINEL not in content)
+
+
 def _digest(*parts: Any) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     for p in parts:
@@ -166,6 +175,7 @@ class PromptBuilder:
         if self.chat_template is None and not getattr(tokenizer, "chat_template", None):
             self.chat_template = CHATML_TEMPLATE
         self._renders = _LRU(512)
+        self._frames = _LRU(64)  # (a chat but its last message) -> the render around it
         self._generated = _LRU(cache_size)
         # (digest of the messages up to a turn's end, thinking) -> (ids, text) so far: a
         # chat's next prompt renders only its new turns
@@ -186,11 +196,22 @@ class PromptBuilder:
                           json.dumps(list(tools or ()), sort_keys=True))
         else:
             msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+            if add_generation_prompt and msgs[-1]["role"] == "user" and _opaque(msgs[-1]["content"]):
+                # a batch's rows: the same chat but for its last message, rendered once
+                frame = self._frame(msgs, think)
+                if frame:
+                    return frame[0] + msgs[-1]["content"] + frame[1]
             key = _digest(add_generation_prompt, think,
                           *(x for m in msgs for x in (m["role"], m["content"])))
         hit = self._renders.get(key)
         if hit is not None:
             return hit
+        text = self._render(msgs, think, add_generation_prompt, tools)
+        self._renders.put(key, text)
+        return text
+
+    def _render(self, msgs: list[dict[str, Any]], think: bool, add_generation_prompt: bool = True,
+                tools: Sequence[dict[str, Any]] | None = None) -> str:
         kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt,
                                   "enable_thinking": bool(think)}
         if tools:
@@ -203,8 +224,26 @@ class PromptBuilder:
             raise InvalidInput(f"the model's chat template failed on this chat: {exc}") from None
         if not isinstance(text, str):  # some tokenizers return a list when batched
             text = text[0]
-        self._renders.put(key, text)
         return text
+
+    def _frame(self, msgs: list[dict[str, str]], think: bool) -> tuple[str, str] | None:
+        """The render of ``msgs`` around its last (user) message's content: ``(before,
+        after)``, made once for every chat that differs only there (a batch's rows), or
+        None where the template does not write that content as it is (it trims, changes
+        or tests it): two renders with two markers must differ by the marker alone."""
+        key = _digest("frame", think, *(x for m in msgs[:-1] for x in (m["role"], m["content"])))
+        hit = self._frames.get(key)
+        if hit is not None:
+            return hit or None
+        marks = (f"{_SENTINEL}-a", f"{_SENTINEL}-Zq9")
+        one, two = (self._render(msgs[:-1] + [{"role": "user", "content": m}], think)
+                    for m in marks)
+        frame: Any = False
+        if one.count(marks[0]) == 1 and two == one.replace(marks[0], marks[1]):
+            before, _, after = one.partition(marks[0])
+            frame = (before, after)
+        self._frames.put(key, frame)
+        return frame or None
 
     def encode(self, text: str) -> list[int]:
         # verbose=False: a prompt longer than the tokenizer's model_max_length is ours to
