@@ -35,6 +35,7 @@ from .backends.base import Backend, GenerationOptions
 from .backends.registry import Selection
 from .errors import InvalidInput, SubchatError
 from .exchange import Exchange, Runner
+from .secrets import steady
 from .store import ChatRow
 from .tree import Chat, ChatTree, normalize_path
 
@@ -504,6 +505,10 @@ class Batch:
         ``KeyboardInterrupt`` from ``progress``) stops every request in flight at once,
         keeps what completed, marks the cut rows ``interrupted`` and re-raises; the rows
         stay in :attr:`rows` and :meth:`result` gives what there is."""
+        with steady():  # the keys to mask read once, not for each stored message
+            return self._run(progress, every)
+
+    def _run(self, progress: Callable[[Progress], None] | None, every: float) -> BatchResult:
         if self._started:
             raise InvalidInput("a batch runs once; plan it again to resume it")
         self._started = True

@@ -144,3 +144,33 @@ def test_chats_added_to_the_index_read_as_a_whole_reload_reads_them(workdir, ste
             {k: v for k, v in fresh.children.items() if v}
         assert all(index.paths[c.path] is c for c in index.chats.values())
     tree.close()
+
+
+def test_a_batch_masks_keys_read_once_and_keys_given_meanwhile(shell, workdir, monkeypatch):
+    """A batch reads the environment's and .env's keys once (not per stored message); a
+    key in .env when it starts, and one given with register_secret while it runs, are
+    masked in every row it stores."""
+    from subchat_magics.secrets import forget_secret, register_secret
+
+    (workdir / ".env").write_text("GROQ_API_KEY=gsk_envkey_0123456789abcdef\n")
+    late = "late-secret-9876543210zyx"
+    seen = []
+
+    def progress(p):
+        if p.ended and not seen:
+            seen.append(1)
+            register_secret(late)  # given while the batch runs
+
+    try:
+        batch = default_session().batch(
+            "root", [f"row {i} gsk_envkey_0123456789abcdef {late}" for i in range(12)],
+            lambda x, i: x, name="k", backend="echo", concurrency=2)
+        batch.run(progress, every=0)
+    finally:
+        forget_secret(late)
+    stored = " ".join(r[0] for r in store_rows(workdir / "subchats.db",
+                                               "SELECT content FROM messages"))
+    assert "row 11" in stored and "0123456789abcdef" not in stored
+    tree = default_session().tree
+    later = [m.content for i in range(4, 12) for m in tree.get(f"root/k/{i}").messages]
+    assert len(later) == 16 and all("9876543210" not in t and "***" in t for t in later)
