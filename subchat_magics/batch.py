@@ -689,15 +689,16 @@ class Batch:
                     r.target = made[-1].id
         if made:
             tree.added(made)  # into the index as they are: no reload of every chat
-            for cid in (row.id for row in made):
-                chat = tree.find(cid)
+            for chat in tree.find_many([row.id for row in made]):
                 if chat is not None:
                     if chat.parent is not None and chat.parent.id == self.chat.id:
                         kids[chat.name] = chat
                     tree.emit("chat-created", id=chat.id, path=chat.path)
         out = []
+        targets = dict(zip((r.target for r in rows if r.target is not None),
+                           tree.find_many([r.target for r in rows if r.target is not None])))
         for r in rows:
-            chat = tree.find(r.target) if r.target is not None else kids[r.name]
+            chat = targets[r.target] if r.target is not None else kids[r.name]
             r.row_chat = r.row_chat or kids[r.name].id if r.name in kids else r.row_chat
             out.append(chat)
         return out

@@ -176,6 +176,7 @@ class PromptBuilder:
             self.chat_template = CHATML_TEMPLATE
         self._renders = _LRU(512)
         self._frames = _LRU(64)  # (a chat but its last message) -> the render around it
+        self._fast: Any = None  # the Rust tokenizer to encode with (False: none; None: not looked)
         self._generated = _LRU(cache_size)
         # (digest of the messages up to a turn's end, thinking) -> (ids, text) so far: a
         # chat's next prompt renders only its new turns
@@ -246,6 +247,38 @@ class PromptBuilder:
         return frame or None
 
     def encode(self, text: str) -> list[int]:
+        fast = self._fast if self._fast is not None else self._find_fast()
+        if fast:
+            try:
+                return fast.encode(text, add_special_tokens=False).ids
+            except Exception:  # noqa: BLE001 - (busy elsewhere: transformers' way below)
+                pass
+        return self._encode(text)
+
+    def _find_fast(self) -> Any:
+        """The Rust tokenizer under a fast transformers tokenizer, to encode with directly
+        (transformers' own call costs more than the encoding, and hands the GIL to the
+        engine's thread each time), kept only where it gives transformers' very ids on a
+        probe; else False."""
+        t, fast = self.tokenizer, False
+        for _ in range(4):
+            if type(t).__module__.partition(".")[0] == "tokenizers" and hasattr(t, "encode_batch"):
+                fast = t
+                break
+            t = getattr(t, "_tokenizer", None) or getattr(t, "tokenizer", None)
+            if t is None:
+                break
+        if fast:
+            probes = [" Hello  world\n", "<|im_start|>user\nQ1: 日本語 ✓ 3.14<|im_end|>\n", "a  b\t\tc "]
+            try:
+                if any(fast.encode(p, add_special_tokens=False).ids != self._encode(p) for p in probes):
+                    fast = False
+            except Exception:  # noqa: BLE001 - another tokenizer's ways: transformers' call
+                fast = False
+        self._fast = fast
+        return fast
+
+    def _encode(self, text: str) -> list[int]:
         # verbose=False: a prompt longer than the tokenizer's model_max_length is ours to
         # report (build() says what does not fit), not transformers' warning in the cell
         try:

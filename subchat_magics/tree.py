@@ -379,6 +379,13 @@ class ChatTree:
             self._maybe_refresh()
             return self._by_id.get(chat_id)
 
+    def find_many(self, ids: list[int]) -> list[Chat | None]:
+        """:meth:`find` of each id, with one look at whether the store changed."""
+        with self._lock:
+            self._maybe_refresh()
+            chats = self._by_id
+            return [chats.get(i) for i in ids]
+
     def get(self, path: "str | int | Chat") -> Chat:
         """The chat at ``path`` (or with this id); :class:`ChatNotFound` if there is none."""
         if isinstance(path, Chat):

@@ -210,3 +210,13 @@ def test_a_template_that_trims_or_tests_the_message_is_rendered_whole(tok):
     assert b.render_text([user("<tool_response>x</tool_response>")]) == \
         "<user><tool_response>x</tool_response>!"
     assert b.render_text([user("hi /no_think")]) == "<user>hi /no_think?"
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=words)
+def test_the_builder_encodes_as_transformers_does(tok, text):
+    """The builder encodes with the Rust tokenizer under transformers' (cheaper, and no
+    GIL hand-off a row): the very ids transformers gives, for any text."""
+    b = PromptBuilder(tok, 4096)
+    assert b.encode(text) == tok.encode(text, add_special_tokens=False)
+    assert b._fast  # (the fast way is the one in use for this tokenizer)

@@ -156,7 +156,11 @@ class Driver:
         """Add requests ``(prompt_ids, sampling_params, tag)`` together (so the engine
         batches them); their outputs go to ``sink`` as ``(tag, Delta | exception)``."""
         self.check()
-        batch = [(f"subchat-{uuid.uuid4().hex[:12]}", ids, params, sink, tag) for ids, params, tag in items]
+        # one random part a call, a count a request (a uuid4 a row read the OS's random
+        # source, and handed the engine's thread the GIL, once a row)
+        head = f"subchat-{uuid.uuid4().hex[:8]}"
+        batch = [(f"{head}-{n}", ids, params, sink, tag)
+                 for n, (ids, params, tag) in enumerate(items)]
         self._commands.put(("add", batch))
         return [b[0] for b in batch]
 
