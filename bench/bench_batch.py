@@ -278,11 +278,18 @@ def bench_resume(cells: Cells, n: int, store_chats: int, signal) -> dict:
     assert not first.success and said, f"the first run was not cut: {cap.stdout[-500:]}"
     cut_rows = int(said.group(1))
     chats = len(sess.tree.chats())
+    from subchat_magics.backends.vllm import active_engine
+
+    engine = active_engine()
+    engine.call(lambda eng: eng.reset_prefix_cache())  # (each side computes its prompts)
+    gc.collect()
     dt_resume, text = cells.run(cell)
     plan = re.search(r"\(\+([\d.]+) s planning\)", text)
     resumed = re.search(r"(\d+) resent|(\d+) done", text)
     # the same rows fresh (a new batch chat), for the time they take
     cells.ip.user_ns["rq2"] = cells.ip.user_ns["rq"][:cut_rows or n]
+    engine.call(lambda eng: eng.reset_prefix_cache())
+    gc.collect()
     dt_fresh, text_fresh = cells.run(cell.replace("--each rq", "--each rq2 --fresh"))
     planning = float(plan.group(1)) if plan else None
     ratio = dt_resume / dt_fresh

@@ -255,6 +255,17 @@ class PromptBuilder:
                 pass
         return self._encode(text)
 
+    def _decode_all(self, ids: list[int]) -> str:
+        """``ids`` as text, special tokens and spaces as they are."""
+        fast = self._fast if self._fast is not None else self._find_fast()
+        if fast:
+            try:
+                return fast.decode(ids, skip_special_tokens=False)
+            except Exception:  # noqa: BLE001 - (busy elsewhere: transformers' way below)
+                pass
+        return self.tokenizer.decode(ids, skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
+
     def _find_fast(self) -> Any:
         """The Rust tokenizer under a fast transformers tokenizer, to encode with directly
         (transformers' own call costs more than the encoding, and hands the GIL to the
@@ -271,8 +282,13 @@ class PromptBuilder:
         if fast:
             probes = [" Hello  world\n", "<|im_start|>user\nQ1: 日本語 ✓ 3.14<|im_end|>\n", "a  b\t\tc "]
             try:
-                if any(fast.encode(p, add_special_tokens=False).ids != self._encode(p) for p in probes):
-                    fast = False
+                for p in probes:
+                    ids = self._encode(p)
+                    if fast.encode(p, add_special_tokens=False).ids != ids or fast.decode(
+                            ids, skip_special_tokens=False) != self.tokenizer.decode(
+                            ids, skip_special_tokens=False, clean_up_tokenization_spaces=False):
+                        fast = False
+                        break
             except Exception:  # noqa: BLE001 - another tokenizer's ways: transformers' call
                 fast = False
         self._fast = fast
@@ -377,8 +393,7 @@ class PromptBuilder:
             fresh.append((prefix[nxt], nthink, len(ids), len(text)))
         # Segments encoded apart must read as the whole (not so for tokenizers that add
         # a prefix space to every piece): otherwise encode the as-it-ran text whole.
-        if self.tokenizer.decode(ids, skip_special_tokens=False,
-                                 clean_up_tokenization_spaces=False) != text:
+        if self._decode_all(ids) != text:
             return self.encode(text), False
         for key, nthink, n_ids, n_text in fresh:
             self._states.put((key, nthink), (array("I", ids[:n_ids]), text[:n_text]))

@@ -218,5 +218,8 @@ def test_the_builder_encodes_as_transformers_does(tok, text):
     """The builder encodes with the Rust tokenizer under transformers' (cheaper, and no
     GIL hand-off a row): the very ids transformers gives, for any text."""
     b = PromptBuilder(tok, 4096)
-    assert b.encode(text) == tok.encode(text, add_special_tokens=False)
+    ids = tok.encode(text, add_special_tokens=False)
+    assert b.encode(text) == ids
+    assert b._decode_all(ids) == tok.decode(ids, skip_special_tokens=False,
+                                            clean_up_tokenization_spaces=False)
     assert b._fast  # (the fast way is the one in use for this tokenizer)
