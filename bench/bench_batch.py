@@ -7,6 +7,15 @@
    single ``%%subchat`` cells (a loop of 32 cells, its rate per token). 64 tokens a row:
    each row costs a fixed ~0.2-0.6 ms of ours (its chat, its two messages, its prompt),
    which at 32 tokens (~1.6 ms of engine time a row on this CPU) gives 0.85-0.93x here.
+1b. **Scale** (the same engine): 5,000 ``--choice`` rows (<= 4 tokens) and 5,000 plain rows
+   (<= 32 tokens), each against ``llm.generate`` over the same chat-template texts with the
+   same sampling (structured outputs for the choice), prefix cache reset before each, order
+   alternated, best of 3 (medians beside): >= 0.90x both, by time. Then a resume: the
+   store filled to 20,000 chats (echo batches), 1,024 rows sent to vLLM and cut by a real
+   SIGINT once they are all begun, the cell run again: its planning time (until the first
+   row is sent) <= 1 s and its time <= 1.2x the same rows run fresh. ``--rows``,
+   ``--scale-reps``, ``--resume-rows``, ``--store-chats`` size it down on a small machine;
+   ``--broken per-row`` (a commit and a whole index reload a row, as before) must FAIL.
 2. **Remote** (a loopback OpenAI-compatible server that paces its tokens): 64 items with
    ``--concurrency 8`` against ``--concurrency 1``: >= 6x faster.
 3. **Echo, 20,000 items** with the tree view open: the store file and Python's memory
@@ -18,8 +27,10 @@
 1``): that run must FAIL (written to ``batch-broken-sequential.json``).
 
     python bench/bench_batch.py [--items 256] [--tokens 64] [--reps 5] [--broken sequential]
+    python bench/bench_batch.py --skip vllm --skip remote --skip echo [--rows 5000] [--broken per-row]
 
-Writes ``bench/results/batch.json`` and prints it; exits 1 if a target is missed.
+Writes ``bench/results/batch.json`` (``batch-scale.json`` when only the scale section
+runs) and prints it; exits 1 if a target is missed.
 """
 
 from __future__ import annotations
@@ -44,7 +55,8 @@ from subchat_magics.testing import tiny_model  # noqa: E402 - the tests' tiny mo
 
 CACHE = tiny_model.use_cpu_engine_settings()
 
-TARGETS = {"vllm_min_vs_generate": 0.90, "vllm_min_vs_loop": 5.0, "remote_min_speedup": 6.0,
+TARGETS = {"vllm_min_vs_generate": 0.90, "scale_min_vs_generate": 0.90,
+           "resume_max_first_send_s": 1.0, "resume_max_vs_fresh": 1.2, "vllm_min_vs_loop": 5.0, "remote_min_speedup": 6.0,
            "echo_max_growth": 1.5, "view_max_bytes_growth": 1.5}
 
 
@@ -152,6 +164,160 @@ def bench_vllm(cells: Cells, items: int, tokens: int, reps: int, concurrency: st
         "pass": vs_raw >= TARGETS["vllm_min_vs_generate"] and vs_loop >= TARGETS["vllm_min_vs_loop"],
         "note": "the machine is shared: the best run of each side is the figure, medians beside",
     }
+
+
+# -- 1b. vLLM at scale: short rows, many of them -------------------------------------------------
+def bench_scale(cells: Cells, rows: int, reps: int, resume_rows: int, store_chats: int) -> dict:
+    """``rows`` ``--choice`` rows (<= 4 tokens) and ``rows`` plain rows (<= 32 tokens), each
+    against ``llm.generate`` over the same chat-template texts with the same sampling (best
+    of ``reps``, order alternated, prefix cache reset before each); then a resume of
+    ``resume_rows`` rows cut by a real SIGINT in a store of ``store_chats`` chats: how soon
+    it sends its first row (its planning time) and its time against the same rows fresh."""
+    import signal
+
+    from vllm import SamplingParams
+
+    from subchat_magics.backends.vllm import active_engine
+
+    engine = active_engine()
+    tree = session().tree
+    cells.run("%subchat backend vllm")
+    cells.run("%%subchat sc --max-tokens 4\nAnswer each question with one word.")
+    out: dict = {}
+    for mode, opts, tokens in (("choice", "--choice even,odd", 4), ("plain", "", 32)):
+        cells.ip.user_ns["qs"] = [f"Is {i} even or odd? Say why." for i in range(rows)]
+        contexts = [tree.context("root/sc", f"Q{i}: {q}") for i, q in enumerate(cells.ip.user_ns["qs"])]
+        texts = [engine.builder.render_text(c) for c in contexts]
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, top_p=1.0)
+        if mode == "choice":
+            from subchat_magics.backends.vllm.requests import structured_outputs
+            from subchat_magics.structured import choice
+
+            params = sampling_for_choice(params, structured_outputs(choice(["even", "odd"])))
+        ours, raw = [], []
+        for r in range(reps):
+            for side in ((0, 1) if r % 2 == 0 else (1, 0)):
+                engine.call(lambda eng: eng.reset_prefix_cache())
+                gc.collect()
+                if side == 0:
+                    dt, text = cells.run(f"%%subchat sc --each qs --fresh {opts} --max-tokens {tokens} "
+                                         f"--temperature 0 --top-p 1\nQ{{index}}: {{item}}")
+                    path = text.split(":")[0].split()[-1]
+                    assert f"{rows} items, {rows} done" in text, text
+                    got = [m.provenance["completion_tokens"] for m in rows_of(path)]
+                    ours.append((dt, sum(got)))
+                else:
+                    t0 = time.perf_counter()
+                    outs = engine.llm.generate(texts, params.clone(), use_tqdm=False)
+                    raw.append((time.perf_counter() - t0,
+                                sum(len(o.outputs[0].token_ids) for o in outs)))
+        # rows a second, best of each side (the token counts are the same rows' either way)
+        best_ours, best_raw = min(d for d, _ in ours), min(d for d, _ in raw)
+        ratio = best_raw / best_ours
+        median = statistics.median(d for d, _ in raw) / statistics.median(d for d, _ in ours)
+        out[mode] = {"rows": rows, "max_tokens": tokens, "each_s": [round(d, 3) for d, _ in ours],
+                     "each_tokens": [t for _, t in ours],
+                     "generate_s": [round(d, 3) for d, _ in raw],
+                     "generate_tokens": [t for _, t in raw],
+                     "each_vs_generate": round(ratio, 3), "each_vs_generate_median": round(median, 3),
+                     "pass": ratio >= TARGETS["scale_min_vs_generate"]}
+    out["resume"] = bench_resume(cells, resume_rows, store_chats, signal)
+    out["targets"] = {"min_vs_generate": TARGETS["scale_min_vs_generate"],
+                      "resume_max_first_send_s": TARGETS["resume_max_first_send_s"],
+                      "resume_max_vs_fresh": TARGETS["resume_max_vs_fresh"]}
+    out["what"] = (f"{rows} --choice rows (<= 4 tokens) and {rows} plain rows (<= 32 tokens) through "
+                   "%%subchat --each vs llm.generate over the same chat-template texts and sampling "
+                   f"(time, best of {reps}, medians beside); a resume of rows cut by SIGINT in a "
+                   f"store of {store_chats:,} chats")
+    out["pass"] = out["choice"]["pass"] and out["plain"]["pass"] and out["resume"]["pass"]
+    return out
+
+
+def sampling_for_choice(params, structured: dict):
+    """``params`` with vLLM's structured outputs (its name for them in this vLLM)."""
+    from subchat_magics.backends.vllm.compat import delta_sampling_params, final_only
+
+    base = {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p}
+    return final_only(delta_sampling_params(base, {"structured_outputs": structured}))
+
+
+def bench_resume(cells: Cells, n: int, store_chats: int, signal) -> dict:
+    """Fill the store to ``store_chats`` chats (echo batches), run ``n`` rows on vLLM and
+    cut them with a real SIGINT once every row is sent; run the cell again (the resume):
+    its planning time (until the first row is sent) and its time, against ``n`` fresh rows."""
+    import re
+    import sqlite3
+
+    sess = session()
+    cells.run("%config SubchatMagics.store_path = 'resume.db'")
+    cells.run("%subchat status")
+    left = store_chats - len(sess.tree.chats()) - n - 2
+    k = 0
+    while left > 0:
+        size = min(5000, left)
+        cells.ip.user_ns["fill"] = list(range(size))
+        cells.run(f"%%subchat fill{k} --each fill --backend echo\nitem {{item}}")
+        left -= size + 1
+        k += 1
+    cells.run("%%subchat rs --max-tokens 4\nAnswer in a few words.")
+    cells.ip.user_ns["rq"] = [f"Tell me about the number {i}." for i in range(n)]
+    cell = "%%subchat rs --each rq --as rows --max-tokens 32 --temperature 0\nQ{index}: {item}"
+    db = str(sess.store_path())
+    stop = threading.Event()
+
+    def cut() -> None:  # a real Ctrl-C once every row is stored as sent (its reply begun)
+        con = sqlite3.connect(db)
+        while not stop.is_set():
+            (m,) = con.execute("SELECT COUNT(*) FROM messages WHERE role = 'assistant' AND "
+                               "status = 'interrupted' AND content = ''").fetchone() \
+                if _has_messages(con) else (0,)
+            if m >= n * 0.9:
+                os.kill(os.getpid(), signal.SIGINT)
+                break
+            time.sleep(0.002)
+        con.close()
+
+    watcher = threading.Thread(target=cut, daemon=True)
+    watcher.start()
+    from IPython.utils.capture import capture_output
+
+    with capture_output() as cap:
+        first = cells.ip.run_cell(cell, store_history=False)
+    stop.set()
+    watcher.join()
+    said = re.search(r"interrupted: (\d+) row\(s\) not done", cap.stdout + cap.stderr)
+    assert not first.success and said, f"the first run was not cut: {cap.stdout[-500:]}"
+    cut_rows = int(said.group(1))
+    chats = len(sess.tree.chats())
+    from subchat_magics.backends.vllm import active_engine
+
+    engine = active_engine()
+    engine.call(lambda eng: eng.reset_prefix_cache())  # (each side computes its prompts)
+    gc.collect()
+    dt_resume, text = cells.run(cell)
+    plan = re.search(r"\(\+([\d.]+) s planning\)", text)
+    resumed = re.search(r"(\d+) resent|(\d+) done", text)
+    # the same rows fresh (a new batch chat), for the time they take
+    cells.ip.user_ns["rq2"] = cells.ip.user_ns["rq"][:cut_rows or n]
+    engine.call(lambda eng: eng.reset_prefix_cache())
+    gc.collect()
+    dt_fresh, text_fresh = cells.run(cell.replace("--each rq", "--each rq2 --fresh"))
+    planning = float(plan.group(1)) if plan else None
+    ratio = dt_resume / dt_fresh
+    return {"store_chats": chats, "rows": n, "cut_rows": cut_rows, "resume_s": round(dt_resume, 3),
+            "resume_first_send_s": planning, "fresh_s": round(dt_fresh, 3),
+            "resume_vs_fresh": round(ratio, 3), "resume_summary": text.strip()[-300:],
+            "fresh_summary": text_fresh.strip()[-300:], "matched": bool(resumed),
+            "pass": planning is not None and planning <= TARGETS["resume_max_first_send_s"]
+            and ratio <= TARGETS["resume_max_vs_fresh"]}
+
+
+def _has_messages(con) -> bool:
+    try:
+        con.execute("SELECT 1 FROM messages LIMIT 1")
+        return True
+    except Exception:  # noqa: BLE001 - the store is not made yet
+        return False
 
 
 # -- 2. remote -------------------------------------------------------------------------------------
@@ -291,11 +457,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--remote-items", type=int, default=64)
     ap.add_argument("--echo-items", type=int, default=20000)
-    ap.add_argument("--broken", choices=("sequential",),
-                    help="force every --each to one request at a time: the run must FAIL")
-    ap.add_argument("--skip", action="append", default=[], choices=("vllm", "remote", "echo"))
+    ap.add_argument("--rows", type=int, default=5000, help="rows of each scale run (--choice, plain)")
+    ap.add_argument("--scale-reps", type=int, default=3)
+    ap.add_argument("--resume-rows", type=int, default=1024)
+    ap.add_argument("--store-chats", type=int, default=20000)
+    ap.add_argument("--broken", choices=("sequential", "per-row"),
+                    help="sequential: every --each one request at a time; per-row: a commit and an "
+                    "index reload a row (the scale section): the run must FAIL")
+    ap.add_argument("--skip", action="append", default=[],
+                    choices=("vllm", "scale", "remote", "echo"))
     args = ap.parse_args(argv)
-    out_file = RESULTS / (f"batch-broken-{args.broken}.json" if args.broken else "batch.json")
+    only_scale = {"vllm", "remote", "echo"} <= set(args.skip)  # (its own file: the others' stay)
+    out_file = RESULTS / (f"batch-broken-{args.broken}.json" if args.broken
+                          else "batch-scale.json" if only_scale else "batch.json")
 
     work = tempfile.mkdtemp(prefix="bench-batch-")
     os.chdir(work)  # a fresh ./subchats.db
@@ -310,8 +484,14 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python bench/bench_batch.py", *(argv if argv is not None else sys.argv[1:])]),
         "broken": args.broken,
     }
-    conc = "--concurrency 1" if args.broken else ""
-    if "vllm" not in args.skip:
+    conc = "--concurrency 1" if args.broken == "sequential" else ""
+    if args.broken == "per-row":  # what the scale section replaced: a commit, an index reload a row
+        from subchat_magics import batch
+        from subchat_magics.tree import ChatTree
+
+        batch.CREATE_CHUNK = batch.SUBMIT_EVERY = 1
+        ChatTree.added = lambda self, rows: self.refresh(force=True)  # the old whole reload
+    if "vllm" not in args.skip or "scale" not in args.skip:
         model = tiny_model.build()
         t0 = time.perf_counter()
         cells.run(f"%load_vllm {model}")
@@ -323,18 +503,22 @@ def main(argv: list[str] | None = None) -> int:
         results["machine"]["vllm"] = vllm.__version__
         results["model"] = {"name": model.name, "dtype": engine.dtype,
                             "load_s_including_import": round(time.perf_counter() - t0, 2)}
-        results["vllm"] = bench_vllm(cells, args.items, args.tokens, args.reps, conc)
+        if "vllm" not in args.skip:
+            results["vllm"] = bench_vllm(cells, args.items, args.tokens, args.reps, conc)
+        if "scale" not in args.skip:
+            results["scale"] = bench_scale(cells, args.rows, args.scale_reps, args.resume_rows,
+                                           args.store_chats)
         unload()
     if "remote" not in args.skip:
         results["remote"] = bench_remote(cells, args.remote_items, bool(args.broken))
     if "echo" not in args.skip:
         sizes = [args.echo_items // 4, args.echo_items // 2, args.echo_items]
         results["echo"] = bench_echo(cells, sizes)
-    parts = [k for k in ("vllm", "remote", "echo") if k in results]
+    parts = [k for k in ("vllm", "scale", "remote", "echo") if k in results]
     # a part that did not run is not a pass: only one skipped with --skip is left out, and
     # a run that judged nothing at all fails
     results["skipped_as_asked"] = sorted(set(args.skip))
-    results["did_not_run"] = [k for k in ("vllm", "remote", "echo")
+    results["did_not_run"] = [k for k in ("vllm", "scale", "remote", "echo")
                               if k not in results and k not in args.skip]
     results["pass"] = bool(parts) and not results["did_not_run"] and all(
         results[k]["pass"] for k in parts)

@@ -277,6 +277,7 @@ class Exchange:
         self.reply_row: "Message | None" = None
         self._t0 = 0.0
         self._ttft: float | None = None
+        self.whole = False  # it came back whole (no token-by-token arrival to time)
         self._saved_at = 0.0
 
     @property
@@ -404,7 +405,8 @@ class Exchange:
             "prompt_tokens": f.prompt_tokens,
             "completion_tokens": f.completion_tokens,
             "cached_tokens": f.cached_tokens,
-            "ttft_s": round(self._ttft, 6) if self._ttft is not None else None,
+            # a reply that came back whole has no first-token time to tell (not its duration)
+            "ttft_s": round(self._ttft, 6) if self._ttft is not None and not self.whole else None,
             "duration_s": round(duration, 6),
             "finish_reason": finish_reason,
         }
@@ -604,11 +606,13 @@ class Runner:
     def submit(self, exchanges: Sequence[Exchange]) -> None:
         """Send begun exchanges, together (an engine adds them before its next step)."""
         pool = self._open()
+        whole = getattr(pool, "comes_whole", None) or (lambda options: False)  # (a plugin's pool)
         batch = []
         for ex in exchanges:
             index = self._next_index
             self._next_index += 1
             self.flying[index] = ex
+            ex.whole = whole(ex.options)
             batch.append((index, ex.messages, ex.options))
         pool.submit_many(batch)
 
@@ -617,11 +621,13 @@ class Runner:
         messages, options that differ only in the seed) as one group: on vLLM one engine
         request of K samples (the prompt computed once), elsewhere K requests in flight."""
         pool = self._open()
+        whole = getattr(pool, "comes_whole", None) or (lambda options: False)
         indices = []
         for ex in exchanges:
             index = self._next_index
             self._next_index += 1
             self.flying[index] = ex
+            ex.whole = whole(ex.options)
             indices.append(index)
         pool.submit_samples(indices, exchanges[0].messages, [ex.options for ex in exchanges])
 

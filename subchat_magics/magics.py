@@ -194,6 +194,9 @@ class SubchatMagics(Magics):
                          "message.").tag(config=True)
     max_value_columns = Int(20, help="Most columns of a DataFrame or array filled into a "
                             "message.").tag(config=True)
+    max_value_digits = Int(6, help="Significant digits of the floats in a DataFrame, Series or "
+                           "array filled into a message (0.30000000000000004 reads 0.3; a "
+                           "float's whole part is always kept).").tag(config=True)
 
     def __init__(self, shell: Any = None, session: Session | None = None,
                  open_view: Callable[[Session], Any] | None = None, **kwargs: Any):
@@ -221,7 +224,7 @@ class SubchatMagics(Magics):
                              f"not {proposal['value']!r}")
         return proposal["value"]
 
-    @validate("max_value_chars", "max_value_rows", "max_value_columns")
+    @validate("max_value_chars", "max_value_rows", "max_value_columns", "max_value_digits")
     def _check_limit(self, proposal: Any) -> int:
         name, value = proposal["trait"].name, proposal["value"]
         if value < (0 if name == "max_value_chars" else 1):
@@ -233,7 +236,8 @@ class SubchatMagics(Magics):
     @property
     def limits(self) -> Limits:
         """How much of a value goes into a message (the max_value_* settings)."""
-        return Limits(self.max_value_chars, self.max_value_rows, self.max_value_columns)
+        return Limits(self.max_value_chars, self.max_value_rows, self.max_value_columns,
+                      self.max_value_digits)
 
     @validate("backend")
     def _check_backend(self, proposal: Any) -> str:

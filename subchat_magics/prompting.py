@@ -128,6 +128,15 @@ class _LRU:
                 self.data.popitem(last=False)
 
 
+def _opaque(content: Any) -> bool:
+    """Whether a message's content is plain words a template writes as they are: no
+    markup or switch a template might test for (``<tool_response>``, ``/no_think``), no
+    outer whitespace it might trim. (A template that tests a user message for a plain
+    word would not be caught: none of the common ones does.)"""
+    return (isinstance(content, str) and bool(content) and content == content.strip()
+            and not any(c in content for c in "<>{}[]%#|/\\") and _SENTINEL not in content)
+
+
 def _digest(*parts: Any) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     for p in parts:
@@ -168,6 +177,8 @@ class PromptBuilder:
         if self.chat_template is None and not getattr(tokenizer, "chat_template", None):
             self.chat_template = CHATML_TEMPLATE
         self._renders = _LRU(512)
+        self._frames = _LRU(64)  # (a chat but its last message) -> the render around it
+        self._fast: Any = None  # the Rust tokenizer to encode with (False: none; None: not looked)
         self._generated = _LRU(cache_size)
         # (digest of the messages up to a turn's end, thinking) -> (ids, text) so far: a
         # chat's next prompt renders only its new turns
@@ -188,11 +199,22 @@ class PromptBuilder:
                           json.dumps(list(tools or ()), sort_keys=True))
         else:
             msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+            if add_generation_prompt and msgs[-1]["role"] == "user" and _opaque(msgs[-1]["content"]):
+                # a batch's rows: the same chat but for its last message, rendered once
+                frame = self._frame(msgs, think)
+                if frame:
+                    return frame[0] + msgs[-1]["content"] + frame[1]
             key = _digest(add_generation_prompt, think,
                           *(x for m in msgs for x in (m["role"], m["content"])))
         hit = self._renders.get(key)
         if hit is not None:
             return hit
+        text = self._render(msgs, think, add_generation_prompt, tools)
+        self._renders.put(key, text)
+        return text
+
+    def _render(self, msgs: list[dict[str, Any]], think: bool, add_generation_prompt: bool = True,
+                tools: Sequence[dict[str, Any]] | None = None) -> str:
         kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt,
                                   "enable_thinking": bool(think)}
         if tools:
@@ -205,10 +227,76 @@ class PromptBuilder:
             raise InvalidInput(f"the model's chat template failed on this chat: {exc}") from None
         if not isinstance(text, str):  # some tokenizers return a list when batched
             text = text[0]
-        self._renders.put(key, text)
         return text
 
+    def _frame(self, msgs: list[dict[str, str]], think: bool) -> tuple[str, str] | None:
+        """The render of ``msgs`` around its last (user) message's content: ``(before,
+        after)``, made once for every chat that differs only there (a batch's rows), or
+        None where the template does not write that content as it is (it trims, changes
+        or tests it): two renders with two markers must differ by the marker alone."""
+        key = _digest("frame", think, *(x for m in msgs[:-1] for x in (m["role"], m["content"])))
+        hit = self._frames.get(key)
+        if hit is not None:
+            return hit or None
+        marks = (f"{_SENTINEL}-a", f"{_SENTINEL}-Zq9")
+        one, two = (self._render(msgs[:-1] + [{"role": "user", "content": m}], think)
+                    for m in marks)
+        frame: Any = False
+        if one.count(marks[0]) == 1 and two == one.replace(marks[0], marks[1]):
+            before, _, after = one.partition(marks[0])
+            frame = (before, after)
+        self._frames.put(key, frame)
+        return frame or None
+
     def encode(self, text: str) -> list[int]:
+        fast = self._fast if self._fast is not None else self._find_fast()
+        if fast:
+            try:
+                return fast.encode(text, add_special_tokens=False).ids
+            except Exception:  # noqa: BLE001 - (busy elsewhere: transformers' way below)
+                pass
+        return self._encode(text)
+
+    def _decode_all(self, ids: list[int]) -> str:
+        """``ids`` as text, special tokens and spaces as they are."""
+        fast = self._fast if self._fast is not None else self._find_fast()
+        if fast:
+            try:
+                return fast.decode(ids, skip_special_tokens=False)
+            except Exception:  # noqa: BLE001 - (busy elsewhere: transformers' way below)
+                pass
+        return self.tokenizer.decode(ids, skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
+
+    def _find_fast(self) -> Any:
+        """The Rust tokenizer under a fast transformers tokenizer, to encode with directly
+        (transformers' own call costs more than the encoding, and hands the GIL to the
+        engine's thread each time), kept only where it gives transformers' very ids on a
+        probe; else False."""
+        t, fast = self.tokenizer, False
+        for _ in range(4):
+            if type(t).__module__.partition(".")[0] == "tokenizers" and hasattr(t, "encode_batch"):
+                fast = t
+                break
+            t = getattr(t, "_tokenizer", None) or getattr(t, "tokenizer", None)
+            if t is None:
+                break
+        if fast:
+            probes = [" Hello  world\n", "<|im_start|>user\nQ1: 日本語 ✓ 3.14<|im_end|>\n", "a  b\t\tc "]
+            try:
+                for p in probes:
+                    ids = self._encode(p)
+                    if fast.encode(p, add_special_tokens=False).ids != ids or fast.decode(
+                            ids, skip_special_tokens=False) != self.tokenizer.decode(
+                            ids, skip_special_tokens=False, clean_up_tokenization_spaces=False):
+                        fast = False
+                        break
+            except Exception:  # noqa: BLE001 - another tokenizer's ways: transformers' call
+                fast = False
+        self._fast = fast
+        return fast
+
+    def _encode(self, text: str) -> list[int]:
         # verbose=False: a prompt longer than the tokenizer's model_max_length is ours to
         # report (build() says what does not fit), not transformers' warning in the cell
         try:
@@ -274,8 +362,14 @@ class PromptBuilder:
                 break
         if ids is None:
             first = turns[0]
-            text = self.render_text(msgs[:first], think=ran_with_thinking(msgs[first]["content"]))
-            ids = self.encode(text)
+            fthink = ran_with_thinking(msgs[first]["content"])
+            head = self._states.get((prefix[first], fthink, "head"))
+            if head is not None:  # the chat's opening, encoded once for every row that shares it
+                ids, text = list(head[0]), head[1]
+            else:
+                text = self.render_text(msgs[:first], think=fthink)
+                ids = self.encode(text)
+                self._states.put((prefix[first], fthink, "head"), (array("I", ids), text))
         fresh: list[tuple[bytes, bool, int, int]] = []
         for k in range(start, len(turns)):
             i = turns[k]
@@ -301,8 +395,7 @@ class PromptBuilder:
             fresh.append((prefix[nxt], nthink, len(ids), len(text)))
         # Segments encoded apart must read as the whole (not so for tokenizers that add
         # a prefix space to every piece): otherwise encode the as-it-ran text whole.
-        if self.tokenizer.decode(ids, skip_special_tokens=False,
-                                 clean_up_tokenization_spaces=False) != text:
+        if self._decode_all(ids) != text:
             return self.encode(text), False
         for key, nthink, n_ids, n_text in fresh:
             self._states.put((key, nthink), (array("I", ids[:n_ids]), text[:n_text]))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 KEY_VARIABLES = ("GROQ_API_KEY", "OPENAI_API_KEY", "OLLAMA_API_KEY")
 #: the shortest run of a key's characters that counts as (part of) the key
@@ -79,13 +81,46 @@ def _key_parts(keys: frozenset[str]) -> tuple[list[str], list[str]]:
     return short, grams
 
 
+#: the keys read once for a batch (see :func:`steady`), and the keys registered then
+_steady: tuple[frozenset[str], frozenset[str]] | None = None
+
+
+@contextmanager
+def steady() -> Iterator[None]:
+    """Within the block, the keys from the environment and ``.env`` are read once, at its
+    start, not again for every text masked (a batch masks each row's messages several
+    times: a ``.env`` look-up each costs more than the row's other work). Keys given to
+    :func:`register_secret` or ``%subchat key`` meanwhile are still masked at once."""
+    global _steady
+    if _steady is not None:  # (already inside one)
+        yield
+        return
+    from .settings import _secrets
+
+    _steady = (frozenset(known_keys()), frozenset(_known) | frozenset(_secrets.values()))
+    try:
+        yield
+    finally:
+        _steady = None
+
+
+def _keys_now() -> frozenset[str]:
+    held = _steady
+    if held is not None:
+        from .settings import _secrets
+
+        if frozenset(_known) | frozenset(_secrets.values()) <= held[1]:
+            return held[0]
+    return frozenset(known_keys())
+
+
 def mask_keys(text: str) -> tuple[str, int]:
     """``text`` with every known key, and every run of at least :data:`PART` characters
     of one, replaced by ``***``; and how many places were masked. Cheap when no key is
     known or none appears (one substring search per key part)."""
     if not text:
         return text, 0
-    keys = frozenset(known_keys())
+    keys = _keys_now()
     if not keys:
         return text, 0
     short, grams = _key_parts(keys)

@@ -25,15 +25,16 @@ def forget_secrets() -> None:
 
 
 def dotenv_values_here() -> dict[str, str | None]:
-    path = Path.cwd() / ".env"
+    # (os, not pathlib: every stored message asks, a few times a batch row)
     try:
-        mtime = path.stat().st_mtime
+        key = os.path.join(os.getcwd(), ".env")
+        mtime = os.stat(key).st_mtime
     except OSError:
         return {}
-    key = str(path)
     hit = _cache.get(key)
     if hit and hit[0] == mtime:
         return hit[1]
+    path = Path(key)
     from dotenv import dotenv_values
 
     values = dict(dotenv_values(path))

@@ -306,6 +306,31 @@ class ChatTree:
             self._index = _Index(version, by_chat, by_path, children, state)
             return True
 
+    def added(self, rows: list[ChatRow]) -> None:
+        """Put chats this connection just inserted (and committed) into the index without
+        reloading it: a new index is made from the current one and these rows, and put in
+        place by one assignment (a Ctrl-C leaves the old or the new). The index keeps its
+        data version, so a change another connection made meanwhile is still read at the
+        next look. A row whose parent the index does not hold: a whole reload instead."""
+        with self._lock:
+            old = self._index
+            chats, paths, state = dict(old.chats), dict(old.paths), dict(old.state)
+            children = dict(old.children)
+            grown: set[int | None] = set()
+            for r in sorted(rows, key=lambda r: r.id):
+                parent = state.get(r.parent_id) if r.parent_id is not None else None
+                if parent is None or r.id in state:
+                    self.refresh(force=True)
+                    return
+                path = f"{parent[1]}/{r.name}"
+                chat = Chat(self, r, path)
+                chats[r.id], paths[path], state[r.id] = chat, chat, (r, path)
+                if r.parent_id not in grown:  # (a list of its own: the old index's is kept)
+                    children[r.parent_id] = list(children.get(r.parent_id, ()))
+                    grown.add(r.parent_id)
+                children[r.parent_id].append(r.id)
+            self._index = _Index(old.version, chats, paths, children, state)
+
     def _maybe_refresh(self) -> None:
         if self.store.data_version() != self._version:
             self.refresh()
@@ -353,6 +378,13 @@ class ChatTree:
         with self._lock:
             self._maybe_refresh()
             return self._by_id.get(chat_id)
+
+    def find_many(self, ids: list[int]) -> list[Chat | None]:
+        """:meth:`find` of each id, with one look at whether the store changed."""
+        with self._lock:
+            self._maybe_refresh()
+            chats = self._by_id
+            return [chats.get(i) for i in ids]
 
     def get(self, path: "str | int | Chat") -> Chat:
         """The chat at ``path`` (or with this id); :class:`ChatNotFound` if there is none."""

@@ -1,7 +1,9 @@
 """Values as prompt text: a form a model reads well that cannot flood the context.
 
 A pandas DataFrame or Series becomes a Markdown table of at most ``rows`` rows and
-``columns`` columns with a note of the full shape, a numpy array its shape, dtype and a
+``columns`` columns, and only as many rows as fit in ``chars`` (a table is cut between
+rows, so its note says how many it shows), with a note of the full shape; floats are
+written at ``digits`` significant digits; a numpy array its shape, dtype and a
 head, anything else ``str()``; every form is cut at ``chars`` characters with a note of how
 much was left out. Every known key is masked (:func:`secrets.mask_keys`) in each piece of
 text *before* it is cut or laid out, so no cut leaves a part of a key behind. pandas and
@@ -26,6 +28,7 @@ class Limits:
     chars: int = 4000
     rows: int = 20
     columns: int = 20
+    digits: int = 6  # significant digits of a float in a table or an array
 
 
 _JOINERS = {0x200C, 0x200D, 0x034F}  # ZWNJ, ZWJ, combining grapheme joiner
@@ -147,7 +150,27 @@ def _str_of(name: str, value: Any) -> str:
     return str.__str__(text)
 
 
-def _cell(value: Any, tally: list[int], width: int = 60) -> str:
+def _is_float(value: Any) -> bool:
+    """A Python or numpy float (numpy is never imported here: its scalars say their kind)."""
+    if isinstance(value, float):  # (numpy's float64 too)
+        return True
+    return type(value).__module__ == "numpy" and getattr(getattr(value, "dtype", None), "kind", "") == "f"
+
+
+def _float(value: Any, digits: int) -> str:
+    """A float at ``digits`` significant digits, the way a person writes it (``0.3`` for
+    0.30000000000000004, ``3.14159``, ``1.5e-07``, ``nan``), never fewer than its whole
+    part has (``123456790``, not ``1.23457e+08``) below 1e15."""
+    v = float(value)
+    sig = max(1, digits)
+    if v == v and abs(v) < 1e15:
+        sig = max(sig, len(str(int(abs(v)))))
+    return f"{v:.{sig}g}"
+
+
+def _cell(value: Any, tally: list[int], width: int = 60, digits: int = 6) -> str:
+    if _is_float(value):
+        value = _float(value, digits)
     text, n = mask_keys(" ".join(str(value).split()))  # masked before it is cut to width
     tally[0] += n
     if len(text) > width:
@@ -165,15 +188,33 @@ def _shown(total: int, shown: int, what: str) -> str | None:
     return f"the first {shown} of {total} {what}" if shown < total else None
 
 
+#: room kept for a table's note (its shape, what is shown) when rows are fitted to ``chars``
+NOTE_ROOM = 160
+
+
+def _fitted(header: list[str], body: list[list[str]], chars: int) -> list[list[str]]:
+    """The first rows of ``body`` whose table fits in ``chars`` with its note (at least
+    one row): a table is cut between rows, so its note can say how many it shows."""
+    if chars <= 0:
+        return body
+    used = len(_table(header, [])) + NOTE_ROOM
+    for i, row in enumerate(body):
+        used += len("| " + " | ".join(row) + " |") + 1
+        if used > chars and i > 0:
+            return body[:i]
+    return body
+
+
 def _frame_markdown(df: Any, limits: Limits, tally: list[int]) -> str:
     n_rows, n_cols = df.shape
     rows, cols = max(1, limits.rows), max(1, limits.columns)
     part = df.iloc[:rows, :cols]
     header = [_cell(df.index.name or "", tally)] + [_cell(c, tally) for c in part.columns]
-    body = [[_cell(idx, tally)] + [_cell(v, tally) for v in row]
+    body = [[_cell(idx, tally)] + [_cell(v, tally, digits=limits.digits) for v in row]
             for idx, row in zip(part.index, part.itertuples(index=False, name=None))]
+    body = _fitted(header, body, limits.chars)
     note = f"DataFrame: {n_rows} rows × {n_cols} columns"
-    shown = [s for s in (_shown(n_rows, len(part), "rows"), _shown(n_cols, part.shape[1], "columns"))
+    shown = [s for s in (_shown(n_rows, len(body), "rows"), _shown(n_cols, part.shape[1], "columns"))
              if s]
     if shown:
         note += f" (showing {' and '.join(shown)})"
@@ -185,9 +226,11 @@ def _series_markdown(s: Any, limits: Limits, tally: list[int]) -> str:
     part = s.iloc[:rows]
     name = "" if s.name is None else str(s.name)
     header = [_cell(s.index.name or "", tally), _cell(name or "value", tally)]
-    body = [[_cell(idx, tally), _cell(v, tally)] for idx, v in zip(part.index, part.tolist())]
+    body = [[_cell(idx, tally), _cell(v, tally, digits=limits.digits)]
+            for idx, v in zip(part.index, part.tolist())]
+    body = _fitted(header, body, limits.chars)
     note = f"Series{f' {name!r}' if name else ''}: {len(s)} rows, dtype {s.dtype}"
-    shown = _shown(len(s), len(part), "rows")
+    shown = _shown(len(s), len(body), "rows")
     if shown:
         note += f" (showing {shown})"
     return f"{note}\n\n{_table(header, body)}"
@@ -205,5 +248,6 @@ def _array_text(np: Any, a: Any, limits: Limits) -> str:
     shown = [s for s in shown if s]
     if shown:
         note += f" (showing {' and '.join(shown)})"
-    body = np.array2string(head, threshold=sys.maxsize, max_line_width=200)
+    body = np.array2string(head, threshold=sys.maxsize, max_line_width=200,
+                           precision=max(1, limits.digits) if head.dtype.kind == "f" else None)
     return f"{note}\n\n{body}"

@@ -389,3 +389,41 @@ def test_the_exported_notebook_reruns_under_nbval_on_echo(nb, workdir):
          "--nbval-current-env", str(out)], capture_output=True, text=True, cwd=workdir,
         env={**__import__("os").environ, "LLM_BACKEND": "echo"}, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+def test_a_table_cut_by_characters_says_how_many_rows_it_shows(nb, caplog):
+    """A wide table: twenty rows do not fit in max_value_chars, so it stops between rows
+    and its note counts the rows that are there, not the twenty it would have shown."""
+    import numpy as np
+
+    nb.ns["wide"] = pd.DataFrame(np.random.default_rng(3).random((100_000, 30)),
+                                 columns=[f"feature_{i}" for i in range(30)])
+    text = sent(nb, "look: {wide}")
+    lines = text.splitlines()
+    body = [ln for ln in lines if ln.startswith("|")][2:]
+    assert 1 <= len(body) < 20 and len(text) <= 4000 + len("look: ")
+    assert lines[0] == (f"look: DataFrame: 100000 rows × 30 columns (showing the first "
+                        f"{len(body)} of 100000 rows and the first 20 of 30 columns)")
+    assert "characters left out" not in text  # cut between rows, not in one
+    # floats at 6 significant digits (a setting), not their full repr
+    first = body[0].split(" | ")[1]
+    assert first == f"{nb.ns['wide'].iloc[0, 0]:.6g}" and len(first) <= 10
+    ok(nb, "%config SubchatMagics.max_value_digits = 3")
+    try:
+        again = sent(nb, "look: {wide}")
+    finally:
+        ok(nb, "%config SubchatMagics.max_value_digits = 6")
+    rows3 = [ln for ln in again.splitlines() if ln.startswith("|")][2:]
+    assert rows3[0].split(" | ")[1] == f"{nb.ns['wide'].iloc[0, 0]:.3g}"
+    assert len(rows3) > len(body)  # shorter cells: more rows fit, and the note says so
+    assert f"showing the first {len(rows3)} of 100000 rows" in again
+    nb.run("%config SubchatMagics.max_value_digits = 0")
+    assert "max_value_digits must be 1 or more" in caplog.text  # refused, and kept
+    assert sent(nb, "look: {wide}") == text
+
+
+def test_floats_in_a_table_read_as_written_and_keep_their_whole_part(nb):
+    nb.ns["prices"] = pd.Series([0.1 + 0.2, 123456789.5, 1.5e-7, float("nan")], name="p")
+    text = sent(nb, "{prices}")
+    cells = [ln.split(" | ")[1].rstrip(" |") for ln in text.splitlines() if ln.startswith("| ")][1:]
+    assert cells == ["0.3", "123456790", "1.5e-07", "nan"]

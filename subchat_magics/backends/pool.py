@@ -31,6 +31,13 @@ class Pool:
     """Requests streamed together, ``size`` at most in flight (the caller keeps count)."""
 
     size: int
+    #: its replies come back whole, not token by token (an engine's batch rows): no
+    #: first-token time can be read from when they arrive
+    whole: bool = False
+
+    def comes_whole(self, options: "GenerationOptions") -> bool:
+        """Whether a request with ``options`` comes back whole (see :attr:`whole`)."""
+        return self.whole
 
     def submit(self, index: int, messages: Sequence["Message"], options: "GenerationOptions") -> None:
         raise NotImplementedError

@@ -65,6 +65,12 @@ def test_a_row_that_cannot_fit_fails_alone_and_the_batch_goes_on(vshell, engine)
     assert vshell.ns["out"][1] is None and all(isinstance(x, str) for x in vshell.ns["out"][::2])
     rows = _replies("root/docs")
     assert rows["1"][1].status == "error" and rows["0"][1].status == "complete"
+    # show -p of the failed row says why it failed, not only the error's kind
+    shown = vshell.ok("%subchat show root/docs/1 -p")
+    assert "error: " in shown and "too long for the model" in shown and "max_model_len" in shown
+    # rows come back whole (one output at their end): no first-token time is made up
+    assert "ttft_s" not in rows["0"][1].provenance and "first token" not in vshell.ok(
+        "%subchat show root/docs/0 -p")
 
 
 def test_a_choice_constraint_applies_to_every_row_and_as_gets_the_values(vshell):
@@ -104,6 +110,12 @@ def test_ctrl_c_aborts_every_row_in_the_engine_and_a_rerun_completes_the_rest(vs
     cut = store_rows(db, "SELECT COUNT(*) FROM messages WHERE role='assistant' AND "
                          "status='interrupted'")[0][0]
     assert cut >= 1
+    # a cut row keeps the count of the tokens the engine generated for it before the cut
+    # (its reply was to come whole at its end, so none had arrived): the engine's count
+    counts = [r[0] for r in store_rows(
+        db, "SELECT json_extract(provenance, '$.completion_tokens') FROM messages "
+            "WHERE role='assistant' AND status='interrupted'")]
+    assert sum(1 for n in counts if (n or 0) >= 1) >= len(counts) // 2, counts
     out = vshell.ok("%%subchat root --each qs --as out -n 200 -t 1.0 --seed 1 --concurrency 16"
                     "\n{item}")
     assert f"60 items, 60 done ({len(kept)} reused), 0 failed" in out

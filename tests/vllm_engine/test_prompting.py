@@ -169,3 +169,57 @@ def test_a_message_that_cannot_fit_is_a_clear_error(tok):
         b.build([SYSTEM, assistant("a"), user("the river " * 300)], 10)
     msg = str(err.value)
     assert "too long" in msg and "max_model_len is 256" in msg and "--max-model-len" in msg
+
+
+# -- a batch's rows: the chat rendered once around its last message ------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+words = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(before=st.lists(st.tuples(st.sampled_from(["user", "assistant"]), words), max_size=4),
+       last=words, system=st.one_of(st.none(), words), think=st.booleans())
+def test_a_row_rendered_around_its_message_is_the_templates_own_render(tok, before, last,
+                                                                       system, think):
+    """Rows differ only in their last message: its render is made once around it, and
+    must be, for any text, exactly what the template renders for the whole chat (text it
+    might trim or test is rendered whole)."""
+    b = PromptBuilder(tok, 4096)
+    chat = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": r, "content": c} for r, c in before] + [user(last)]
+    want = b._render(chat, think)
+    assert b.render_text(chat, think=think) == want
+    assert b.render_text(chat, think=think) == want  # (the second time from the frame)
+    other = chat[:-1] + [user(last + " again")]
+    assert b.render_text(other, think=think) == b._render(other, think)
+
+
+def test_a_template_that_trims_or_tests_the_message_is_rendered_whole(tok):
+    upper = "{% for m in messages %}<{{ m.role }}>{{ m.content | upper }}{% endfor %}"
+    b = PromptBuilder(tok, 4096, chat_template=upper)
+    assert b.render_text([user("say x")]) == "<user>SAY X"
+    assert b.render_text([user("say y")]) == "<user>SAY Y"
+    tests = ("{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}"
+             "{% if m.content.startswith('<tool_response>') %}!{% endif %}"
+             "{% if '/no_think' in m.content %}?{% endif %}{% endfor %}")
+    b = PromptBuilder(tok, 4096, chat_template=tests)
+    assert b.render_text([user("say y")]) == "<user>say y"
+    assert b.render_text([user("  say y ")]) == "<user>say y"  # trimmed: rendered whole
+    assert b.render_text([user("<tool_response>x</tool_response>")]) == \
+        "<user><tool_response>x</tool_response>!"
+    assert b.render_text([user("hi /no_think")]) == "<user>hi /no_think?"
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=words)
+def test_the_builder_encodes_as_transformers_does(tok, text):
+    """The builder encodes with the Rust tokenizer under transformers' (cheaper, and no
+    GIL hand-off a row): the very ids transformers gives, for any text."""
+    b = PromptBuilder(tok, 4096)
+    ids = tok.encode(text, add_special_tokens=False)
+    assert b.encode(text) == ids
+    assert b._decode_all(ids) == tok.decode(ids, skip_special_tokens=False,
+                                            clean_up_tokenization_spaces=False)
+    assert b._fast  # (the fast way is the one in use for this tokenizer)

@@ -314,6 +314,9 @@ class ToolsPool(Pool):
         return self.engine_pool.next_event(0) or self.threads.next_event(timeout / 2) \
             or self.engine_pool.next_event(timeout / 2)
 
+    def comes_whole(self, options: GenerationOptions) -> bool:
+        return not options.tools and self.engine_pool.whole  # (a tools request streams)
+
     def cut_finish(self, index: int) -> Finish | None:
         return self.engine_pool.cut_finish(index) or self.threads.cut_finish(index)
 

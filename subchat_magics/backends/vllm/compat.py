@@ -516,6 +516,24 @@ class Delta:
     index: int = 0  # which sample of a request of several (``n``)
 
 
+def generated_counts(eng: Any, rids: list[str]) -> dict[str, int]:
+    """How many tokens each request has generated so far, read from the engine's output
+    processor (a request sending one output at its end has sent none yet); the requests
+    this vLLM cannot say it of are left out."""
+    counts: dict[str, int] = {}
+    proc = getattr(eng, "output_processor", None)
+    states = getattr(proc, "request_states", None) or {}
+    inner = getattr(proc, "external_req_ids", None) or {}  # our id -> the engine's own ids
+    for rid in rids:
+        try:
+            ids = list(inner.get(rid) or ()) if rid not in states else [rid]
+            if ids:
+                counts[rid] = sum(int(states[i].detokenizer.num_output_tokens()) for i in ids)
+        except Exception:  # noqa: BLE001 - another vLLM's layout: not counted
+            continue
+    return counts
+
+
 def final_only(params: Any) -> Any:
     """``params`` (fresh ``SamplingParams``) changed to send one output when the request
     ends instead of a delta a step: a batch's rows, where nobody reads tokens as they come,

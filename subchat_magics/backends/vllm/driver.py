@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from ...errors import BackendError, BackendUnavailable
-from .compat import Delta, deltas_of, engine_input
+from .compat import Delta, deltas_of, engine_input, generated_counts
 from .plan import first_line
 
 POLL_S = 0.05  # how often a waiting consumer wakes, so that an interrupt lands promptly
@@ -102,6 +102,9 @@ class Driver:
         elif kind == "abort":
             rids, done = cmd[1], cmd[2]
             try:
+                counts = cmd[3] if len(cmd) > 3 else None
+                if counts is not None:  # what each cut request generated (sent or not yet)
+                    counts.update(generated_counts(eng, list(rids)))
                 for rid in rids:
                     self._requests.pop(rid, None)
                 eng.abort_request(list(rids))
@@ -153,20 +156,27 @@ class Driver:
         """Add requests ``(prompt_ids, sampling_params, tag)`` together (so the engine
         batches them); their outputs go to ``sink`` as ``(tag, Delta | exception)``."""
         self.check()
-        batch = [(f"subchat-{uuid.uuid4().hex[:12]}", ids, params, sink, tag) for ids, params, tag in items]
+        # one random part a call, a count a request (a uuid4 a row read the OS's random
+        # source, and handed the engine's thread the GIL, once a row)
+        head = f"subchat-{uuid.uuid4().hex[:8]}"
+        batch = [(f"{head}-{n}", ids, params, sink, tag)
+                 for n, (ids, params, tag) in enumerate(items)]
         self._commands.put(("add", batch))
         return [b[0] for b in batch]
 
-    def abort(self, rids: Sequence[str], timeout: float = 30.0) -> None:
-        """Abort requests and wait until the engine has let go of them."""
+    def abort(self, rids: Sequence[str], timeout: float = 30.0) -> dict[str, int]:
+        """Abort requests and wait until the engine has let go of them. Returns how many
+        tokens each had generated when it was cut (where this vLLM says)."""
+        counts: dict[str, int] = {}
         if not rids or self._stopped.is_set():
-            return
+            return counts
         done = threading.Event()
-        self._commands.put(("abort", list(rids), done))
+        self._commands.put(("abort", list(rids), done, counts))
         deadline = time.monotonic() + timeout
         while not done.wait(POLL_S):  # short waits: a second Ctrl-C still lands
             if self._stopped.is_set() or time.monotonic() > deadline:
-                return
+                return {}
+        return counts
 
     def call(self, fn: Callable[[Any], Any], timeout: float = 60.0) -> Any:
         """Run ``fn(llm_engine)`` on the driver thread (between steps) and return its result."""

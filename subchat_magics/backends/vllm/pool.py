@@ -33,6 +33,7 @@ class EnginePool(Pool):
         self.engine = engine
         self.size = max(1, int(size))
         self.deltas = deltas  # a delta a step (a reply read as it comes), else one output
+        self.whole = not deltas
         self._sink: queue.SimpleQueue = queue.SimpleQueue()
         self._replies: dict[int, Reply] = {}
         self._cut: dict[int, Finish] = {}
@@ -132,9 +133,20 @@ class EnginePool(Pool):
 
     def close(self) -> None:
         held = list(dict.fromkeys(r.rid for r in self._replies.values() if r.in_engine))
-        self.engine.abort(held)  # all at once; returns when the engine let go of them
+        counts = self.engine.abort(held) or {}  # all at once; returns when the engine let go
+        while True:  # outputs that arrived but were not read (rows that ended meanwhile)
+            try:
+                tag, ev = self._sink.get_nowait()
+            except queue.Empty:
+                break
+            reply = self._replies.get(tag) if not isinstance(tag, tuple) else None
+            if reply is not None and not isinstance(ev, BaseException):
+                reply.ids.extend(ev.token_ids)
         for index, reply in list(self._replies.items()):
             if not reply.finished:
+                # a row sent for one output at its end has streamed no token: the engine's
+                # count of what it generated is the cut reply's
+                reply.generated = max(len(reply.ids), counts.get(reply.rid, 0))
                 self._cut[index] = reply.finish(self.engine.label, "interrupted")
                 self.engine.remember(reply)
         self._replies.clear()

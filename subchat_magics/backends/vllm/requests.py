@@ -64,6 +64,7 @@ class Reply:
     cached: int | None = None
     finished: bool = False  # the engine ended it (its Finish was yielded)
     in_engine: bool = False  # the engine holds it: closing the stream must abort it
+    generated: int | None = None  # tokens generated, where more than ``ids`` (a cut final-only row)
 
     @property
     def text(self) -> str:
@@ -91,7 +92,7 @@ class Reply:
         if not p.exact:
             extra["prompt_render"] = "plain"
         return Finish(reason=reason or "stop", model=model, prompt_tokens=p.length,
-                      completion_tokens=len(self.ids), cached_tokens=self.cached, extra=extra)
+                      completion_tokens=max(len(self.ids), self.generated or 0), cached_tokens=self.cached, extra=extra)
 
 
 def as_error(exc: BaseException) -> BaseException:

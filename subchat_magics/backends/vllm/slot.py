@@ -171,8 +171,9 @@ class Engine:
         """Engine requests added through this engine's driver (a vote of K samples is one)."""
         return self.driver.requests_added
 
-    def abort(self, rids: Sequence[str]) -> None:
-        self.driver.abort(rids)
+    def abort(self, rids: Sequence[str]) -> dict[str, int]:
+        """Abort requests; how many tokens each had generated (where vLLM says)."""
+        return self.driver.abort(rids)
 
     def next_event(self, sink: queue.SimpleQueue) -> tuple[Any, Any]:
         return self.driver.next_event(sink)
