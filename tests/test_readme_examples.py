@@ -82,6 +82,14 @@ def _check_tour(shell, workdir):
     assert (workdir / "tree.json").exists()
 
 
+def _check_readme(shell, workdir):
+    _check_tour(shell, workdir)
+    assert list(shell.ns["reviews"]["label"]) == ["positive"] * 3  # echo: the first choice
+    assert "[assistant] positive" in shell.ok("%subchat show root/reviews/0")
+    tree = shell.ok("%subchat tree --text")
+    assert "reviews" in tree and "3/3 done" in tree
+
+
 def _check_chats(shell, workdir):
     out = shell.ok("%subchat show root/physics")
     assert "What is a newton?" in out and "And a pascal?" in out and "And a watt?" not in out
@@ -95,7 +103,7 @@ def _check_batches(shell, workdir):
 
 
 # what the examples say they did, beyond the asserts written in the pages
-CHECKS = {"README.md": _check_tour, "docs/index.md": _check_tour,
+CHECKS = {"README.md": _check_readme, "docs/index.md": _check_tour,
           "docs/chats.md": _check_chats, "docs/batches.md": _check_batches}
 
 
