@@ -12,7 +12,10 @@ tour's effects are checked here too."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,3 +123,19 @@ def test_every_example_of_the_page_runs_as_written_on_echo(page, shell, workdir,
     check = CHECKS.get(_name(page))
     if check:
         check(shell, workdir)
+
+
+def test_the_plugin_pages_pytest_module_passes_under_pytest(tmp_path):
+    """docs/plugins.md's example is a test module for a plugin author: run it as one."""
+    _, left = page_blocks((DOCS / "plugins.md").read_text(encoding="utf-8"))
+    modules = [code for code in left if code.startswith("import pytest")]
+    assert len(modules) == 1
+    (tmp_path / "test_plugin_example.py").write_text(modules[0], encoding="utf-8")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LLM_BACKEND", "SUBCHAT_STORE", "OLLAMA_HOST", "PYTEST_ADDOPTS")}
+    env["OLLAMA_HOST"] = "http://127.0.0.1:9"  # a closed port: no real server is ever asked
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "test_plugin_example.py"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "2 passed" in done.stdout, done.stdout[-2000:] + done.stderr[-1000:]
