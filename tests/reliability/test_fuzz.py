@@ -91,10 +91,11 @@ FLAGS = sorted(set(PARSER_FLAGS) | set(OWN_FLAGS)) + ["-h", "--help", "--", "-"]
 # every backend: echo, and the loopback Ollama, Groq and OpenAI servers (remote_servers)
 BACKENDS = st.sampled_from(["echo", "echo", "ECHO", " echo ", "ollama", "groq", "openai",
                             "vllm", "nope", "", "auto"])
-# every setting the README documents that names no host, key or file (those would send
-# traffic elsewhere or move the store): drawn good and bad
-SETTINGS = sorted({m for m in re.findall(r"\b(?:SUBCHAT|OLLAMA|GROQ|OPENAI|LLM)_[A-Z_]+",
-                                         (Path(__file__).parents[2] / "README.md").read_text())
+# every setting the README and the guide (docs/) document that names no host, key or file
+# (those would send traffic elsewhere or move the store): drawn good and bad
+_DOCUMENTED = "".join(p.read_text(encoding="utf-8") for p in [
+    Path(__file__).parents[2] / "README.md", *sorted((Path(__file__).parents[2] / "docs").glob("*.md"))])
+SETTINGS = sorted({m for m in re.findall(r"\b(?:SUBCHAT|OLLAMA|GROQ|OPENAI|LLM)_[A-Z_]+", _DOCUMENTED)
                    if not re.search(r"HOST|URL|KEY|STORE|VLLM_MODEL", m)})
 SETTING_VALUES = st.sampled_from(["", "0", "-1", "abc", "nan", "inf", "1e400", "0.0001", "5",
                                   "300", "8192", "echo", "auto", "nope", "model-x"])
