@@ -36,8 +36,8 @@ from .backends.registry import Selection
 from .errors import InvalidInput, SubchatError
 from .exchange import Exchange, Runner
 from .prompting import TOO_LONG
-from .settings import getenv
 from .secrets import steady
+from .settings import getenv
 from .store import ChatRow
 from .tree import Chat, ChatTree, normalize_path
 
