@@ -212,7 +212,7 @@ class MultiBatch:
         tick(force=True)
         self.tree.emit("batch-start", id=self.chat.id, path=self.path, total=len(self.rows))
         batch._kids = None
-        pending = deque(r for r in self.rows if not r.reused)
+        pending = deque(r for r in self.rows if not r.reused and r.status == "pending")
         if not pending:
             p.finished = True
             tick(force=True)

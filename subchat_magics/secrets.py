@@ -9,10 +9,11 @@ that is long enough to matter, and a part shorter than that is no key."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 KEY_VARIABLES = ("GROQ_API_KEY", "OPENAI_API_KEY", "OLLAMA_API_KEY")
 #: the shortest run of a key's characters that counts as (part of) the key
@@ -163,3 +164,13 @@ def redact(text: str) -> str:
     """``text`` with every known key, and every part of one of :data:`PART` characters
     or more, replaced by ``***`` (:func:`mask_keys` without the count)."""
     return mask_keys(text)[0] if text else text
+
+
+def redact_json(data: Any) -> tuple[str, Any]:
+    """``data`` as JSON text with every known key masked (:func:`redact`), and the data
+    read back from that text when a key was masked (else ``data`` itself): a key a model
+    wrote into a tool call's arguments, or an error quoted in provenance, is stored and
+    shown masked like any message."""
+    text = json.dumps(data, sort_keys=True)
+    safe = redact(text)
+    return safe, (data if safe == text else json.loads(safe))

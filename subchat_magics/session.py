@@ -14,6 +14,7 @@ IPython or ipywidgets.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -697,6 +698,8 @@ class Session:
         toolset, rounds = _tools(tools, approve, max_rounds, options)
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise InvalidInput(f"--limit takes a number of items >= 1, not {limit!r}")
+        if limit is not None:
+            limit = min(limit, sys.maxsize)  # more than any list holds: every item
         if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
             raise InvalidInput(f"--concurrency takes a number of requests >= 1, not {concurrency!r}")
         if fresh and redo:

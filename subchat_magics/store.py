@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 from urllib.parse import quote
 
 from .errors import StoreError
-from .secrets import redact
+from .secrets import redact, redact_json
 
 APPLICATION_ID = 0x53554243  # "SUBC"
 SCHEMA_VERSION = 2
@@ -669,7 +669,7 @@ class Store:
                        provenance: dict[str, Any] | None = None) -> MessageRow:
         now = time.time()
         content = redact(content)
-        prov = json.dumps(provenance, sort_keys=True) if provenance else None
+        prov, provenance = redact_json(provenance) if provenance else (None, provenance)
         with self.transaction() as c:
             seq = c.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE chat_id = ?",
                             (chat_id,)).fetchone()[0]
@@ -688,7 +688,7 @@ class Store:
         and a reply always sits right after its message, whoever else writes."""
         now = time.time()
         prompt = redact(prompt)
-        prov = json.dumps(provenance, sort_keys=True)
+        prov, provenance = redact_json(provenance)
         with self.transaction() as c:
             seq = c.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE chat_id = ?",
                             (chat_id,)).fetchone()[0]
@@ -725,7 +725,7 @@ class Store:
             else:
                 cur = c.execute(
                     f"UPDATE messages SET content = ?, status = ?, provenance = ? WHERE {where}",
-                    (content, status, json.dumps(provenance, sort_keys=True), *key))
+                    (content, status, redact_json(provenance)[0], *key))
             return cur.rowcount > 0
 
     def messages(self, chat_id: int, limit: int | None = None) -> list[MessageRow]:

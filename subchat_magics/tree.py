@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 from .errors import ChatNotFound, InvalidInput, StoreError
 from .events import Listener, Listeners
-from .secrets import redact
+from .secrets import redact, redact_json
 from .settings import getenv
 from .store import ChatRow, MessageRow, Store
 
@@ -613,6 +613,7 @@ class ChatTree:
         opened = self._open_turns.pop(reply.id, None) if reply.id is not None else None
         user, began_id, began_path = opened or (None, chat.id, chat.path)
         content = redact(content)
+        provenance = redact_json(provenance)[1]  # (a key in a tool call's arguments)
         if reply.id is not None and self.store.update_reply(reply.id, content, status, provenance,
                                                             created_at=reply.created_at):
             where = chat  # (found only when begin_turn put it elsewhere: rare, and locks)

@@ -386,3 +386,9 @@ def test_ctrl_c_while_planning_is_one_line_and_nothing_is_sent(shell, workdir):
     assert store_rows(workdir / "subchats.db", "SELECT id, chat_id, content FROM messages") \
         == before
     assert "root/docs" not in default_session().tree
+
+
+def test_a_limit_beyond_any_list_takes_every_item(shell):
+    shell.ns["xs"] = ["a", "b"]
+    out = shell.ok("%%subchat root -b echo --each xs --limit 99999999999999999999 --as r\n{item}")
+    assert "2 done" in out and shell.ns["r"] == ["echo (1 messages): a", "echo (1 messages): b"]

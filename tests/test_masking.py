@@ -149,3 +149,21 @@ def test_text_with_no_part_of_a_key_is_left_as_it_was(text):
         assert mask_keys(text) == (text, 0) or leaks(text)
     finally:
         forget_secret(KEY)
+
+
+def test_a_key_a_model_writes_into_a_tool_call_is_stored_and_shown_masked(shell, groq, workdir):
+    """Provenance is masked like content: a tool call whose arguments hold the key (a
+    model can write anything there) reaches neither the store nor show -p."""
+    from subchat_magics.session import default_session
+
+    shell.ok("%%subchat root/p --backend groq\nhello")  # the key is known from here on
+    tree = default_session().tree
+    chat = tree.get("root/p")
+    _, reply = tree.begin_turn(chat, "call it", "groq")
+    calls = [{"id": "c1", "name": "echo_it", "arguments": {"s": KEY, "part": KEY[10:30]}}]
+    msg = tree.finish_reply(chat, reply, "", "complete", {"tool_calls": calls})
+    assert KEY[10:30] not in json.dumps(msg.provenance)
+    assert msg.provenance["tool_calls"][0]["name"] == "echo_it"  # the rest kept as it was
+    text = store_text(workdir / "subchats.db")
+    assert KEY[:12] not in text and KEY[20:32] not in text
+    assert KEY[10:30] not in outputs(shell.run("%subchat show root/p -p")[1])

@@ -293,3 +293,17 @@ def test_estimate_bad_input_is_one_line_and_stores_nothing(shell):
         err = shell.fails(f"%%subchat {line}\n{{item}}")
         assert words in err and "\n" not in err.strip(), (line, err)
         assert _count(shell) == before, line
+
+
+def test_a_vote_or_labels_batch_skips_missing_values_and_scores_only_labelled_rows(shell):
+    """A row with a missing value is not sent under --vote/--compare/--labels either (as
+    in a plain batch), and a rerun adds nothing to it."""
+    tree = __import__("subchat_magics.session", fromlist=["x"]).default_session().tree
+    shell.ns["df"] = pd.DataFrame({"text": ["good", None], "gold": ["yes", "yes"]})
+    out = shell.ok("%%subchat root/v -b echo --each df --vote 2 --choice yes,no --as t\n{text}")
+    assert "1 skipped" in out
+    assert "root/v/df/1" not in tree or not tree.get("root/v/df/1").messages
+    shell.ok("%%subchat root/v -b echo --each df --vote 2 --choice yes,no --as t\n{text}")
+    assert "root/v/df/1" not in tree or not tree.get("root/v/df/1").messages
+    out = shell.ok("%%subchat root/l -b echo --each df --choice yes,no --labels gold --as u\n{text}")
+    assert "root/l/df/1" not in tree or not tree.get("root/l/df/1").messages
