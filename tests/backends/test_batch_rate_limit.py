@@ -88,13 +88,13 @@ def test_ctrl_c_while_paused_ends_in_the_summary_and_a_rerun_sends_the_rest(shel
 
     t = threading.Thread(target=press_ctrl_c_once_paused, daemon=True)
     t.start()
-    started = time.monotonic()
     try:
         result, cap = shell.run("%%subchat root --each qs --as out --backend groq\nsay {item}")
     finally:
         done.set()
-    assert time.monotonic() - started < 25  # Ctrl-C ended the pause, not its 30 s
+    # Ctrl-C ended the pause: had the 30 s run out, the held rows would have been resent
     assert "3 items, 0 done, 0 failed, 3 interrupted" in cap.stdout
+    assert len(groq.chat_requests()) == 3
     assert str(result.error_in_exec) == ("%%subchat: interrupted: 3 row(s) not done; run the "
                                          "cell again to send only those")
     assert shell.ns["out"] == [None, None, None]
