@@ -609,6 +609,10 @@ class Batch:
         try:
             with self.tree.store.transaction():
                 yield
+        except GeneratorExit:
+            # closed without being exited: collected as garbage, maybe on another thread
+            # (a pool's) while this one holds the store: write nothing from there
+            raise
         except BaseException:
             ended = [ex for ex in runner.flying.values() if ex.reply is not None]  # (cut mid-store)
             for ex in self._group + ended:
