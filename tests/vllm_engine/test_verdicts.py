@@ -39,7 +39,9 @@ def test_each_vote_4_over_64_rows(vshell, engine):
     assert "64 done" in out, out
     assert slot.active_engine().requests_added - before == 64
     t = vshell.ns["t"]
-    assert len(t) == 64 and all(len(row["answers"]) == 4 for row in t)  # (no pandas: dicts)
+    # a DataFrame once pandas is imported (by an earlier test too), else a list of dicts
+    rows = t.to_dict("records") if hasattr(t, "to_dict") else t
+    assert len(rows) == 64 and all(len(row["answers"]) == 4 for row in rows)
 
 
 def test_a_seeded_vote_batch_beyond_the_token_budget_runs_on_the_cpu_engine(vshell, engine):
