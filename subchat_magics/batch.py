@@ -26,10 +26,9 @@ import socket
 import sys
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from .backends.base import Backend, GenerationOptions
 from .backends.registry import Selection
@@ -600,28 +599,11 @@ class Batch:
                            notes=notes, index=self.index)
 
     # -- inside the run ----------------------------------------------------------------------------
-    @contextmanager
-    def _writes(self, runner: Runner) -> Iterator[None]:
+    def _writes(self, runner: Runner) -> "_Writes":
         """One transaction for the rows stored in the block (a commit a row costs more than
         the engine's step on a small model). If it is cut (Ctrl-C lands inside), the
         replies it held are written again one by one, so the store says what the rows say."""
-        self._group = []
-        try:
-            with self.tree.store.transaction():
-                yield
-        except GeneratorExit:
-            # closed without being exited: collected as garbage, maybe on another thread
-            # (a pool's) while this one holds the store: write nothing from there
-            raise
-        except BaseException:
-            ended = [ex for ex in runner.flying.values() if ex.reply is not None]  # (cut mid-store)
-            for ex in self._group + ended:
-                r = ex.reply
-                if r is not None:
-                    self.tree.store.update_reply(r.id, r.content, r.status, r.provenance)
-            raise
-        finally:
-            self._group = None
+        return _Writes(self, runner)
 
     def _start(self, pending: deque, runner: Runner) -> None:
         """Submit rows until ``in_flight`` are in flight, together; their chats are made
@@ -1159,3 +1141,43 @@ def first_exchanges(tree: ChatTree, chat: Chat) -> dict[int, list[tuple]]:
 __all__ = ["Batch", "BatchResult", "Entry", "Items", "Progress", "Row", "Summary",
            "items_of", "fields_of", "check_fields", "names_in", "row_names", "summaries",
            "first_exchanges", "DEFAULT_CONCURRENCY", "ENGINE_IN_FLIGHT"]
+
+
+class _Writes:
+    """:meth:`Batch._writes`'s block. A class, not a generator: a block never exited is
+    never finalized by the garbage collector on another thread (a pool's, inside its HTTP
+    client's lock) while this one holds the store (that deadlocked a batch)."""
+
+    __slots__ = ("batch", "runner", "tx")
+
+    def __init__(self, batch: Batch, runner: Runner) -> None:
+        self.batch, self.runner = batch, runner
+        self.tx = batch.tree.store.transaction()
+
+    def __enter__(self) -> None:
+        self.batch._group = []
+        try:
+            self.tx.__enter__()
+        except BaseException:
+            self.batch._group = None
+            raise
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        b = self.batch
+        try:
+            try:
+                self.tx.__exit__(kind, exc, tb)
+            except BaseException:
+                if kind is None:
+                    kind = BaseException  # the commit failed: write the rows one by one
+                raise
+            finally:
+                if kind is not None:
+                    ended = [ex for ex in self.runner.flying.values() if ex.reply is not None]
+                    for ex in (b._group or []) + ended:  # (cut mid-store)
+                        r = ex.reply
+                        if r is not None:
+                            b.tree.store.update_reply(r.id, r.content, r.status, r.provenance)
+        finally:
+            b._group = None
+        return False

@@ -22,10 +22,9 @@ import sqlite3
 import threading
 import time
 import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 from urllib.parse import quote
 
 from .errors import StoreError
@@ -478,46 +477,10 @@ class Store:
             ) from None
 
     # -- transactions ----------------------------------------------------------------------
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT``; rolled back on any exception."""
-        with self._lock:
-            yield from self._transaction()
-
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        c = self.conn
-        if self._depth:  # inside an outer transaction (an import): its commit is ours
-            self._depth += 1
-            try:
-                yield c
-            finally:
-                self._depth -= 1
-            return
-        if self.read_only:
-            raise self.read_only_error()
-        self.check_file()
-        try:
-            self._retry(lambda: c.execute("BEGIN IMMEDIATE"))
-        except sqlite3.Error as exc:
-            raise self._wrap(exc) from None
-        self._depth = 1
-        try:
-            yield c
-        except (sqlite3.Error, UnicodeEncodeError) as exc:
-            self._rollback()
-            raise self._wrap(exc) from None
-        except BaseException:
-            self._rollback()
-            raise
-        else:
-            try:
-                c.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._rollback()
-                raise self._wrap(exc) from None
-            self._checkpoint_soon()
-        finally:
-            self._depth = 0
+    def transaction(self) -> "_Transaction":
+        """``BEGIN IMMEDIATE`` … ``COMMIT``; rolled back on any exception. Inside an outer
+        transaction (an import) it joins it: the outer one commits."""
+        return _Transaction(self)
 
     # -- checkpoints: the .db file alone holds what was committed -----------------------------
     def _checkpoint_soon(self) -> None:
@@ -827,3 +790,66 @@ class Store:
                 pass
             self._drop_copy()
         _open_stores.discard(self)
+
+
+class _Transaction:
+    """One ``with store.transaction()`` block. A class and not a generator on purpose: a
+    block left without its exit (an interrupt landing between enter and the block) must
+    not be finalized later by the garbage collector on whichever thread happens to collect
+    it (a pool thread inside an HTTP client's lock), rolling back or writing from there."""
+
+    __slots__ = ("store", "outer")
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.outer = False
+
+    def __enter__(self) -> sqlite3.Connection:
+        s = self.store
+        s._lock.acquire()
+        began = False
+        try:
+            c = s.conn
+            if s._depth:  # inside an outer transaction (an import): its commit is ours
+                s._depth += 1
+                return c
+            if s.read_only:
+                raise s.read_only_error()
+            s.check_file()
+            try:
+                s._retry(lambda: c.execute("BEGIN IMMEDIATE"))
+            except sqlite3.Error as exc:
+                raise s._wrap(exc) from None
+            began = True
+            s._depth, self.outer = 1, True
+            return c
+        except BaseException:  # (an interrupt too: nothing stays open or held)
+            if began:
+                s._depth, self.outer = 0, False
+                s._rollback()
+            s._lock.release()
+            raise
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        s = self.store
+        try:
+            if not self.outer:
+                s._depth -= 1
+                return False
+            try:
+                if kind is None:
+                    try:
+                        s.conn.execute("COMMIT")
+                    except sqlite3.Error as err:
+                        s._rollback()
+                        raise s._wrap(err) from None
+                    s._checkpoint_soon()
+                    return False
+                s._rollback()
+                if issubclass(kind, (sqlite3.Error, UnicodeEncodeError)):
+                    raise s._wrap(exc) from None
+                return False
+            finally:
+                s._depth = 0
+        finally:
+            s._lock.release()
