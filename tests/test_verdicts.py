@@ -307,3 +307,38 @@ def test_a_vote_or_labels_batch_skips_missing_values_and_scores_only_labelled_ro
     assert "root/v/df/1" not in tree or not tree.get("root/v/df/1").messages
     out = shell.ok("%%subchat root/l -b echo --each df --choice yes,no --labels gold --as u\n{text}")
     assert "root/l/df/1" not in tree or not tree.get("root/l/df/1").messages
+
+
+def test_show_of_a_vote_chat_prints_its_verdict(shell):
+    """show of the chat a vote answered says the verdict (the answer, how many samples
+    gave it, each sample's answer), not only the representative reply; so does -p and a
+    later session (it is read from the store)."""
+    from subchat_magics.session import reset_default_session
+
+    shell.ok("%%subchat root/q -b echo --vote 3 --choice yes,no\nIs it?")
+    shell.ok("%%subchat root/t -b echo --vote 2 --answer '(\\w+)$'\nred")
+    reset_default_session()
+    out = shell.ok("%subchat show root/q")
+    assert "verdict: yes (3/3 agree) · answers yes, yes, yes" in out
+    assert "samples root/q/1 … root/q/3" in out
+    assert "verdict: yes (3/3 agree)" in shell.ok("%subchat show root/q -p")
+    assert "verdict:" not in shell.ok("%subchat show root/q/1")  # a sample holds none
+    tie = shell.ok("%subchat show root/t")
+    assert "verdict: " in tie and "(2/2 agree)" in tie
+
+
+def test_rows_without_a_label_are_not_scored(shell):
+    """--labels with a None/NaN label: that row is left out of the accuracy (not counted
+    as wrong), and the line says how many were not scored; show of the batch chat too."""
+    shell.ns["df"] = pd.DataFrame({"q": ["a", "b", "c", "d"],
+                                   "gold": ["yes", None, float("nan"), "no"]})
+    out = shell.ok("%%subchat root -b echo --each df --vote 3 --choice yes,no --labels gold\n{q}?")
+    assert "answers (vote): accuracy 1/2 (50%); 2 row(s) without a label not scored" in out
+    assert "accuracy 1/4" not in out
+    shown = shell.ok("%subchat show root/df")
+    assert "answers (vote): accuracy 1/2 (50%); 2 row(s) without a label not scored" in shown
+    shell.ns["gold"] = ["yes", None]
+    shell.ns["ps"] = ["p", "q"]
+    out = shell.ok("%%subchat root --each ps --compare echo,echo:other --choice yes,no "
+                   "--labels gold\n{item}?")
+    assert "echo: accuracy 1/1 (100%); 1 row(s) without a label not scored" in out
