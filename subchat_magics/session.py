@@ -615,13 +615,15 @@ class Session:
 
     def compare_plan(self, spec: "str | list[str]", options: dict[str, Any]
                      ) -> tuple[list[compare_mod.Entry], list[exchange.Plan]]:
-        """Each entry of ``--compare`` planned on its own (named: it must be set up and take
-        every option), before anything is stored."""
+        """Each entry of ``--compare`` planned on its own (named: it must be set up, take
+        every option and serve the model it names), before anything is stored."""
         entries = compare_mod.parse_entries(spec)
         plans = []
         for e in entries:
             opts = self.options(**{**options, "model": e.model or options.get("model")})
             plans.append(exchange.plan(e.backend, opts))
+        for e, p in zip(entries, plans):  # (every entry set up before any server is asked)
+            exchange.check_model(p.backend, e.model, f"--compare {e.spec}")
         return entries, plans
 
     def compare(self, path: "str | int | Chat | None", text: str, spec: "str | list[str]", *,

@@ -342,3 +342,26 @@ def test_rows_without_a_label_are_not_scored(shell):
     out = shell.ok("%%subchat root --each ps --compare echo,echo:other --choice yes,no "
                    "--labels gold\n{item}?")
     assert "echo: accuracy 1/1 (100%); 1 row(s) without a label not scored" in out
+
+
+def test_compare_with_a_model_the_server_does_not_serve_stores_nothing(shell, monkeypatch):
+    """--compare naming a model its server does not list is refused before anything is
+    stored or sent (the other entry's sibling included), on one message and with --each;
+    a model it lists goes through."""
+    from subchat_magics.backends.registry import registry
+    from subchat_magics.testing.fakeservers import FakeOpenAI
+
+    with FakeOpenAI() as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        shell.ns["qs"] = ["x", "y"]
+        before = _count(shell)
+        for line in ("root/q --compare echo,openai:nope",
+                     "root --each qs --compare echo,openai:nope"):
+            err = shell.fails(f"%%subchat {line}\n{{item}}")
+            assert "openai does not serve the model 'nope'" in err and "other-model" in err, err
+            assert "\n" not in err.strip()
+            assert _count(shell) == before, line
+            assert server.chat_requests() == []
+        shell.ok("%%subchat root/q --compare echo,openai:other-model --var c\nhi")
+        assert shell.ns["c"]["other-model"] == "Hello from the fake server."
+    registry().close()
