@@ -111,8 +111,10 @@ def _all_messages(tree):
 
 
 def test_a_changed_each_vote_or_compare_rerun_keeps_every_earlier_row(shell):
-    """Rows of a vote or a comparison are never deleted: a rerun with another message
-    resends each row as attempt-2, the earlier answers kept; an unchanged rerun reuses."""
+    """Rows of a vote or a comparison follow the plain batch's rule: a rerun with another
+    message (or K, or models) is refused with the plain batch's message, nothing sent;
+    --redo resends each row as attempt-2, the earlier answers kept; an unchanged rerun
+    reuses."""
     tree = __import__("subchat_magics.session", fromlist=["x"]).default_session().tree
     shell.ns["qs"] = ["x", "y"]
     shell.ok("%%subchat root --each qs -b echo --vote 3 --choice yes,no --as t\n{item}?")
@@ -120,7 +122,17 @@ def test_a_changed_each_vote_or_compare_rerun_keeps_every_earlier_row(shell):
     before = _all_messages(tree)
     out = shell.ok("%%subchat root --each qs -b echo --vote 3 --choice yes,no --as t\n{item}?")
     assert "2 reused" in out and _all_messages(tree) == before
-    shell.ok("%%subchat root --each qs -b echo --vote 3 --choice yes,no --as t\nNow {item}?")
+    err = shell.fails("%%subchat root --each qs -b echo --vote 3 --choice yes,no --as t\nNow {item}?")
+    assert err == ("%%subchat: root/qs was run with another request: the message (the data or "
+                   "the template) for 2 of 2 row(s) (root/qs/0 holds another message than item 0 "
+                   "gives now). Nothing was sent; a batch is answered under one request. --redo "
+                   "resends those rows (their earlier replies are kept), --fresh starts a new "
+                   "batch chat"), err
+    assert _all_messages(tree) == before
+    err = shell.fails("%%subchat root --each qs -b echo --vote 4 --choice yes,no\n{item}?")
+    assert "the generation options" in err and "Nothing was sent" in err
+    assert _all_messages(tree) == before
+    shell.ok("%%subchat root --each qs -b echo --vote 3 --choice yes,no --as t --redo\nNow {item}?")
     after = _all_messages(tree)
     assert before <= after and len(after) > len(before)
     assert "root/qs/0/1" in tree and tree.get("root/qs/0/attempt-2").messages[0].content == "Now x?"
@@ -128,7 +140,12 @@ def test_a_changed_each_vote_or_compare_rerun_keeps_every_earlier_row(shell):
     shell.ns["ps"] = ["p"]
     shell.ok("%%subchat root --each ps --compare echo,echo:other --choice yes,no --as c\n{item}?")
     before = _all_messages(tree)
-    shell.ok("%%subchat root --each ps --compare echo,echo:other --choice yes,no --as c\n{item}!")
+    err = shell.fails("%%subchat root --each ps --compare echo,echo:other --choice yes,no --as c\n{item}!")
+    assert "root/ps was run with another request: the message" in err
+    assert _all_messages(tree) == before
+    err = shell.fails("%%subchat root --each ps --compare echo,echo:third --choice yes,no\n{item}?")
+    assert "the model for 1 of 1 row(s) (echo,other -> echo,third)" in err
+    shell.ok("%%subchat root --each ps --compare echo,echo:other --choice yes,no --as c --redo\n{item}!")
     assert before <= _all_messages(tree)
     assert [c.name for c in tree.children(tree.get("root/ps/0/attempt-2"))] == ["echo", "other"]
 
@@ -171,7 +188,8 @@ def test_a_vote_or_comparison_row_is_not_taken_for_a_batch_chat(shell):
     shell.ns["qs"] = ["x", "y"]
     shell.ok("%%subchat root/v -b echo --vote 3 --choice yes,no\nIs it?")
     shell.ok("%%subchat root --each qs -b echo --vote 3 --choice yes,no\n{item}?")
-    shell.ok("%%subchat root --each qs --compare echo,echo:other\n{item}?")  # attempt-2 rows
+    assert "another request" in shell.fails("%%subchat root --each qs --compare echo,echo:other\n{item}?")
+    shell.ok("%%subchat root --each qs --compare echo,echo:other --redo\n{item}?")  # attempt-2 rows
     shell.ns["ps"] = ["p"]
     shell.ok("%%subchat root --each ps --compare echo,echo:other --vote 2\n{item}?")
     tree = default_session().tree
