@@ -383,3 +383,61 @@ def test_compare_with_a_model_the_server_does_not_serve_stores_nothing(shell, mo
         shell.ok("%%subchat root/q --compare echo,openai:other-model --var c\nhi")
         assert shell.ns["c"]["other-model"] == "Hello from the fake server."
     registry().close()
+
+
+def test_ctrl_c_in_a_vote_batch_prints_the_summary_and_keeps_every_finished_sample(
+        shell, workdir, monkeypatch):
+    """Ctrl-C (the SIGINT Jupyter sends) in --each --vote: the plain batch's summary line
+    (rows interrupted) and one line, no traceback; every sample that finished is stored
+    complete, the cut rows end interrupted, and a rerun sends only the rows not done."""
+    import _thread
+    import re
+    import threading
+
+    from IPython.core.error import UsageError
+
+    from subchat_magics.session import default_session
+    from subchat_magics.testing import store_rows
+
+    monkeypatch.setenv("SUBCHAT_ECHO_DELAY", "0.01")
+    shell.ns["qs"] = [f"q{i}" for i in range(10)]
+    samples = []
+    never = threading.Event()
+
+    def listener(event, data):
+        if event == "reply-end" and re.fullmatch(r"root/qs/\d+/\d", data["path"]) \
+                and data["message"].status == "complete":
+            samples.append(data["path"])
+            if len(samples) == 7:  # two rows voted, the third one's first sample in
+                _thread.interrupt_main()
+                never.wait(30)  # ends when the KeyboardInterrupt is raised here
+
+    unsubscribe = default_session().tree.subscribe(listener)
+    try:
+        result, cap = shell.run("%%subchat root -b echo --each qs --vote 3 --choice yes,no "
+                                "--as t\n{item}?")
+    finally:
+        unsubscribe()
+    assert isinstance(result.error_in_exec, UsageError), result.error_in_exec
+    assert "interrupted: 8 row(s) not done; run the cell again" in str(result.error_in_exec)
+    assert "batch root/qs: 10 items, 2 done, 0 failed, 1 interrupted" in cap.stdout
+    assert "Traceback" not in cap.stdout + cap.stderr
+    assert list(shell.ns["t"]["verdict"][:2]) == ["yes", "yes"]
+    db = workdir / "subchats.db"
+    tree = default_session().tree
+    complete = {c.path for c in tree.chats() if re.fullmatch(r"root/qs/\d+/\d", c.path)
+                and c.messages and c.messages[-1].status == "complete"}
+    assert set(samples) <= complete and len(complete) >= 7  # every finished sample kept
+    cut = tree.get("root/qs/2").messages
+    assert cut[1].status == "interrupted" and "owner" not in cut[1].provenance
+    monkeypatch.setenv("SUBCHAT_ECHO_DELAY", "0")
+    out = shell.ok("%%subchat root -b echo --each qs --vote 3 --choice yes,no --as t\n{item}?")
+    assert "10 items, 10 done (2 reused), 0 failed" in out
+    assert list(shell.ns["t"]["agreement"]) == ["3/3"] * 10
+    assert tree.get("root/qs/2/attempt-2").messages[1].status == "complete"
+    # the cut row's finished sample (stored in the write block Ctrl-C cut) is kept as it was
+    last = samples[-1]
+    assert last.startswith("root/qs/2/") and tree.get(last).messages[1].status == "complete"
+    kept = store_rows(db, "SELECT content, status FROM messages WHERE chat_id = ?",
+                      (tree.get(last).id,))
+    assert kept == [("q2?", "complete"), ("yes", "complete")]
