@@ -342,14 +342,13 @@ class MultiBatch:
             return
         side = self.sides[job.side]
         got = self.per_row[job.row.pos]
-        group = self.batch._group
         if job.parent is not None:
+            if self.batch._group is not None:  # (its reply rewritten if Ctrl-C cuts the block)
+                self.batch._group.append(job.parent)
             verdict = tally([sample_answer(s, self.pattern) for s in job.samples])
             cut = any(s.reply is None or s.reply.status == "interrupted" for s in job.samples)
             store_verdict(job.parent, job.samples, verdict, job.samples[0].backend,  # type: ignore[arg-type]
                           interrupted=cut)
-            if group is not None:
-                group.append(job.parent)
             got.verdicts[side.name] = verdict
             got.answers[side.name] = verdict.answer
             ok = job.parent.reply is not None and job.parent.reply.status == "complete"
