@@ -59,7 +59,7 @@ def test_vote_and_compare_batches_never_lose_a_message(shell, workdir, plan):
         before = _messages(db)
         ended = [0]
 
-        def listener(event, data, cut=step["cut"]):
+        def listener(event, data, cut=step["cut"], ended=ended):
             if event == "reply-end" and cut is not None:
                 ended[0] += 1
                 if ended[0] == cut:
