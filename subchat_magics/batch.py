@@ -47,6 +47,7 @@ SUBMIT_EVERY = 16  # rows handed to the pool together while the next ones are pr
 PROGRESS_EVERY_S = 0.1  # progress callbacks at most this often
 RATE_LIMIT_PAUSE_S = 600.0  # the most a batch pauses, in all, for rate limits (429)
 MARK = "batch"  # the provenance key of a row's reply
+VOTE = "vote"  # the provenance key of a vote's samples and verdict (subchat_magics.vote)
 _NAME_TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _UNSAFE = re.compile(r"[^\w.\-]")
 
@@ -325,6 +326,29 @@ def owner_alive(owner: Any) -> bool:
     except PermissionError:
         pass
     return owner.get("start") is None or _start_time(pid) == owner.get("start")
+
+
+def claim(tree: ChatTree, heads: list[Exchange],
+          begin: Callable[[list[int]], list[Exchange]]) -> list[int]:
+    """Claim rows in one transaction: ``heads[i]`` is the exchange whose chat takes row
+    ``i``'s first message; a row whose chat holds a message already (another kernel
+    claimed it since it was planned) is left out. ``begin(kept)`` stores the kept rows'
+    messages and returns the exchanges whose reply rows name this process (``owner``)
+    until they end. Returns the positions kept."""
+    with tree.store.transaction() as c:
+        ids = [ex.chat.id for ex in heads]
+        held: dict[int, int] = {}
+        for i in range(0, len(ids), 500):
+            part = ids[i:i + 500]
+            held.update(c.execute(
+                f"SELECT chat_id, COUNT(*) FROM messages WHERE chat_id IN "
+                f"({','.join('?' * len(part))}) GROUP BY chat_id", part).fetchall())
+        kept = [i for i, ex in enumerate(heads) if not held.get(ex.chat.id)]
+        for ex in begin(kept):
+            r = ex.reply_row
+            c.execute("UPDATE messages SET provenance = ? WHERE id = ?",
+                      (json.dumps(dict(r.provenance, owner=OWNER), sort_keys=True), r.id))
+    return kept
 
 
 @dataclass
@@ -621,15 +645,7 @@ class Batch:
                 ex = self.make_exchange(chat, row.text)
                 if row.request is not None and row.request.get("backend") != runner.backend.id:
                     self._moved(row, runner.backend, ex)  # (auto passed over the first)
-                mark = {"of": len(self.rows), "item": row.name, **self.mark}
-                if row.request is not None:
-                    mark["request"] = row.request
-                    mark["digest"] = request_digest(row.request)
-                if row.attempt > 1:
-                    mark["attempt"] = row.attempt
-                if row.cut_value:
-                    mark["cut_value"] = True
-                ex.provenance[MARK] = mark
+                ex.provenance[MARK] = self.row_mark(row)
                 row.status, row.chat_id = "pending", chat.id
                 self._rows[id(ex)] = row
                 group.append(ex)
@@ -645,27 +661,31 @@ class Batch:
         chat got a message since it was planned (another kernel claimed it) is skipped."""
         if not group:
             return group
-        store = self.tree.store
-        with store.transaction() as c:
-            ids = [ex.chat.id for ex in group]
-            held: dict[int, int] = {}
-            for i in range(0, len(ids), 500):
-                part = ids[i:i + 500]
-                held.update(c.execute(
-                    f"SELECT chat_id, COUNT(*) FROM messages WHERE chat_id IN "
-                    f"({','.join('?' * len(part))}) GROUP BY chat_id", part).fetchall())
-            mine = [ex for ex in group if not held.get(ex.chat.id)]
-            for ex in group:
-                if held.get(ex.chat.id):
-                    row = self._rows.pop(id(ex))
-                    row.status, row.reason = "claimed", "answered by another kernel"
-                    self.progress.claimed += 1
-            runner.begin(mine)
-            for ex in mine:
-                r = ex.reply_row
-                c.execute("UPDATE messages SET provenance = ? WHERE id = ?",
-                          (json.dumps(dict(r.provenance, owner=OWNER), sort_keys=True), r.id))
-        return mine
+
+        def begin(mine: list[int]) -> list[Exchange]:
+            runner.begin([group[i] for i in mine])
+            return [group[i] for i in mine]
+
+        kept = set(claim(self.tree, group, begin))
+        for i, ex in enumerate(group):
+            if i not in kept:
+                row = self._rows.pop(id(ex))
+                row.status, row.reason = "claimed", "answered by another kernel"
+                self.progress.claimed += 1
+        return [ex for i, ex in enumerate(group) if i in kept]
+
+    def row_mark(self, row: Row) -> dict[str, Any]:
+        """A row's batch mark (its reply's provenance): the row, the batch's extra, its
+        request and digest, its attempt."""
+        mark = {"of": len(self.rows), "item": row.name, **self.mark}
+        if row.request is not None:
+            mark["request"] = row.request
+            mark["digest"] = request_digest(row.request)
+        if row.attempt > 1:
+            mark["attempt"] = row.attempt
+        if row.cut_value:
+            mark["cut_value"] = True
+        return mark
 
     def _row_chats(self, rows: list[Row]) -> list[Chat]:
         """The chat each row's next attempt goes into, made where missing (one transaction,
@@ -857,12 +877,59 @@ class Stored:
         return None
 
 
-def stored_rows(tree: ChatTree, chat: Chat) -> dict[str, Stored]:
-    """Every row of the batch chat ``chat`` with its attempts, by row name: one query."""
+@dataclass
+class Shape:
+    """What a row of a vote or comparison batch holds below each attempt chat (the row
+    chat, or its ``attempt-K``): under a vote, the K sample subchats ``1..K`` (the attempt
+    chat holds the verdict exchange); under a comparison, one subchat per model named in
+    ``sides`` (each holding that model's exchange or vote; the attempt chat holds
+    nothing). ``backend``, ``model`` and ``options`` are the request's parts for every
+    row (a comparison's: each model's, joined), ``options`` beside the generation
+    options (the vote's K, its --answer)."""
+
+    samples: int = 1
+    sides: list[str] | None = None
+    backend: str | None = None
+    model: str | None = None
+    options: str = ""
+
+    def part(self, name: str, fork: int, count: int, kids: int, first: list[tuple]) -> bool:
+        """Whether a subchat of an attempt chat is one a vote or comparison batch made:
+        one this shape makes (a sample ``1..K``, a model's), or one whose first reply says
+        it is a sample (``vote``) or a model's exchange (the batch mark: a batch of another
+        shape ran here before), or one made and never written to."""
+        if fork != 0:
+            return False
+        if self.sides is not None and name in self.sides:
+            return True
+        if self.samples > 1 and name.isdigit() and 1 <= int(name) <= self.samples:
+            return True
+        if not count and not kids:
+            return True
+        prov = first[1][3] if len(first) > 1 else {}
+        return isinstance(prov.get(VOTE), dict) or isinstance(prov.get(MARK), dict)
+
+
+def _attempt(cid: int, count: int, kids: int, first: list[tuple]) -> Attempt:
+    att = Attempt(cid, 1, count, kids)
+    if first and first[0][0] == "user":
+        att.user = first[0][1]
+    if len(first) > 1 and first[1][0] == "assistant":
+        att.status, att.content, att.provenance = first[1][2], first[1][1], first[1][3]
+        att.tools = bool(att.provenance.get("tool_calls"))
+    return att
+
+
+def stored_rows(tree: ChatTree, chat: Chat, shape: Shape | None = None) -> dict[str, Stored]:
+    """Every row of the batch chat ``chat`` with its attempts, by row name: one query.
+    With ``shape`` (a vote or comparison batch) the subchats it makes below an attempt
+    are the attempt's, not a person's; a comparison's attempt is its models' exchanges
+    together (complete when every model's is; its message and claim are the first
+    model's)."""
     chats: dict[int, tuple] = {}
     firsts: dict[int, list[tuple]] = {}
     for cid, parent, name, fork, count, kids, seq, role, content, status, prov \
-            in tree.store.batch_rows(chat.id):
+            in tree.store.batch_rows(chat.id, 3 if shape is not None else 2):
         chats[cid] = (parent, name, fork, count, kids)
         if seq is not None:
             firsts.setdefault(cid, []).append((role, content, status, prov))
@@ -872,32 +939,84 @@ def stored_rows(tree: ChatTree, chat: Chat) -> dict[str, Stored]:
         if parent == chat.id:
             st = Stored(cid)
             out[name] = by_id[cid] = st
+    home: dict[int, Stored] = {}  # attempt chat -> its row
+    parts: dict[int, list[int]] = {}  # attempt chat -> the subchats the batch made in it
     for cid, (parent, name, fork, count, kids) in chats.items():
-        first = firsts.get(cid, [])
-        att = Attempt(cid, 1, count, kids)
-        if first and first[0][0] == "user":
-            att.user = first[0][1]
-        if len(first) > 1 and first[1][0] == "assistant":
-            att.status, att.content, att.provenance = first[1][2], first[1][1], first[1][3]
-            att.tools = bool(att.provenance.get("tool_calls"))
+        if parent != chat.id and parent not in by_id:
+            continue
+        att = _attempt(cid, count, kids, firsts.get(cid, []))
         if parent == chat.id:
             by_id[cid].attempts.insert(0, att)
+            home[cid] = by_id[cid]
             if count > 2 and not att.tools:
                 by_id[cid].by_hand = True
             continue
         st = by_id[parent]
         m = ATTEMPT.fullmatch(name)
         if m is None or fork != 0 or int(m.group(1)) < 2:
-            st.by_hand = True  # a subchat the user made below the row
+            if shape is not None and shape.part(name, fork, count, kids, firsts.get(cid, [])):
+                parts.setdefault(parent, []).append(cid)
+            else:
+                st.by_hand = True  # a subchat the user made below the row
             continue
         att.k = int(m.group(1))
-        if count > 2 and not att.tools or kids:
+        if count > 2 and not att.tools or (kids and shape is None):
             st.by_hand = True
         st.attempts.append(att)
+        home[cid] = st
+    if shape is not None:
+        for cid, (parent, name, fork, count, kids) in chats.items():
+            if parent in home and parent not in by_id:  # below an attempt-K
+                if shape.part(name, fork, count, kids, firsts.get(cid, [])):
+                    parts.setdefault(parent, []).append(cid)
+                else:
+                    home[parent].by_hand = True
+        for st in out.values():
+            for att in st.attempts:
+                mine = parts.get(att.chat_id, [])
+                att.subchats -= len(mine)
+                named = {chats[c][1]: c for c in mine
+                         if _marked(firsts.get(c, [])) or chats[c][1] in (shape.sides or ())}
+                if not att.messages and (shape.sides is not None or named):
+                    _sides(att, st, shape.sides or list(named), named, chats, firsts)
     for st in out.values():
         first, rest = st.attempts[:1], sorted(st.attempts[1:], key=lambda a: a.k)
         st.attempts = first + rest
     return out
+
+
+def _marked(first: list[tuple]) -> bool:
+    """Whether a chat's first reply carries the batch mark (a comparison's model's)."""
+    return len(first) > 1 and isinstance(first[1][3].get(MARK), dict)
+
+
+def _sides(att: Attempt, st: Stored, sides: list[str], named: dict[str, int],
+           chats: dict[int, tuple], firsts: dict[int, list[tuple]]) -> None:
+    """A comparison's attempt as its models' exchanges: begun when they are, complete when
+    every model's is, cut while one is (its provenance then the one naming its owner)."""
+    heads = []
+    for n in sides:
+        cid = named.get(n)
+        if cid is None:
+            heads.append(None)
+            continue
+        _, _, _, count, kids = chats[cid]
+        if count > 2:
+            st.by_hand = True
+        heads.append(_attempt(cid, count, kids, firsts.get(cid, [])))
+    begun = [h for h in heads if h is not None and h.messages]
+    att.messages = sum(h.messages for h in begun)
+    if not begun:
+        return
+    statuses = [h.status if h is not None else None for h in heads]
+    if all(x == "complete" for x in statuses):
+        att.status = "complete"
+    elif "interrupted" in statuses or None in statuses:
+        att.status = "interrupted"
+    else:
+        att.status = "error"
+    lead = next((h for h in begun if h.status != "complete"), begun[0])
+    att.user, att.content, att.provenance = begun[0].user, begun[0].content, lead.provenance
 
 
 class Changed(InvalidInput):
@@ -922,7 +1041,8 @@ def stored_parts(att: Attempt) -> dict[str, str]:
 
 def match_rows(tree: ChatTree, chat: Chat, rows: list[Row], *, redo: bool = False,
                constraint: Any = None,
-               busy_chat: Callable[[int], bool] = lambda _: False) -> list[str]:
+               busy_chat: Callable[[int], bool] = lambda _: False,
+               shape: Shape | None = None) -> list[str]:
     """Decide each row of a rerun from the store (one query), returning notes:
 
     - a row whose latest attempt completed with the same request is reused;
@@ -933,8 +1053,10 @@ def match_rows(tree: ChatTree, chat: Chat, rows: list[Row], *, redo: bool = Fals
       backend, model) is refused, naming what changed for how many rows, unless ``redo``:
       then it is resent as a new attempt, the earlier ones kept.
 
+    ``shape``: the rows are a vote's or a comparison's (:class:`Shape`).
+
     Raises :class:`Changed` before anything is written."""
-    stored = stored_rows(tree, chat)
+    stored = stored_rows(tree, chat, shape)
     notes: list[str] = []
     changed: dict[str, list[Row]] = {}
     examples: dict[str, tuple[Row, Attempt, dict[str, str]]] = {}
@@ -1138,7 +1260,7 @@ def first_exchanges(tree: ChatTree, chat: Chat) -> dict[int, list[tuple]]:
     return out
 
 
-__all__ = ["Batch", "BatchResult", "Entry", "Items", "Progress", "Row", "Summary",
+__all__ = ["Batch", "BatchResult", "Entry", "Items", "Progress", "Row", "Shape", "Summary", "claim",
            "items_of", "fields_of", "check_fields", "names_in", "row_names", "summaries",
            "first_exchanges", "DEFAULT_CONCURRENCY", "ENGINE_IN_FLIGHT"]
 

@@ -111,6 +111,30 @@ def check_for(backend: Backend, opts: GenerationOptions) -> None:
     backend.check_settings()
 
 
+def check_model(backend: Backend, model: str | None, source: str = "--model") -> None:
+    """Refuse, before anything is stored, a model ``backend`` does not serve: vLLM in this
+    kernel serves the model it loaded; a server that lists its models (``models()``:
+    Ollama, OpenAI-compatible, Groq) is asked once (a server that cannot be reached is
+    refused here too, with its own message). A backend that lists none (echo) takes any."""
+    if not model:
+        return
+    if backend.id == "vllm":
+        loaded = backend.default_model()
+        if loaded and model not in (loaded, loaded.rstrip("/").rpartition("/")[2]):
+            raise InvalidInput(f"vllm does not serve the model {model!r} (from {source}): this "
+                               f"kernel has {loaded} loaded; name it, or compare another backend")
+        return
+    listing = getattr(backend, "models", None)
+    if not callable(listing):
+        return
+    served = list(listing())
+    if model in served or f"{model}:latest" in served:
+        return
+    raise InvalidInput(f"{backend.id} does not serve the model {model!r} (from {source}); it "
+                       f"serves: {', '.join(served[:20]) or 'none'}"
+                       + (" …" if len(served) > 20 else ""))
+
+
 def check_constraint(first: Backend, opts: GenerationOptions) -> None:
     """Refuse a constraint ``first`` cannot enforce (unless best effort) and a ``--choice``
     that ``max_tokens`` cannot spell."""
@@ -693,4 +717,4 @@ class Runner:
 
 __all__ = ["Exchange", "Runner", "Plan", "plan", "choose", "Busy", "busy", "system_in_force",
            "context", "check_text", "check_prompt", "check_backend_name", "check_for",
-           "check_constraint", "CONFIG_SYSTEM", "InlinePool"]
+           "check_constraint", "check_model", "CONFIG_SYSTEM", "InlinePool"]

@@ -25,8 +25,8 @@ from typing import Any, Callable
 
 from .backends.base import Finish, GenerationOptions
 from .backends.registry import Selection
-from .batch import ATTEMPT, Batch, BatchResult, Progress, Row, first_exchanges
 from .batch import MARK as BATCH_MARK
+from .batch import Batch, BatchResult, Progress, Row, claim, first_exchanges
 from .exchange import Exchange, Runner
 from .scores import LABEL
 from .tree import Chat
@@ -93,6 +93,7 @@ class MultiBatch:
         self._jobs: dict[int, _Job] = {}  # id(exchange) -> its job
         self._left: dict[int, int] = {}  # row pos -> sides not ended
         self._failed: set[int] = set()  # row pos with a side that did not complete
+        self._unsent: list[Exchange] = []  # begun, not yet handed to a backend
         self._resume()
 
     @property
@@ -107,44 +108,20 @@ class MultiBatch:
     def path(self) -> str:
         return self.chat.path
 
-    # -- resuming: rows whose every side ended complete are kept; nothing is deleted -----------
+    # -- resuming: decided by the batch's own rule (batch.match_rows, under its Shape) -----------
     def _resume(self) -> None:
-        """Decide each row from the store: its latest attempt (the row chat, or its last
-        ``attempt-K`` subchat) complete with this row's message on every side is reused;
-        a row never sent goes into its row chat; any other (cut, failed, another message)
-        is sent again as a new attempt ``attempt-K``, the earlier ones kept as they are."""
-        tree = self.tree
-        kids = {c.name: c for c in tree.children(self.chat)}
+        """Read the answers of the rows a rerun reuses. Which rows are reused, resent (a
+        new attempt ``attempt-K``), kept as a person left them, being answered by another
+        kernel (``claimed``) or refused as sent under another request was decided when the
+        batch was planned, by :func:`subchat_magics.batch.match_rows` given the rows'
+        :class:`~subchat_magics.batch.Shape`: the plain batch's rule."""
         for r in self.rows:
-            if r.status == "skipped":
-                continue
-            r.reused, r.status, r.result, r.reason = False, "pending", None, None
-            r.attempt, r.target, r.chat_id = 1, None, None
-            c = kids.get(r.name)
-            if c is None:
-                continue
-            r.row_chat = c.id
-            attempts = sorted(((int(m.group(1)), k) for k in tree.children(c)
-                               if (m := ATTEMPT.fullmatch(k.name)) is not None),
-                              key=lambda a: a[0])
-            k, latest = attempts[-1] if attempts else (1, c)
-            got = self._stored(latest, r)
-            if got is not None:
-                r.reused, r.status, r.chat_id = True, "done", latest.id
-                self.per_row[r.pos] = got
-                r.result = self._result(got)
-                continue
-            sent = bool(tree.store.message_count(latest.id)) or any(
-                ATTEMPT.fullmatch(x.name) is None for x in tree.children(latest))
-            if not sent:
-                r.attempt, r.target = k, latest.id  # made, never sent: it goes there
-            else:
-                r.attempt = k + 1  # cut, failed or another message: a new attempt
-        p = self.progress
-        p.reused = sum(1 for r in self.rows if r.reused)
-        p.done = sum(1 for r in self.rows if r.reused and r.status == "done")
-        p.failed = sum(1 for r in self.rows if r.reused and r.status == "failed")
-        p.claimed = 0
+            if r.reused and r.status == "done" and r.chat_id is not None:
+                chat = self.tree.find(r.chat_id)
+                got = self._stored(chat, r) if chat is not None else None
+                if got is not None:
+                    self.per_row[r.pos] = got
+                    r.result = self._result(got)
 
     def _stored(self, chat: Chat, row: Row) -> RowAnswers | None:
         """A row's answers as stored, if every side completed with this row's message."""
@@ -229,7 +206,7 @@ class MultiBatch:
                                 runners)
                 for r in runners:
                     if r.flying:
-                        with self.tree.store.transaction():
+                        with batch._writes(r):  # one commit; rewritten if Ctrl-C cuts it
                             r.step(0.02 if len(runners) > 1 else 0.05)
                             while r.handled and r.flying:
                                 r.step(0)
@@ -238,6 +215,12 @@ class MultiBatch:
         except BaseException as exc:
             for r in runners:
                 r.close(exc)
+            flying = {id(ex) for r in runners for ex in r.flying.values()}
+            for ex in self._unsent:  # stored, never handed to a backend
+                if ex.begun and ex.reply is None and id(ex) not in flying:
+                    ex.fail(exc)
+                    self._record(ex)
+            self._unsent = []
             p.in_flight = 0
             p.finished = True
             tick(force=True)
@@ -279,21 +262,20 @@ class MultiBatch:
         if sample_ids:
             tree.refresh(force=True)
         sit = iter(sample_ids)
-        per_side: list[list[_Job]] = [[] for _ in self.sides]
+        rows_jobs: list[list[_Job]] = []
         for row, rc, tlist in zip(rows, row_chats, targets):
             row.status, row.chat_id = "pending", rc.id
-            self._left[row.pos] = len(self.sides)
-            self.per_row[row.pos] = RowAnswers()
+            mark = self.batch.row_mark(row)
+            if self.labels is not None and row.pos in self.labels:
+                mark[LABEL] = self.labels[row.pos]
+            jobs = []
             for si, (side, t) in enumerate(zip(self.sides, tlist)):
-                mark: dict[str, Any] = {"of": len(self.rows), "item": row.name}
-                if self.labels is not None and row.pos in self.labels:
-                    mark[LABEL] = self.labels[row.pos]
                 if side.k > 1:
                     chats = [tree.find(next(sit)) for _ in range(side.k)]
                     parent = Exchange(tree, t, row.text, side.options[0].replace(),
                                       default_system=self.default_system)
                     parent.options.seed = None
-                    parent.provenance[BATCH_MARK] = mark
+                    parent.provenance[BATCH_MARK] = dict(mark)
                     samples = [Exchange(tree, c, row.text, o, default_system=self.default_system)
                                for c, o in zip(chats, side.options)]  # type: ignore[arg-type]
                     for i, ex in enumerate(samples):
@@ -302,26 +284,52 @@ class MultiBatch:
                     parent = None
                     ex = Exchange(tree, t, row.text, side.options[0],
                                   default_system=self.default_system)
-                    ex.provenance[BATCH_MARK] = mark
+                    ex.provenance[BATCH_MARK] = dict(mark)
                     samples = [ex]
-                job = _Job(row, si, t, parent, samples)
-                for ex in samples:
-                    self._jobs[id(ex)] = job
-                per_side[si].append(job)
-        for runner, jobs in zip(runners, per_side):
-            if not jobs:
+                jobs.append(_Job(row, si, t, parent, samples))
+            rows_jobs.append(jobs)
+
+        def begin(kept: list[int]) -> list[Exchange]:
+            """Store the kept rows' messages (each side's on its runner's backend); the
+            heads of every side name this process until they end."""
+            for si, runner in enumerate(runners):
+                runner.begin([ex for i in kept for j in rows_jobs[i][si:si + 1]
+                              for ex in ([j.parent] if j.parent is not None else []) + j.samples])
+            return [j.parent or j.samples[0] for i in kept for j in rows_jobs[i]]
+
+        # a row's first message (its first side's verdict exchange, or its exchange) claims
+        # it: a row another kernel claimed since it was planned is skipped (batch.claim)
+        heads = [jobs[0].parent or jobs[0].samples[0] for jobs in rows_jobs]
+        self._unsent = [ex for jobs in rows_jobs for j in jobs for ex in j.samples]
+        kept = set(claim(tree, heads, begin))
+        per_side: list[list[_Job]] = [[] for _ in self.sides]
+        p = self.progress
+        for i, (row, jobs) in enumerate(zip(rows, rows_jobs)):
+            if i not in kept:
+                row.status, row.reason = "claimed", "answered by another kernel"
+                p.claimed += 1
                 continue
-            runner.begin([ex for j in jobs for ex in j.samples])
+            self._left[row.pos] = len(self.sides)
+            self.per_row[row.pos] = RowAnswers()
+            for j in jobs:
+                for ex in j.samples:
+                    self._jobs[id(ex)] = j
+                per_side[j.side].append(j)
+        p.sent += len(kept)
+        for runner, jobs in zip(runners, per_side):
             for j in jobs:
                 if j.parent is not None:
                     runner.submit_samples(j.samples)
                 else:
                     runner.submit(j.samples)
+        self._unsent = []
 
     def _record(self, ex: Exchange) -> None:
         job = self._jobs.pop(id(ex), None)
         if job is None:
             return
+        if self.batch._group is not None:  # (the open write block: rewritten if Ctrl-C cuts it)
+            self.batch._group.append(ex)
         p = self.progress
         f = ex.finish
         if f is not None:
@@ -335,8 +343,12 @@ class MultiBatch:
         side = self.sides[job.side]
         got = self.per_row[job.row.pos]
         if job.parent is not None:
+            if self.batch._group is not None:  # (its reply rewritten if Ctrl-C cuts the block)
+                self.batch._group.append(job.parent)
             verdict = tally([sample_answer(s, self.pattern) for s in job.samples])
-            store_verdict(job.parent, job.samples, verdict, job.samples[0].backend)  # type: ignore[arg-type]
+            cut = any(s.reply is None or s.reply.status == "interrupted" for s in job.samples)
+            store_verdict(job.parent, job.samples, verdict, job.samples[0].backend,  # type: ignore[arg-type]
+                          interrupted=cut)
             got.verdicts[side.name] = verdict
             got.answers[side.name] = verdict.answer
             ok = job.parent.reply is not None and job.parent.reply.status == "complete"

@@ -14,6 +14,8 @@ from . import batch, scores, structured
 from .errors import InvalidInput
 from .exchange import CONFIG_SYSTEM, system_in_force
 from .tree import Chat, ChatTree, Message
+from .verdict import Verdict
+from .vote import MARK as VOTE_MARK
 
 EXPORT_FORMAT = "subchat-magics/1"
 _THINK = re.compile(r"^\s*<think>(.*?)(</think>|$)", re.S)
@@ -282,11 +284,37 @@ def _message_lines(msgs: list[Message], provenance: bool, markdown: bool) -> lis
                     out.append(f"    ({line})")
             continue
         out.append(f"[{m.role}]{tag} {m.content}")
+        said = verdict_line(m)
+        if said:
+            out.append(f"    {said}")
         if provenance and m.role == "assistant":
             line = provenance_line(m)
             if line:
                 out.append(f"    ({line})")
     return out
+
+
+def verdict_line(m: Message) -> str | None:
+    """The verdict a vote's reply holds (``--vote K``): the chosen answer, how many
+    samples gave it (ties said) and where the samples are; None for any other message."""
+    v = m.provenance.get(VOTE_MARK) if m.role == "assistant" else None
+    if not isinstance(v, dict) or "answers" not in v:
+        return None
+    line = f"verdict: {Verdict.stored(v).label()}"
+    answers = v.get("answers") or []
+    if answers:
+        line += " · answers " + ", ".join("—" if a is None else _short_answer(a) for a in answers)
+    samples = v.get("samples") or []
+    if samples:
+        line += f" · samples {samples[0]} … {samples[-1]}" if len(samples) > 2 else \
+            " · samples " + ", ".join(samples)
+    return line
+
+
+def _short_answer(a: Any) -> str:
+    text = a if isinstance(a, str) else json.dumps(a, ensure_ascii=False)
+    text = text.replace("\n", " ")
+    return text if len(text) <= 24 else text[:23] + "…"
 
 
 def message_markdown(m: Message, provenance: bool = False, *, colon: bool = True) -> str:
@@ -306,6 +334,9 @@ def message_markdown(m: Message, provenance: bool = False, *, colon: bool = True
     else:
         body = m.content
     text = f"**{m.role}**{_status_tag(m)}{':' if colon else ''}\n\n{body}"
+    said = verdict_line(m)
+    if said:
+        text += f"\n\n*{said}*"
     if provenance and m.role == "assistant":
         line = provenance_line(m)
         if line:

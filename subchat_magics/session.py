@@ -615,13 +615,15 @@ class Session:
 
     def compare_plan(self, spec: "str | list[str]", options: dict[str, Any]
                      ) -> tuple[list[compare_mod.Entry], list[exchange.Plan]]:
-        """Each entry of ``--compare`` planned on its own (named: it must be set up and take
-        every option), before anything is stored."""
+        """Each entry of ``--compare`` planned on its own (named: it must be set up, take
+        every option and serve the model it names), before anything is stored."""
         entries = compare_mod.parse_entries(spec)
         plans = []
         for e in entries:
             opts = self.options(**{**options, "model": e.model or options.get("model")})
             plans.append(exchange.plan(e.backend, opts))
+        for e, p in zip(entries, plans):  # (every entry set up before any server is asked)
+            exchange.check_model(p.backend, e.model, f"--compare {e.spec}")
         return entries, plans
 
     def compare(self, path: "str | int | Chat | None", text: str, spec: "str | list[str]", *,
@@ -670,7 +672,8 @@ class Session:
               tools: Any = None, approve: Any = None, max_rounds: int | None = None,
               limits: Limits | None = None,
               mark: dict[str, Any] | None = None,
-              planning: Callable[[str, int, int], None] | None = None, **options: Any) -> Batch:
+              planning: Callable[[str, int, int], None] | None = None,
+              shape: "batch_mod.Shape | None" = None, **options: Any) -> Batch:
         """Plan a batch: ``prompt(item, index)`` is the message of each item of ``items``
         (a list, tuple, dict, sized iterable, pandas Series or DataFrame), sent into its
         own chat ``PATH/NAME/<index>`` under a batch chat ``PATH/NAME`` that holds no
@@ -690,7 +693,11 @@ class Session:
         ``tools`` (with ``approve``, ``max_rounds``): each row may call them, between
         rounds of the batch; approvals are asked once per tool for the whole batch.
         ``planning(stage, done, total)`` hears how far planning is, every ~0.1 s once it
-        has taken a second (a big batch: nothing is sent until it ends)."""
+        has taken a second (a big batch: nothing is sent until it ends).
+
+        ``shape``: the rows are a vote's or a comparison's (run by
+        :class:`~subchat_magics.multibatch.MultiBatch`): their request names its backends,
+        models and vote, and a rerun reads their rows as such (the same rules)."""
         import time as _time
 
         t0 = _time.perf_counter()
@@ -744,6 +751,11 @@ class Session:
             in_force = exchange.system_in_force(tree, above, default_system)[0]
         model = opts.model or first.default_model()
         options_part = batch_mod.options_part(opts)
+        req_backend, req_model = first.id, model
+        if shape is not None:
+            req_backend, req_model = shape.backend or first.id, shape.model or model
+            if shape.options:
+                options_part = batch_mod._h(options_part + " " + shape.options)
         names = batch_mod.row_names(entries)
         rows = []
         said = [0.0]
@@ -775,15 +787,16 @@ class Session:
                 if not text.strip():
                     row.status, row.reason = "skipped", "empty message"
                 row.text = text
-                row.request = batch_mod.request_parts(text, in_force, opts, first.id, model,
-                                                      options_part)
+                row.request = batch_mod.request_parts(text, in_force, opts, req_backend,
+                                                      req_model, options_part)
             rows.append(row)
         notes: list[str] = []
         if existing is not None:
             say("matching the stored rows", len(rows))
             busy = exchange.busy(tree)
             notes = batch_mod.match_rows(tree, existing, rows, redo=redo,
-                                         constraint=opts.constraint, busy_chat=busy.holds)
+                                         constraint=opts.constraint, busy_chat=busy.holds,
+                                         shape=shape)
         # a batch is answered by one backend: once a row of it was sent, no fallback (under
         # auto a fresh batch may still pass over a backend that fails before its first token)
         selection = plan.selection

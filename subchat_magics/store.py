@@ -737,12 +737,26 @@ class Store:
             "ORDER BY m.chat_id, m.seq", (parent_id,))
         return [(*r[:5], json.loads(r[5]) if r[5] else {}) for r in rows]
 
-    def batch_rows(self, parent_id: int) -> list[tuple]:
+    def batch_rows(self, parent_id: int, depth: int = 2) -> list[tuple]:
         """A batch's rows and their attempts in one query: every child of ``parent_id``
-        and every grandchild, each with its message count, its own subchat count, its
-        fork point and its first two messages: ``(chat_id, parent_id, name, fork_seq,
-        messages, subchats, seq, role, content, status, provenance)`` (the last five None
-        for a chat without messages), ordered by chat id and seq."""
+        and every grandchild (``depth`` 3: and their children: a vote's samples or a
+        comparison's models below an ``attempt-K``), each with its message count, its own
+        subchat count, its fork point and its first two messages: ``(chat_id, parent_id,
+        name, fork_seq, messages, subchats, seq, role, content, status, provenance)`` (the
+        last five None for a chat without messages), ordered by chat id and seq."""
+        if depth > 2:
+            rows = self._read(
+                "WITH RECURSIVE r(id, parent_id, name, fork_seq, d) AS ("
+                " SELECT id, parent_id, name, fork_seq, 1 FROM chats WHERE parent_id = ?"
+                " UNION ALL SELECT c.id, c.parent_id, c.name, c.fork_seq, r.d + 1 FROM chats c"
+                " JOIN r ON c.parent_id = r.id WHERE r.d < ?) "
+                "SELECT r.id, r.parent_id, r.name, r.fork_seq,"
+                " (SELECT COUNT(*) FROM messages WHERE chat_id = r.id),"
+                " (SELECT COUNT(*) FROM chats WHERE parent_id = r.id),"
+                " m.seq, m.role, m.content, m.status, m.provenance "
+                "FROM r LEFT JOIN messages m ON m.chat_id = r.id AND m.seq < 2 "
+                "ORDER BY r.id, m.seq", (parent_id, depth))
+            return [(*r[:10], json.loads(r[10]) if r[10] else {}) for r in rows]
         rows = self._read(
             "WITH r(id, parent_id, name, fork_seq) AS ("
             " SELECT id, parent_id, name, fork_seq FROM chats WHERE parent_id = ?"

@@ -118,6 +118,15 @@ class Verdict:
                     f"({self.count}/{self.k} each; the first given is taken)")
         return f"{_short(str(self.answer))} ({self.agree})"
 
+    @classmethod
+    def stored(cls, vote: dict[str, Any]) -> "Verdict":
+        """The verdict a vote's reply keeps in its provenance (``vote``)."""
+        answers = list(vote.get("answers") or [])
+        k = int(vote.get("k") or len(answers))
+        tied = list(vote.get("tie") or [])
+        return cls(vote.get("answer"), int(vote.get("count") or 0), k, answers,
+                   tie=bool(tied), tied=tied)
+
     def provenance(self) -> dict[str, Any]:
         out: dict[str, Any] = {"answer": _jsonable(self.answer), "count": self.count,
                                "k": self.k, "agree": self.agree,
@@ -159,13 +168,17 @@ class Score:
     correct: int
     confusion: dict[tuple[str, str], int]
     wrong: list[int]
+    unscored: int = 0  # rows without a label (None, NaN, NA): not scored, not counted in n
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.n if self.n else 0.0
 
     def line(self, what: str = "accuracy") -> str:
-        return f"{self.name}: {what} {self.correct}/{self.n} ({100 * self.accuracy:.0f}%)"
+        out = f"{self.name}: {what} {self.correct}/{self.n} ({100 * self.accuracy:.0f}%)"
+        if self.unscored:
+            out += f"; {self.unscored} row(s) without a label not scored"
+        return out
 
     def table(self) -> str:
         """The confusion counts as a text table (rows: labels, columns: answers)."""
@@ -187,15 +200,38 @@ class Score:
                             columns=pd.Index(answers, name="answer"))
 
 
-def score(answers: Sequence[Any], labels: Sequence[Any], name: str = "answers") -> Score:
+def unlabelled(value: Any) -> bool:
+    """Whether a label is missing: None, a float NaN, pandas' NA/NaT (a row without one
+    is not scored)."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return value != value
+    pd = sys.modules.get("pandas")
+    if pd is not None and type(value).__module__.partition(".")[0] in ("pandas", "numpy"):
+        try:
+            out = pd.isna(value)
+        except (TypeError, ValueError):
+            return False
+        return out is True or (type(out).__name__ == "bool_" and bool(out))
+    return False
+
+
+def score(answers: Sequence[Any], labels: Sequence[Any], name: str = "answers", *,
+          skip_missing: bool = True) -> Score:
     """Compare each answer with its label (as text, stripped, case kept; a missing
-    answer is wrong and counted as ``(none)``)."""
+    answer is wrong and counted as ``(none)``). A row without a label (None, NaN, pandas'
+    NA) is not scored: it is left out of ``n`` and counted in ``unscored``; ``wrong``
+    holds positions in ``answers``."""
     if len(answers) != len(labels):
         raise InvalidInput(f"{len(labels)} labels for {len(answers)} answers")
     confusion: Counter[tuple[str, str]] = Counter()
     wrong = []
-    correct = 0
+    correct = unscored = 0
     for i, (a, lab) in enumerate(zip(answers, labels)):
+        if skip_missing and unlabelled(lab):
+            unscored += 1
+            continue
         la = _label_text(lab)
         aa = "(none)" if a is None else _label_text(a)
         confusion[(la, aa)] += 1
@@ -203,12 +239,13 @@ def score(answers: Sequence[Any], labels: Sequence[Any], name: str = "answers") 
             correct += 1
         else:
             wrong.append(i)
-    return Score(name, len(answers), correct, dict(confusion), wrong)
+    return Score(name, len(answers) - unscored, correct, dict(confusion), wrong, unscored)
 
 
 def agreement(a: Sequence[Any], b: Sequence[Any], name: str) -> Score:
-    """How often two models' answers agree (the same figures as :func:`score`)."""
-    return score(a, b, name)
+    """How often two models' answers agree (the same figures as :func:`score`; a row
+    where the second gave no answer counts as a disagreement)."""
+    return score(a, b, name, skip_missing=False)
 
 
 def _label_text(value: Any) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
+from . import batch as batch_mod
 from . import estimate, notebook, verdict
 from .batch import fields_of
 from .batch_view import BatchProgress
@@ -148,11 +149,19 @@ def run_each(m: Any, args: Any, template: str, opts: dict[str, Any]) -> None:
     labels = labels_of(ns, args.labels, items, count) if args.labels is not None else None
     if not sides:
         per = session.vote_options(k, opts) if k else None
+    # what identifies a row's request beyond the plain batch's: the vote (K, --answer) and
+    # the models compared; a rerun reads the rows by the plain batch's rule (batch.match_rows)
+    shape = batch_mod.Shape(samples=k or 1, options=f"vote {k} answer {args.answer!r}" if k else "")
+    if sides:
+        shape.sides = [s.name for s in sides]  # type: ignore[misc]
+        shape.backend = ",".join(p.backend.id for p in plans)
+        shape.model = ",".join(s.options[0].model or p.backend.default_model() or ""
+                               for s, p in zip(sides, plans))
     batch = session.batch(args.path, items, prompt, name=args.each, fresh=bool(args.fresh),
-                          limit=args.limit, concurrency=args.concurrency,
+                          redo=bool(args.redo), limit=args.limit, concurrency=args.concurrency,
                           backend=None if args.compare is not None else args.backend,
                           system=args.system, template=template,
-                          known=lambda n: n in ns, **opts)
+                          known=lambda n: n in ns, shape=shape, **opts)
     if not sides:
         sides = [Side(None, batch.selection, per or [batch.make_exchange(batch.chat, "x").options])]
     run = MultiBatch(batch, sides, pattern=pattern, default_system=session.defaults.system_prompt,
@@ -165,8 +174,14 @@ def run_each(m: Any, args: Any, template: str, opts: dict[str, Any]) -> None:
     try:
         run.run(view)
     except KeyboardInterrupt:
+        # as a plain batch: the summary (rows interrupted), the notes, then one line; every
+        # sample that finished is kept, the cut rows are sent again by the next run
         view.close()
-        raise KeyboardInterrupt from None
+        if args.as_var:
+            m.shell.user_ns[args.as_var] = (run.table(batch.index) if (k or args.compare)
+                                            else batch.result().output(args.as_var))
+        m._each_done(batch.result(), None, interrupted=True)
+        return
     view.close()
     result = batch.result()
     print(result.summary())
@@ -176,6 +191,8 @@ def run_each(m: Any, args: Any, template: str, opts: dict[str, Any]) -> None:
     if failed:
         print(f"failed: {len(failed)} row(s), e.g. {result.path}/{failed[0].name}: "
               f"{redact(str(failed[0].reason))[:200]}")
+    for note in result.notes:
+        print(f"note: {note}")
     if labels is not None:
         show_scores(m, run, labels)
     if args.as_var:

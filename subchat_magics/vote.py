@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from .backends.base import Backend, Finish, GenerationOptions
 from .backends.registry import Selection
+from .batch import VOTE
 from .errors import SubchatError
 from .exchange import Exchange, Runner
 from .structured import InvalidOutput
@@ -29,7 +30,7 @@ from .verdict import Verdict, answer_of, tally
 if TYPE_CHECKING:
     from .tree import Chat, ChatTree
 
-MARK = "vote"  # the provenance key of a vote's chat reply and of each sample
+MARK = VOTE  # the provenance key of a vote's chat reply and of each sample
 
 
 def sample_answer(ex: Exchange, pattern: "re.Pattern[str] | None") -> Any:
@@ -41,15 +42,24 @@ def sample_answer(ex: Exchange, pattern: "re.Pattern[str] | None") -> Any:
 
 
 def store_verdict(parent: Exchange, samples: list[Exchange], verdict: Verdict,
-                  backend: Backend, extra: dict[str, Any] | None = None) -> None:
+                  backend: Backend, extra: dict[str, Any] | None = None,
+                  interrupted: bool = False) -> None:
     """Store the chat's exchange of a vote: the message, and the first sample that gave
-    the verdict as the reply, with the vote in its provenance (one commit)."""
+    the verdict as the reply, with the vote in its provenance (one commit). A parent
+    begun already (a batch row: its message claims the row) is ended. ``interrupted``
+    (a sample was cut): the reply is stored ``interrupted``, the samples that finished
+    kept as they are, so the next run sends the row again."""
     rep = samples[verdict.first] if verdict.first is not None else None
     parent.provenance[MARK] = dict(verdict.provenance(),
                                    samples=[s.chat.path for s in samples], **(extra or {}))
+    fresh = not parent.begun
     with parent.tree.store.transaction():
-        parent.begin(backend)
-        if rep is not None:
+        if fresh:
+            parent.begin(backend)
+        if interrupted:
+            parent.parts = [rep.text] if rep is not None else []
+            parent.end("interrupted", "interrupted")
+        elif rep is not None:
             parent.parts = [rep.text]
             f = rep.finish or Finish()
             parent.finish = Finish(reason=f.reason, model=f.model, prompt_tokens=f.prompt_tokens,
@@ -61,7 +71,8 @@ def store_verdict(parent: Exchange, samples: list[Exchange], verdict: Verdict,
         else:
             parent.error = InvalidOutput("no sample gave an answer")
             parent.end("error", "error: no sample gave an answer")
-    parent.announce()
+    if fresh:
+        parent.announce()
 
 
 class Vote:

@@ -111,8 +111,10 @@ def _all_messages(tree):
 
 
 def test_a_changed_each_vote_or_compare_rerun_keeps_every_earlier_row(shell):
-    """Rows of a vote or a comparison are never deleted: a rerun with another message
-    resends each row as attempt-2, the earlier answers kept; an unchanged rerun reuses."""
+    """Rows of a vote or a comparison follow the plain batch's rule: a rerun with another
+    message (or K, or models) is refused with the plain batch's message, nothing sent;
+    --redo resends each row as attempt-2, the earlier answers kept; an unchanged rerun
+    reuses."""
     tree = __import__("subchat_magics.session", fromlist=["x"]).default_session().tree
     shell.ns["qs"] = ["x", "y"]
     shell.ok("%%subchat root --each qs -b echo --vote 3 --choice yes,no --as t\n{item}?")
@@ -120,7 +122,17 @@ def test_a_changed_each_vote_or_compare_rerun_keeps_every_earlier_row(shell):
     before = _all_messages(tree)
     out = shell.ok("%%subchat root --each qs -b echo --vote 3 --choice yes,no --as t\n{item}?")
     assert "2 reused" in out and _all_messages(tree) == before
-    shell.ok("%%subchat root --each qs -b echo --vote 3 --choice yes,no --as t\nNow {item}?")
+    err = shell.fails("%%subchat root --each qs -b echo --vote 3 --choice yes,no --as t\nNow {item}?")
+    assert err == ("%%subchat: root/qs was run with another request: the message (the data or "
+                   "the template) for 2 of 2 row(s) (root/qs/0 holds another message than item 0 "
+                   "gives now). Nothing was sent; a batch is answered under one request. --redo "
+                   "resends those rows (their earlier replies are kept), --fresh starts a new "
+                   "batch chat"), err
+    assert _all_messages(tree) == before
+    err = shell.fails("%%subchat root --each qs -b echo --vote 4 --choice yes,no\n{item}?")
+    assert "the generation options" in err and "Nothing was sent" in err
+    assert _all_messages(tree) == before
+    shell.ok("%%subchat root --each qs -b echo --vote 3 --choice yes,no --as t --redo\nNow {item}?")
     after = _all_messages(tree)
     assert before <= after and len(after) > len(before)
     assert "root/qs/0/1" in tree and tree.get("root/qs/0/attempt-2").messages[0].content == "Now x?"
@@ -128,7 +140,12 @@ def test_a_changed_each_vote_or_compare_rerun_keeps_every_earlier_row(shell):
     shell.ns["ps"] = ["p"]
     shell.ok("%%subchat root --each ps --compare echo,echo:other --choice yes,no --as c\n{item}?")
     before = _all_messages(tree)
-    shell.ok("%%subchat root --each ps --compare echo,echo:other --choice yes,no --as c\n{item}!")
+    err = shell.fails("%%subchat root --each ps --compare echo,echo:other --choice yes,no --as c\n{item}!")
+    assert "root/ps was run with another request: the message" in err
+    assert _all_messages(tree) == before
+    err = shell.fails("%%subchat root --each ps --compare echo,echo:third --choice yes,no\n{item}?")
+    assert "the model for 1 of 1 row(s) (echo,other -> echo,third)" in err
+    shell.ok("%%subchat root --each ps --compare echo,echo:other --choice yes,no --as c --redo\n{item}!")
     assert before <= _all_messages(tree)
     assert [c.name for c in tree.children(tree.get("root/ps/0/attempt-2"))] == ["echo", "other"]
 
@@ -171,7 +188,8 @@ def test_a_vote_or_comparison_row_is_not_taken_for_a_batch_chat(shell):
     shell.ns["qs"] = ["x", "y"]
     shell.ok("%%subchat root/v -b echo --vote 3 --choice yes,no\nIs it?")
     shell.ok("%%subchat root --each qs -b echo --vote 3 --choice yes,no\n{item}?")
-    shell.ok("%%subchat root --each qs --compare echo,echo:other\n{item}?")  # attempt-2 rows
+    assert "another request" in shell.fails("%%subchat root --each qs --compare echo,echo:other\n{item}?")
+    shell.ok("%%subchat root --each qs --compare echo,echo:other --redo\n{item}?")  # attempt-2 rows
     shell.ns["ps"] = ["p"]
     shell.ok("%%subchat root --each ps --compare echo,echo:other --vote 2\n{item}?")
     tree = default_session().tree
@@ -307,3 +325,119 @@ def test_a_vote_or_labels_batch_skips_missing_values_and_scores_only_labelled_ro
     assert "root/v/df/1" not in tree or not tree.get("root/v/df/1").messages
     out = shell.ok("%%subchat root/l -b echo --each df --choice yes,no --labels gold --as u\n{text}")
     assert "root/l/df/1" not in tree or not tree.get("root/l/df/1").messages
+
+
+def test_show_of_a_vote_chat_prints_its_verdict(shell):
+    """show of the chat a vote answered says the verdict (the answer, how many samples
+    gave it, each sample's answer), not only the representative reply; so does -p and a
+    later session (it is read from the store)."""
+    from subchat_magics.session import reset_default_session
+
+    shell.ok("%%subchat root/q -b echo --vote 3 --choice yes,no\nIs it?")
+    shell.ok("%%subchat root/t -b echo --vote 2 --answer '(\\w+)$'\nred")
+    reset_default_session()
+    out = shell.ok("%subchat show root/q")
+    assert "verdict: yes (3/3 agree) · answers yes, yes, yes" in out
+    assert "samples root/q/1 … root/q/3" in out
+    assert "verdict: yes (3/3 agree)" in shell.ok("%subchat show root/q -p")
+    assert "verdict:" not in shell.ok("%subchat show root/q/1")  # a sample holds none
+    tie = shell.ok("%subchat show root/t")
+    assert "verdict: " in tie and "(2/2 agree)" in tie
+
+
+def test_rows_without_a_label_are_not_scored(shell):
+    """--labels with a None/NaN label: that row is left out of the accuracy (not counted
+    as wrong), and the line says how many were not scored; show of the batch chat too."""
+    shell.ns["df"] = pd.DataFrame({"q": ["a", "b", "c", "d"],
+                                   "gold": ["yes", None, float("nan"), "no"]})
+    out = shell.ok("%%subchat root -b echo --each df --vote 3 --choice yes,no --labels gold\n{q}?")
+    assert "answers (vote): accuracy 1/2 (50%); 2 row(s) without a label not scored" in out
+    assert "accuracy 1/4" not in out
+    shown = shell.ok("%subchat show root/df")
+    assert "answers (vote): accuracy 1/2 (50%); 2 row(s) without a label not scored" in shown
+    shell.ns["gold"] = ["yes", None]
+    shell.ns["ps"] = ["p", "q"]
+    out = shell.ok("%%subchat root --each ps --compare echo,echo:other --choice yes,no "
+                   "--labels gold\n{item}?")
+    assert "echo: accuracy 1/1 (100%); 1 row(s) without a label not scored" in out
+
+
+def test_compare_with_a_model_the_server_does_not_serve_stores_nothing(shell, monkeypatch):
+    """--compare naming a model its server does not list is refused before anything is
+    stored or sent (the other entry's sibling included), on one message and with --each;
+    a model it lists goes through."""
+    from subchat_magics.backends.registry import registry
+    from subchat_magics.testing.fakeservers import FakeOpenAI
+
+    with FakeOpenAI() as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        shell.ns["qs"] = ["x", "y"]
+        before = _count(shell)
+        for line in ("root/q --compare echo,openai:nope",
+                     "root --each qs --compare echo,openai:nope"):
+            err = shell.fails(f"%%subchat {line}\n{{item}}")
+            assert "openai does not serve the model 'nope'" in err and "other-model" in err, err
+            assert "\n" not in err.strip()
+            assert _count(shell) == before, line
+            assert server.chat_requests() == []
+        shell.ok("%%subchat root/q --compare echo,openai:other-model --var c\nhi")
+        assert shell.ns["c"]["other-model"] == "Hello from the fake server."
+    registry().close()
+
+
+def test_ctrl_c_in_a_vote_batch_prints_the_summary_and_keeps_every_finished_sample(
+        shell, workdir, monkeypatch):
+    """Ctrl-C (the SIGINT Jupyter sends) in --each --vote: the plain batch's summary line
+    (rows interrupted) and one line, no traceback; every sample that finished is stored
+    complete, the cut rows end interrupted, and a rerun sends only the rows not done."""
+    import _thread
+    import re
+    import threading
+
+    from IPython.core.error import UsageError
+
+    from subchat_magics.session import default_session
+    from subchat_magics.testing import store_rows
+
+    monkeypatch.setenv("SUBCHAT_ECHO_DELAY", "0.01")
+    shell.ns["qs"] = [f"q{i}" for i in range(10)]
+    samples = []
+    never = threading.Event()
+
+    def listener(event, data):
+        if event == "reply-end" and re.fullmatch(r"root/qs/\d+/\d", data["path"]) \
+                and data["message"].status == "complete":
+            samples.append(data["path"])
+            if len(samples) == 7:  # two rows voted, the third one's first sample in
+                _thread.interrupt_main()
+                never.wait(30)  # ends when the KeyboardInterrupt is raised here
+
+    unsubscribe = default_session().tree.subscribe(listener)
+    try:
+        result, cap = shell.run("%%subchat root -b echo --each qs --vote 3 --choice yes,no "
+                                "--as t\n{item}?")
+    finally:
+        unsubscribe()
+    assert isinstance(result.error_in_exec, UsageError), result.error_in_exec
+    assert "interrupted: 8 row(s) not done; run the cell again" in str(result.error_in_exec)
+    assert "batch root/qs: 10 items, 2 done, 0 failed, 1 interrupted" in cap.stdout
+    assert "Traceback" not in cap.stdout + cap.stderr
+    assert list(shell.ns["t"]["verdict"][:2]) == ["yes", "yes"]
+    db = workdir / "subchats.db"
+    tree = default_session().tree
+    complete = {c.path for c in tree.chats() if re.fullmatch(r"root/qs/\d+/\d", c.path)
+                and c.messages and c.messages[-1].status == "complete"}
+    assert set(samples) <= complete and len(complete) >= 7  # every finished sample kept
+    cut = tree.get("root/qs/2").messages
+    assert cut[1].status == "interrupted" and "owner" not in cut[1].provenance
+    monkeypatch.setenv("SUBCHAT_ECHO_DELAY", "0")
+    out = shell.ok("%%subchat root -b echo --each qs --vote 3 --choice yes,no --as t\n{item}?")
+    assert "10 items, 10 done (2 reused), 0 failed" in out
+    assert list(shell.ns["t"]["agreement"]) == ["3/3"] * 10
+    assert tree.get("root/qs/2/attempt-2").messages[1].status == "complete"
+    # the cut row's finished sample (stored in the write block Ctrl-C cut) is kept as it was
+    last = samples[-1]
+    assert last.startswith("root/qs/2/") and tree.get(last).messages[1].status == "complete"
+    kept = store_rows(db, "SELECT content, status FROM messages WHERE chat_id = ?",
+                      (tree.get(last).id,))
+    assert kept == [("q2?", "complete"), ("yes", "complete")]

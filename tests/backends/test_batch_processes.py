@@ -84,3 +84,47 @@ def test_a_killed_process_leaves_claims_the_next_run_takes_over(tmp_path):
     for (cid,) in claimed:
         assert store_rows(store, "SELECT COUNT(*) FROM chats WHERE parent_id = ? AND "
                                  "name = 'attempt-2'", (cid,))[0][0] == 1
+
+
+VOTE_RUN = (
+    "import sys\n"
+    "from IPython.core.interactiveshell import InteractiveShell\n"
+    "ip = InteractiveShell.instance()\n"
+    "ip.run_cell('%load_ext subchat_magics')\n"
+    "ip.user_ns['qs'] = [f'q{i}' for i in range(int(sys.argv[1]))]\n"
+    "r = ip.run_cell(sys.argv[2])\n"
+    "sys.exit(0 if r.success else 1)\n")
+
+
+def test_two_kernels_running_one_vote_or_compare_batch_never_send_a_row_twice(tmp_path):
+    """--each --vote K and --each --compare take the plain batch's claims: two real
+    InteractiveShells (two processes) running the same cell on one store send each row's
+    samples (each model's message) once between them."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cells = {"vote": ("%%subchat root --each qs -b openai --vote 3 --concurrency 6\nsay {item}", 3),
+             "compare": ("%%subchat root/c --each qs --compare openai,openai:Qwen/Qwen3-0.6B "
+                         "--concurrency 4\nsay {item}", 2)}
+    for kind, (cell, per_row) in cells.items():
+        store = tmp_path / f"{kind}.db"
+        with FakeOpenAI() as server:
+            server.configure(reply="a b c d", delay=0.02)
+            env = _env(server)
+            env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"]
+            env["SUBCHAT_STORE"] = str(store)
+            subprocess.run([sys.executable, "-c", VOTE_RUN, "1", cell], env=env, check=True,
+                           capture_output=True)  # the store and the batch chat exist (q0 done)
+            first = len(server.chat_requests())
+            procs = [subprocess.Popen([sys.executable, "-c", VOTE_RUN, "30", cell], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for _ in range(2)]
+            outs = [p.communicate(timeout=120) for p in procs]
+            assert all(p.returncode == 0 for p in procs), outs
+            sent = Counter(r.body["messages"][-1]["content"]
+                           for r in server.chat_requests()[first:])
+        assert set(sent.values()) == {per_row}, (kind, [k for k, v in sent.items() if v != per_row][:5])
+        assert len(sent) == 29 and "say q0" not in sent, kind
+        assert all(" 0 failed" in o for o, _ in outs), outs
+        users = store_rows(store, "SELECT content, COUNT(*) FROM messages WHERE role = 'user' "
+                                  "GROUP BY content")
+        # a vote's row: its verdict exchange and K samples; a comparison's: each model's
+        assert len(users) == 30 and {n for _, n in users} == {per_row + (kind == "vote")}, users
