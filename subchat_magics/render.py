@@ -14,6 +14,7 @@ from . import batch, scores, structured
 from .errors import InvalidInput
 from .exchange import CONFIG_SYSTEM, system_in_force
 from .tree import Chat, ChatTree, Message
+from .words import counted
 
 EXPORT_FORMAT = "subchat-magics/1"
 _THINK = re.compile(r"^\s*<think>(.*?)(</think>|$)", re.S)
@@ -120,7 +121,7 @@ def batch_summary(tree: ChatTree, chat: Chat, markdown: bool = False) -> list[st
     board = scores.board(tree, chat)
     if board is not None and board.compare:
         # a comparison's row holds one subchat per model: a row is done when every model is
-        return [f"batch of {board.total} rows, {len(board.sides)} models "
+        return [f"batch of {counted(board.total, 'row')}, {counted(len(board.sides), 'model')} "
                 f"({', '.join(map(str, board.sides))}): {board.done}/{board.total} done",
                 *board.lines(),
                 f"rows: {chat.path}/<index>/<model> (%subchat show {chat.path}/"
@@ -138,8 +139,8 @@ def batch_summary(tree: ChatTree, chat: Chat, markdown: bool = False) -> list[st
     if cut:
         bits.append(f"{len(cut)} interrupted")
     attempts = sum(len([a for a in st.attempts if a.messages]) for st in stored.values())
-    out = [f"batch of {total} rows: {', '.join(bits)}"
-           + (f" ({attempts - len(latest)} earlier attempt(s) kept)" if attempts > len(latest)
+    out = [f"batch of {counted(total, 'row')}: {', '.join(bits)}"
+           + (f" ({counted(attempts - len(latest), 'earlier attempt')} kept)" if attempts > len(latest)
               else "")]
     if latest:
         p = latest[-1][1].provenance
@@ -252,7 +253,7 @@ def transcript(tree: ChatTree, chat: Chat, provenance: bool = False, inherited: 
     if inherited:
         if inherited_msgs:
             out.append(f"--- inherited from {chat.parent.path if chat.parent else 'root'} "
-                       f"({len(inherited_msgs)} messages) ---")
+                       f"({counted(len(inherited_msgs), 'message')}) ---")
             out.extend(_message_lines(inherited_msgs, provenance, markdown))
             out.append("--- this chat ---")
     if not own:
@@ -374,7 +375,7 @@ def export_markdown(tree: ChatTree, chat: Chat, default_system: str | None = Non
                      f"*branched from {c.parent.path} after its message {n}*")
             if c.id == chat.id:
                 inherited = len(tree.history(c)) - len(tree.store.messages(c.id))
-                where += f" (inherits {inherited} messages not in this export)" if inherited else ""
+                where += f" (inherits {counted(inherited, 'message')} not in this export)" if inherited else ""
             head += "\n\n" + where
         parts.append(f"{head}\n\n{body}" if body else head)
     return "\n\n".join(parts) + "\n"
