@@ -3,6 +3,7 @@ display. Every :class:`SubchatError` becomes a one-line ``UsageError``."""
 
 from __future__ import annotations
 
+import builtins
 import re
 import shlex
 import sys
@@ -475,13 +476,19 @@ class SubchatMagics(Magics):
             if not name:
                 continue
             if name not in ns:
+                if callable(getattr(builtins, name, None)):
+                    raise UsageError(f"%%subchat: --tools {name}: {name} is a Python builtin, "
+                                     "which cannot be a tool (no typed, named parameters); "
+                                     f"wrap it in a def with typed parameters, e.g. def "
+                                     f"my_{name}(x: str) -> ...")
                 raise UsageError(f"%%subchat: --tools {name}: no variable {name!r} in the "
                                  "notebook; define the function first")
             value = ns[name]
             if isinstance(value, (list, tuple)):
+                # (NAME[i] is no tool name: each is named by its own __name__)
                 found += [(f"{name}[{i}]", v) for i, v in enumerate(value)]
             else:
-                found.append((name, value))
+                found.append((name, value))  # a partial or an instance: the variable's name
         if not found:
             raise UsageError("%%subchat: --tools needs function names, e.g. --tools lookup,plot")
         return Toolset.of([describe(v, label=label) for label, v in found])
