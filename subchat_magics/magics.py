@@ -33,6 +33,7 @@ from .streaming import Coalescer
 from .tools import Toolset, describe
 from .tree import normalize_path
 from .values import Limits
+from .words import counted
 
 
 def strip_comment(line: str) -> str:
@@ -166,6 +167,13 @@ class FanoutView:
             _show_final(self.handle, self._bundle())
         else:
             print(self._plain())
+
+
+def interrupted(what: str, magic: str = "%%subchat") -> UsageError:
+    """Ctrl-C (the kernel's interrupt) in a reply: one line saying what was kept, as a
+    batch's does, not a traceback of the stream's frames. A UsageError, so the cell still
+    ends in error and a queue of cells (Run All) stops there."""
+    return UsageError(f"{magic}: interrupted: {what}")
 
 
 @magics_class
@@ -520,10 +528,11 @@ class SubchatMagics(Magics):
                 view.finish("interrupted: partial reply kept" if run.text else
                             "interrupted: nothing arrived")
             done = sum(1 for _, r in run.calls if r.status != "interrupted")
-            print(f"interrupted: {done} finished tool call(s) kept in {run.chat.path}")
             if var:
                 ns[var] = run.text
-            raise KeyboardInterrupt from None
+            partial = "; the partial reply too" if run.text else ""
+            raise interrupted(f"{counted(done, 'finished tool call')} kept in "
+                              f"{run.chat.path}{partial}") from None
         except BackendError as exc:
             if view is not None:
                 view.finish(f"error: partial reply kept in {run.chat.path}" if run.text else None)
@@ -639,7 +648,11 @@ class SubchatMagics(Magics):
                         "interrupted: nothing arrived")
             if var:  # what arrived, maybe "" (under a constraint: no value, as a batch row)
                 self.shell.user_ns[var] = None if turn.options.constraint is not None else turn.text
-            raise KeyboardInterrupt from None  # short traceback, not the HTTP client's
+            where = turn.reply.chat_id if turn.reply is not None else None
+            path = turn.chat.path if where in (None, turn.chat.id) else f"chat #{where}"
+            raise interrupted(f"the partial reply is kept in {path}" if turn.text else
+                              f"nothing arrived; the message is kept in {path}",
+                              magic) from None
         except BackendError as exc:
             view.finish(f"error: partial reply kept in {turn.chat.path}" if turn.text else None)
             raise UsageError(f"{magic}: {redact(str(exc))}") from None
@@ -771,7 +784,9 @@ class SubchatMagics(Magics):
                          for t in fan.turns])
             if args.var:
                 self.shell.user_ns[args.var] = [t.text for t in fan.turns]
-            raise KeyboardInterrupt from None
+            kept = sum(1 for t in fan.turns if t.text)
+            raise interrupted(f"{counted(kept, 'partial reply', 'partial replies')} kept in "
+                              f"{', '.join(t.chat.path for t in fan.turns)}") from None
         except BackendError as exc:
             error = exc
         finally:
