@@ -169,6 +169,15 @@ class FanoutView:
             print(self._plain())
 
 
+def _can_ask(shell: Any) -> bool:
+    """Whether ``input()`` can be answered in this cell: not in a kernel whose front end
+    sent the cell without stdin (``allow_stdin`` false: nbval, papermill, some Run Alls).
+    ipykernel keeps that per request on its kernel; elsewhere (a terminal, a plain shell)
+    asking is tried, and a failure is said in the tool's result."""
+    kernel = getattr(shell, "kernel", None)
+    return getattr(kernel, "_allow_stdin", True) is not False
+
+
 def interrupted(what: str, magic: str = "%%subchat") -> UsageError:
     """Ctrl-C (the kernel's interrupt) in a reply: one line saying what was kept, as a
     batch's does, not a traceback of the stream's frames. A UsageError, so the cell still
@@ -499,7 +508,12 @@ class SubchatMagics(Magics):
                 found.append((name, value))  # a partial or an instance: the variable's name
         if not found:
             raise UsageError("%%subchat: --tools needs function names, e.g. --tools lookup,plot")
-        return Toolset.of([describe(v, label=label) for label, v in found])
+        toolset = Toolset.of([describe(v, label=label) for label, v in found])
+        if not args.yes and not _can_ask(self.shell):
+            raise UsageError("%%subchat: --tools asks before each call, but this cell was sent "
+                             "without stdin (as nbval and papermill do), so no call could be "
+                             "approved; add --yes to run the calls without asking")
+        return toolset
 
     def _stream_tools(self, run: Any, fmt: str, var: str | None,
                       into: dict[str, Any] | None = None) -> None:

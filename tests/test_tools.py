@@ -407,9 +407,14 @@ def test_a_front_end_that_cannot_ask_says_to_add_yes_in_one_line(shell, workdir)
     assert "\n" not in msg and shell.ns["calls"] == []
     from subchat_magics.session import default_session
 
-    # the call kept a result (marked), so the chat stays a valid context
-    assert [m.role for m in default_session().tree.get("root").messages] == [
-        "user", "assistant", "tool"]
+    # the model's call can only be known after sending (here, where the shell cannot tell
+    # ahead that input() fails): it keeps a result saying truly why it did not run, so the
+    # chat stays a valid context
+    msgs = default_session().tree.get("root").messages
+    assert [m.role for m in msgs] == ["user", "assistant", "tool"]
+    assert msgs[2].content.startswith("not run: no approval was possible (this front end "
+                                      "cannot ask") and "--yes" in msgs[2].content
+    assert "interrupted" not in msgs[2].content and msgs[2].provenance["tool_status"] == "refused"
 
 
 def test_a_tool_interrupted_by_ctrl_c_keeps_every_finished_step(shell, workdir):

@@ -114,6 +114,29 @@ def test_ctrl_c_in_a_single_reply_says_one_line_and_keeps_the_partial_reply(tmp_
         km.shutdown_kernel(now=True)
 
 
+def test_a_tools_cell_sent_without_stdin_is_refused_before_anything_is_stored(kernel):
+    """The trial: a front end that cannot answer input() (nbval, papermill) got "add --yes"
+    but the chat kept 3 messages, the tool's saying "the user stopped the run". The kernel
+    knows the cell came without stdin, so the cell is refused before it is sent."""
+    km, kc, path = kernel
+    execute(kc, "%%subchat root\nfirst")
+    before = _messages(path)
+    msg_id = kc.execute("%%subchat root --tools lookup,wipe\nHow much did north sell?",
+                        allow_stdin=False)
+    msgs = _until_idle(kc, msg_id)
+    reply = _reply(kc, msg_id)
+    assert (reply["status"], reply["ename"]) == ("error", "UsageError")
+    out = _stream_text(msgs).strip()
+    assert out.startswith("UsageError: %%subchat: --tools asks before each call") and \
+        "add --yes" in out and "\n" not in out, out
+    assert _messages(path) == before
+    assert execute(kc, "print(ran)")[0][-2]["content"]["text"].strip() == "[]"
+    # with --yes the same cell runs without asking
+    msg_id = kc.execute("%%subchat root --tools lookup --yes\nHow much?", allow_stdin=False)
+    _until_idle(kc, msg_id)
+    assert _reply(kc, msg_id)["status"] == "ok"
+
+
 def test_each_call_is_asked_through_stdin_and_a_refusal_is_sent_back(kernel):
     km, kc, path = kernel
     msg_id = kc.execute("%%subchat root --tools lookup,wipe\nHow much did north sell?",
