@@ -30,7 +30,7 @@ from .multibatch import run_plain
 from .secrets import redact
 from .session import Session, check_backend_name, default_session
 from .streaming import Coalescer
-from .tools import Toolset, describe
+from .tools import Tool, Toolset, describe
 from .tree import normalize_path
 from .values import Limits
 from .words import counted
@@ -508,7 +508,8 @@ class SubchatMagics(Magics):
                 found.append((name, value))  # a partial or an instance: the variable's name
         if not found:
             raise UsageError("%%subchat: --tools needs function names, e.g. --tools lookup,plot")
-        toolset = Toolset.of([describe(v, label=label) for label, v in found])
+        toolset = Toolset.of([v if isinstance(v, Tool) else describe(v, label=label)
+                              for label, v in found])  # (a Tool: e.g. an export's recorded one)
         if not args.yes and not _can_ask(self.shell):
             raise UsageError("%%subchat: --tools asks before each call, but this cell was sent "
                              "without stdin (as nbval and papermill do), so no call could be "

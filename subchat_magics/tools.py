@@ -279,6 +279,35 @@ def _resolved(fn: Any) -> Any:
     return copy
 
 
+def recorded_tool(spec: dict[str, Any], results: dict[str, str]) -> Tool:
+    """A tool as an export recorded it: its name, description and schema as the model saw
+    them (``spec``, :meth:`Tool.spec`'s form), run by returning the recorded result of a
+    call with the same arguments (``results``: canonical JSON of the arguments, as
+    :func:`arguments_key` writes it, to the result text). A call with other arguments
+    raises ``LookupError`` (sent back to the model as any tool's error): the function
+    itself was never stored, so nothing else can be answered."""
+    fn_spec = spec.get("function", spec)
+    name = str(fn_spec["name"])
+    table = dict(results)
+
+    def replay(**arguments: Any) -> str:
+        key = arguments_key(arguments)
+        if key not in table:
+            shown = ToolCall(name, arguments).signature()
+            raise LookupError(f"no recorded result of {shown}: the export holds only the "
+                              f"calls made; define {name} to run it")
+        return table[key]
+
+    replay.__name__ = name
+    parameters = fn_spec.get("parameters") or {"type": "object", "properties": {}}
+    return Tool(name, str(fn_spec.get("description") or name), parameters, replay)
+
+
+def arguments_key(arguments: Any) -> str:
+    """A call's arguments as canonical JSON (keys sorted): how a recorded tool finds it."""
+    return json.dumps(arguments, sort_keys=True, ensure_ascii=False)
+
+
 def _short_repr(value: Any) -> str:
     """A scalar's repr on one line (``3``, ``'text'``); nothing for anything bigger."""
     if not isinstance(value, (int, float, str, bool, type(None))):
