@@ -39,6 +39,7 @@ from .secrets import steady
 from .settings import getenv
 from .store import ChatRow
 from .tree import Chat, ChatTree, normalize_path
+from .words import counted
 
 DEFAULT_CONCURRENCY = 4  # remote backends: requests in flight
 ENGINE_IN_FLIGHT = 1024  # vLLM: requests in the engine at once (its scheduler takes what fits)
@@ -441,7 +442,7 @@ class BatchResult:
 
     def summary(self) -> str:
         s = self.stats
-        bits = [f"{s.total} items", f"{s.done} done" + (f" ({s.reused} reused)" if s.reused else ""),
+        bits = [counted(s.total, "item"), f"{s.done} done" + (f" ({s.reused} reused)" if s.reused else ""),
                 f"{s.failed} failed"]
         if s.interrupted:
             bits.append(f"{s.interrupted} interrupted")

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 from .backends.base import Backend, GenerationOptions
 from .batch import Batch, Row
 from .errors import InvalidInput, SubchatError
+from .words import counted
 
 DEFAULT_SAMPLE = 4  # rows timed when --sample is not given
 MAX_SAMPLE = 256
@@ -78,35 +79,35 @@ class Estimate:
         return prompts + self.max_tokens
 
     def lines(self) -> list[str]:
-        out = [f"estimate for {self.path}: {self.rows} rows"
+        out = [f"estimate for {self.path}: {counted(self.rows, 'row')}"
                + (f" ({self.done_before} done before, {self.to_send} to send)"
                   if self.done_before else f", {self.to_send} to send")
                + (f", {self.skipped} skipped" if self.skipped else "")]
         per = self.prompt_tokens / max(1, self.to_send)
         out.append(f"prompt tokens: {self.prompt_tokens:,} ({per:,.0f} a row, longest "
                    f"{self.longest:,}) {self.how}"
-                   + (f"; {self.too_long} row(s) do not fit the window" if self.too_long else ""))
+                   + (f"; {counted(self.too_long, 'row')} {'does' if self.too_long == 1 else 'do'} not fit the window" if self.too_long else ""))
         kv = self.kv
         if kv and kv.get("kv_tokens"):
             need = self.seq_tokens()
             fit = int(kv["kv_tokens"] // max(1.0, need))
             if kv.get("max_num_seqs"):
                 fit = min(fit, int(kv["max_num_seqs"]))
-            out.append(f"KV budget: {kv['kv_tokens']:,} tokens: {kv.get('rows_in_flight')} rows "
+            out.append(f"KV budget: {kv['kv_tokens']:,} tokens: {counted(int(kv.get('rows_in_flight') or 0), 'row')} "
                        f"in flight at max_model_len {kv.get('max_model_len')}"
                        + (f" (max_num_seqs {kv['max_num_seqs']})" if kv.get("max_num_seqs") else "")
-                       + f"; at this batch's ~{need:,.0f} tokens a sequence, {fit:,} sequences "
-                       f"({fit // max(1, self.sequences):,} rows of {self.sequences})")
+                       + f"; at this batch's ~{need:,.0f} tokens a sequence, {counted(fit, 'sequence', group=True)} "
+                       f"({counted(fit // max(1, self.sequences), 'row', group=True)} of {self.sequences})")
         else:
-            out.append(f"KV budget: the server's (not known here); {self.in_flight} row(s) in "
+            out.append(f"KV budget: the server's (not known here); {counted(self.in_flight, 'row')} in "
                        "flight (--concurrency)")
         if self.sample_rows:
-            out.append(f"sample: {self.sample_rows} row(s) in {self.sample_s:.2f} s, "
+            out.append(f"sample: {counted(self.sample_rows, 'row')} in {self.sample_s:.2f} s, "
                        f"{self.sample_out_tokens:,} output tokens"
                        + (f", {self.sample_failed} failed" if self.sample_failed else "")
                        + " (kept: they are rows of the batch)")
         if self.projected_s is not None:
-            out.append(f"projected for the {self.left} row(s) left: ~{_duration(self.projected_s)}, "
+            out.append(f"projected for the {counted(self.left, 'row')} left: ~{_duration(self.projected_s)}, "
                        f"~{self.projected_out_tokens:,} output tokens (from the sample: "
                        f"{self.model})")
         elif self.to_send and not self.sample_rows:
@@ -228,13 +229,13 @@ def sample(est: Estimate, batch: Batch, k: int, run: Callable[[], Any]) -> Estim
         (n1, n2), (t1, t2) = (len(groups[0]), len(groups[1])), times
         per_row = max(0.0, (t2 - t1) / (n2 - n1)) if n2 != n1 else 0.0
         fixed = max(0.0, t1 - per_row * n1)
-        est.model = f"a wave of {w} row(s): {fixed:.2f} s + {per_row:.3f} s a row"
+        est.model = f"a wave of {counted(w, 'row')}: {fixed:.2f} s + {per_row:.3f} s a row"
         est.projected_s = math.ceil(est.left / w) * (fixed + per_row * w) if est.left else 0.0
     else:
-        est.model = f"{len(chosen)} row(s) at once"
+        est.model = f"{counted(len(chosen), 'row')} at once"
         est.projected_s = est.sample_s * math.ceil(est.left / max(1, len(chosen)))
     if est.sample_failed:
-        est.notes.append(f"{est.sample_failed} sampled row(s) did not complete: "
+        est.notes.append(f"{counted(est.sample_failed, 'sampled row')} did not complete: "
                          "the projection counts them as they ran")
     return est
 

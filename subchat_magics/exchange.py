@@ -440,6 +440,8 @@ class Exchange:
             prov["notes"] = list(self.notes)
         if f.tool_calls:  # the reply called tools instead of answering
             prov["tool_calls"] = [call.to_dict() for call in f.tool_calls]
+        if self.options.tools:  # what the model was offered (exports carry them)
+            prov["tools"] = [t.spec() for t in self.options.tools]
         c = self.options.constraint
         if c is not None:  # what the reply had to be, and whether the backend enforced it
             prov["constraint"] = dict(c.provenance(), enforced=self._enforced())

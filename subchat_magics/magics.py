@@ -3,6 +3,7 @@ display. Every :class:`SubchatError` becomes a one-line ``UsageError``."""
 
 from __future__ import annotations
 
+import builtins
 import re
 import shlex
 import sys
@@ -29,9 +30,10 @@ from .multibatch import run_plain
 from .secrets import redact
 from .session import Session, check_backend_name, default_session
 from .streaming import Coalescer
-from .tools import Toolset, describe
+from .tools import Tool, Toolset, describe
 from .tree import normalize_path
 from .values import Limits
+from .words import counted
 
 
 def strip_comment(line: str) -> str:
@@ -165,6 +167,22 @@ class FanoutView:
             _show_final(self.handle, self._bundle())
         else:
             print(self._plain())
+
+
+def _can_ask(shell: Any) -> bool:
+    """Whether ``input()`` can be answered in this cell: not in a kernel whose front end
+    sent the cell without stdin (``allow_stdin`` false: nbval, papermill, some Run Alls).
+    ipykernel keeps that per request on its kernel; elsewhere (a terminal, a plain shell)
+    asking is tried, and a failure is said in the tool's result."""
+    kernel = getattr(shell, "kernel", None)
+    return getattr(kernel, "_allow_stdin", True) is not False
+
+
+def interrupted(what: str, magic: str = "%%subchat") -> UsageError:
+    """Ctrl-C (the kernel's interrupt) in a reply: one line saying what was kept, as a
+    batch's does, not a traceback of the stream's frames. A UsageError, so the cell still
+    ends in error and a queue of cells (Run All) stops there."""
+    return UsageError(f"{magic}: interrupted: {what}")
 
 
 @magics_class
@@ -475,16 +493,28 @@ class SubchatMagics(Magics):
             if not name:
                 continue
             if name not in ns:
+                if callable(getattr(builtins, name, None)):
+                    raise UsageError(f"%%subchat: --tools {name}: {name} is a Python builtin, "
+                                     "which cannot be a tool (no typed, named parameters); "
+                                     f"wrap it in a def with typed parameters, e.g. def "
+                                     f"my_{name}(x: str) -> ...")
                 raise UsageError(f"%%subchat: --tools {name}: no variable {name!r} in the "
                                  "notebook; define the function first")
             value = ns[name]
             if isinstance(value, (list, tuple)):
+                # (NAME[i] is no tool name: each is named by its own __name__)
                 found += [(f"{name}[{i}]", v) for i, v in enumerate(value)]
             else:
-                found.append((name, value))
+                found.append((name, value))  # a partial or an instance: the variable's name
         if not found:
             raise UsageError("%%subchat: --tools needs function names, e.g. --tools lookup,plot")
-        return Toolset.of([describe(v, label=label) for label, v in found])
+        toolset = Toolset.of([v if isinstance(v, Tool) else describe(v, label=label)
+                              for label, v in found])  # (a Tool: e.g. an export's recorded one)
+        if not args.yes and not _can_ask(self.shell):
+            raise UsageError("%%subchat: --tools asks before each call, but this cell was sent "
+                             "without stdin (as nbval and papermill do), so no call could be "
+                             "approved; add --yes to run the calls without asking")
+        return toolset
 
     def _stream_tools(self, run: Any, fmt: str, var: str | None,
                       into: dict[str, Any] | None = None) -> None:
@@ -513,10 +543,11 @@ class SubchatMagics(Magics):
                 view.finish("interrupted: partial reply kept" if run.text else
                             "interrupted: nothing arrived")
             done = sum(1 for _, r in run.calls if r.status != "interrupted")
-            print(f"interrupted: {done} finished tool call(s) kept in {run.chat.path}")
             if var:
                 ns[var] = run.text
-            raise KeyboardInterrupt from None
+            partial = "; the partial reply too" if run.text else ""
+            raise interrupted(f"{counted(done, 'finished tool call')} kept in "
+                              f"{run.chat.path}{partial}") from None
         except BackendError as exc:
             if view is not None:
                 view.finish(f"error: partial reply kept in {run.chat.path}" if run.text else None)
@@ -632,7 +663,11 @@ class SubchatMagics(Magics):
                         "interrupted: nothing arrived")
             if var:  # what arrived, maybe "" (under a constraint: no value, as a batch row)
                 self.shell.user_ns[var] = None if turn.options.constraint is not None else turn.text
-            raise KeyboardInterrupt from None  # short traceback, not the HTTP client's
+            where = turn.reply.chat_id if turn.reply is not None else None
+            path = turn.chat.path if where in (None, turn.chat.id) else f"chat #{where}"
+            raise interrupted(f"the partial reply is kept in {path}" if turn.text else
+                              f"nothing arrived; the message is kept in {path}",
+                              magic) from None
         except BackendError as exc:
             view.finish(f"error: partial reply kept in {turn.chat.path}" if turn.text else None)
             raise UsageError(f"{magic}: {redact(str(exc))}") from None
@@ -764,7 +799,9 @@ class SubchatMagics(Magics):
                          for t in fan.turns])
             if args.var:
                 self.shell.user_ns[args.var] = [t.text for t in fan.turns]
-            raise KeyboardInterrupt from None
+            kept = sum(1 for t in fan.turns if t.text)
+            raise interrupted(f"{counted(kept, 'partial reply', 'partial replies')} kept in "
+                              f"{', '.join(t.chat.path for t in fan.turns)}") from None
         except BackendError as exc:
             error = exc
         finally:

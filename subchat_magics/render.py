@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import keyword
 import pprint
 import re
 import shlex
@@ -13,9 +14,11 @@ from typing import Any
 from . import batch, scores, structured
 from .errors import InvalidInput
 from .exchange import CONFIG_SYSTEM, system_in_force
+from .tools import arguments_key
 from .tree import Chat, ChatTree, Message
 from .verdict import Verdict
 from .vote import MARK as VOTE_MARK
+from .words import counted
 
 EXPORT_FORMAT = "subchat-magics/1"
 _THINK = re.compile(r"^\s*<think>(.*?)(</think>|$)", re.S)
@@ -122,7 +125,7 @@ def batch_summary(tree: ChatTree, chat: Chat, markdown: bool = False) -> list[st
     board = scores.board(tree, chat)
     if board is not None and board.compare:
         # a comparison's row holds one subchat per model: a row is done when every model is
-        return [f"batch of {board.total} rows, {len(board.sides)} models "
+        return [f"batch of {counted(board.total, 'row')}, {counted(len(board.sides), 'model')} "
                 f"({', '.join(map(str, board.sides))}): {board.done}/{board.total} done",
                 *board.lines(),
                 f"rows: {chat.path}/<index>/<model> (%subchat show {chat.path}/"
@@ -140,8 +143,8 @@ def batch_summary(tree: ChatTree, chat: Chat, markdown: bool = False) -> list[st
     if cut:
         bits.append(f"{len(cut)} interrupted")
     attempts = sum(len([a for a in st.attempts if a.messages]) for st in stored.values())
-    out = [f"batch of {total} rows: {', '.join(bits)}"
-           + (f" ({attempts - len(latest)} earlier attempt(s) kept)" if attempts > len(latest)
+    out = [f"batch of {counted(total, 'row')}: {', '.join(bits)}"
+           + (f" ({counted(attempts - len(latest), 'earlier attempt')} kept)" if attempts > len(latest)
               else "")]
     if latest:
         p = latest[-1][1].provenance
@@ -254,7 +257,7 @@ def transcript(tree: ChatTree, chat: Chat, provenance: bool = False, inherited: 
     if inherited:
         if inherited_msgs:
             out.append(f"--- inherited from {chat.parent.path if chat.parent else 'root'} "
-                       f"({len(inherited_msgs)} messages) ---")
+                       f"({counted(len(inherited_msgs), 'message')}) ---")
             out.extend(_message_lines(inherited_msgs, provenance, markdown))
             out.append("--- this chat ---")
     if not own:
@@ -405,7 +408,7 @@ def export_markdown(tree: ChatTree, chat: Chat, default_system: str | None = Non
                      f"*branched from {c.parent.path} after its message {n}*")
             if c.id == chat.id:
                 inherited = len(tree.history(c)) - len(tree.store.messages(c.id))
-                where += f" (inherits {inherited} messages not in this export)" if inherited else ""
+                where += f" (inherits {counted(inherited, 'message')} not in this export)" if inherited else ""
             head += "\n\n" + where
         parts.append(f"{head}\n\n{body}" if body else head)
     return "\n\n".join(parts) + "\n"
@@ -559,6 +562,90 @@ def _reply_outputs(m: Message, constraint: Any = None) -> list[dict[str, Any]]:
              "data": {"text/plain": text or "(empty reply)", "text/markdown": reply_markdown(text)}}]
 
 
+def _tool_specs(steps: list[Message]) -> list[dict[str, Any]]:
+    """The tools a stored tool run offered, as the model saw them (``Tool.spec`` form):
+    from the replies' provenance; for a run stored before it was kept there, each tool
+    called, with the argument names its calls used and no types."""
+    for m in steps:
+        offered = m.provenance.get("tools") if m.role == "assistant" else None
+        if isinstance(offered, list) and offered:
+            return [t for t in offered if isinstance(t, dict) and "function" in t]
+    props: dict[str, dict[str, Any]] = {}
+    for m in steps:
+        for call in m.tool_calls:
+            args = call.get("arguments")
+            props.setdefault(str(call.get("name", "?")), {}).update(
+                {k: {} for k in args} if isinstance(args, dict) else {})
+    return [{"type": "function", "function": {
+        "name": name, "description": name.replace("_", " "),
+        "parameters": {"type": "object", "properties": p}}} for name, p in props.items()]
+
+
+def _schema_type(schema: Any) -> str:
+    if not isinstance(schema, dict):
+        return "any"
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        return " | ".join(map(str, kind))
+    if kind:
+        return str(kind)
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list):
+            return " | ".join(_schema_type(x) for x in schema[key])
+    if "$ref" in schema:
+        return str(schema["$ref"]).rpartition("/")[2]
+    return "any"
+
+
+def _tools_markdown(specs: list[dict[str, Any]]) -> str:
+    """The tools of a tool cell for a reader: each as a signature with its description."""
+    lines = []
+    for t in specs:
+        f = t["function"]
+        schema = f.get("parameters") or {}
+        props = schema.get("properties") or {}
+        need = [k for k in schema.get("required") or [] if k in props]
+        props = {k: props[k] for k in need + [k for k in props if k not in need]}
+        params = ", ".join(
+            f"{k}: {_schema_type(v)}"
+            + (f" = {json.dumps(v['default'])}" if isinstance(v, dict) and "default" in v else "")
+            for k, v in props.items())
+        desc = str(f.get("description") or "").strip().splitlines()
+        lines.append(f"- `{f['name']}({params})`" + (f": {desc[0]}" if desc else ""))
+    return ("*This message was answered with tools; as the model saw them:*\n\n"
+            + "\n".join(lines) + "\n\n*The next cell defines each as a recorded tool: it returns "
+            "what the original call returned (the functions themselves are not stored), and its "
+            "JSON Schema is there and in the tool cell's metadata (`subchat.tools`). Define your "
+            "own functions with these names instead to run them for real, and drop `--yes` to be "
+            "asked before each call.*")
+
+
+def _recorded_tools_code(specs: list[dict[str, Any]], steps: list[Message],
+                         listed: str | None) -> str:
+    """A code cell that defines the tools of a tool cell as recorded tools (each call's
+    stored result, by its arguments); ``listed``: one list variable of them (names that
+    are not Python identifiers)."""
+    calls: dict[str, dict[str, Any]] = {}
+    results: dict[str, dict[str, str]] = {}
+    for m in steps:
+        if m.role == "assistant":
+            calls.update({str(c.get("id")): c for c in m.tool_calls})
+        elif m.role == "tool":
+            call = calls.get(str(m.provenance.get("tool_call_id")))
+            if call is not None and isinstance(call.get("arguments"), dict):
+                results.setdefault(str(call.get("name")), {})[
+                    arguments_key(call["arguments"])] = m.content
+    made = [f"recorded_tool(\n    {pprint.pformat(t, width=92, sort_dicts=False)},\n    "
+            f"{pprint.pformat(results.get(t['function']['name'], {}), width=92)})"
+            for t in specs]
+    head = ("# the tools this message was answered with, recorded: each returns what its\n"
+            "# original call returned; a call with other arguments is told there is none\n"
+            "from subchat_magics.tools import recorded_tool\n")
+    if listed:
+        return head + f"{listed} = [\n" + ",\n".join(made) + ",\n]"
+    return head + "\n".join(f"{t['function']['name']} = {code}" for t, code in zip(specs, made))
+
+
 def _tool_outputs(steps: list[Message]) -> list[dict[str, Any]]:
     """What ``%%subchat --tools`` showed for a stored tool run: each call with its result
     collapsed, then the reply."""
@@ -666,9 +753,12 @@ def export_notebook(tree: ChatTree, chat: Chat, default_system: str | None = Non
                     add("code", defs)
                 line += flags
             if steps:
-                names = list(dict.fromkeys(call.get("name", "?") for s in steps
-                                           for call in s.tool_calls))
-                line += f" --tools {','.join(names)}"
+                specs = _tool_specs(steps)
+                names = [t["function"]["name"] for t in specs]
+                plain = all(n.isidentifier() and not keyword.iskeyword(n) for n in names)
+                var = ",".join(names) if plain else f"recorded_tools_{len(cells)}"
+                # --yes: the recorded tools only return recorded text (and nbval has no stdin)
+                line += f" --tools {var} --yes"
             if system:
                 line += f" --system {shlex.quote(system)}"
                 system = None
@@ -676,10 +766,11 @@ def export_notebook(tree: ChatTree, chat: Chat, default_system: str | None = Non
             extra: dict[str, Any] = {}
             if steps:
                 extra["outputs"] = _tool_outputs(steps)
-                # a rerun asks before each call and runs the notebook's functions again
-                extra["metadata"] = {"tags": ["nbval-ignore-output"]}
-                add("markdown", f"*This message was answered with the tools "
-                    f"{', '.join(names)}: define them before running the cell below.*")
+                # a rerun runs the tools again (recorded here, or the reader's own): its
+                # answer may differ; the tools as the model saw them ride in the metadata
+                extra["metadata"] = {"tags": ["nbval-ignore-output"], "subchat": {"tools": specs}}
+                add("markdown", _tools_markdown(specs))
+                add("code", _recorded_tools_code(specs, steps, None if plain else var))
                 add("code", f"{line}\n{escape_braces(m.content)}", **extra)
                 i = j
                 continue

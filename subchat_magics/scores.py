@@ -21,6 +21,7 @@ from . import verdict
 from .batch import ATTEMPT, MARK, first_exchanges
 from .tree import Chat, ChatTree
 from .vote import MARK as VOTE_MARK
+from .words import counted
 
 LABEL = "label"  # the key of a row's label inside its batch mark
 
@@ -81,7 +82,7 @@ class Board:
         scores = self.scores()
         n = sum(self.labelled)
         if scores and n < len(self.rows):
-            out.append(f"scores over the {n} of {len(self.rows)} rows that hold a label "
+            out.append(f"scores over the {n} of {counted(len(self.rows), 'row')} that hold a label "
                        "(rows sent without --labels hold none)")
         out += [s.line() for s in scores]
         ag = self.agreement()

@@ -3,7 +3,8 @@
 One rule, :func:`mask_keys`: every known key (the environment's and ``.env``'s
 ``*_API_KEY`` values, keys entered with ``%subchat key``, and any value given to
 :func:`register_secret`, e.g. a plugin backend's declared key) is replaced by ``***``
-wherever a run of at least :data:`PART` of its characters appears. A key cut in two (a
+wherever a run of at least :data:`PART` of its characters appears, in any casing (a key
+written in upper case is still the key). A key cut in two (a
 table cell cut at 60 characters, a value cut at 4,000) is therefore masked in each part
 that is long enough to matter, and a part shorter than that is no key."""
 
@@ -69,14 +70,24 @@ def known_keys() -> set[str]:
     return vals
 
 
+def _lower(text: str) -> str:
+    """``text`` in lower case, character for character (the same length, so a place found
+    in it is the same place in ``text``; ``str.lower`` lengthens a few letters, e.g. 'İ')."""
+    low = text.lower()
+    if len(low) == len(text):
+        return low
+    return "".join(lc if len(lc := ch.lower()) == 1 else ch for ch in text)
+
+
 def _key_parts(keys: frozenset[str]) -> tuple[list[str], list[str]]:
     """(whole keys shorter than PART, every distinct PART-character run of the others)."""
     global _parts
     cached = _parts
     if cached[0] == keys:
         return cached[1], cached[2]
-    short = sorted((k for k in keys if len(k) < PART), key=len, reverse=True)
-    grams = sorted({k[i:i + PART] for k in keys if len(k) >= PART
+    lowered = {_lower(k) for k in keys}
+    short = sorted((k for k in lowered if len(k) < PART), key=len, reverse=True)
+    grams = sorted({k[i:i + PART] for k in lowered if len(k) >= PART
                     for i in range(len(k) - PART + 1)})
     _parts = (keys, short, grams)
     return short, grams
@@ -117,25 +128,26 @@ def _keys_now() -> frozenset[str]:
 
 def mask_keys(text: str) -> tuple[str, int]:
     """``text`` with every known key, and every run of at least :data:`PART` characters
-    of one, replaced by ``***``; and how many places were masked. Cheap when no key is
-    known or none appears (one substring search per key part)."""
+    of one, in any casing, replaced by ``***``; and how many places were masked. Cheap
+    when no key is known or none appears (one substring search per key part)."""
     if not text:
         return text, 0
     keys = _keys_now()
     if not keys:
         return text, 0
     short, grams = _key_parts(keys)
+    low = _lower(text)  # keys are matched in any casing
     spans: list[tuple[int, int]] = []
     for gram in grams:
-        start = text.find(gram)
+        start = low.find(gram)
         while start != -1:
             spans.append((start, start + PART))
-            start = text.find(gram, start + 1)
+            start = low.find(gram, start + 1)
     for key in short:  # a key too short to cut: only whole
-        start = text.find(key)
+        start = low.find(key)
         while start != -1:
             spans.append((start, start + len(key)))
-            start = text.find(key, start + len(key))
+            start = low.find(key, start + len(key))
     if not spans:
         return text, 0
     spans.sort()

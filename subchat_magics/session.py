@@ -538,8 +538,17 @@ class Session:
                 opts.seed = i + 1
             per_chat.append(opts.validate())
         plan = self.plan(backend, per_chat)
-        parent = self._target(path, create=False)  # must exist: fan-out branches from it
-        batch_mod.check_not_batch(self.tree, [parent])  # (new rows in a batch would lie)
+        if isinstance(path, str) and path not in self.tree:
+            # a new path is made (under an existing parent), as --each, --vote and --compare
+            # do, once the names under it are known to be valid
+            new = normalize_path(path)
+            for name in names or []:
+                if normalize_path(f"{new}/{name}").count("/") != new.count("/") + 1:
+                    raise InvalidInput("--children takes names of one path part each, e.g. a,b,c")
+            parent = self._target(path, create=True)
+        else:
+            parent = self._target(path, create=False)
+            batch_mod.check_not_batch(self.tree, [parent])  # (new rows in a batch would lie)
         if names is None:
             names = self.next_child_names(parent, count)
         paths = [normalize_path(f"{parent.path}/{name}") for name in names]

@@ -75,14 +75,24 @@ class Approver:
         except (KeyboardInterrupt, EOFError):
             raise KeyboardInterrupt from None  # no answer: stop, as Ctrl-C does
         except Exception as exc:  # noqa: BLE001 - a front end that cannot ask (no stdin)
-            raise InvalidInput(f"cannot ask before running {call.name} here ({type(exc).__name__}"
-                               f"); add --yes to run the calls without asking, or "
-                               "approve=... in Python") from None
+            raise CannotAsk(f"cannot ask before running {call.name} here (no stdin: "
+                            f"{type(exc).__name__}); add --yes to run the calls without "
+                            "asking, or approve=... in Python") from None
         answer = answer.strip().lower()
         allowed = answer in ("y", "yes", "a", "always")
         if answer in ("a", "always") or self.per_tool:
             self.decided[call.name] = allowed
         return allowed
+
+
+class CannotAsk(InvalidInput):
+    """A call needs the user's approval and this front end cannot ask (``input()`` fails:
+    no stdin, as under nbval or papermill)."""
+
+
+#: the result of a call that could not be approved (sent back and stored as its result)
+NOT_APPROVED = ("not run: no approval was possible (this front end cannot ask: no stdin); "
+                "run the cell again with --yes to allow the calls")
 
 
 class _CallbackApprover(Approver):
@@ -207,7 +217,8 @@ def run_calls(tree: "ChatTree", chat: "Chat", calls: list[ToolCall], toolset: To
     """Run the calls of one stored reply in turn, each result stored as a ``tool`` message
     of ``chat`` (and added to ``done``); a :class:`ToolEvent` before and after each. On
     Ctrl-C (or any failure while asking) every call left gets a result marked
-    ``interrupted``, so the chat stays a valid context, and the exception goes on."""
+    ``interrupted`` (one that could not be asked about: ``refused``, saying why), so the
+    chat stays a valid context, and the exception goes on."""
     def store(result: ToolResult) -> None:
         status = "interrupted" if result.status == "interrupted" else "complete"
         tree.append(chat, "tool", result.content, status, result.provenance())
@@ -218,6 +229,10 @@ def run_calls(tree: "ChatTree", chat: "Chat", calls: list[ToolCall], toolset: To
         yield ToolEvent("call", call)
         try:
             result = run_one(call, toolset, approver, limits)
+        except CannotAsk:  # said truly: not run for want of an approval, not interrupted
+            for cut in calls[i:]:
+                store(ToolResult(cut, NOT_APPROVED, "refused"))
+            raise
         except BaseException:
             for cut in calls[i:]:
                 store(ToolResult(cut, "interrupted: the user stopped the run before this call "

@@ -12,6 +12,7 @@ it the message says what to install)."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import re
@@ -173,22 +174,41 @@ def _doc_parts(doc: str) -> tuple[str, dict[str, str]]:
 
 def describe(fn: Any, name: str | None = None, label: str | None = None) -> Tool:
     """``fn`` described as a :class:`Tool`; :class:`InvalidInput` (one line naming it)
-    when it cannot be: not callable, no signature, a parameter without a type hint,
-    ``*args``/``**kwargs``, a type pydantic cannot put in a schema."""
+    when it cannot be: not callable, a builtin, no signature, a parameter without a type
+    hint, ``*args``/``**kwargs``, a type pydantic cannot put in a schema.
+
+    ``fn`` may be a function, a ``functools.partial`` (its bound arguments are not asked
+    of the model) or an instance with a typed ``__call__``. Its name is ``name``, else its
+    ``__name__``, else ``label`` (the variable that holds it), else for a partial its
+    function's name, for an instance its class's: the first that is a valid tool name."""
     label = label or name or getattr(fn, "__name__", None) or type(fn).__name__
     if not callable(fn):
         shown = _short_repr(fn)
         raise InvalidInput(f"--tools {label}: not a function but {type(fn).__name__}"
                            f"{' ' + shown if shown else ''}; name functions defined in the notebook")
-    tool_name = name or getattr(fn, "__name__", "")
-    if not isinstance(tool_name, str) or not _NAME.match(tool_name):
+    if isinstance(fn, (types.BuiltinFunctionType, types.BuiltinMethodType)):
+        raise InvalidInput(f"--tools {label}: a builtin ({getattr(fn, '__name__', label)}) "
+                           "cannot be a tool: it has no typed, named parameters; wrap it in a "
+                           f"def with typed parameters, e.g. def my_{getattr(fn, '__name__', 'tool')}(x: str) -> ...")
+    partial = fn if isinstance(fn, functools.partial) else None
+    inner = partial.func if partial is not None else fn
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    instance = not (inspect.isroutine(fn) or partial is not None or isinstance(fn, type))
+    target = fn.__call__ if instance else fn  # an instance's __call__, bound: no self
+    candidates = [name, getattr(fn, "__name__", None), label,
+                  getattr(inner, "__name__", None) if partial is not None else None,
+                  type(fn).__name__ if instance else None]
+    tool_name = next((c for c in candidates if _valid(c)), None)
+    if tool_name is None:
         raise InvalidInput(f"--tools: {label!r} cannot be a tool name (letters, digits, '_' "
                            "and '-', at most 64); define it with def NAME(...)")
-    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+    if inspect.iscoroutinefunction(inner) or inspect.isasyncgenfunction(inner) or (
+            instance and inspect.iscoroutinefunction(target)):
         raise InvalidInput(f"--tools {tool_name}: an async function; tools run in the "
                            f"kernel's thread: define a plain def {tool_name}(...)")
     try:
-        sig = inspect.signature(fn)
+        sig = inspect.signature(target)
     except (TypeError, ValueError):
         raise InvalidInput(f"--tools {tool_name}: its signature cannot be read (a builtin?); "
                            f"wrap it: def {tool_name}(x: int) -> ...") from None
@@ -206,14 +226,14 @@ def describe(fn: Any, name: str | None = None, label: str | None = None) -> Tool
                                f"add one, e.g. {p.name}: str")
     pydantic = _pydantic()
     try:
-        adapter = pydantic.TypeAdapter(_resolved(fn))
+        adapter = pydantic.TypeAdapter(_resolved(target))
         schema = adapter.json_schema()
     except Exception as exc:  # noqa: BLE001 - pydantic's schema errors, told in one line
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InvalidInput(f"--tools {tool_name}: its arguments cannot be described as JSON "
                            f"Schema ({first[:160]}); use plain types (str, int, float, bool, "
                            "lists, dicts, pydantic models)") from None
-    description, per_param = _doc_parts(getattr(fn, "__doc__", None) or "")
+    description, per_param = _doc_parts(_doc(fn, inner, target, instance))
     props = schema.get("properties", {})
     for pname, text in per_param.items():
         if pname in props and "description" not in props[pname]:
@@ -225,6 +245,20 @@ def describe(fn: Any, name: str | None = None, label: str | None = None) -> Tool
     schema.setdefault("type", "object")
     schema.setdefault("properties", {})
     return Tool(tool_name, description or tool_name.replace("_", " "), schema, fn, adapter)
+
+
+def _valid(name: Any) -> bool:
+    return isinstance(name, str) and _NAME.match(name) is not None
+
+
+def _doc(fn: Any, inner: Any, target: Any, instance: bool) -> str:
+    """The docstring that describes ``fn``: its own; a partial's function's (a partial's
+    own is ``functools.partial``'s); an instance's ``__call__``'s, else its class's."""
+    if instance:
+        return getattr(target, "__doc__", None) or type(fn).__doc__ or ""
+    if isinstance(fn, functools.partial):
+        return getattr(inner, "__doc__", None) or ""
+    return getattr(fn, "__doc__", None) or ""
 
 
 def _resolved(fn: Any) -> Any:
@@ -243,6 +277,35 @@ def _resolved(fn: Any) -> Any:
     copy.__qualname__ = fn.__qualname__
     copy.__module__ = fn.__module__
     return copy
+
+
+def recorded_tool(spec: dict[str, Any], results: dict[str, str]) -> Tool:
+    """A tool as an export recorded it: its name, description and schema as the model saw
+    them (``spec``, :meth:`Tool.spec`'s form), run by returning the recorded result of a
+    call with the same arguments (``results``: canonical JSON of the arguments, as
+    :func:`arguments_key` writes it, to the result text). A call with other arguments
+    raises ``LookupError`` (sent back to the model as any tool's error): the function
+    itself was never stored, so nothing else can be answered."""
+    fn_spec = spec.get("function", spec)
+    name = str(fn_spec["name"])
+    table = dict(results)
+
+    def replay(**arguments: Any) -> str:
+        key = arguments_key(arguments)
+        if key not in table:
+            shown = ToolCall(name, arguments).signature()
+            raise LookupError(f"no recorded result of {shown}: the export holds only the "
+                              f"calls made; define {name} to run it")
+        return table[key]
+
+    replay.__name__ = name
+    parameters = fn_spec.get("parameters") or {"type": "object", "properties": {}}
+    return Tool(name, str(fn_spec.get("description") or name), parameters, replay)
+
+
+def arguments_key(arguments: Any) -> str:
+    """A call's arguments as canonical JSON (keys sorted): how a recorded tool finds it."""
+    return json.dumps(arguments, sort_keys=True, ensure_ascii=False)
 
 
 def _short_repr(value: Any) -> str:

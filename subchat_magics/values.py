@@ -19,6 +19,7 @@ from typing import Any
 
 from .errors import InvalidInput
 from .secrets import mask_keys
+from .words import counted
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,7 @@ def _frame_markdown(df: Any, limits: Limits, tally: list[int]) -> str:
     body = [[_cell(idx, tally)] + [_cell(v, tally, digits=limits.digits) for v in row]
             for idx, row in zip(part.index, part.itertuples(index=False, name=None))]
     body = _fitted(header, body, limits.chars)
-    note = f"DataFrame: {n_rows} rows × {n_cols} columns"
+    note = f"DataFrame: {counted(n_rows, 'row')} × {counted(n_cols, 'column')}"
     shown = [s for s in (_shown(n_rows, len(body), "rows"), _shown(n_cols, part.shape[1], "columns"))
              if s]
     if shown:
@@ -229,7 +230,7 @@ def _series_markdown(s: Any, limits: Limits, tally: list[int]) -> str:
     body = [[_cell(idx, tally), _cell(v, tally, digits=limits.digits)]
             for idx, v in zip(part.index, part.tolist())]
     body = _fitted(header, body, limits.chars)
-    note = f"Series{f' {name!r}' if name else ''}: {len(s)} rows, dtype {s.dtype}"
+    note = f"Series{f' {name!r}' if name else ''}: {counted(len(s), 'row')}, dtype {s.dtype}"
     shown = _shown(len(s), len(body), "rows")
     if shown:
         note += f" (showing {shown})"

@@ -43,6 +43,6 @@ def test_a_good_file_imports_every_chat_in_one_go(shell, workdir):
     shell.ok("%subchat export root/a --format json --out a.json")
     shell.ok("%subchat rename a old")
     out = shell.ok("%subchat import a.json")
-    assert "imported 2 chat(s)" in out
+    assert "imported 2 chats" in out
     text = shell.ok("%subchat tree --text")
     assert "old" in text and " a  " in text and " b  " in text

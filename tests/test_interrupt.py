@@ -5,6 +5,8 @@ from __future__ import annotations
 import _thread
 import threading
 
+from IPython.core.error import UsageError
+
 from subchat_magics.testing import store_rows
 
 
@@ -27,10 +29,13 @@ def test_interrupt_keeps_the_partial_reply_marked(shell, workdir):
     unsubscribe = default_session().tree.subscribe(listener)
     words = " ".join(f"w{i}" for i in range(200))
     try:
-        result, _ = shell.run(f"%%subchat root\n{words}")
+        result, cap = shell.run(f"%%subchat root\n{words}")
     finally:
         unsubscribe()
-    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    # one line that says what was kept (as a batch's Ctrl-C), no traceback of our frames
+    assert isinstance(result.error_in_exec, UsageError)
+    assert str(result.error_in_exec) == "%%subchat: interrupted: the partial reply is kept in root"
+    assert "Traceback" not in cap.stdout + cap.stderr and "magics.py" not in cap.stdout + cap.stderr
     rows = store_rows(workdir / "subchats.db",
                       "SELECT role, content, status FROM messages ORDER BY seq")
     assert rows[0] == ("user", words, "complete")
@@ -65,7 +70,37 @@ def test_interrupted_under_a_constraint_var_is_none_not_a_partial_string(shell, 
         result, _ = shell.run("%%subchat root --backend echo --json=schema --var v\nLabel it.")
     finally:
         unsubscribe()
-    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    assert isinstance(result.error_in_exec, UsageError)
+    assert "interrupted: the partial reply is kept in root" in str(result.error_in_exec)
     assert len(seen) == 2 and shell.ns["v"] is None
     status = store_rows(workdir / "subchats.db", "SELECT status FROM messages ORDER BY seq")
     assert status[-1] == ("interrupted",)
+
+
+def test_ctrl_c_in_a_fanout_says_one_line_naming_where_the_replies_are_kept(shell, workdir):
+    seen = []
+    never = threading.Event()
+
+    def listener(event, data):
+        if event == "reply-delta":
+            seen.append(data["delta"])
+            if len(seen) == 6:
+                _thread.interrupt_main()
+                never.wait(60)
+
+    shell.ok("%%subchat root -b echo\nseed")
+    from subchat_magics.session import default_session
+
+    unsubscribe = default_session().tree.subscribe(listener)
+    words = " ".join(f"w{i}" for i in range(200))
+    try:
+        result, cap = shell.run(f"%%subchat root -b echo --fanout 2 --var rs\n{words}")
+    finally:
+        unsubscribe()
+    msg = str(result.error_in_exec)
+    assert msg.startswith("%%subchat: interrupted: ") and msg.endswith("kept in root/1, root/2")
+    assert "Traceback" not in cap.stdout + cap.stderr
+    assert len(shell.ns["rs"]) == 2 and "".join(shell.ns["rs"])  # --var: what arrived
+    statuses = store_rows(workdir / "subchats.db",
+                          "SELECT status FROM messages WHERE role = 'assistant' ORDER BY id")
+    assert statuses[1:] == [("interrupted",), ("interrupted",)]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from subchat_magics.testing import store_rows
 
 
@@ -270,6 +272,28 @@ def test_fanout_creates_siblings_answering_the_same_message(shell):
         assert f"  {name}  (2 messages" in tree
     shell.ok("%%subchat root --children x,y\nnamed")
     assert "x  (2 messages" in shell.ok("%subchat tree --text")
+
+
+@pytest.mark.parametrize("flags", ["--fanout 2", "--children x,y", "--fanout 2 --tools f --yes"])
+def test_fanout_into_a_new_path_creates_it_like_each_vote_and_compare(shell, workdir, flags):
+    """The trial: --fanout into a path that did not exist yet was refused, while --each,
+    --vote and --compare create theirs."""
+    shell.ok('def f(x: int) -> int:\n    """Doubles x."""\n    return 2 * x')
+    shell.ok("%%subchat root -b echo\nseed")
+    shell.ok(f"%%subchat root/new -b echo {flags}\nhi")
+    tree = shell.ok("%subchat tree --text")
+    kids = ["x", "y"] if "children" in flags else ["1", "2"]
+    assert "  new  (0 messages)" in tree and all(f"    {k}  (" in tree for k in kids), tree
+    assert "root/new" in shell.ok("%subchat status")  # the fan-out's parent is current
+    # a parent that is missing too: one line, nothing stored
+    before = store_rows(workdir / "subchats.db", "SELECT * FROM chats ORDER BY id")
+    msg = shell.fails(f"%%subchat root/none/new -b echo {flags}\nhi")
+    assert "root/none" in msg and "\n" not in msg
+    assert store_rows(workdir / "subchats.db", "SELECT * FROM chats ORDER BY id") == before
+    for bad in ("--children a/b,c", "--children 'a b'", "--fanout 0"):
+        msg = shell.fails(f"%%subchat root/other -b echo {bad}\nhi")
+        assert "\n" not in msg
+        assert store_rows(workdir / "subchats.db", "SELECT * FROM chats ORDER BY id") == before
 
 
 def test_unload_removes_the_magics(shell):

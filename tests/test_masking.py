@@ -167,3 +167,44 @@ def test_a_key_a_model_writes_into_a_tool_call_is_stored_and_shown_masked(shell,
     text = store_text(workdir / "subchats.db")
     assert KEY[:12] not in text and KEY[20:32] not in text
     assert KEY[10:30] not in outputs(shell.run("%subchat show root/p -p")[1])
+
+
+def _recase(text: str, flips: list[bool]) -> str:
+    return "".join(ch.swapcase() if flip else ch for ch, flip in zip(text, flips + [False] * len(text)))
+
+
+def ci_leaks(text: str, key: str) -> list[str]:
+    """The runs of ``PART`` characters of ``key`` found in ``text`` in any casing."""
+    low = text.lower()
+    return [p for p in parts(key.lower()) if p in low]
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=keys, pieces=st.lists(st.tuples(filler, st.integers(0, 80), st.integers(PART, 80),
+                                           st.sampled_from(["upper", "lower", "swap", "mixed"]),
+                                           st.lists(st.booleans(), max_size=80)),
+                                 min_size=1, max_size=6), tail=filler)
+def test_no_run_of_a_key_in_any_casing_at_any_position_survives_masking(key, pieces, tail):
+    """A key written in upper case (or any mix of cases) is still the key: the trial found
+    ``key.upper()`` left 12 characters in the clear."""
+    register_secret(key)
+    try:
+        cased = []
+        for f, a, n, how, flips in pieces:
+            part = key[a:a + n]
+            part = {"upper": part.upper(), "lower": part.lower(), "swap": part.swapcase(),
+                    "mixed": _recase(part, flips)}[how]
+            cased.append(f + part)
+        text = "".join(cased) + tail
+        masked, count = mask_keys(text)
+    finally:
+        forget_secret(key)
+    assert not ci_leaks(masked, key)
+    assert (count > 0) == bool(ci_leaks(text, key))
+
+
+def test_a_key_typed_in_upper_case_is_masked_whole_in_the_cell_and_the_store(shell, groq, workdir):
+    shell.ns["up"] = KEY.upper()
+    out = outputs(shell.run("%%subchat root --backend echo\nspaced {up} and " + KEY.swapcase())[1])
+    assert not ci_leaks(out, KEY), ci_leaks(out, KEY)[:3]
+    assert not ci_leaks(store_text(workdir / "subchats.db"), KEY)

@@ -107,7 +107,7 @@ def _opaque(x: _Opaque) -> int:
     (_no_hint, "parameter x has no type hint"),
     (_star, "*values cannot be described"),
     (_kw, "**values cannot be described"),
-    (len, "positional-only"),
+    (len, "a builtin (len) cannot be a tool"),
     (_opaque, "cannot be described as JSON Schema"),
     (_async, "an async function"),
 ])
@@ -317,14 +317,54 @@ def test_a_refused_call_is_sent_back_as_refused():
     ("%%subchat root --backend echo --tools lookup --fanout 0\nhi", "--fanout takes a number"),
     ("%%subchat root --backend echo --tools lookup --each xs --max-rounds 0\n{item}",
      "--max-rounds takes"),
+    ("%%subchat root --backend echo --tools len\nhi", "len is a Python builtin"),
+    ("%%subchat root --backend echo --tools lookup,print\nhi", "print is a Python builtin"),
+    ("%%subchat root --backend echo --tools length\nhi", "length: a builtin (len)"),
+    ("%%subchat root --backend echo --tools untyped\nhi", "untyped: parameter n has no type hint"),
+    ("%%subchat root --backend echo --tools lam\nhi", "lam: parameter x has no type hint"),
 ])
 def test_bad_tool_input_is_one_line_and_leaves_the_store_unchanged(shell, workdir, cell, words):
-    shell.ok(DEFS + "\nxs = [1, 2]")
+    shell.ok(DEFS + "\nxs = [1, 2]\nlength = len\nlam = lambda x: x\n"
+             "class Untyped:\n    def __call__(self, n):\n        return n\nuntyped = Untyped()")
     shell.ok("%%subchat root --backend echo\nfirst")
     before = rows(workdir)
     msg = shell.fails(cell)
     assert words in msg and msg.startswith("%%subchat") and "\n" not in msg, msg
     assert rows(workdir) == before
+
+
+def test_a_callable_instance_or_a_partial_is_a_tool_named_after_its_variable(shell, workdir):
+    shell.ok(DEFS + '''
+import functools
+
+class Scaled:
+    """Units sold in a region, scaled."""
+    def __init__(self, k):
+        self.k = k
+    def __call__(self, region: str) -> int:
+        calls.append(("scaled", region))
+        return self.k * lookup(region)
+
+def units_in(region: str, factor: int) -> int:
+    """Units in a region times a factor."""
+    calls.append(("units_in", region, factor))
+    return factor
+
+double = Scaled(2)
+triple = functools.partial(units_in, factor=3)
+''')
+    shell.ok("%%subchat root --backend echo --tools double,triple --yes\nhow many?")
+    assert shell.ns["calls"][0] == ("scaled", "") and shell.ns["calls"][2] == ("units_in", "", 3)
+    from subchat_magics.session import default_session
+
+    msgs = default_session().tree.get("root").messages
+    assert [c["name"] for m in msgs for c in m.tool_calls] == ["double", "triple"]
+    tools = {t.name: t for t in Toolset.of([describe(shell.ns["double"], label="double"),
+                                             describe(shell.ns["triple"], label="triple")])}
+    assert tools["double"].description == "Units sold in a region, scaled."
+    assert tools["triple"].description == "Units in a region times a factor."
+    assert tools["triple"].parameters["properties"]["factor"]["default"] == 3
+    assert tools["triple"].parameters["required"] == ["region"]
 
 
 def test_fanout_with_tools_gives_each_subchat_its_own_loop(shell, workdir):
@@ -367,9 +407,14 @@ def test_a_front_end_that_cannot_ask_says_to_add_yes_in_one_line(shell, workdir)
     assert "\n" not in msg and shell.ns["calls"] == []
     from subchat_magics.session import default_session
 
-    # the call kept a result (marked), so the chat stays a valid context
-    assert [m.role for m in default_session().tree.get("root").messages] == [
-        "user", "assistant", "tool"]
+    # the model's call can only be known after sending (here, where the shell cannot tell
+    # ahead that input() fails): it keeps a result saying truly why it did not run, so the
+    # chat stays a valid context
+    msgs = default_session().tree.get("root").messages
+    assert [m.role for m in msgs] == ["user", "assistant", "tool"]
+    assert msgs[2].content.startswith("not run: no approval was possible (this front end "
+                                      "cannot ask") and "--yes" in msgs[2].content
+    assert "interrupted" not in msgs[2].content and msgs[2].provenance["tool_status"] == "refused"
 
 
 def test_a_tool_interrupted_by_ctrl_c_keeps_every_finished_step(shell, workdir):
@@ -378,9 +423,9 @@ def slow(x: int) -> int:
     """Interrupted."""
     raise KeyboardInterrupt
 ''')
-    result, cap = shell.run("%%subchat root --backend echo --tools lookup,slow --yes\nhi")
-    assert isinstance(result.error_in_exec, KeyboardInterrupt)
-    assert "interrupted: 1 finished tool call(s) kept in root" in cap.stdout
+    result, cap = shell.run("%%subchat root --backend echo --tools lookup,slow --yes --var v\nhi")
+    assert str(result.error_in_exec) == "%%subchat: interrupted: 1 finished tool call kept in root"
+    assert "Traceback" not in cap.stdout + cap.stderr and shell.ns["v"] == ""
     msgs = rows(workdir)[1]
     assert [(m[3], m[5]) for m in msgs] == [
         ("user", "complete"), ("assistant", "complete"), ("tool", "complete"),

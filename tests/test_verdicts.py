@@ -199,7 +199,7 @@ def test_a_vote_or_comparison_row_is_not_taken_for_a_batch_chat(shell):
     assert "batch of" not in shell.ok("%subchat show root/ps/0")
     assert "batch of" not in shell.ok("%subchat show root/qs/0/attempt-2")
     out = shell.ok("%subchat show root/ps")
-    assert "batch of 1 rows, 2 models (echo, other): 1/1 done" in out
+    assert "batch of 1 row, 2 models (echo, other): 1/1 done" in out
 
 
 def test_show_of_a_labelled_batch_prints_its_scores(shell):
@@ -279,7 +279,7 @@ def test_estimate_of_a_vote_batch_runs_its_sample_as_vote_rows(shell):
     shell.ns["df"] = pd.DataFrame({"q": list("abcdef"), "gold": ["yes"] * 6})
     out = shell.ok("%%subchat root -b echo --each df --vote 3 --choice yes,no --labels gold "
                    "--estimate --sample 2\n{q}?")
-    assert "sample: 2 row(s)" in out and "projected for the 4 row(s) left" in out
+    assert "sample: 2 rows" in out and "projected for the 4 rows left" in out
     out = shell.ok("%%subchat root -b echo --each df --vote 3 --choice yes,no --labels gold\n{q}?")
     assert "6 done (2 reused)" in out and "accuracy 6/6" in out
 

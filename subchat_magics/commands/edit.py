@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..words import counted
+
 if TYPE_CHECKING:
     from ..magics import SubchatMagics
 
@@ -40,6 +42,6 @@ def delete(m: "SubchatMagics", rest: list[str]) -> None:
     a = m._parse("delete", rest, (("path",), {}), (("--force",), dict(action="store_true")))
     done = m.session.delete(a.path, force=a.force)
     gone = done.paths
-    print(f"deleted {len(gone)} chat(s): {', '.join(gone[:5])}{' …' if len(gone) > 5 else ''}")
+    print(f"deleted {counted(len(gone), 'chat')}: {', '.join(gone[:5])}{' …' if len(gone) > 5 else ''}")
     if done.current_moved_to:
         print(f"current chat: {done.current_moved_to} (the deleted one was current)")

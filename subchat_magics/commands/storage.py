@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import transfer
+from ..words import counted
 
 if TYPE_CHECKING:
     from ..magics import SubchatMagics
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 def reopen(m: "SubchatMagics", rest: list[str]) -> None:
     a = m._parse("reopen", rest, (("--restore",), dict(action="store_true")))
     tree = m.session.reopen(restore=a.restore)
-    print(f"store: {m.session.store_path()} ({len(tree.chats())} chats); current chat: root")
+    print(f"store: {m.session.store_path()} ({counted(len(tree.chats()), 'chat')}); current chat: root")
 
 
 def copy_to(m: "SubchatMagics", rest: list[str]) -> None:
@@ -26,7 +27,7 @@ def copy_to(m: "SubchatMagics", rest: list[str]) -> None:
     tree = m.session.copy_to(a.file)
     new = m.session.store_path()
     m.store_path = str(new)  # %config shows the store in use
-    print(f"copied {old} to {new} ({len(tree.chats())} chats); now writing "
+    print(f"copied {old} to {new} ({counted(len(tree.chats()), 'chat')}); now writing "
           f"there, current chat: {m.session.current} (the original is untouched)")
 
 
@@ -38,7 +39,7 @@ def export_chats(m: "SubchatMagics", rest: list[str]) -> None:
     text, fmt, count = transfer.export(m.session.tree, chat, a.format, a.out,
                                        m.session.defaults.system_prompt)
     if a.out:
-        print(f"exported {count} chat(s) from {chat.path} to {Path(a.out).expanduser()} ({fmt})")
+        print(f"exported {counted(count, 'chat')} from {chat.path} to {Path(a.out).expanduser()} ({fmt})")
     else:
         print(text)
 
@@ -47,6 +48,6 @@ def import_chats(m: "SubchatMagics", rest: list[str]) -> None:
     a = m._parse("import", rest, (("file",), {}), (("--into",), dict(default=None)))
     done = transfer.import_file(m.session.tree, a.file, a.into)
     made = done.paths
-    print(f"imported {len(made)} chat(s): {', '.join(made[:5])}{' …' if len(made) > 5 else ''}")
+    print(f"imported {counted(len(made), 'chat')}: {', '.join(made[:5])}{' …' if len(made) > 5 else ''}")
     for note in done.notes:
         print(f"note: {note}")

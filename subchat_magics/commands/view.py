@@ -11,6 +11,7 @@ from .. import batch, render, scores
 from ..magic_args import in_kernel
 from ..secrets import redact
 from ..verdict_view import plot_scores
+from ..words import counted
 
 if TYPE_CHECKING:
     from ..magics import SubchatMagics
@@ -46,7 +47,7 @@ def status(m: "SubchatMagics", rest: list[str]) -> None:
     m._parse("status", rest)
     st = m.session.status()
     lines = [
-        f"store:    {st['store']} ({st['chats']} chats, {st['messages']} messages)"
+        f"store:    {st['store']} ({counted(st['chats'], 'chat')}, {counted(st['messages'], 'message')})"
         + (f", read-only: {st['read_only']}" if st["read_only"] else ""),
         f"current:  {st['current']}",
         f"backend:  {st['active'] or 'none'} (asked for {st['requested']!r} by {st['requested_from']})",

@@ -602,7 +602,11 @@ def kernel_kill(store: Path, workdir: Path, *, interrupt_first: bool, kill_after
         if interrupt_first:
             km.interrupt_kernel()
             reply = kc.get_shell_msg(timeout=timeout)
-            seen["interrupted"] = reply["content"].get("ename") == "KeyboardInterrupt"
+            # the magic ends an interrupted reply with one line (a UsageError saying what
+            # was kept); an interrupt landing outside the stream is a KeyboardInterrupt
+            content = reply["content"]
+            seen["interrupted"] = content.get("ename") == "KeyboardInterrupt" or (
+                content.get("ename") == "UsageError" and "interrupted:" in content.get("evalue", ""))
         seen["pid"] = km.provisioner.process.pid
         os.kill(seen["pid"], signal.SIGKILL)
         km.provisioner.process.wait()

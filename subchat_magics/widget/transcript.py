@@ -16,6 +16,7 @@ import ipywidgets as w
 from .. import render
 from ..exchange import CONFIG_SYSTEM, system_in_force
 from ..tree import Chat, ChatTree, Message
+from ..words import counted
 from .state import Stream
 from .stream_pane import StreamPane
 
@@ -98,7 +99,7 @@ class Transcript:
                              for m in inherited)
             box = w.Output(outputs=(_markdown_output(md, "inherited"),))
             acc = w.Accordion([box], titles=(f"inherited from {chat.parent.path} "
-                                              f"({len(inherited)} messages)",),
+                                              f"({counted(len(inherited), 'message')})",),
                               selected_index=None, _dom_classes=("subchat-inherited",))
             self.extra_widgets.append(acc)
         for m in own[self.hidden:]:
@@ -182,7 +183,7 @@ class Transcript:
             msgs = c.messages
             last_user = next((m for m in reversed(msgs) if m.role == "user"), None)
             last_reply = next((m for m in reversed(msgs) if m.role == "assistant"), None)
-            md = f"**{c.path}** ({len(msgs)} messages)"
+            md = f"**{c.path}** ({counted(len(msgs), 'message')})"
             if c.id in streaming:
                 md += " ● streaming"
             for m in (last_user, last_reply):

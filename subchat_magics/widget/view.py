@@ -19,6 +19,7 @@ from .. import render
 from ..errors import ChatNotFound, InvalidInput, SubchatError
 from ..session import Session
 from ..tree import Chat, ChatTree
+from ..words import counted
 from .render_loop import RenderLoop
 from .state import Stream, ViewState
 from .stream_pane import StreamPane
@@ -519,7 +520,7 @@ class TreeView(w.VBox):
         self.state.batch_started(data["id"], data["total"])
         self._labels_dirty = True
         self._set_status(f"{self._path_of(data['id'], data['path'])}: a batch of "
-                         f"{data['total']} items is running…")
+                         f"{counted(data['total'], 'item')} is running…")
 
     def _on_chat_deleted(self, data: dict[str, Any]) -> None:
         moved = self.state.chat_deleted(data["ids"])
