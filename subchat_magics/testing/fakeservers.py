@@ -56,6 +56,9 @@ class Script:
     #: (one delta a call), Ollama's (one message with every call, arguments as objects)
     tool_calls: list[dict[str, Any]] | None = None
     tool_calls_times: int | None = None  # ...in the first N chat requests only (None: all)
+    #: SSE servers: each event with a comment line and an ``id:`` before it and its JSON
+    #: over two ``data:`` lines (as the SSE rules allow and some proxies send)
+    sse_split: bool = False
 
     def deltas(self) -> list[str]:
         if self.chunks is not None:
@@ -563,7 +566,12 @@ class _FakeChatCompletions(FakeServer):
         def event(choices: list, **more: Any) -> bytes:
             payload = {"id": cid, "object": "chat.completion.chunk", "created": created,
                        "model": shown, "system_fingerprint": "fp_fake", "choices": choices, **more}
-            return b"data: " + json.dumps(payload).encode() + b"\n\n"
+            text = json.dumps(payload)
+            if s.sse_split:
+                cut = text.index(", ") + 1
+                return (b": keep-alive\n\nid: " + cid.encode() + b"\ndata: " + text[:cut].encode()
+                        + b"\ndata:" + text[cut:].encode() + b"\n\n")
+            return b"data: " + text.encode() + b"\n\n"
 
         def delta(i: int, kind: str, text: str) -> bytes:
             if kind == "tool":
