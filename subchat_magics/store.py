@@ -496,12 +496,16 @@ class Store:
         if self.read_only:
             raise self.read_only_error()
         self.check_file()
-        try:
-            self._retry(lambda: c.execute("BEGIN IMMEDIATE"))
-        except sqlite3.Error as exc:
-            raise self._wrap(exc) from None
+        # A Ctrl-C (KeyboardInterrupt) can land between any two steps here: every path out
+        # rolls back what is still open, so no transaction outlives its block (the next
+        # BEGIN would fail: "cannot start a transaction within a transaction")
+        self._rollback()  # (one left open all the same: nothing of it was committed)
         self._depth = 1
         try:
+            try:
+                self._retry(lambda: c.execute("BEGIN IMMEDIATE"))
+            except sqlite3.Error as exc:
+                raise self._wrap(exc) from None
             yield c
         except (sqlite3.Error, UnicodeEncodeError) as exc:
             self._rollback()
@@ -515,6 +519,9 @@ class Store:
             except sqlite3.Error as exc:
                 self._rollback()
                 raise self._wrap(exc) from None
+            except BaseException:
+                self._rollback()  # interrupted before the COMMIT ran: the block did not happen
+                raise
             self._checkpoint_soon()
         finally:
             self._depth = 0
