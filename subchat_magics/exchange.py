@@ -467,6 +467,7 @@ class InlinePool(Pool):
         self._index = 0
         self._cut: dict[int, Finish] = {}
         self._end_due = False
+        self._pending: Any = None  # the event texts() stopped at, for next_event
 
     def submit(self, index: int, messages: Sequence[Any], options: GenerationOptions) -> None:
         if self._gen is not None:
@@ -474,7 +475,34 @@ class InlinePool(Pool):
         self._index = index
         self._gen = self.backend.stream(messages, options)
 
+    def texts(self) -> Iterator[str]:
+        """The stream's items while they are text: the fast path of one reply (no event
+        tuple per chunk). The first other item, the end or an exception is kept for
+        :meth:`next_event`, which hands it on as it would have."""
+        gen = self._gen
+        if gen is None or self._pending is not None:
+            return
+        try:
+            for item in gen:
+                if item.__class__ is not str:
+                    self._pending = (self._index, item)
+                    return
+                yield item
+        except (KeyboardInterrupt, GeneratorExit):
+            raise
+        except BaseException as exc:
+            self._finish_gen()
+            self._end_due = True  # (the exception, then the end, as next_event gives them)
+            self._pending = (self._index, exc)
+            return
+        self._finish_gen()
+        self._pending = (self._index, END)
+
     def next_event(self, timeout: float = 0.05) -> Any:
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            return pending
         gen = self._gen
         if gen is None:
             if self._end_due:
@@ -679,6 +707,23 @@ class Runner:
             self._ended(ex)
             return None
         return (ex, delta) if delta else None
+
+    def texts(self) -> Iterator[str]:
+        """A pool of one (``single``): the exchange's text deltas straight from its stream,
+        each fed to it as :meth:`step` feeds it, until the stream yields anything else
+        (its finish, an error, its end), which the next :meth:`step` handles."""
+        pool = self._pool
+        if not isinstance(pool, InlinePool) or len(self.flying) != 1:
+            return
+        [ex] = self.flying.values()
+        if ex.reply is not None:
+            return
+        feed = ex.feed
+        for item in pool.texts():
+            self._heard = True
+            delta = feed(item)
+            if delta:
+                yield delta
 
     def _ended(self, ex: Exchange) -> None:
         if self.on_end is not None and ex not in self._reported:

@@ -830,6 +830,8 @@ class _Transaction:
             if s.read_only:
                 raise s.read_only_error()
             s.check_file()
+            if c.in_transaction:  # one left open all the same: nothing of it was committed
+                s._rollback()
             try:
                 s._retry(lambda: c.execute("BEGIN IMMEDIATE"))
             except sqlite3.Error as exc:

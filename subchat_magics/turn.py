@@ -98,7 +98,11 @@ class Turn(Exchange):
             runner.begin([self])
             runner.submit([self])
             while runner.flying:
-                got = runner.step()
+                for delta in runner.texts():  # the text of the stream, chunk by chunk
+                    yield delta
+                    if cancelled():
+                        raise KeyboardInterrupt
+                got = runner.step()  # its finish, an error, its end
                 if got is not None:
                     yield got[1]
                 if cancelled():

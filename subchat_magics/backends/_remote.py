@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import math
 import re
 import threading
@@ -271,19 +272,51 @@ def join_thinking(reasoning: str | None, content: str | None, state: list[bool])
     return out
 
 
-NO_FIELDS: Mapping[str, Any] = {}
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """``value`` where it is a JSON object, else an empty one (a server's odd field is
+    read as missing, never as a crash in the middle of a reply)."""
+    return value if value.__class__ is dict else {}
 
 
-def fields(obj: Any) -> Mapping[str, Any]:
-    """The fields of one of the SDKs' pydantic models, declared and extra (what the server
-    sent beyond the schema), as one mapping. Cheap on the hot path: a failed ``getattr``
-    on those models costs ~8 µs, and this runs for every chunk."""
+def _int(value: Any) -> int | None:
+    return value if value.__class__ is int else None
+
+
+def sse_data(response: Any, drain_lines: int = 8) -> Iterator[Any]:
+    """The JSON data of each event of a server-sent event stream (``response``: an
+    ``httpx`` response, streamed), to ``data: [DONE]``; then the last few lines of the body
+    are read (the chunked encoding's end), so that the connection goes back to the pool,
+    and the response is closed. An event whose data is ``{"error": ...}`` (an error the
+    server met mid-stream) is an :class:`ErrorEvent`. Plain dicts, not the SDK's pydantic
+    models: building one per chunk was most of the time a streamed token costs. Follows
+    the SSE rules the SDKs follow: ``data:`` lines joined, a blank line dispatches,
+    comments and other fields ignored, an event cut off by the end of the body dropped."""
+    loads = json.loads
+    lines = response.iter_lines()
+    data: list[str] = []
     try:
-        declared = obj.__dict__
-    except AttributeError:
-        return {}
-    extra = getattr(obj, "__pydantic_extra__", None)
-    return {**declared, **extra} if extra else declared
+        for line in lines:
+            if line:
+                if line.startswith("data:"):
+                    data.append(line[6:] if line.startswith("data: ") else line[5:])
+                continue
+            if not data:
+                continue
+            text = data[0] if len(data) == 1 else "\n".join(data)
+            data.clear()
+            if text.startswith("[DONE]"):
+                for _ in zip(range(drain_lines), lines):
+                    pass
+                return
+            value = loads(text)
+            if value.__class__ is dict and value.get("error"):
+                error = value["error"]
+                message = _mapping(error).get("message") or (error if isinstance(error, str)
+                                                             else None)
+                raise ErrorEvent(redact(str(message or "an error occurred during streaming")))
+            yield value
+    finally:
+        response.close()
 
 
 def safe_url(url: str) -> str:
@@ -638,24 +671,32 @@ class ChatCompletionsBackend(RemoteBackend):
             kwargs.update(self.request_fields(options, model))
         call = Call(self.service(base_url), model, t)
 
+        # the SDK builds, sends and checks the request (its errors, its status mapping);
+        # the body is read by sse_data, as plain dicts
+        create = client.chat.completions.with_raw_response.create
+
         def start() -> Any:
             try:
-                return client.chat.completions.create(**kwargs)
+                return create(**kwargs).http_response
             except sdk.BadRequestError as exc:
                 # a server that does not know stream_options: go on without usage
                 if "stream_options" in kwargs and "stream_options" in str(exc):
                     del kwargs["stream_options"]
-                    return client.chat.completions.create(**kwargs)
+                    return create(**kwargs).http_response
                 raise
 
-        chunks = self.open_with_retries(start, call)
+        response = self.open_with_retries(start, call)
         call.started = True
-        yield from self.relay(call, self.read(call, chunks))
+        try:
+            yield from self.relay(call, self.read(call, sse_data(response)))
+        finally:
+            response.close()  # (closed already, unless closed before the first read)
 
     def read(self, call: Call, chunks: Any) -> Iterator[str | Thought]:
-        """The text of each chunk of the SDK's stream (a :class:`Thought` where it has
-        reasoning); ``call.finish`` once a finish reason has come (updated if the usage
-        follows it)."""
+        """The text of each chunk (a :class:`Thought` where it has reasoning) of the
+        stream's events (``chunks``: their JSON data, see :func:`sse_data`);
+        ``call.finish`` once a finish reason has come (updated if the usage follows it).
+        Runs once per chunk: plain dict lookups."""
         finish_reason = None
         usage = None
         served_model = None
@@ -663,38 +704,46 @@ class ChatCompletionsBackend(RemoteBackend):
         try:
             for chunk in chunks:
                 call.received += 1
-                chunk_fields = fields(chunk)
-                served_model = chunk_fields.get("model") or served_model
-                x_groq = chunk_fields.get("x_groq")  # on a few chunks only: skip the lookups
-                groq_fields = fields(x_groq) if x_groq is not None else NO_FIELDS
-                if groq_fields.get("error"):
-                    raise ErrorEvent(redact(str(groq_fields["error"])))
-                new_usage = chunk_fields.get("usage") or groq_fields.get("usage")
-                for choice in chunk_fields.get("choices") or ():
-                    if choice.index:
+                if chunk.__class__ is not dict:
+                    raise ValueError(f"an event's data is not a JSON object: {str(chunk)[:60]!r}")
+                served_model = chunk.get("model") or served_model
+                x_groq = chunk.get("x_groq")  # on a few chunks only
+                if x_groq is not None:
+                    x_groq = _mapping(x_groq)
+                    if x_groq.get("error"):
+                        error = x_groq["error"]
+                        raise ErrorEvent(redact(str(_mapping(error).get("message") or error)))
+                new_usage = chunk.get("usage") or (x_groq.get("usage") if x_groq else None)
+                for choice in chunk.get("choices") or ():
+                    if choice.__class__ is not dict or choice.get("index"):
                         continue
-                    delta = fields(choice.delta)
+                    delta = choice.get("delta")
+                    if delta.__class__ is not dict:
+                        delta = {}
                     # Groq says "reasoning"; vLLM and DeepSeek "reasoning_content"
                     reasoning = delta.get("reasoning") or delta.get("reasoning_content")
                     content = delta.get("content")
+                    if content is not None and content.__class__ is not str:
+                        content = str(content)
                     if reasoning:
-                        yield Thought((reasoning, content))
+                        yield Thought((str(reasoning), content))
                     elif content:
                         yield content
                     tool_deltas = delta.get("tool_calls")
                     if tool_deltas:
-                        calls.add(tool_deltas)
-                    if choice.finish_reason:
-                        finish_reason = choice.finish_reason
+                        calls.add(tool_deltas if isinstance(tool_deltas, list) else ())
+                    if choice.get("finish_reason"):
+                        finish_reason = str(choice["finish_reason"])
                 if new_usage is not None:
-                    usage = new_usage
+                    usage = _mapping(new_usage)
                 if finish_reason is not None and (call.finish is None or new_usage is not None):
-                    details = getattr(usage, "prompt_tokens_details", None)
-                    call.finish = Finish(reason=finish_reason, model=served_model or call.model,
-                                         prompt_tokens=getattr(usage, "prompt_tokens", None),
-                                         completion_tokens=getattr(usage, "completion_tokens", None),
-                                         cached_tokens=getattr(details, "cached_tokens", None),
-                                         tool_calls=calls.calls() if calls else [])
+                    u = usage or {}
+                    call.finish = Finish(
+                        reason=finish_reason, model=str(served_model or call.model or "") or None,
+                        prompt_tokens=_int(u.get("prompt_tokens")),
+                        completion_tokens=_int(u.get("completion_tokens")),
+                        cached_tokens=_int(_mapping(u.get("prompt_tokens_details")).get("cached_tokens")),
+                        tool_calls=calls.calls() if calls else [])
         finally:
             chunks.close()
 

@@ -30,44 +30,13 @@ NO_KEY = "EMPTY"
 MODELS_TTL_S = 60.0
 
 
-def reusing_transport(httpx: Any) -> Any:
-    """An ``httpx`` transport whose streamed responses, closed once the SSE stream has sent
-    ``data: [DONE]``, first read the rest of the body (the chunked encoding's last few
-    bytes) so that the connection goes back to the pool. The ``openai`` SDK stops reading
-    at ``[DONE]`` and closes the response, which makes httpx drop the connection: a new
-    TCP connection for every reply. A stream closed before ``[DONE]`` (Ctrl-C) is closed
-    at once, as before."""
-
-    class DrainAfterDone(httpx.SyncByteStream):
-        def __init__(self, inner: Any):
-            self._inner = inner
-            self._it: Any = None
-            self._tail = b""
-
-        def __iter__(self) -> Any:
-            self._it = iter(self._inner)
-            for chunk in self._it:
-                self._tail = (self._tail + chunk)[-32:]
-                yield chunk
-
-        def close(self) -> None:
-            try:
-                if self._it is not None and self._tail.rstrip().endswith(b"[DONE]"):
-                    for _ in zip(range(8), self._it):  # the end of the body: bytes at most
-                        pass
-            except Exception:  # noqa: BLE001 - the connection is then dropped, as before
-                pass
-            finally:
-                self._inner.close()
-
-    class ReusingTransport(httpx.HTTPTransport):
-        def handle_request(self, request: Any) -> Any:
-            response = super().handle_request(request)
-            response.stream = DrainAfterDone(response.stream)
-            return response
-
-    return ReusingTransport(limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100,
-                                                keepalive_expiry=5.0))
+def pooled_transport(httpx: Any) -> Any:
+    """An ``httpx`` transport whose pool keeps enough connections for a fan-out or a batch
+    (a connection goes back to it once :func:`~._remote.sse_data` has read a reply's body
+    to its end, which the SDK's own stream reader does not do: it stops at ``[DONE]``)."""
+    return httpx.HTTPTransport(limits=httpx.Limits(max_connections=1000,
+                                                   max_keepalive_connections=100,
+                                                   keepalive_expiry=5.0))
 
 
 class OpenAIBackend(ChatCompletionsBackend):
@@ -126,7 +95,7 @@ class OpenAIBackend(ChatCompletionsBackend):
         timeout = sdk.Timeout(t.read, connect=t.connect)
         return sdk.OpenAI(api_key=key or NO_KEY, base_url=base_url, max_retries=0, timeout=timeout,
                           http_client=sdk.DefaultHttpxClient(
-                              timeout=timeout, transport=reusing_transport(self._transport())))
+                              timeout=timeout, transport=pooled_transport(self._transport())))
 
     def stream_batch(self, requests: Any) -> Any:
         # the SDK imported here, on the caller's thread: the fan-out's threads importing

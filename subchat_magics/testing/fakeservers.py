@@ -56,6 +56,9 @@ class Script:
     #: (one delta a call), Ollama's (one message with every call, arguments as objects)
     tool_calls: list[dict[str, Any]] | None = None
     tool_calls_times: int | None = None  # ...in the first N chat requests only (None: all)
+    #: SSE servers: each event with a comment line and an ``id:`` before it and its JSON
+    #: over two ``data:`` lines (as the SSE rules allow and some proxies send)
+    sse_split: bool = False
 
     def deltas(self) -> list[str]:
         if self.chunks is not None:
@@ -238,6 +241,11 @@ class FakeServer:
         self.in_flight = 0  # chat requests being answered now
         self.peak_in_flight = 0  # the most chat requests answered at once since configure()
         self.disconnected = threading.Event()  # a client went away in the middle of a stream
+        self.disconnects = 0  # streams a client closed in the middle, since configure()
+        #: streams begun and not yet sent in full (a stream leaves this count when its last
+        #: item goes out to a client still there, or when the client is seen gone): see
+        #: :meth:`owed_streams`
+        self.streaming = 0
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._sent = 0
@@ -297,6 +305,7 @@ class FakeServer:
             self._chat_count = 0
             self.peak_in_flight = self.in_flight
             self.disconnected.clear()
+            self.disconnects = 0
         return self
 
     def chat_requests(self) -> list[Request]:
@@ -313,7 +322,18 @@ class FakeServer:
             self._sent += 1
             self._cond.notify_all()
 
+    def owed_streams(self) -> int:
+        """How many streams this server has begun and not sent in full. Read once a client
+        has closed what it meant to close: each stream counted here must then end with
+        the client seen gone (:attr:`disconnected`), since the check that the client is
+        still there and the count's update happen under one lock (a stream whose last
+        item went out before the client closed it is not counted)."""
+        with self._lock:
+            return self.streaming
+
     def _note_disconnect(self) -> None:
+        with self._lock:
+            self.disconnects += 1
         self.disconnected.set()
 
     def _authorized(self, req: Request) -> bool:
@@ -350,29 +370,50 @@ class FakeServer:
         if s.hang_after == 0:
             self._hang()
         h.start_stream(content_type)
-        items = self._items()[:MAX_CHUNKS]
-        for i, (kind, text) in enumerate(items):
-            if s.cut_after is not None and i >= s.cut_after:
+        owed = [True]  # counted in self.streaming
+        with self._lock:
+            self.streaming += 1
+        try:
+            items = self._items()[:MAX_CHUNKS]
+            for i, (kind, text) in enumerate(items):
+                if s.cut_after is not None and i >= s.cut_after:
+                    h.cut()
+                    return
+                if s.end_after is not None and i >= s.end_after:
+                    h.end_stream()
+                    return
+                if s.error_after is not None and i >= s.error_after:
+                    h.write_chunk(encode_error())
+                    h.end_stream()
+                    return
+                if s.hang_after is not None and i >= s.hang_after:
+                    self._hang()
+                self._pause()
+                if i == len(items) - 1:
+                    self._last_item_out(h, owed)
+                h.write_chunk(encode_delta(i, kind, text))
+                self._count_sent()
+            if s.cut_after is not None and s.cut_after >= len(items):
                 h.cut()
                 return
-            if s.end_after is not None and i >= s.end_after:
-                h.end_stream()
-                return
-            if s.error_after is not None and i >= s.error_after:
-                h.write_chunk(encode_error())
-                h.end_stream()
-                return
-            if s.hang_after is not None and i >= s.hang_after:
-                self._hang()
-            self._pause()
-            h.write_chunk(encode_delta(i, kind, text))
-            self._count_sent()
-        if s.cut_after is not None and s.cut_after >= len(items):
-            h.cut()
-            return
-        for data in encode_final:
-            h.write_chunk(data)
-        h.end_stream()
+            if not items:
+                self._last_item_out(h, owed)
+            for data in encode_final:
+                h.write_chunk(data)
+            h.end_stream()
+        finally:
+            if owed[0]:
+                with self._lock:
+                    self.streaming -= 1
+
+    def _last_item_out(self, h: _Handler, owed: list[bool]) -> None:
+        """Before a stream's last item: the client still there (else it is gone) and the
+        stream out of :attr:`streaming`, in one step under the lock."""
+        with self._lock:
+            if h._peer_closed():
+                raise _ClientGone
+            self.streaming -= 1
+            owed[0] = False
 
     def _items(self) -> list[tuple[str, str]]:
         """What a stream sends, in order: the script's text, then its tool calls as this
@@ -563,7 +604,12 @@ class _FakeChatCompletions(FakeServer):
         def event(choices: list, **more: Any) -> bytes:
             payload = {"id": cid, "object": "chat.completion.chunk", "created": created,
                        "model": shown, "system_fingerprint": "fp_fake", "choices": choices, **more}
-            return b"data: " + json.dumps(payload).encode() + b"\n\n"
+            text = json.dumps(payload)
+            if s.sse_split:
+                cut = text.index(", ") + 1
+                return (b": keep-alive\n\nid: " + cid.encode() + b"\ndata: " + text[:cut].encode()
+                        + b"\ndata:" + text[cut:].encode() + b"\n\n")
+            return b"data: " + text.encode() + b"\n\n"
 
         def delta(i: int, kind: str, text: str) -> bytes:
             if kind == "tool":

@@ -87,6 +87,15 @@ def test_a_failing_row_is_marked_with_its_reason_and_the_batch_goes_on(shell, op
     assert shell.ns["out"] == ["fine now", "fine", "fine", "fine"]
 
 
+def pool_closed(before: set[threading.Thread]) -> None:
+    """Wait for the pool threads a batch started (they close their streams at their next
+    chunk; the cell does not wait for them)."""
+    for t in set(threading.enumerate()) - before:
+        if t.name.startswith("subchat-pool-"):
+            t.join(10)
+            assert not t.is_alive(), f"{t.name} never ended"
+
+
 def test_ctrl_c_closes_every_stream_in_flight_and_a_rerun_sends_only_the_rest(shell, groq):
     words = [f"w{i} " for i in range(40)]
     groq.configure(chunks=words, delay=0.01)  # ~0.4 s a row
@@ -101,11 +110,13 @@ def test_ctrl_c_closes_every_stream_in_flight_and_a_rerun_sends_only_the_rest(sh
                 signal.pthread_kill(main, signal.SIGINT)
 
     unsubscribe = default_session().subscribe(listener)
+    before = set(threading.enumerate())
     try:
         result, cap = shell.run("%%subchat root --each qs --concurrency 4 --as out "
                                 "--backend groq\nsay {item}")
     finally:
         unsubscribe()
+    pool_closed(before)
     from IPython.core.error import UsageError
 
     assert isinstance(result.error_in_exec, UsageError)  # the summary and one line, no traceback
@@ -118,10 +129,57 @@ def test_ctrl_c_closes_every_stream_in_flight_and_a_rerun_sends_only_the_rest(sh
     last = [tree.get(c.id).messages[-1:] for c in tree.children(tree.get("root/qs"))]
     cut = [m[0] for m in last if m and m[0].status == "interrupted"]  # (unsent rows: empty)
     assert 1 <= len(cut) <= 4
-    if any(len(m.content) < len("".join(words)) for m in cut):  # cut mid-stream: closed
+    # a stream the server had not sent in full when the pool closed it is seen closed
+    # (one it had sent to its end may still be cut here: its last chunks were not read)
+    if groq.owed_streams():
         assert groq.disconnected.wait(10), "the server never saw a stream closed"
     groq.configure(reply="rest")
     out = shell.ok("%%subchat root --each qs --concurrency 4 --as out --backend groq\nsay {item}")
     assert f"24 items, 24 done ({len(kept)} reused), 0 failed" in out
     sent = sorted(r.body["messages"][-1]["content"] for r in groq.chat_requests())
     assert sent == sorted(f"say q{i}" for i in range(24) if i not in kept)
+
+
+@pytest.mark.parametrize("backend,fixture", BACKENDS)
+def test_ctrl_c_mid_stream_closes_each_rows_stream_at_the_server(shell, request, backend, fixture):
+    server = request.getfixturevalue(fixture)
+    words = [f"w{i} " for i in range(300)]
+    server.configure(chunks=words, delay=0.02)  # ~6 s a row: every row in flight is mid-stream
+    shell.ns["qs"] = [f"q{i}" for i in range(12)]
+    main = threading.main_thread().ident
+
+    def interrupt() -> None:  # SIGINT, as Jupyter's interrupt, once the rows have begun
+        if server.wait_for_chunks(20, timeout=30):
+            signal.pthread_kill(main, signal.SIGINT)
+
+    before = set(threading.enumerate())
+    thread = threading.Thread(target=interrupt, daemon=True)
+    thread.start()
+    result, cap = shell.run(f"%%subchat root --each qs --concurrency 4 --as out "
+                            f"--backend {backend}\nsay {{item}}")
+    thread.join(30)
+    from IPython.core.error import UsageError
+
+    assert isinstance(result.error_in_exec, UsageError) and "interrupted:" in str(result.error_in_exec)
+    pool_closed(before)
+    sent = len(server.chat_requests())
+    assert 1 <= sent <= 4
+    # every request sent was closed mid-stream: the server saw each client go
+    for _ in range(200):
+        if server.disconnects >= sent and not server.owed_streams():
+            break
+        threading.Event().wait(0.05)
+    assert (server.disconnects, server.owed_streams()) == (sent, 0)
+    tree = default_session().tree
+    last = [tree.get(c.id).messages[-1:] for c in tree.children(tree.get("root/qs"))]
+    cut = [m[0] for m in last if m]
+    assert len(cut) == sent and all(m.status == "interrupted" for m in cut)
+    assert all("".join(words).startswith(m.content) and len(m.content) < len("".join(words))
+               for m in cut)
+    assert shell.ns["out"] == [None] * 12
+    server.configure(reply="rest")
+    out = shell.ok(f"%%subchat root --each qs --concurrency 4 --as out --backend {backend}\n"
+                   "say {item}")
+    assert "12 items, 12 done, 0 failed" in out and shell.ns["out"] == ["rest"] * 12
+    assert sorted(r.body["messages"][-1]["content"] for r in server.chat_requests()) == sorted(
+        f"say q{i}" for i in range(12))
