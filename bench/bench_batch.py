@@ -497,11 +497,6 @@ def main(argv: list[str] | None = None) -> int:
 
         batch.CREATE_CHUNK = batch.SUBMIT_EVERY = 1
         ChatTree.added = lambda self, rows: self.refresh(force=True)  # the old whole reload
-        # each row's chat made in its own transaction, each followed by that reload (a
-        # resume's first chunk is every cut row at once otherwise: one reload in all)
-        made_together = batch.Batch._row_chats
-        batch.Batch._row_chats = lambda self, rows: [
-            c for r in rows for c in made_together(self, [r])]
     if "vllm" not in args.skip or "scale" not in args.skip:
         model = tiny_model.build()
         t0 = time.perf_counter()
