@@ -33,7 +33,7 @@ from typing import Any, Callable
 from .backends.base import Backend, GenerationOptions
 from .backends.registry import Selection
 from .errors import InvalidInput, SubchatError
-from .exchange import Exchange, Runner
+from .exchange import Exchange, Runner, contexts_known
 from .prompting import TOO_LONG
 from .secrets import steady
 from .settings import getenv
@@ -345,10 +345,15 @@ def claim(tree: ChatTree, heads: list[Exchange],
                 f"SELECT chat_id, COUNT(*) FROM messages WHERE chat_id IN "
                 f"({','.join('?' * len(part))}) GROUP BY chat_id", part).fetchall())
         kept = [i for i, ex in enumerate(heads) if not held.get(ex.chat.id)]
-        for ex in begin(kept):
-            r = ex.reply_row
-            c.execute("UPDATE messages SET provenance = ? WHERE id = ?",
-                      (json.dumps(dict(r.provenance, owner=OWNER), sort_keys=True), r.id))
+        # the claim: every kept reply row names this process, one statement a 500 rows
+        # (json_set keeps the row's provenance and adds ``owner``; keys stay sorted)
+        rows = [ex.reply_row.id for ex in begin(kept) if ex.reply_row is not None]
+        owner = json.dumps(OWNER, sort_keys=True)
+        for i in range(0, len(rows), 500):
+            part = rows[i:i + 500]
+            c.execute("UPDATE messages SET provenance = json_set(COALESCE(provenance, '{}'), "
+                      f"'$.owner', json(?)) WHERE id IN ({','.join('?' * len(part))})",
+                      (owner, *part))
     return kept
 
 
@@ -506,6 +511,7 @@ class Batch:
         self._ready: deque = deque()  # (row, chat) made ahead of sending
         self._group: list[Exchange] | None = None  # the rows stored in the open _writes block
         self._kids: dict[str, Chat] | None = None
+        self._base: list[dict[str, str]] | None = None  # the batch chat's context, read once
         self._rows: dict[int, Row] = {}  # id(exchange) -> its row
         # with tools: ``run_tools(chat, calls)`` runs a row's calls and stores the results
         # (the session's tool loop); the row then goes on with a follow-up exchange
@@ -643,7 +649,8 @@ class Batch:
                    and len(group) < SUBMIT_EVERY):
                 row, chat = self._ready.popleft()
                 pending.popleft()
-                ex = self.make_exchange(chat, row.text)
+                with contexts_known(self.tree, self._bases(chat)):
+                    ex = self.make_exchange(chat, row.text)
                 if row.request is not None and row.request.get("backend") != runner.backend.id:
                     self._moved(row, runner.backend, ex)  # (auto passed over the first)
                 ex.provenance[MARK] = self.row_mark(row)
@@ -656,6 +663,23 @@ class Batch:
                 self.progress.sent += len(group)
                 runner.submit(group)  # the engine starts on these while we make the next
             self._unsent = []
+
+    def _bases(self, chat: Chat) -> dict[int, list[dict[str, str]]]:
+        """``{chat.id: the batch chat's context}`` where a row's chat shares it (the row's
+        own chat, or its ``attempt-K`` forked before the row's first message, neither
+        setting a system prompt of its own): read from the store once a batch, not once a
+        row. A row chat is empty when its message is made (the claim skips one that got a
+        message meanwhile); any other chat reads its own context."""
+        parent = chat.parent
+        if chat.system_prompt is not None or parent is None:
+            return {}
+        if parent.id != self.chat.id:
+            if (chat.fork_seq != 0 or parent.system_prompt is not None or parent.parent is None
+                    or parent.parent.id != self.chat.id):
+                return {}
+        if self._base is None:
+            self._base = self.tree.context(self.chat, None)
+        return {chat.id: self._base}
 
     def _claim(self, group: list[Exchange], runner: Runner) -> list[Exchange]:
         """Store the group's messages, claiming each row, in one transaction: a row whose

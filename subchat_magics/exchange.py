@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
@@ -65,10 +66,29 @@ def context(tree: "ChatTree", chat: "Chat", text: str | None,
             default_system: str | None = None) -> list[dict[str, str]]:
     """The messages a backend receives for ``text`` sent into ``chat``: the prompt in force
     first (the tree's, else the configured one), the path from the root, the message."""
-    messages = tree.context(chat, text)
+    bases = tree.__dict__.get("_context_bases")  # (a batch's rows: see contexts_known)
+    base = bases.get(chat.id) if bases and text is not None else None
+    if base is not None:
+        messages = [*base, {"role": "user", "content": text}]
+    else:
+        messages = tree.context(chat, text)
     if default_system and (not messages or messages[0]["role"] != "system"):
         messages.insert(0, {"role": "system", "content": default_system})
     return messages
+
+
+@contextmanager
+def contexts_known(tree: "ChatTree", bases: dict[int, list[dict[str, str]]]) -> Iterator[None]:
+    """While inside, :func:`context` of a chat in ``bases`` is that base and the message,
+    without reading the store: a batch's row chats, which the batch knows hold no
+    message yet (it claims each in the transaction that stores its message, and skips one
+    that got a message meanwhile), share their batch chat's context, read once."""
+    held = tree.__dict__.get("_context_bases")
+    tree.__dict__["_context_bases"] = bases
+    try:
+        yield
+    finally:
+        tree.__dict__["_context_bases"] = held
 
 
 # -- checks ----------------------------------------------------------------------------------------
@@ -327,6 +347,34 @@ class Exchange:
             self.abandon()
             raise
         self._t0 = self._saved_at = time.perf_counter()
+
+    @staticmethod
+    def begin_many(exchanges: Sequence["Exchange"], backend: Backend) -> None:
+        """:meth:`begin` for many exchanges of one tree (a batch's rows): their messages
+        and reply rows stored by one store call. The caller holds the transaction."""
+        plain = [ex for ex in exchanges if not ex.follow_up]
+        if len(plain) < 2:
+            for ex in exchanges:
+                ex.begin(backend)
+            return
+        tree = plain[0].tree
+        held = busy(tree)
+        try:
+            for ex in plain:
+                held.claim(ex)
+                ex.backend = backend
+            pairs = tree.begin_turns([(ex.chat, ex.text_sent) for ex in plain], backend.id)
+        except BaseException:
+            for ex in plain:
+                ex.abandon()
+            raise
+        now = time.perf_counter()
+        for ex, (user, reply) in zip(plain, pairs):
+            ex.user_message, ex.reply_row = user, reply
+            ex._t0 = ex._saved_at = now
+        for ex in exchanges:
+            if ex.follow_up:
+                ex.begin(backend)
 
     def announce(self) -> None:
         self.tree.emit("reply-start", id=self.chat.id, path=self.chat.path, turn=self)
@@ -620,8 +668,7 @@ class Runner:
             return
         try:
             with exchanges[0].tree.store.transaction():
-                for ex in exchanges:
-                    ex.begin(self.backend)
+                Exchange.begin_many(exchanges, self.backend)
         except BaseException:
             for ex in exchanges:
                 ex.abandon()
@@ -763,5 +810,5 @@ class Runner:
 
 
 __all__ = ["Exchange", "Runner", "Plan", "plan", "choose", "Busy", "busy", "system_in_force",
-           "context", "check_text", "check_prompt", "check_backend_name", "check_for",
-           "check_constraint", "check_model", "CONFIG_SYSTEM", "InlinePool"]
+           "context", "contexts_known", "check_text", "check_prompt", "check_backend_name",
+           "check_for", "check_constraint", "check_model", "CONFIG_SYSTEM", "InlinePool"]

@@ -653,19 +653,76 @@ class Store:
         prompt = redact(prompt)
         prov, provenance = redact_json(provenance)
         with self.transaction() as c:
-            seq = c.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE chat_id = ?",
-                            (chat_id,)).fetchone()[0]
-            ids = []
-            for role, content, status, p, s in (("user", prompt, "complete", None, seq),
-                                                ("assistant", "", "interrupted", prov, seq + 1)):
-                ids.append(c.execute(
-                    "INSERT INTO messages (id, chat_id, seq, role, content, status, provenance, "
-                    f"created_at) VALUES ({_NEXT_MESSAGE}, ?,?,?,?,?,?,?)",
-                    (self._seen_message, chat_id, s, role, content, status, p, now)).lastrowid)
-                self._seen_message = max(self._seen_message, ids[-1])
+            # the next seq and the next id in one read, both rows in one insert (the write
+            # lock is held from BEGIN IMMEDIATE: nobody else takes those ids meanwhile)
+            seq, last = c.execute(
+                "SELECT (SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE chat_id = ?), "
+                "(SELECT COALESCE(MAX(id), 0) FROM messages)", (chat_id,)).fetchone()
+            first = max(last, self._seen_message) + 1
+            ids = [first, first + 1]
+            c.execute(
+                "INSERT INTO messages (id, chat_id, seq, role, content, status, provenance, "
+                "created_at) VALUES (?,?,?,?,?,?,?,?), (?,?,?,?,?,?,?,?)",
+                (first, chat_id, seq, "user", prompt, "complete", None, now,
+                 first + 1, chat_id, seq + 1, "assistant", "", "interrupted", prov, now))
+            self._seen_message = max(self._seen_message, ids[1])
         self._replies[ids[1]] = now
         return (MessageRow(ids[0], chat_id, seq, "user", prompt, "complete", {}, now),
                 MessageRow(ids[1], chat_id, seq + 1, "assistant", "", "interrupted", provenance, now))
+
+    def begin_turns(self, turns: list[tuple[int, str]], provenance: dict[str, Any]
+                    ) -> list[tuple[MessageRow, MessageRow]]:
+        """:meth:`begin_turn` for many chats at once (a batch's rows): each chat's user
+        message and empty ``interrupted`` reply row, with the same ``provenance``; one read
+        of the chats' next seqs, one insert a few hundred turns, in one transaction. A chat
+        that is gone (deleted meanwhile) fails the whole call with a :class:`StoreError`
+        and nothing is written: the caller then begins the turns one by one."""
+        if not turns:
+            return []
+        now = time.time()
+        prov, provenance = redact_json(provenance)
+        prompts = [redact(prompt) for _, prompt in turns]
+        out: list[tuple[MessageRow, MessageRow]] = []
+        with self.transaction() as c:
+            c.execute("SAVEPOINT begin_turns")  # (inside a batch's transaction: all or none)
+            try:
+                seqs: dict[int, int] = {}
+                ids = list(dict.fromkeys(cid for cid, _ in turns))
+                for i in range(0, len(ids), 500):
+                    part = ids[i:i + 500]
+                    seqs.update(c.execute(
+                        "SELECT chat_id, MAX(seq) + 1 FROM messages WHERE chat_id IN "
+                        f"({','.join('?' * len(part))}) GROUP BY chat_id", part).fetchall())
+                (last,) = c.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()
+                next_id = max(last, self._seen_message) + 1
+                values: list[Any] = []
+                for (cid, _), prompt in zip(turns, prompts):
+                    seq = seqs.get(cid, 0)
+                    seqs[cid] = seq + 2  # (a chat named twice: its turns follow each other)
+                    values += (next_id, cid, seq, "user", prompt, "complete", None, now,
+                               next_id + 1, cid, seq + 1, "assistant", "", "interrupted", prov, now)
+                    out.append((MessageRow(next_id, cid, seq, "user", prompt, "complete", {}, now),
+                                MessageRow(next_id + 1, cid, seq + 1, "assistant", "", "interrupted",
+                                           dict(provenance), now)))
+                    next_id += 2
+                step = 16 * 200  # values of 200 turns a statement (SQLite's limit is 32,766)
+                for i in range(0, len(values), step):
+                    part = values[i:i + step]
+                    c.execute("INSERT INTO messages (id, chat_id, seq, role, content, status, "
+                              "provenance, created_at) VALUES "
+                              + ",".join(["(?,?,?,?,?,?,?,?)"] * (len(part) // 8)), part)
+            except sqlite3.DatabaseError as exc:
+                try:
+                    c.execute("ROLLBACK TO begin_turns")
+                    c.execute("RELEASE begin_turns")
+                except sqlite3.Error:
+                    pass
+                raise self._wrap(exc) from None
+            c.execute("RELEASE begin_turns")
+            self._seen_message = max(self._seen_message, next_id - 1)
+        for _, reply in out:
+            self._replies[reply.id] = now
+        return out
 
     def update_reply(self, message_id: int, content: str, status: str,
                      provenance: dict[str, Any] | None = None,

@@ -593,6 +593,25 @@ class ChatTree:
         self._open_turns[reply.id] = (msg, chat.id, chat.path)
         return msg, Message.from_row(reply)
 
+    def begin_turns(self, turns: list[tuple["Chat", str]],
+                    backend: str | None = None) -> list[tuple[Message, Message]]:
+        """:meth:`begin_turn` for many chats together (a batch's rows): one store call.
+        Where one of the chats is gone (deleted meanwhile), nothing of the call is written
+        and the turns are begun one by one instead (each as :meth:`begin_turn` does)."""
+        prov = ({"finish_reason": "interrupted", "backend": backend} if backend
+                else {"finish_reason": "interrupted"})
+        try:
+            rows = self.store.begin_turns([(chat.id, prompt) for chat, prompt in turns], prov)
+        except StoreError:
+            return [self.begin_turn(chat, prompt, backend) for chat, prompt in turns]
+        out = []
+        for (chat, _), (user, reply) in zip(turns, rows):
+            msg = Message.from_row(user)
+            self.emit("message", id=chat.id, path=chat.path, message=msg)
+            self._open_turns[reply.id] = (msg, chat.id, chat.path)
+            out.append((msg, Message.from_row(reply)))
+        return out
+
     def begin_reply(self, chat: "str | Chat", backend: str | None = None) -> Message:
         """Store an empty ``interrupted`` reply row with no new user message: the next
         round of a tool loop answers the tool results just stored."""

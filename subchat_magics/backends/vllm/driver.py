@@ -43,6 +43,10 @@ class Driver:
         self._dead: BaseException | None = None
         self._stopped = threading.Event()
         self.requests_added = 0  # engine requests added so far (a vote of K is one)
+        # request ids: one random part a driver, a count a request (unique in its engine;
+        # a uuid4 a call read the OS's random source and handed the engine's thread the GIL)
+        self._head = f"subchat-{uuid.uuid4().hex[:8]}"
+        self._rids = itertools.count(1)
         self._thread = threading.Thread(target=self._drive, name=f"subchat-vllm-{next(self._ids)}",
                                         daemon=True)
         self._thread.start()
@@ -156,11 +160,8 @@ class Driver:
         """Add requests ``(prompt_ids, sampling_params, tag)`` together (so the engine
         batches them); their outputs go to ``sink`` as ``(tag, Delta | exception)``."""
         self.check()
-        # one random part a call, a count a request (a uuid4 a row read the OS's random
-        # source, and handed the engine's thread the GIL, once a row)
-        head = f"subchat-{uuid.uuid4().hex[:8]}"
-        batch = [(f"{head}-{n}", ids, params, sink, tag)
-                 for n, (ids, params, tag) in enumerate(items)]
+        head, count = self._head, self._rids
+        batch = [(f"{head}-{next(count)}", ids, params, sink, tag) for ids, params, tag in items]
         self._commands.put(("add", batch))
         return [b[0] for b in batch]
 

@@ -38,6 +38,7 @@ class EnginePool(Pool):
         self._replies: dict[int, Reply] = {}
         self._cut: dict[int, Finish] = {}
         self._ready: list[BatchEvent] = []  # events to hand out before the engine's
+        self._params: dict = {}  # SamplingParams made once for the rows sharing options
 
     def submit(self, index: int, messages: Sequence[Message], options: GenerationOptions) -> None:
         self.submit_many([(index, messages, options)])
@@ -50,7 +51,8 @@ class EnginePool(Pool):
         items = []
         for index, messages, options in requests:
             try:
-                reply, params = engine.prepare(messages, options)  # a chat that cannot fit raises
+                # a chat that cannot fit raises
+                reply, params = engine.prepare(messages, options, params_memo=self._params)
             except SubchatError as exc:
                 self._ready += [(index, exc), (index, END)]
                 continue

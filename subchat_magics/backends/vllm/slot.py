@@ -76,6 +76,7 @@ class Engine:
         self.max_num_seqs = facts.get("max_num_seqs")
         self.seeds = bool(facts.get("seeds", True))
         self.builder = PromptBuilder(llm.get_tokenizer(), self.max_model_len)
+        self._choice_need: dict[tuple, int] = {}  # a --choice's longest choice, in tokens
         self.driver = Driver(llm.llm_engine)
 
     def __repr__(self) -> str:
@@ -97,9 +98,13 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------
     def prepare(self, messages: Sequence[Message], options: GenerationOptions,
-                samples: int = 1) -> tuple[Reply, Any]:
+                samples: int = 1, params_memo: dict | None = None) -> tuple[Reply, Any]:
         """The fitted prompt of a request (as a fresh :class:`Reply`) and its sampling
-        parameters. A too-long chat or a bad option raises here, before the engine."""
+        parameters. A too-long chat or a bad option raises here, before the engine.
+        ``params_memo`` (a pool's, for the rows of one batch that share their options):
+        the ``SamplingParams`` made once for each options object and reply room, and
+        handed to the engine for every such request (vLLM copies them for each request,
+        as ``llm.generate`` does with one ``SamplingParams`` for a list of prompts)."""
         think = self.think if options.think is None else bool(options.think)
         # a tool step (``_prefill``: the reply starts inside the template's <tool_call>)
         # is written without thinking: its JSON is constrained from the first token
@@ -120,9 +125,17 @@ class Engine:
             thinking = None
         if options.seed is not None and not self.seeds:
             prompt.notes.append(SEED_NOTE)
-        return Reply(prompt, options, thinking), sampling_params(
-            options, prompt.max_tokens, constrain=thinking != "on", samples=samples,
-            seeds=self.seeds)
+        if params_memo is None:
+            return Reply(prompt, options, thinking), sampling_params(
+                options, prompt.max_tokens, constrain=thinking != "on", samples=samples,
+                seeds=self.seeds)
+        key = (id(options), prompt.max_tokens, thinking != "on", samples)
+        held = params_memo.get(key)
+        if held is None or held[0] is not options:  # (the options kept: an id is not reused)
+            held = params_memo[key] = (options, sampling_params(
+                options, prompt.max_tokens, constrain=thinking != "on", samples=samples,
+                seeds=self.seeds))
+        return Reply(prompt, options, thinking), held[1]
 
     @property
     def rows_in_flight(self) -> int | None:
@@ -141,7 +154,14 @@ class Engine:
         if c is None or think or options.tools:
             return None
         if c.kind == "choice" and c.choices:
-            return max(len(self.builder.encode(x)) for x in c.choices) + 1
+            key = tuple(c.choices)  # (each row of a --choice batch asks: encoded once)
+            need = self._choice_need.get(key)
+            if need is None:
+                need = max(len(self.builder.encode(x)) for x in c.choices) + 1
+                if len(self._choice_need) > 64:
+                    self._choice_need.clear()
+                self._choice_need[key] = need
+            return need
         most = c.longest_regex_match()
         return 4 * most + 1 if most is not None else None
 
