@@ -126,6 +126,16 @@ def test_a_batch_whose_rows_must_call_runs_each_call_once_per_round(vshell):
         extra={"tool_choice": "required"}).run()
     tree = default_session().tree
     results = [m for i in range(4) for m in tree.get(f"root/req/{i}").messages if m.role == "tool"]
-    assert len(results) == len(vshell.ns["calls"]) == 8  # 4 rows x 2 rounds, one call each
-    assert all(r.provenance["tool_status"] == "ok" for r in results)
+    assert len(results) == 8  # 4 rows x 2 rounds, one call each
+    # each call runs unless its reply was cut by -n 40 inside its arguments (the random
+    # model writes an int of 30 digits now and then): then it is refused, saying so, not run
+    cut = []
+    for i in range(4):
+        msgs = tree.get(f"root/req/{i}").messages
+        for a, m in zip(msgs, msgs[1:]):
+            if m.role == "tool" and m.provenance["tool_status"] != "ok":
+                assert m.content.startswith("error: invalid call"), m.content
+                assert a.provenance.get("finish_reason") == "length", (a.content, m.content)
+                cut.append(m)
+    assert len(results) - len(cut) == len(vshell.ns["calls"]) and len(cut) <= 2
     assert [r.status for r in result.rows] == ["failed"] * 4  # still calling at round 2
