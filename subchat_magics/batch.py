@@ -1194,10 +1194,14 @@ def summaries(tree: ChatTree, counts: dict[int, int] | None = None) -> dict[int,
         names = {c.id: c.name for c in chat.children}
         firsts = {cid: ex[1] for cid, ex in first_exchanges(tree, chat).items() if len(ex) > 1}
         marked = [ex[3] for cid, ex in firsts.items() if marks_row(names.get(cid, ""), ex[3])]
-        if not marked:
-            continue
+        shape = None
+        if not marked:  # a comparison's rows hold nothing: its models' subchats carry the mark
+            marked, sides = _compare_marks(tree, chat)
+            if not marked:
+                continue
+            shape = Shape(sides=sides)
         total = max(int(p[MARK].get("of") or 0) for p in marked)
-        stored = stored_rows(tree, chat)
+        stored = stored_rows(tree, chat, shape)
         rows = len(stored)
         s = Summary(chat.id, max(total, rows), rows=rows)
         for st in stored.values():  # a row counts as its latest attempt says
@@ -1213,6 +1217,24 @@ def summaries(tree: ChatTree, counts: dict[int, int] | None = None) -> dict[int,
                 s.interrupted += 1
         out[chat.id] = s
     return out
+
+
+def _compare_marks(tree: ChatTree, chat: Chat) -> tuple[list[dict[str, Any]], list[str]]:
+    """A comparison batch's marks and model names: the first replies of the subchats of
+    ``chat``'s rows (rows that hold no messages) that carry the batch mark naming their
+    row. One query; ([], []) when ``chat`` is no comparison's batch chat."""
+    rows: dict[int, str] = {}
+    found = []
+    for cid, parent, name, _, count, _, seq, role, _, _, prov in tree.store.batch_rows(chat.id, 2):
+        if parent == chat.id:
+            if not count:
+                rows[cid] = name
+        elif parent in rows and seq == 1 and role == "assistant":
+            mark = prov.get(MARK)
+            if isinstance(mark, dict) and str(mark.get("item", rows[parent])) == rows[parent]:
+                found.append((name, prov))
+    sides = list(dict.fromkeys(name for name, _ in found))
+    return [prov for _, prov in found], sides
 
 
 def marks_row(name: str, provenance: dict[str, Any]) -> bool:

@@ -195,11 +195,30 @@ def test_a_vote_or_comparison_row_is_not_taken_for_a_batch_chat(shell):
     tree = default_session().tree
     flagged = {c.path for c in tree.chats() if batch.is_batch_chat(tree, c)}
     assert flagged == {"root/qs", "root/ps"}
-    assert set(batch.summaries(tree)) == {tree.get("root/qs").id}
+    assert set(batch.summaries(tree)) == {tree.get("root/qs").id, tree.get("root/ps").id}
     assert "batch of" not in shell.ok("%subchat show root/ps/0")
     assert "batch of" not in shell.ok("%subchat show root/qs/0/attempt-2")
     out = shell.ok("%subchat show root/ps")
     assert "batch of 1 row, 2 models (echo, other): 1/1 done" in out
+
+
+def test_the_tree_folds_a_comparison_batch_into_one_line(shell):
+    """A comparison's rows hold nothing (their models' subchats carry the batch mark): the
+    tree shows its batch chat as one line with its counts, as any batch's, text and view."""
+    from subchat_magics.session import default_session
+    from subchat_magics.widget.state import ViewState
+
+    shell.ns["qs"] = ["x", "y"]
+    shell.ok("%%subchat root/c --each qs --compare echo,echo:other\n{item}?")
+    shell.ok("%%subchat root/cv --each qs --compare echo,echo:other --vote 2\n{item}?")
+    out = shell.ok("%subchat tree --text")
+    assert "qs  [2/2 done]" in out and out.count("[2/2 done]") == 2, out
+    assert "other" not in out and "echo  (" not in out, out
+    tree = default_session().tree
+    view = ViewState(tree, tree.root, interval=0.1, clock=lambda: 0.0)
+    view.load()
+    labels = {tree.find(cid).path: b.label() for cid, b in view.batches.items()}
+    assert labels == {"root/c/qs": "[2/2 done]", "root/cv/qs": "[2/2 done]"}
 
 
 def test_show_of_a_labelled_batch_prints_its_scores(shell):

@@ -72,6 +72,18 @@ class Stream:
     coalescer: Coalescer
 
 
+def _models_status(tree: ChatTree, row: Chat) -> str:
+    """A comparison row (it holds nothing) as its models' first replies say: complete
+    when every model's is, an error when one's is, else cut ('' when none was sent)."""
+    got = [ex[1][2] for ex in batch.first_exchanges(tree, row).values() if len(ex) > 1
+           and isinstance(ex[1][3].get(batch.MARK), dict)] if row.children else []
+    if not got:
+        return ""
+    if all(s == "complete" for s in got):
+        return "complete"
+    return "error" if "error" in got else "interrupted"
+
+
 class ViewState:
     """The view's memory of the tree, keyed by chat id. Its methods named after events
     are called with the core's events, in order, by whoever draws (under the view's
@@ -145,7 +157,7 @@ class ViewState:
             b = batches[cid] = BatchInfo(summary.total, streaming=old.streaming if old else 0)
             for k in chat.children:  # (a row made but not sent yet: '')
                 ex = firsts.get(k.id, ())
-                b.set(k.id, ex[1][2] if len(ex) > 1 else "")
+                b.set(k.id, ex[1][2] if len(ex) > 1 else _models_status(self.tree, k))
         self.batches = batches
 
     def batch_of(self, chat_id: int) -> int | None:
