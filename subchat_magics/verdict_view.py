@@ -270,6 +270,12 @@ def plot_scores(scores: list[verdict.Score]) -> bool:
     return True
 
 
+def _say(text: str) -> None:
+    """Print a line of scores with every known key masked (the labels, the answers and
+    the row names are the user's values: a key among them is shown as in the store)."""
+    print(redact(text))
+
+
 def show_scores(m: Any, run: MultiBatch, labels: list[Any]) -> list[verdict.Score]:
     """Accuracy per model (with and without the vote), the confusion table and the rows
     that disagree; a bar plot where matplotlib is installed (in a notebook)."""
@@ -278,19 +284,19 @@ def show_scores(m: Any, run: MultiBatch, labels: list[Any]) -> list[verdict.Scor
         name = s.name or "answers"
         sc = verdict.score(run.answers_of(s.name), labels, name + (" (vote)" if s.k > 1 else ""))
         scores.append(sc)
-        print(sc.line())
+        _say(sc.line())
         if s.k > 1:
-            print(verdict.score(run.first_samples_of(s.name), labels,
+            _say(verdict.score(run.first_samples_of(s.name), labels,
                                 f"{name} (first sample, no vote)").line())
     if len(run.sides) > 1:
         a, b = run.sides[0], run.sides[1]
-        print(verdict.agreement(run.answers_of(a.name), run.answers_of(b.name),
+        _say(verdict.agreement(run.answers_of(a.name), run.answers_of(b.name),
                                 f"{a.name} vs {b.name}").line("agreement"))
     for sc in scores:
-        print(f"confusion ({sc.name}):\n{sc.table()}")
+        _say(f"confusion ({sc.name}):\n{sc.table()}")
         if sc.wrong:
             rows = [run.rows[i].name for i in sc.wrong[:10]]
-            print(f"disagreeing rows ({sc.name}): {', '.join(map(str, rows))}"
+            _say(f"disagreeing rows ({sc.name}): {', '.join(map(str, rows))}"
                   + (" …" if len(sc.wrong) > 10 else ""))
     if in_kernel(m.shell):
         plot_scores(scores)

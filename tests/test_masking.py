@@ -108,6 +108,21 @@ def test_a_key_in_any_filled_value_the_body_or_the_options_line_never_leaves(she
     assert "plain item" in "".join(bodies) and "suffix" in "".join(bodies)
 
 
+def test_a_key_in_a_label_column_is_masked_in_the_scores_the_cell_prints(shell, groq, workdir):
+    """--labels prints the confusion table and the disagreeing rows when the batch ends:
+    a key among the labels (whole, or cut at the table's column width) is masked there as
+    in the store and in show."""
+    shell.ns["df"] = pd.DataFrame({"q": ["a", "b"], "gold": [KEY, f"x {KEY}"]})
+    result, cap = shell.run("%%subchat root/l --backend groq --each df --labels gold --as o\nSay {q}")
+    assert result.success, (cap.stdout, result.error_in_exec)
+    out = outputs(cap)
+    assert "accuracy 0/2" in out and "confusion" in out
+    _, shown = shell.run("%subchat show root/l/df")
+    for where, text in [("cell", out), ("show", outputs(shown)),
+                        ("store", store_text(workdir / "subchats.db"))]:
+        assert not leaks(text), (where, leaks(text)[:3])
+
+
 def test_a_key_entered_in_the_session_or_registered_by_a_plugin_is_masked_in_part(shell, workdir):
     plugin_key = "plug-" + "Zq8" * 12
     register_secret(plugin_key)
