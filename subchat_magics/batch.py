@@ -35,7 +35,7 @@ from .backends.registry import Selection
 from .errors import InvalidInput, SubchatError
 from .exchange import Exchange, Runner
 from .prompting import TOO_LONG
-from .secrets import steady
+from .secrets import redact, steady
 from .settings import getenv
 from .store import ChatRow
 from .tree import Chat, ChatTree, normalize_path
@@ -212,9 +212,11 @@ def check_fields(template: str, items: Items, known: Callable[[str], bool]) -> N
 
 def row_names(entries: list[Entry]) -> list[str]:
     """Each row chat's name: its label made a path part (``/``, spaces… become ``_``);
-    positions ``0``, ``1``… when labels clash or cannot be made one."""
+    positions ``0``, ``1``… when labels clash or cannot be made one (or one holds a known
+    key, which a chat's name would show in the tree, the store and every export)."""
     names = [_UNSAFE.sub("_", str(e.label))[:100] for e in entries]
-    if len(set(names)) != len(names) or any(n in ("", ".", "..") for n in names):
+    if len(set(names)) != len(names) or any(n in ("", ".", "..") for n in names) \
+            or any(redact(n) != n for n in names):  # a key as a label: never a chat's name
         return [str(e.pos) for e in entries]
     return names
 

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from subchat_magics.backends.registry import registry
 from subchat_magics.secrets import PART, forget_secret, mask_keys, register_secret
 from subchat_magics.settings import forget_secrets
+from subchat_magics.testing import store_rows
 from subchat_magics.testing.fakeservers import FakeGroq
 
 pd = pytest.importorskip("pandas")
@@ -120,6 +121,24 @@ def test_a_key_in_a_label_column_is_masked_in_the_scores_the_cell_prints(shell, 
     _, shown = shell.run("%subchat show root/l/df")
     for where, text in [("cell", out), ("show", outputs(shown)),
                         ("store", store_text(workdir / "subchats.db"))]:
+        assert not leaks(text), (where, leaks(text)[:3])
+
+
+def test_a_key_as_a_row_label_never_names_a_row_chat(shell, groq, workdir):
+    """A batch's rows are named after their labels (a dict's keys, a DataFrame's index):
+    a label holding a key would put it into the chats table, the tree and every export,
+    so such a batch's rows are named by position, as clashing labels are."""
+    shell.ns["d"] = {KEY: "a", "other": "b"}
+    shell.ns["df"] = pd.DataFrame({"q": ["a", "b"]}, index=[f"id-{KEY[:20]}", "x"])
+    shell.ok("%%subchat root/a --backend groq --each d --as o\nSay {item}")
+    shell.ok("%%subchat root/b --backend groq --each df --as p\nSay {q}")
+    _, tree = shell.run("%subchat tree --text")
+    shell.ok("%subchat export root --format json --out export.json")
+    names = [n for (n,) in store_rows(workdir / "subchats.db", "SELECT name FROM chats")]
+    assert {"0", "1"} <= set(names) and "other" not in names
+    assert list(shell.ns["o"]) == ["Hello from the fake server."] * 2
+    for where, text in [("store", store_text(workdir / "subchats.db")), ("tree", outputs(tree)),
+                        ("export.json", (workdir / "export.json").read_text())]:
         assert not leaks(text), (where, leaks(text)[:3])
 
 
