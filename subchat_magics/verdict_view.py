@@ -21,6 +21,7 @@ from .errors import BackendError, InvalidInput
 from .magic_args import in_kernel
 from .multibatch import MultiBatch, Side
 from .secrets import redact
+from .words import counted
 
 
 def check_cell(args: Any, fanout: bool) -> None:
@@ -56,9 +57,17 @@ def run_cell(m: Any, args: Any, text: str, opts: dict[str, Any], view_class: Any
         for i, delta in stream:
             view.delta(i, delta)
     except KeyboardInterrupt:
+        # as a fan-out: one line naming where the partial replies are kept, not the
+        # stream's traceback; --var holds what arrived (a vote has no verdict yet)
         stream.close()
-        view.finish(["interrupted" for _ in exchanges])
-        raise KeyboardInterrupt from None
+        view.finish(["interrupted" if ex.text else "interrupted: nothing arrived"
+                     for ex in exchanges])
+        if args.var:
+            m.shell.user_ns[args.var] = ({n: ex.text for n, ex in zip(job.names, exchanges)}
+                                         if args.compare is not None else None)
+        kept = sum(1 for ex in exchanges if ex.text)
+        raise UsageError(f"%%subchat: interrupted: {counted(kept, 'partial reply', 'partial replies')} "
+                         f"kept in {', '.join(ex.chat.path for ex in exchanges)}") from None
     except BackendError as exc:
         error = exc
     finally:
