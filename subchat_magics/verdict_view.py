@@ -235,9 +235,12 @@ def estimate_each(m: Any, args: Any, batch: Any, sides: list[Any], run: Any, vie
     est = estimate.count(batch, sides)
     try:
         estimate.sample(est, batch, estimate.check_sample(args.sample), run)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # one line, as a batch's: the sample's finished rows are kept
         view.close()
-        raise KeyboardInterrupt from None
+        done = sum(1 for r in batch.result().rows if r.status == "done")
+        raise UsageError(f"%%subchat: interrupted while timing the sample: {counted(done, 'row')} "
+                         "done, kept as rows of the batch; run the cell again to estimate, or "
+                         "without --estimate to run the batch") from None
     view.close()
     est.cell = "%%subchat " + cell_line(getattr(args, "line", "") or "") + "  (the same cell without --estimate)"
     for line in est.lines():
