@@ -8,7 +8,7 @@ core's (:mod:`subchat_magics.vote`, :mod:`subchat_magics.compare`,
 from __future__ import annotations
 
 import sys
-from collections import ChainMap
+from collections import ChainMap, Counter
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -288,28 +288,50 @@ def _say(text: str) -> None:
     print(redact(text))
 
 
+#: rows with no answer of this run to score: not sent (a missing value), or answered by
+#: another kernel (show of the batch scores them once they are stored)
+NOT_SCORED = {"skipped": "not sent (skipped)", "claimed": "answered by another kernel"}
+
+
 def show_scores(m: Any, run: MultiBatch, labels: list[Any]) -> list[verdict.Score]:
     """Accuracy per model (with and without the vote), the confusion table and the rows
-    that disagree; a bar plot where matplotlib is installed (in a notebook)."""
+    that disagree; a bar plot where matplotlib is installed (in a notebook). Rows this
+    run has no answer for (:data:`NOT_SCORED`) are left out, as show leaves them, and
+    counted."""
+    keep = [i for i, r in enumerate(run.rows) if r.status not in NOT_SCORED]
+
+    def kept(values: list[Any]) -> list[Any]:
+        return [values[i] for i in keep]
+
+    def score(answers: list[Any], name: str) -> verdict.Score:
+        sc = verdict.score(kept(answers), kept(labels), name)
+        sc.wrong = [keep[i] for i in sc.wrong]
+        return sc
+
     scores = []
     for s in run.sides:
         name = s.name or "answers"
-        sc = verdict.score(run.answers_of(s.name), labels, name + (" (vote)" if s.k > 1 else ""))
+        sc = score(run.answers_of(s.name), name + (" (vote)" if s.k > 1 else ""))
         scores.append(sc)
         _say(sc.line())
         if s.k > 1:
-            _say(verdict.score(run.first_samples_of(s.name), labels,
-                                f"{name} (first sample, no vote)").line())
+            _say(score(run.first_samples_of(s.name), f"{name} (first sample, no vote)").line())
     if len(run.sides) > 1:
         a, b = run.sides[0], run.sides[1]
-        _say(verdict.agreement(run.answers_of(a.name), run.answers_of(b.name),
-                                f"{a.name} vs {b.name}").line("agreement"))
+        _say(verdict.agreement(kept(run.answers_of(a.name)), kept(run.answers_of(b.name)),
+                               f"{a.name} vs {b.name}").line("agreement"))
+    left = Counter(NOT_SCORED[r.status] for r in run.rows if r.status in NOT_SCORED)
+    if left:
+        _say(f"{counted(sum(left.values()), 'row')} not scored: "
+             + ", ".join(f"{why} ({n})" if len(left) > 1 else why for why, n in left.items()))
     for sc in scores:
+        if not sc.confusion:  # no row scored: no table
+            continue
         _say(f"confusion ({sc.name}):\n{sc.table()}")
         if sc.wrong:
             rows = [run.rows[i].name for i in sc.wrong[:10]]
             _say(f"disagreeing rows ({sc.name}): {', '.join(map(str, rows))}"
-                  + (" …" if len(sc.wrong) > 10 else ""))
+                 + (" …" if len(sc.wrong) > 10 else ""))
     if in_kernel(m.shell):
         plot_scores(scores)
     return scores

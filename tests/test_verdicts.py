@@ -346,6 +346,20 @@ def test_a_vote_or_labels_batch_skips_missing_values_and_scores_only_labelled_ro
     assert "root/l/df/1" not in tree or not tree.get("root/l/df/1").messages
 
 
+def test_a_skipped_row_is_left_out_of_the_scores_the_cell_prints_as_show_does(shell):
+    """A row not sent (a missing value) has no answer to score: the cell's accuracy leaves
+    it out and says so, as show of the batch (read from the store) does, instead of
+    counting it wrong as '(none)'."""
+    shell.ns["df"] = pd.DataFrame({"text": ["a", None, "c"], "gold": ["x", "x", "x"]})
+    for flags in ("", "--vote 2"):
+        out = shell.ok(f"%%subchat root/s{len(flags)} -b echo --each df --choice x,y --labels gold "
+                       f"{flags} --as t\nsay {{text}}")
+        assert "accuracy 2/2 (100%)" in out and "(none)" not in out, out
+        assert "1 row not scored: not sent (skipped)" in out, out
+        assert "disagreeing rows" not in out
+        assert "accuracy 2/2 (100%)" in shell.ok(f"%subchat show root/s{len(flags)}/df")
+
+
 def test_show_of_a_vote_chat_prints_its_verdict(shell):
     """show of the chat a vote answered says the verdict (the answer, how many samples
     gave it, each sample's answer), not only the representative reply; so does -p and a
