@@ -737,7 +737,12 @@ class Batch:
         while self._calling:
             row, ex = self._calling.popleft()
             rounds = self._rounds[ex.chat.id] = self._rounds.get(ex.chat.id, 0) + 1
-            self.run_tools(ex.chat, list(ex.finish.tool_calls))  # type: ignore[misc,union-attr]
+            try:
+                self.run_tools(ex.chat, list(ex.finish.tool_calls))  # type: ignore[misc,union-attr]
+            except BaseException:  # Ctrl-C in a tool: the row is cut, counted as such
+                row.status, row.reason = "interrupted", "interrupted"
+                self.progress.interrupted += 1
+                raise
             if rounds >= self.max_rounds:
                 row.status = "failed"
                 row.reason = (f"stopped after {rounds} round(s) of tool calls (--max-rounds "
@@ -1208,7 +1213,7 @@ def summaries(tree: ChatTree, counts: dict[int, int] | None = None) -> dict[int,
         s = Summary(chat.id, max(total, rows), rows=rows)
         for st in stored.values():  # a row counts as its latest attempt says
             last = st.latest
-            status = last.status if last is not None else None
+            status = loop_status(tree, last) if last is not None else None
             if status is None:
                 continue
             if status == "complete":
@@ -1219,6 +1224,18 @@ def summaries(tree: ChatTree, counts: dict[int, int] | None = None) -> dict[int,
                 s.interrupted += 1
         out[chat.id] = s
     return out
+
+
+def loop_status(tree: ChatTree, att: Attempt) -> str | None:
+    """An attempt's status as a row's: its first reply's, but a reply that called tools
+    is complete only when its loop ended in a complete answer (else the loop was cut:
+    ``interrupted``), as a rerun decides."""
+    if att.tools and att.status == "complete":
+        final = tree.store.messages(att.chat_id)[-1]
+        if final.role != "assistant" or final.status != "complete" \
+                or final.provenance.get("tool_calls"):
+            return "interrupted"
+    return att.status
 
 
 def _compare_marks(tree: ChatTree, chat: Chat) -> tuple[list[dict[str, Any]], list[str]]:

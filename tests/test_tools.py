@@ -521,6 +521,33 @@ def test_each_row_of_a_batch_runs_its_own_tool_loop_and_a_rerun_reuses_the_answe
     assert shell.ns["again"] == shell.ns["answers"], again
 
 
+def test_a_batch_row_cut_in_its_tool_loop_is_counted_not_done_in_the_cell_tree_and_show(
+        shell, workdir):
+    """Ctrl-C while a row's tool runs: the row's first reply (the call) is complete but
+    the row has no answer: the cell counts it interrupted, and the tree and show count it
+    not done (they read a tool row by its loop's last message, as a rerun does)."""
+    shell.ok('''
+import _thread, time
+seen = []
+def slow(x: int) -> int:
+    """Slow."""
+    seen.append(x)
+    if len(seen) == 2:
+        _thread.interrupt_main()
+        time.sleep(5)
+    return x
+qs = ["a", "b", "c", "d"]
+''')
+    result, cap = shell.run("%%subchat root --each qs --tools slow --yes --concurrency 1\n{item}")
+    assert "interrupted: 3 row(s) not done" in str(result.error_in_exec)
+    assert "4 items, 1 done, 0 failed, 1 interrupted" in cap.stdout, cap.stdout
+    assert "qs  [1/4 done, 1 interrupted]" in shell.ok("%subchat tree --text")
+    assert "batch of 4 rows: 1/4 done, 1 interrupted" in shell.ok("%subchat show root/qs")
+    out = shell.ok("%%subchat root --each qs --tools slow --yes\n{item}")
+    assert "4 items, 4 done (1 reused)" in out
+    assert "qs  [4/4 done]" in shell.ok("%subchat tree --text")
+
+
 def test_a_batch_asks_once_per_tool_and_stops_rows_at_max_rounds(shell, workdir):
     from subchat_magics.session import default_session
     from subchat_magics.toolrun import Approver
