@@ -474,7 +474,17 @@ class SubchatMagics(Magics):
             for run in runs:
                 print(f"── {run.chat.path} ──")
                 box: dict[str, Any] = {}
-                self._stream_tools(run, args.format or self.format, "_", into=box)
+                try:
+                    self._stream_tools(run, args.format or self.format, "_", into=box)
+                except UsageError as exc:  # Ctrl-C: the line says what every subchat holds
+                    i = len(values)
+                    done = [r.chat.path for r in runs[:i]]
+                    rest = [r.chat.path for r in runs[i + 1:]]
+                    if not str(exc).startswith("%%subchat: interrupted: ") or not (done or rest):
+                        raise
+                    raise UsageError("; ".join(
+                        [str(exc)] + ([f"{', '.join(done)} finished"] if done else [])
+                        + ([f"{', '.join(rest)} not sent"] if rest else []))) from None
                 values.append(box.get("_"))
         finally:
             if args.var:

@@ -383,6 +383,29 @@ def test_fanout_with_tools_gives_each_subchat_its_own_loop(shell, workdir):
             "user", "assistant", "tool", "assistant", "tool", "assistant"]
 
 
+def test_ctrl_c_in_a_fanout_tool_loop_names_every_subchat_in_its_one_line(shell, workdir):
+    """--fanout with --tools runs each subchat's loop in turn: Ctrl-C in the second one's
+    tool says in one line what each subchat holds (answered, cut, not sent), not only the
+    cut one's calls; --var holds the answers that came."""
+    shell.ok('''
+import _thread, time
+seen = []
+def slow(x: int) -> int:
+    """Slow."""
+    seen.append(x)
+    if len(seen) == 2:
+        _thread.interrupt_main()
+        time.sleep(5)
+    return x
+''')
+    result, cap = shell.run("%%subchat root/f --fanout 3 --tools slow --yes --var v\nhi")
+    msg = str(result.error_in_exec)
+    assert msg == ("%%subchat: interrupted: 0 finished tool calls kept in root/f/2; "
+                   "root/f/1 finished; root/f/3 not sent"), msg
+    assert "Traceback" not in cap.stdout + cap.stderr
+    assert shell.ns["v"][0].startswith("echo (3 messages): hi") and shell.ns["v"][1:] == [None, None]
+
+
 def test_fanout_approvals_are_asked_once_per_tool_for_every_subchat(shell, workdir):
     from subchat_magics.session import default_session
     from subchat_magics.toolrun import Approver
