@@ -124,6 +124,20 @@ def test_a_key_in_a_label_column_is_masked_in_the_scores_the_cell_prints(shell, 
         assert not leaks(text), (where, leaks(text)[:3])
 
 
+def test_a_key_typed_on_the_key_line_is_never_echoed(shell, workdir):
+    """%subchat key asks for the key hidden; a key typed on the line instead (after the
+    backend's name, or in its place) is not a known key yet, so no masking would catch
+    it: the refusal must not repeat what was typed."""
+    forget_secrets()
+    fresh = "gsk_" + "Zq9" * 18  # (no key the session knows)
+    for line in (f"%subchat key groq {fresh}", f"%subchat key {fresh}",
+                 f"%subchat key groq --x {fresh}"):
+        msg = shell.fails(line)
+        assert not leaks(msg, fresh), (line, msg)
+        assert "%subchat key" in msg and "groq" in msg and "\n" not in msg, msg
+    assert "paste it at the hidden prompt" in shell.fails(f"%subchat key groq {fresh}")
+
+
 def test_a_key_as_a_row_label_never_names_a_row_chat(shell, groq, workdir):
     """A batch's rows are named after their labels (a dict's keys, a DataFrame's index):
     a label holding a key would put it into the chats table, the tree and every export,
