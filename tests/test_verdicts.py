@@ -292,6 +292,11 @@ def test_estimate_counts_times_a_sample_kept_as_rows_and_stops(shell):
     again = shell.ok("%%subchat root -b echo --each qs --estimate --sample 0\n{item}?")
     assert "10 rows (8 done before, 2 to send)" in again and "--sample 0" in again
     assert len([c for c in tree.children(tree.get("root/qs")) if c.messages]) == 8
+    shell.ok("%%subchat root -b echo --each qs\n{item}?")
+    done = shell.ok("%%subchat root -b echo --each qs --estimate\n{item}?")
+    # nothing left to count: no claim that a tokenizer counted it (echo has none)
+    assert "10 rows (10 done before, 0 to send)" in done and "tokenizer and chat template" not in done
+    assert "prompt tokens: none to send" in done
 
 
 def test_estimate_of_a_vote_batch_runs_its_sample_as_vote_rows(shell):
