@@ -141,7 +141,7 @@ def run_each(m: Any, args: Any, template: str, opts: dict[str, Any]) -> None:
         if args.backend is not None:
             raise UsageError("%%subchat: --compare names the backends itself; leave out --backend")
         entries, plans = session.compare_plan(args.compare, opts)
-        names = column_names(entries, [p.backend for p in plans])
+        names = column_names(entries, [p.backend for p in plans], [p.options[0].model for p in plans])
         for n, p in zip(names, plans):
             o = p.options[0]
             per = session.vote_options(k, {**opts, "model": o.model}) if k else [o]

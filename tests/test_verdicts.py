@@ -85,6 +85,31 @@ def test_compare_sends_to_each_model_into_subchats_named_after_it(shell):
     assert prov["compare"]["name"] == "other" and prov["compare"]["of"] == ["echo", "other"]
 
 
+def test_compare_names_an_entry_without_a_model_after_the_model_m_gave_it(shell, monkeypatch):
+    """-m gives the entries of --compare that name no model their model: the subchat and
+    the --var/--as key are named after that model, not the backend's default one it did
+    not use."""
+    from subchat_magics.backends.registry import registry
+    from subchat_magics.testing.fakeservers import FakeGroq
+
+    with FakeGroq(models=["m1", "m2", "llama-3.3-70b-versatile"], key="gsk_test") as server:
+        monkeypatch.setenv("GROQ_BASE_URL", server.url)
+        monkeypatch.setenv("GROQ_API_KEY", "gsk_test")
+        try:
+            shell.ok("%%subchat root/c --compare groq,groq:m2 -m m1 --var c\nhello")
+            shell.ns["qs"] = ["a"]
+            shell.ok("%%subchat root --each qs --compare groq,groq:m2 -m m1 --as t\n{item}")
+        finally:
+            registry().close()
+        assert [r.body["model"] for r in server.chat_requests()] == ["m1", "m2"] * 2
+    assert set(shell.ns["c"]) == {"m1", "m2"}
+    t = shell.ns["t"]  # (a DataFrame once pandas is imported, else a list of dicts)
+    assert (list(t.columns) if hasattr(t, "columns") else list(t[0])) == ["m1", "m2"]
+    tree = __import__("subchat_magics.session", fromlist=["x"]).default_session().tree
+    assert [c.name for c in tree.children(tree.get("root/c"))] == ["m1", "m2"]
+    assert [c.name for c in tree.children(tree.get("root/qs/0"))] == ["m1", "m2"]
+
+
 def test_each_with_vote_and_labels_gives_a_table_and_scores(shell):
     shell.ns["df"] = pd.DataFrame({"q": ["a", "b", "c"], "gold": ["yes", "no", "yes"]})
     out = shell.ok("%%subchat root -b echo --each df --vote 3 --choice yes,no --labels gold --as t\n{q}?")
