@@ -523,6 +523,24 @@ def test_echo_calls_each_tool_with_arguments_valid_against_its_schema():
         assert schema_error(params, args) is None, (fn.__name__, args)
 
 
+def test_echo_calls_a_tool_taking_dates_times_and_uuids_with_values_it_accepts(shell, workdir):
+    """echo's call is a valid instance of the schema: a string with a format (a date, a
+    date-time, a time, a duration, a UUID) gets a value of that format, so the tool runs
+    instead of failing pydantic's validation on an empty string."""
+    shell.ok('''
+import datetime, uuid
+got = []
+def when(day: datetime.date, at: datetime.datetime, t: datetime.time, span: datetime.timedelta,
+         key: uuid.UUID) -> str:
+    """Takes typed values."""
+    got.append((day, at, t, span, key))
+    return "ran"
+''')
+    out = shell.ok("%%subchat root --tools when --yes\nWhen?")
+    assert "tool results: when → ran" in out, out
+    assert len(shell.ns["got"]) == 1
+
+
 def test_each_row_of_a_batch_runs_its_own_tool_loop_and_a_rerun_reuses_the_answers(
         shell, workdir):
     shell.ok(DEFS + "\nregions = ['north', 'south', 'east']")
