@@ -50,6 +50,18 @@ def test_score_counts_add_up(pairs):
     assert s.correct == sum(1 for a, b in pairs if a == b) == s.n - len(s.wrong)
 
 
+def test_a_label_column_made_float_by_a_missing_value_still_matches_whole_answers(shell):
+    """An integer label column with a missing value is float in pandas (1.0, NaN, 2.0):
+    its labels compare as the whole numbers they are, with a --choice 1,2 answer '1' and
+    with a --json answer 1, in the cell and in show."""
+    shell.ns["df"] = pd.DataFrame({"t": ["a", "b", "c"], "g": [1, None, 2]})
+    assert str(shell.ns["df"]["g"].dtype) == "float64"
+    out = shell.ok("%%subchat root -b echo --each df --choice 1,2 --labels g\n{t}")
+    assert "accuracy 1/2 (50%)" in out and "1.0" not in out, out
+    assert "accuracy 1/2 (50%)" in shell.ok("%subchat show root/df")
+    assert verdict.score([1, 2.0, "3"], [1.0, 2, 3.0]).correct == 3
+
+
 def test_vote_keeps_samples_as_siblings_and_the_verdict_on_the_chat(shell):
     shell.ok("%%subchat root/q -b echo --vote 5 --choice yes,no --var v\nIs it?")
     assert shell.ns["v"] == "yes"
