@@ -35,7 +35,7 @@ from .backends.registry import Selection
 from .errors import InvalidInput, SubchatError
 from .exchange import Exchange, Runner, contexts_known
 from .prompting import TOO_LONG
-from .secrets import steady
+from .secrets import redact, steady
 from .settings import getenv
 from .store import ChatRow
 from .tree import Chat, ChatTree, normalize_path
@@ -212,9 +212,11 @@ def check_fields(template: str, items: Items, known: Callable[[str], bool]) -> N
 
 def row_names(entries: list[Entry]) -> list[str]:
     """Each row chat's name: its label made a path part (``/``, spaces… become ``_``);
-    positions ``0``, ``1``… when labels clash or cannot be made one."""
+    positions ``0``, ``1``… when labels clash or cannot be made one (or one holds a known
+    key, which a chat's name would show in the tree, the store and every export)."""
     names = [_UNSAFE.sub("_", str(e.label))[:100] for e in entries]
-    if len(set(names)) != len(names) or any(n in ("", ".", "..") for n in names):
+    if len(set(names)) != len(names) or any(n in ("", ".", "..") for n in names) \
+            or any(redact(n) != n for n in names):  # a key as a label: never a chat's name
         return [str(e.pos) for e in entries]
     return names
 
@@ -759,7 +761,12 @@ class Batch:
         while self._calling:
             row, ex = self._calling.popleft()
             rounds = self._rounds[ex.chat.id] = self._rounds.get(ex.chat.id, 0) + 1
-            self.run_tools(ex.chat, list(ex.finish.tool_calls))  # type: ignore[misc,union-attr]
+            try:
+                self.run_tools(ex.chat, list(ex.finish.tool_calls))  # type: ignore[misc,union-attr]
+            except BaseException:  # Ctrl-C in a tool: the row is cut, counted as such
+                row.status, row.reason = "interrupted", "interrupted"
+                self.progress.interrupted += 1
+                raise
             if rounds >= self.max_rounds:
                 row.status = "failed"
                 row.reason = (f"stopped after {rounds} round(s) of tool calls (--max-rounds "
@@ -1218,15 +1225,19 @@ def summaries(tree: ChatTree, counts: dict[int, int] | None = None) -> dict[int,
         names = {c.id: c.name for c in chat.children}
         firsts = {cid: ex[1] for cid, ex in first_exchanges(tree, chat).items() if len(ex) > 1}
         marked = [ex[3] for cid, ex in firsts.items() if marks_row(names.get(cid, ""), ex[3])]
-        if not marked:
-            continue
+        shape = None
+        if not marked:  # a comparison's rows hold nothing: its models' subchats carry the mark
+            marked, sides = _compare_marks(tree, chat)
+            if not marked:
+                continue
+            shape = Shape(sides=sides)
         total = max(int(p[MARK].get("of") or 0) for p in marked)
-        stored = stored_rows(tree, chat)
+        stored = stored_rows(tree, chat, shape)
         rows = len(stored)
         s = Summary(chat.id, max(total, rows), rows=rows)
         for st in stored.values():  # a row counts as its latest attempt says
             last = st.latest
-            status = last.status if last is not None else None
+            status = loop_status(tree, last) if last is not None else None
             if status is None:
                 continue
             if status == "complete":
@@ -1237,6 +1248,36 @@ def summaries(tree: ChatTree, counts: dict[int, int] | None = None) -> dict[int,
                 s.interrupted += 1
         out[chat.id] = s
     return out
+
+
+def loop_status(tree: ChatTree, att: Attempt) -> str | None:
+    """An attempt's status as a row's: its first reply's, but a reply that called tools
+    is complete only when its loop ended in a complete answer (else the loop was cut:
+    ``interrupted``), as a rerun decides."""
+    if att.tools and att.status == "complete":
+        final = tree.store.messages(att.chat_id)[-1]
+        if final.role != "assistant" or final.status != "complete" \
+                or final.provenance.get("tool_calls"):
+            return "interrupted"
+    return att.status
+
+
+def _compare_marks(tree: ChatTree, chat: Chat) -> tuple[list[dict[str, Any]], list[str]]:
+    """A comparison batch's marks and model names: the first replies of the subchats of
+    ``chat``'s rows (rows that hold no messages) that carry the batch mark naming their
+    row. One query; ([], []) when ``chat`` is no comparison's batch chat."""
+    rows: dict[int, str] = {}
+    found = []
+    for cid, parent, name, _, count, _, seq, role, _, _, prov in tree.store.batch_rows(chat.id, 2):
+        if parent == chat.id:
+            if not count:
+                rows[cid] = name
+        elif parent in rows and seq == 1 and role == "assistant":
+            mark = prov.get(MARK)
+            if isinstance(mark, dict) and str(mark.get("item", rows[parent])) == rows[parent]:
+                found.append((name, prov))
+    sides = list(dict.fromkeys(name for name, _ in found))
+    return [prov for _, prov in found], sides
 
 
 def marks_row(name: str, provenance: dict[str, Any]) -> bool:

@@ -61,12 +61,15 @@ def parse_entries(spec: "str | Sequence[str]") -> list[Entry]:
     return entries
 
 
-def column_names(entries: list[Entry], backends: list[Backend]) -> list[str]:
+def column_names(entries: list[Entry], backends: list[Backend],
+                 models: "Sequence[str | None] | None" = None) -> list[str]:
     """A name per entry, after its model (its subchat and its column): the model given,
-    else the backend's default model, else the backend; made unique with the backend."""
+    else the model its request was planned with (``models``: ``-m`` for the entries that
+    name none), else the backend's default model, else the backend; made unique with the
+    backend."""
     names = []
-    for e, b in zip(entries, backends):
-        model = e.model or b.default_model() or b.id
+    for e, b, planned in zip(entries, backends, models or [None] * len(entries)):
+        model = e.model or planned or b.default_model() or b.id
         names.append(_UNSAFE.sub("_", model.rstrip("/").rpartition("/")[2])[:80] or b.id)
     if len(set(names)) != len(names):
         names = [_UNSAFE.sub("_", f"{e.backend}-{n}")[:100] for e, n in zip(entries, names)]

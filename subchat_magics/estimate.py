@@ -84,9 +84,12 @@ class Estimate:
                   if self.done_before else f", {self.to_send} to send")
                + (f", {self.skipped} skipped" if self.skipped else "")]
         per = self.prompt_tokens / max(1, self.to_send)
-        out.append(f"prompt tokens: {self.prompt_tokens:,} ({per:,.0f} a row, longest "
-                   f"{self.longest:,}) {self.how}"
-                   + (f"; {counted(self.too_long, 'row')} {'does' if self.too_long == 1 else 'do'} not fit the window" if self.too_long else ""))
+        if not self.to_send:  # nothing counted: no figures, and no claim of how
+            out.append("prompt tokens: none to send")
+        else:
+            out.append(f"prompt tokens: {self.prompt_tokens:,} ({per:,.0f} a row, longest "
+                       f"{self.longest:,}) {self.how}"
+                       + (f"; {counted(self.too_long, 'row')} {'does' if self.too_long == 1 else 'do'} not fit the window" if self.too_long else ""))
         kv = self.kv
         if kv and kv.get("kv_tokens"):
             need = self.seq_tokens()

@@ -332,6 +332,16 @@ class Exchange:
     def begun(self) -> bool:
         return self.reply_row is not None
 
+    # what a view reads of a reply streaming (as of a Turn): a batch's, a vote's and a
+    # comparison's replies stream as exchanges
+    @property
+    def done(self) -> bool:
+        return self.reply is not None
+
+    @property
+    def provenance_extra(self) -> dict[str, Any]:
+        return self.provenance
+
     def begin(self, backend: Backend) -> None:
         """Store the user message and an empty reply row (marked interrupted until it
         ends); :meth:`announce` tells the listeners once that is committed."""

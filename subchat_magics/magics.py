@@ -409,6 +409,8 @@ class SubchatMagics(Magics):
         verdicts.check_estimate(args)
         check_var(args.var, "--var")
         fanout = args.fanout is not None or args.children is not None
+        if args.temperatures is not None and not fanout:  # (a vote, a batch: it was ignored)
+            raise UsageError("%%subchat: --temperatures goes with --fanout N or --children a,b")
         if args.format == "code" and fanout:
             raise UsageError("%%subchat: --format code takes the code of one reply; it does "
                              "not go with --fanout/--children")
@@ -442,8 +444,6 @@ class SubchatMagics(Magics):
             if tools is not None:
                 return self._fanout_tools(args, text, opts, tools)
             return self._fanout(args, text, opts)
-        if args.temperatures is not None:
-            raise UsageError("%%subchat: --temperatures goes with --fanout N or --children a,b")
         if tools is not None:
             run = self.session.send(args.path, text, backend=args.backend, system=args.system,
                                     tools=tools, approve=True if args.yes else None,
@@ -474,7 +474,17 @@ class SubchatMagics(Magics):
             for run in runs:
                 print(f"── {run.chat.path} ──")
                 box: dict[str, Any] = {}
-                self._stream_tools(run, args.format or self.format, "_", into=box)
+                try:
+                    self._stream_tools(run, args.format or self.format, "_", into=box)
+                except UsageError as exc:  # Ctrl-C: the line says what every subchat holds
+                    i = len(values)
+                    done = [r.chat.path for r in runs[:i]]
+                    rest = [r.chat.path for r in runs[i + 1:]]
+                    if not str(exc).startswith("%%subchat: interrupted: ") or not (done or rest):
+                        raise
+                    raise UsageError("; ".join(
+                        [str(exc)] + ([f"{', '.join(done)} finished"] if done else [])
+                        + ([f"{', '.join(rest)} not sent"] if rest else []))) from None
                 values.append(box.get("_"))
         finally:
             if args.var:

@@ -134,9 +134,10 @@ def batch_summary(tree: ChatTree, chat: Chat, markdown: bool = False) -> list[st
     latest = [(name, st.latest) for name, st in stored.items() if st.latest is not None]
     total = max([int((a.provenance.get(batch.MARK) or {}).get("of") or 0) for _, a in latest]
                 + [len(stored)])
-    done = sum(1 for _, a in latest if a.status == "complete")
-    failed = [(n, a) for n, a in latest if a.status == "error"]
-    cut = [(n, a) for n, a in latest if a.status not in ("complete", "error")]
+    status = {n: batch.loop_status(tree, a) for n, a in latest}  # (a tool row: its loop's end)
+    done = sum(1 for n, _ in latest if status[n] == "complete")
+    failed = [(n, a) for n, a in latest if status[n] == "error"]
+    cut = [(n, a) for n, a in latest if status[n] not in ("complete", "error")]
     bits = [f"{done}/{total} done"]
     if failed:
         bits.append(f"{len(failed)} failed")

@@ -652,7 +652,8 @@ class Session:
         if isinstance(path, str):
             normalize_path(path)
         self._check_free([path])
-        names = compare_mod.column_names(entries, [p.backend for p in plans])
+        names = compare_mod.column_names(entries, [p.backend for p in plans],
+                                           [p.options[0].model for p in plans])
         chat = self._target(path, create=True, system=system)
         if system is not None and chat.system_prompt != (system or None):
             self.tree.set_system_prompt(chat, system)

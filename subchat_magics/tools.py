@@ -464,6 +464,13 @@ def example_arguments(schema: dict[str, Any]) -> dict[str, Any]:
     return json.loads(Constraint("json", schema=schema).example())
 
 
+#: a small valid value of each string format pydantic writes into a schema
+_FORMATTED = {"date": "2000-01-01", "date-time": "2000-01-01T00:00:00Z", "time": "00:00:00",
+              "duration": "PT0S", "uuid": "00000000-0000-0000-0000-000000000000",
+              "email": "a@example.com", "uri": "https://example.com/",
+              "ipv4": "127.0.0.1", "ipv6": "::1"}
+
+
 def _smallest(schema: Any, root: dict[str, Any], depth: int) -> Any:
     if depth > 20 or not isinstance(schema, dict):
         return None
@@ -489,6 +496,8 @@ def _smallest(schema: Any, root: dict[str, Any], depth: int) -> Any:
         return [_smallest(schema.get("items", {}), root, depth + 1)
                 for _ in range(schema.get("minItems", 0))]
     if kind == "string":
+        if schema.get("format") in _FORMATTED:  # ("" is no date: the tool would not run)
+            return _FORMATTED[schema["format"]]
         n = int(schema.get("minLength", 0))
         pattern = schema.get("pattern")
         for text in ("a" * n, "0" * n, "A" * n, "a" * max(n, 1), "0" * max(n, 1)):

@@ -249,6 +249,8 @@ def agreement(a: Sequence[Any], b: Sequence[Any], name: str) -> Score:
 
 
 def _label_text(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # (an int column with a missing value is float in pandas: 1.0 is 1)
     return value.strip() if isinstance(value, str) else key_of(value)
 
 

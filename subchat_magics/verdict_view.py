@@ -8,7 +8,7 @@ core's (:mod:`subchat_magics.vote`, :mod:`subchat_magics.compare`,
 from __future__ import annotations
 
 import sys
-from collections import ChainMap
+from collections import ChainMap, Counter
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -21,6 +21,7 @@ from .errors import BackendError, InvalidInput
 from .magic_args import in_kernel
 from .multibatch import MultiBatch, Side
 from .secrets import redact
+from .words import counted
 
 
 def check_cell(args: Any, fanout: bool) -> None:
@@ -56,9 +57,17 @@ def run_cell(m: Any, args: Any, text: str, opts: dict[str, Any], view_class: Any
         for i, delta in stream:
             view.delta(i, delta)
     except KeyboardInterrupt:
+        # as a fan-out: one line naming where the partial replies are kept, not the
+        # stream's traceback; --var holds what arrived (a vote has no verdict yet)
         stream.close()
-        view.finish(["interrupted" for _ in exchanges])
-        raise KeyboardInterrupt from None
+        view.finish(["interrupted" if ex.text else "interrupted: nothing arrived"
+                     for ex in exchanges])
+        if args.var:
+            m.shell.user_ns[args.var] = ({n: ex.text for n, ex in zip(job.names, exchanges)}
+                                         if args.compare is not None else None)
+        kept = sum(1 for ex in exchanges if ex.text)
+        raise UsageError(f"%%subchat: interrupted: {counted(kept, 'partial reply', 'partial replies')} "
+                         f"kept in {', '.join(ex.chat.path for ex in exchanges)}") from None
     except BackendError as exc:
         error = exc
     finally:
@@ -132,7 +141,7 @@ def run_each(m: Any, args: Any, template: str, opts: dict[str, Any]) -> None:
         if args.backend is not None:
             raise UsageError("%%subchat: --compare names the backends itself; leave out --backend")
         entries, plans = session.compare_plan(args.compare, opts)
-        names = column_names(entries, [p.backend for p in plans])
+        names = column_names(entries, [p.backend for p in plans], [p.options[0].model for p in plans])
         for n, p in zip(names, plans):
             o = p.options[0]
             per = session.vote_options(k, {**opts, "model": o.model}) if k else [o]
@@ -226,9 +235,12 @@ def estimate_each(m: Any, args: Any, batch: Any, sides: list[Any], run: Any, vie
     est = estimate.count(batch, sides)
     try:
         estimate.sample(est, batch, estimate.check_sample(args.sample), run)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # one line, as a batch's: the sample's finished rows are kept
         view.close()
-        raise KeyboardInterrupt from None
+        done = sum(1 for r in batch.result().rows if r.status == "done")
+        raise UsageError(f"%%subchat: interrupted while timing the sample: {counted(done, 'row')} "
+                         "done, kept as rows of the batch; run the cell again to estimate, or "
+                         "without --estimate to run the batch") from None
     view.close()
     est.cell = "%%subchat " + cell_line(getattr(args, "line", "") or "") + "  (the same cell without --estimate)"
     for line in est.lines():
@@ -270,28 +282,56 @@ def plot_scores(scores: list[verdict.Score]) -> bool:
     return True
 
 
+def _say(text: str) -> None:
+    """Print a line of scores with every known key masked (the labels, the answers and
+    the row names are the user's values: a key among them is shown as in the store)."""
+    print(redact(text))
+
+
+#: rows with no answer of this run to score: not sent (a missing value), or answered by
+#: another kernel (show of the batch scores them once they are stored)
+NOT_SCORED = {"skipped": "not sent (skipped)", "claimed": "answered by another kernel"}
+
+
 def show_scores(m: Any, run: MultiBatch, labels: list[Any]) -> list[verdict.Score]:
     """Accuracy per model (with and without the vote), the confusion table and the rows
-    that disagree; a bar plot where matplotlib is installed (in a notebook)."""
+    that disagree; a bar plot where matplotlib is installed (in a notebook). Rows this
+    run has no answer for (:data:`NOT_SCORED`) are left out, as show leaves them, and
+    counted."""
+    keep = [i for i, r in enumerate(run.rows) if r.status not in NOT_SCORED]
+
+    def kept(values: list[Any]) -> list[Any]:
+        return [values[i] for i in keep]
+
+    def score(answers: list[Any], name: str) -> verdict.Score:
+        sc = verdict.score(kept(answers), kept(labels), name)
+        sc.wrong = [keep[i] for i in sc.wrong]
+        return sc
+
     scores = []
     for s in run.sides:
         name = s.name or "answers"
-        sc = verdict.score(run.answers_of(s.name), labels, name + (" (vote)" if s.k > 1 else ""))
+        sc = score(run.answers_of(s.name), name + (" (vote)" if s.k > 1 else ""))
         scores.append(sc)
-        print(sc.line())
+        _say(sc.line())
         if s.k > 1:
-            print(verdict.score(run.first_samples_of(s.name), labels,
-                                f"{name} (first sample, no vote)").line())
+            _say(score(run.first_samples_of(s.name), f"{name} (first sample, no vote)").line())
     if len(run.sides) > 1:
         a, b = run.sides[0], run.sides[1]
-        print(verdict.agreement(run.answers_of(a.name), run.answers_of(b.name),
-                                f"{a.name} vs {b.name}").line("agreement"))
+        _say(verdict.agreement(kept(run.answers_of(a.name)), kept(run.answers_of(b.name)),
+                               f"{a.name} vs {b.name}").line("agreement"))
+    left = Counter(NOT_SCORED[r.status] for r in run.rows if r.status in NOT_SCORED)
+    if left:
+        _say(f"{counted(sum(left.values()), 'row')} not scored: "
+             + ", ".join(f"{why} ({n})" if len(left) > 1 else why for why, n in left.items()))
     for sc in scores:
-        print(f"confusion ({sc.name}):\n{sc.table()}")
+        if not sc.confusion:  # no row scored: no table
+            continue
+        _say(f"confusion ({sc.name}):\n{sc.table()}")
         if sc.wrong:
             rows = [run.rows[i].name for i in sc.wrong[:10]]
-            print(f"disagreeing rows ({sc.name}): {', '.join(map(str, rows))}"
-                  + (" …" if len(sc.wrong) > 10 else ""))
+            _say(f"disagreeing rows ({sc.name}): {', '.join(map(str, rows))}"
+                 + (" …" if len(sc.wrong) > 10 else ""))
     if in_kernel(m.shell):
         plot_scores(scores)
     return scores

@@ -292,9 +292,13 @@ def test_update_interval_out_of_range_is_refused_and_kept(shell, caplog):
     ("%%subchat root --fanout 2 --temperatures 0.5,,1\nhi", "--temperatures takes numbers"),
     ("%%subchat root --fanout 3 --children p,q\nhi", "give one of the two"),
     ("%%subchat root --temperatures 0.5\nhi", "--temperatures goes with --fanout"),
+    ("%%subchat root/v --vote 3 --temperatures 0,1\nhi", "--temperatures goes with --fanout"),
+    ("%%subchat root/c --compare echo,echo:b --temperatures 0,1\nhi", "--temperatures goes with --fanout"),
+    ("%%subchat root --each items --temperatures 0.5\n{item}", "--temperatures goes with --fanout"),
 ])
 def test_fanout_settings_that_cannot_all_apply_are_one_line_errors(shell, workdir, cell, expected):
     shell.ok("%%subchat root\nfirst")
+    shell.ns["items"] = ["a", "b"]
     refused_and_unchanged(shell, workdir, cell, expected)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import _thread
 import threading
 
+import pytest
 from IPython.core.error import UsageError
 
 from subchat_magics.testing import store_rows
@@ -104,3 +105,77 @@ def test_ctrl_c_in_a_fanout_says_one_line_naming_where_the_replies_are_kept(shel
     statuses = store_rows(workdir / "subchats.db",
                           "SELECT status FROM messages WHERE role = 'assistant' ORDER BY id")
     assert statuses[1:] == [("interrupted",), ("interrupted",)]
+
+
+@pytest.mark.parametrize("flags, var, kept_in", [
+    ("-b echo --vote 2", None, "root/q/1, root/q/2"),
+    ("--compare echo,echo:other", {"echo": "", "other": ""}, "root/q/echo, root/q/other"),
+])
+def test_ctrl_c_in_a_vote_or_comparison_says_one_line_naming_where_the_replies_are_kept(
+        shell, workdir, flags, var, kept_in):
+    """As a fan-out's: one line, not the KeyboardInterrupt's traceback; --var set (no
+    verdict under a vote; under --compare each model's partial reply)."""
+    seen = []
+    never = threading.Event()
+
+    def listener(event, data):
+        if event == "reply-delta":
+            seen.append(data["delta"])
+            if len(seen) == 6:
+                _thread.interrupt_main()
+                never.wait(60)
+
+    from subchat_magics.session import default_session
+
+    shell.ok("%%subchat root -b echo\nseed")
+    unsubscribe = default_session().tree.subscribe(listener)
+    words = " ".join(f"w{i}" for i in range(200))
+    try:
+        result, cap = shell.run(f"%%subchat root/q {flags} --var got\n{words}")
+    finally:
+        unsubscribe()
+    msg = str(result.error_in_exec)
+    assert msg.startswith("%%subchat: interrupted: ") and msg.endswith(f"kept in {kept_in}"), msg
+    assert "Traceback" not in cap.stdout + cap.stderr
+    got = shell.ns["got"]
+    if var is None:
+        assert got is None
+    else:
+        assert set(got) == set(var) and "".join(got.values())  # what arrived
+    statuses = store_rows(workdir / "subchats.db",
+                          "SELECT status FROM messages WHERE role = 'assistant' ORDER BY id")
+    assert statuses[1:] == [("interrupted",), ("interrupted",)]
+    assert "verdict" not in shell.ok("%subchat show root/q/1" if var is None else "%subchat show root/q/echo")
+
+
+@pytest.mark.parametrize("flags", ["", "--vote 2"])
+def test_ctrl_c_while_an_estimate_times_its_sample_says_one_line(shell, workdir, flags):
+    """--estimate runs --sample K rows for real: Ctrl-C there ends in one line (not the
+    KeyboardInterrupt's traceback), the rows that finished are kept, and the batch then
+    runs, reusing them."""
+    seen = []
+    never = threading.Event()
+
+    def listener(event, data):
+        if event == "reply-delta":
+            seen.append(data["delta"])
+            if len(seen) == 30:
+                _thread.interrupt_main()
+                never.wait(60)
+
+    from subchat_magics.session import default_session
+
+    shell.ns["qs"] = [" ".join(f"w{i}-{j}" for j in range(40)) for i in range(8)]
+    unsubscribe = default_session().tree.subscribe(listener)
+    try:
+        result, cap = shell.run(f"%%subchat root -b echo --each qs {flags} --estimate --sample 4 "
+                                "--concurrency 2\n{item}")
+    finally:
+        unsubscribe()
+    msg = str(result.error_in_exec)
+    assert isinstance(result.error_in_exec, UsageError), result.error_in_exec
+    assert msg.startswith("%%subchat: interrupted while timing the sample: ") and "\n" not in msg, msg
+    assert "kept as rows of the batch" in msg
+    assert "Traceback" not in cap.stdout + cap.stderr
+    out = shell.ok(f"%%subchat root -b echo --each qs {flags}\n{{item}}")
+    assert "8 items, 8 done" in out

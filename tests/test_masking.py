@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from subchat_magics.backends.registry import registry
 from subchat_magics.secrets import PART, forget_secret, mask_keys, register_secret
 from subchat_magics.settings import forget_secrets
+from subchat_magics.testing import store_rows
 from subchat_magics.testing.fakeservers import FakeGroq
 
 pd = pytest.importorskip("pandas")
@@ -106,6 +107,53 @@ def test_a_key_in_any_filled_value_the_body_or_the_options_line_never_leaves(she
     # what is not a key survives: the table, the items, the text around the key
     assert "| name | token |" in store_text(workdir / "subchats.db")
     assert "plain item" in "".join(bodies) and "suffix" in "".join(bodies)
+
+
+def test_a_key_in_a_label_column_is_masked_in_the_scores_the_cell_prints(shell, groq, workdir):
+    """--labels prints the confusion table and the disagreeing rows when the batch ends:
+    a key among the labels (whole, or cut at the table's column width) is masked there as
+    in the store and in show."""
+    shell.ns["df"] = pd.DataFrame({"q": ["a", "b"], "gold": [KEY, f"x {KEY}"]})
+    result, cap = shell.run("%%subchat root/l --backend groq --each df --labels gold --as o\nSay {q}")
+    assert result.success, (cap.stdout, result.error_in_exec)
+    out = outputs(cap)
+    assert "accuracy 0/2" in out and "confusion" in out
+    _, shown = shell.run("%subchat show root/l/df")
+    for where, text in [("cell", out), ("show", outputs(shown)),
+                        ("store", store_text(workdir / "subchats.db"))]:
+        assert not leaks(text), (where, leaks(text)[:3])
+
+
+def test_a_key_typed_on_the_key_line_is_never_echoed(shell, workdir):
+    """%subchat key asks for the key hidden; a key typed on the line instead (after the
+    backend's name, or in its place) is not a known key yet, so no masking would catch
+    it: the refusal must not repeat what was typed."""
+    forget_secrets()
+    fresh = "gsk_" + "Zq9" * 18  # (no key the session knows)
+    for line in (f"%subchat key groq {fresh}", f"%subchat key {fresh}",
+                 f"%subchat key groq --x {fresh}"):
+        msg = shell.fails(line)
+        assert not leaks(msg, fresh), (line, msg)
+        assert "%subchat key" in msg and "groq" in msg and "\n" not in msg, msg
+    assert "paste it at the hidden prompt" in shell.fails(f"%subchat key groq {fresh}")
+
+
+def test_a_key_as_a_row_label_never_names_a_row_chat(shell, groq, workdir):
+    """A batch's rows are named after their labels (a dict's keys, a DataFrame's index):
+    a label holding a key would put it into the chats table, the tree and every export,
+    so such a batch's rows are named by position, as clashing labels are."""
+    shell.ns["d"] = {KEY: "a", "other": "b"}
+    shell.ns["df"] = pd.DataFrame({"q": ["a", "b"]}, index=[f"id-{KEY[:20]}", "x"])
+    shell.ok("%%subchat root/a --backend groq --each d --as o\nSay {item}")
+    shell.ok("%%subchat root/b --backend groq --each df --as p\nSay {q}")
+    _, tree = shell.run("%subchat tree --text")
+    shell.ok("%subchat export root --format json --out export.json")
+    names = [n for (n,) in store_rows(workdir / "subchats.db", "SELECT name FROM chats")]
+    assert {"0", "1"} <= set(names) and "other" not in names
+    assert list(shell.ns["o"]) == ["Hello from the fake server."] * 2
+    for where, text in [("store", store_text(workdir / "subchats.db")), ("tree", outputs(tree)),
+                        ("export.json", (workdir / "export.json").read_text())]:
+        assert not leaks(text), (where, leaks(text)[:3])
 
 
 def test_a_key_entered_in_the_session_or_registered_by_a_plugin_is_masked_in_part(shell, workdir):

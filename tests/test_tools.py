@@ -383,6 +383,29 @@ def test_fanout_with_tools_gives_each_subchat_its_own_loop(shell, workdir):
             "user", "assistant", "tool", "assistant", "tool", "assistant"]
 
 
+def test_ctrl_c_in_a_fanout_tool_loop_names_every_subchat_in_its_one_line(shell, workdir):
+    """--fanout with --tools runs each subchat's loop in turn: Ctrl-C in the second one's
+    tool says in one line what each subchat holds (answered, cut, not sent), not only the
+    cut one's calls; --var holds the answers that came."""
+    shell.ok('''
+import _thread, time
+seen = []
+def slow(x: int) -> int:
+    """Slow."""
+    seen.append(x)
+    if len(seen) == 2:
+        _thread.interrupt_main()
+        time.sleep(5)
+    return x
+''')
+    result, cap = shell.run("%%subchat root/f --fanout 3 --tools slow --yes --var v\nhi")
+    msg = str(result.error_in_exec)
+    assert msg == ("%%subchat: interrupted: 0 finished tool calls kept in root/f/2; "
+                   "root/f/1 finished; root/f/3 not sent"), msg
+    assert "Traceback" not in cap.stdout + cap.stderr
+    assert shell.ns["v"][0].startswith("echo (3 messages): hi") and shell.ns["v"][1:] == [None, None]
+
+
 def test_fanout_approvals_are_asked_once_per_tool_for_every_subchat(shell, workdir):
     from subchat_magics.session import default_session
     from subchat_magics.toolrun import Approver
@@ -500,6 +523,24 @@ def test_echo_calls_each_tool_with_arguments_valid_against_its_schema():
         assert schema_error(params, args) is None, (fn.__name__, args)
 
 
+def test_echo_calls_a_tool_taking_dates_times_and_uuids_with_values_it_accepts(shell, workdir):
+    """echo's call is a valid instance of the schema: a string with a format (a date, a
+    date-time, a time, a duration, a UUID) gets a value of that format, so the tool runs
+    instead of failing pydantic's validation on an empty string."""
+    shell.ok('''
+import datetime, uuid
+got = []
+def when(day: datetime.date, at: datetime.datetime, t: datetime.time, span: datetime.timedelta,
+         key: uuid.UUID) -> str:
+    """Takes typed values."""
+    got.append((day, at, t, span, key))
+    return "ran"
+''')
+    out = shell.ok("%%subchat root --tools when --yes\nWhen?")
+    assert "tool results: when → ran" in out, out
+    assert len(shell.ns["got"]) == 1
+
+
 def test_each_row_of_a_batch_runs_its_own_tool_loop_and_a_rerun_reuses_the_answers(
         shell, workdir):
     shell.ok(DEFS + "\nregions = ['north', 'south', 'east']")
@@ -519,6 +560,33 @@ def test_each_row_of_a_batch_runs_its_own_tool_loop_and_a_rerun_reuses_the_answe
                      "How many in {item}?")
     assert shell.ns["calls"] == [("lookup", "")] * 3  # nothing sent again, no call run again
     assert shell.ns["again"] == shell.ns["answers"], again
+
+
+def test_a_batch_row_cut_in_its_tool_loop_is_counted_not_done_in_the_cell_tree_and_show(
+        shell, workdir):
+    """Ctrl-C while a row's tool runs: the row's first reply (the call) is complete but
+    the row has no answer: the cell counts it interrupted, and the tree and show count it
+    not done (they read a tool row by its loop's last message, as a rerun does)."""
+    shell.ok('''
+import _thread, time
+seen = []
+def slow(x: int) -> int:
+    """Slow."""
+    seen.append(x)
+    if len(seen) == 2:
+        _thread.interrupt_main()
+        time.sleep(5)
+    return x
+qs = ["a", "b", "c", "d"]
+''')
+    result, cap = shell.run("%%subchat root --each qs --tools slow --yes --concurrency 1\n{item}")
+    assert "interrupted: 3 row(s) not done" in str(result.error_in_exec)
+    assert "4 items, 1 done, 0 failed, 1 interrupted" in cap.stdout, cap.stdout
+    assert "qs  [1/4 done, 1 interrupted]" in shell.ok("%subchat tree --text")
+    assert "batch of 4 rows: 1/4 done, 1 interrupted" in shell.ok("%subchat show root/qs")
+    out = shell.ok("%%subchat root --each qs --tools slow --yes\n{item}")
+    assert "4 items, 4 done (1 reused)" in out
+    assert "qs  [4/4 done]" in shell.ok("%subchat tree --text")
 
 
 def test_a_batch_asks_once_per_tool_and_stops_rows_at_max_rounds(shell, workdir):

@@ -50,6 +50,18 @@ def test_score_counts_add_up(pairs):
     assert s.correct == sum(1 for a, b in pairs if a == b) == s.n - len(s.wrong)
 
 
+def test_a_label_column_made_float_by_a_missing_value_still_matches_whole_answers(shell):
+    """An integer label column with a missing value is float in pandas (1.0, NaN, 2.0):
+    its labels compare as the whole numbers they are, with a --choice 1,2 answer '1' and
+    with a --json answer 1, in the cell and in show."""
+    shell.ns["df"] = pd.DataFrame({"t": ["a", "b", "c"], "g": [1, None, 2]})
+    assert str(shell.ns["df"]["g"].dtype) == "float64"
+    out = shell.ok("%%subchat root -b echo --each df --choice 1,2 --labels g\n{t}")
+    assert "accuracy 1/2 (50%)" in out and "1.0" not in out, out
+    assert "accuracy 1/2 (50%)" in shell.ok("%subchat show root/df")
+    assert verdict.score([1, 2.0, "3"], [1.0, 2, 3.0]).correct == 3
+
+
 def test_vote_keeps_samples_as_siblings_and_the_verdict_on_the_chat(shell):
     shell.ok("%%subchat root/q -b echo --vote 5 --choice yes,no --var v\nIs it?")
     assert shell.ns["v"] == "yes"
@@ -83,6 +95,31 @@ def test_compare_sends_to_each_model_into_subchats_named_after_it(shell):
     assert [c.name for c in tree.children(tree.get("root/c"))] == ["echo", "other"]
     prov = tree.get("root/c/other").messages[1].provenance
     assert prov["compare"]["name"] == "other" and prov["compare"]["of"] == ["echo", "other"]
+
+
+def test_compare_names_an_entry_without_a_model_after_the_model_m_gave_it(shell, monkeypatch):
+    """-m gives the entries of --compare that name no model their model: the subchat and
+    the --var/--as key are named after that model, not the backend's default one it did
+    not use."""
+    from subchat_magics.backends.registry import registry
+    from subchat_magics.testing.fakeservers import FakeGroq
+
+    with FakeGroq(models=["m1", "m2", "llama-3.3-70b-versatile"], key="gsk_test") as server:
+        monkeypatch.setenv("GROQ_BASE_URL", server.url)
+        monkeypatch.setenv("GROQ_API_KEY", "gsk_test")
+        try:
+            shell.ok("%%subchat root/c --compare groq,groq:m2 -m m1 --var c\nhello")
+            shell.ns["qs"] = ["a"]
+            shell.ok("%%subchat root --each qs --compare groq,groq:m2 -m m1 --as t\n{item}")
+        finally:
+            registry().close()
+        assert [r.body["model"] for r in server.chat_requests()] == ["m1", "m2"] * 2
+    assert set(shell.ns["c"]) == {"m1", "m2"}
+    t = shell.ns["t"]  # (a DataFrame once pandas is imported, else a list of dicts)
+    assert (list(t.columns) if hasattr(t, "columns") else list(t[0])) == ["m1", "m2"]
+    tree = __import__("subchat_magics.session", fromlist=["x"]).default_session().tree
+    assert [c.name for c in tree.children(tree.get("root/c"))] == ["m1", "m2"]
+    assert [c.name for c in tree.children(tree.get("root/qs/0"))] == ["m1", "m2"]
 
 
 def test_each_with_vote_and_labels_gives_a_table_and_scores(shell):
@@ -195,11 +232,30 @@ def test_a_vote_or_comparison_row_is_not_taken_for_a_batch_chat(shell):
     tree = default_session().tree
     flagged = {c.path for c in tree.chats() if batch.is_batch_chat(tree, c)}
     assert flagged == {"root/qs", "root/ps"}
-    assert set(batch.summaries(tree)) == {tree.get("root/qs").id}
+    assert set(batch.summaries(tree)) == {tree.get("root/qs").id, tree.get("root/ps").id}
     assert "batch of" not in shell.ok("%subchat show root/ps/0")
     assert "batch of" not in shell.ok("%subchat show root/qs/0/attempt-2")
     out = shell.ok("%subchat show root/ps")
     assert "batch of 1 row, 2 models (echo, other): 1/1 done" in out
+
+
+def test_the_tree_folds_a_comparison_batch_into_one_line(shell):
+    """A comparison's rows hold nothing (their models' subchats carry the batch mark): the
+    tree shows its batch chat as one line with its counts, as any batch's, text and view."""
+    from subchat_magics.session import default_session
+    from subchat_magics.widget.state import ViewState
+
+    shell.ns["qs"] = ["x", "y"]
+    shell.ok("%%subchat root/c --each qs --compare echo,echo:other\n{item}?")
+    shell.ok("%%subchat root/cv --each qs --compare echo,echo:other --vote 2\n{item}?")
+    out = shell.ok("%subchat tree --text")
+    assert "qs  [2/2 done]" in out and out.count("[2/2 done]") == 2, out
+    assert "other" not in out and "echo  (" not in out, out
+    tree = default_session().tree
+    view = ViewState(tree, tree.root, interval=0.1, clock=lambda: 0.0)
+    view.load()
+    labels = {tree.find(cid).path: b.label() for cid, b in view.batches.items()}
+    assert labels == {"root/c/qs": "[2/2 done]", "root/cv/qs": "[2/2 done]"}
 
 
 def test_show_of_a_labelled_batch_prints_its_scores(shell):
@@ -273,6 +329,11 @@ def test_estimate_counts_times_a_sample_kept_as_rows_and_stops(shell):
     again = shell.ok("%%subchat root -b echo --each qs --estimate --sample 0\n{item}?")
     assert "10 rows (8 done before, 2 to send)" in again and "--sample 0" in again
     assert len([c for c in tree.children(tree.get("root/qs")) if c.messages]) == 8
+    shell.ok("%%subchat root -b echo --each qs\n{item}?")
+    done = shell.ok("%%subchat root -b echo --each qs --estimate\n{item}?")
+    # nothing left to count: no claim that a tokenizer counted it (echo has none)
+    assert "10 rows (10 done before, 0 to send)" in done and "tokenizer and chat template" not in done
+    assert "prompt tokens: none to send" in done
 
 
 def test_estimate_of_a_vote_batch_runs_its_sample_as_vote_rows(shell):
@@ -325,6 +386,20 @@ def test_a_vote_or_labels_batch_skips_missing_values_and_scores_only_labelled_ro
     assert "root/v/df/1" not in tree or not tree.get("root/v/df/1").messages
     out = shell.ok("%%subchat root/l -b echo --each df --choice yes,no --labels gold --as u\n{text}")
     assert "root/l/df/1" not in tree or not tree.get("root/l/df/1").messages
+
+
+def test_a_skipped_row_is_left_out_of_the_scores_the_cell_prints_as_show_does(shell):
+    """A row not sent (a missing value) has no answer to score: the cell's accuracy leaves
+    it out and says so, as show of the batch (read from the store) does, instead of
+    counting it wrong as '(none)'."""
+    shell.ns["df"] = pd.DataFrame({"text": ["a", None, "c"], "gold": ["x", "x", "x"]})
+    for flags in ("", "--vote 2"):
+        out = shell.ok(f"%%subchat root/s{len(flags)} -b echo --each df --choice x,y --labels gold "
+                       f"{flags} --as t\nsay {{text}}")
+        assert "accuracy 2/2 (100%)" in out and "(none)" not in out, out
+        assert "1 row not scored: not sent (skipped)" in out, out
+        assert "disagreeing rows" not in out
+        assert "accuracy 2/2 (100%)" in shell.ok(f"%subchat show root/s{len(flags)}/df")
 
 
 def test_show_of_a_vote_chat_prints_its_verdict(shell):

@@ -14,10 +14,12 @@ down for demos."""
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from typing import Iterator, Sequence
 
+from ..errors import BackendError
 from ..settings import getenv
 from ..tools import ToolCall, example_arguments
 from .base import Backend, Finish, GenerationOptions, Message
@@ -40,10 +42,19 @@ class EchoBackend(Backend):
     def delay(self) -> float:
         if self._fixed is not None:
             return max(0.0, self._fixed)
+        raw = getenv("SUBCHAT_ECHO_DELAY", "0") or "0"
         try:
-            return max(0.0, float(getenv("SUBCHAT_ECHO_DELAY", "0") or 0))
+            value = float(raw)
         except ValueError:
-            return 0.0
+            value = -1.0
+        if not 0 <= value < math.inf:  # (nan too) said, not read as 0 or slept forever
+            raise BackendError(f"SUBCHAT_ECHO_DELAY must be a number of seconds >= 0, not {raw!r}",
+                               reason="config")
+        return value
+
+    def check_settings(self) -> None:
+        """``SUBCHAT_ECHO_DELAY``, checked when a request is planned."""
+        self.delay  # noqa: B018 - raises on a value it cannot use
 
     def default_model(self) -> str:
         return "echo"

@@ -35,6 +35,16 @@ def backends(m: "SubchatMagics", rest: list[str]) -> None:
 
 def key(m: "SubchatMagics", rest: list[str]) -> None:
     known = keys.key_backends()
+    names = ", ".join(sorted(known))
+    # what was typed is never repeated: a key typed on the line is no known key yet, so
+    # no masking would catch it in the message
+    if len(rest) > 1 and rest[0] in known:
+        raise UsageError(f"%subchat key {rest[0]} takes no key on the line (it would stay in "
+                         f"the notebook and its history): run %subchat key {rest[0]} and "
+                         "paste it at the hidden prompt")
+    if len(rest) != 1 or rest[0] not in known:
+        raise UsageError(f"%subchat key takes one backend's name ({names}) and asks for the "
+                         "key at a hidden prompt; never type the key on the line")
     a = m._parse("key", rest, (("name",), dict(choices=sorted(known))))
     import getpass
 

@@ -72,6 +72,18 @@ class Stream:
     coalescer: Coalescer
 
 
+def _models_status(tree: ChatTree, row: Chat) -> str:
+    """A comparison row (it holds nothing) as its models' first replies say: complete
+    when every model's is, an error when one's is, else cut ('' when none was sent)."""
+    got = [ex[1][2] for ex in batch.first_exchanges(tree, row).values() if len(ex) > 1
+           and isinstance(ex[1][3].get(batch.MARK), dict)] if row.children else []
+    if not got:
+        return ""
+    if all(s == "complete" for s in got):
+        return "complete"
+    return "error" if "error" in got else "interrupted"
+
+
 class ViewState:
     """The view's memory of the tree, keyed by chat id. Its methods named after events
     are called with the core's events, in order, by whoever draws (under the view's
@@ -85,6 +97,7 @@ class ViewState:
         self.info: dict[int, ChatInfo] = {}
         self.streams: dict[int, Stream] = {}
         self.batches: dict[int, BatchInfo] = {}  # batch chat id -> its rows, folded
+        self.parts: dict[int, int] = {}  # a row's model/sample/attempt streaming -> the row
         self.selected_id = start.id
         self._line: list[int] = [c.id for c in tree.lineage(start)]  # root..selected
         self.load()
@@ -145,7 +158,7 @@ class ViewState:
             b = batches[cid] = BatchInfo(summary.total, streaming=old.streaming if old else 0)
             for k in chat.children:  # (a row made but not sent yet: '')
                 ex = firsts.get(k.id, ())
-                b.set(k.id, ex[1][2] if len(ex) > 1 else "")
+                b.set(k.id, ex[1][2] if len(ex) > 1 else _models_status(self.tree, k))
         self.batches = batches
 
     def batch_of(self, chat_id: int) -> int | None:
@@ -214,17 +227,31 @@ class ViewState:
         self.info.setdefault(chat_id, ChatInfo()).streaming += 1
         mark = getattr(turn, "provenance_extra", {}).get(batch.MARK)
         if mark is not None:  # a row of a batch: its batch chat is one line
-            chat = self.tree.find(chat_id)
-            parent = chat.parent if chat is not None else None
+            row = self._row_of(chat_id, mark)
+            parent = row.parent if row is not None else None
             if parent is not None:
+                if row.id != chat_id:  # a comparison's model, a vote's sample, an attempt
+                    self.parts[chat_id] = row.id
                 b = self.batches.get(parent.id)
                 if b is None:
                     b = self.batches[parent.id] = BatchInfo(int(mark.get("of") or 0))
                 b.total = max(b.total, int(mark.get("of") or 0))
-                if chat_id not in b.rows:
-                    b.set(chat_id, "")
+                if row.id not in b.rows:
+                    b.set(row.id, "")
                 b.streaming += 1
         return s
+
+    def _row_of(self, chat_id: int, mark: dict) -> Chat | None:
+        """The row a batch reply streams into: the chat itself, or (a comparison's model
+        subchat, a vote's sample, an ``attempt-K``) the ancestor its mark names."""
+        chat = self.tree.find(chat_id)
+        item = mark.get("item") if isinstance(mark, dict) else None
+        if chat is None or item is None:
+            return chat
+        node: Chat | None = chat
+        while node is not None and node.name != str(item):
+            node = node.parent
+        return node if node is not None and node.parent is not None else chat
 
     def batch_started(self, chat_id: int, total: int) -> None:
         """A batch starts in ``chat_id``: from now on its rows are one line."""
@@ -243,18 +270,26 @@ class ViewState:
             self.batches[parent.id].set(chat_id, "")
 
     def is_row(self, chat_id: int) -> bool:
-        """Whether ``chat_id`` is a row of a batch (whose events a view does not follow)."""
-        return any(chat_id in b.rows for b in self.batches.values())
+        """Whether ``chat_id`` is a row of a batch, or a part of one (whose events a view
+        does not follow)."""
+        return chat_id in self.parts or any(chat_id in b.rows for b in self.batches.values())
 
     def reply_ended(self, chat_id: int, turn: "Turn") -> Stream | None:
         """The chat's stream, now ended, if it was this turn's."""
         info = self.info.setdefault(chat_id, ChatInfo())
         info.streaming = max(0, info.streaming - 1)
+        row_id = self.parts.pop(chat_id, chat_id)
         for b in self.batches.values():
-            if chat_id in b.rows:
+            if row_id in b.rows:
                 b.streaming = max(0, b.streaming - 1)
                 reply = getattr(turn, "reply", None)
-                if not b.rows[chat_id] and reply is not None:  # its first reply ended
+                if row_id != chat_id:  # a part ended: the row as the store says now
+                    row = self.tree.find(row_id)
+                    if row is not None and not b.rows[row_id]:
+                        ex = batch.first_exchanges(self.tree, row.parent).get(row_id, ()) \
+                            if row.parent is not None else ()
+                        b.set(row_id, ex[1][2] if len(ex) > 1 else _models_status(self.tree, row))
+                elif not b.rows[chat_id] and reply is not None:  # its first reply ended
                     b.set(chat_id, reply.status)
                 break
         s = self.streams.get(chat_id)

@@ -88,3 +88,42 @@ def test_compare_on_a_batch_row_shows_one_page_of_its_siblings(shell, echo_sessi
         assert grid.children[0].outputs[0]["data"]["text/markdown"].startswith("**root/xs/0**")
     finally:
         v.close()
+
+
+def test_a_comparison_batch_is_one_line_while_it_runs_and_after(shell, echo_session, comms,
+                                                                  slow_echo):
+    """A comparison's rows hold nothing; its models' subchats carry the batch mark naming
+    the row: the view folds the batch chat (not each row) into one line, live and after."""
+    shell.ok("%%subchat root\nhello")
+    v = TreeView(echo_session.tree, session=echo_session)
+    try:
+        shell.ns["qs"] = [f"q{i}" for i in range(6)]
+        seen: list[list[str]] = []
+        unsubscribe = echo_session.subscribe(
+            lambda event, data: seen.append(labels(v)) if event == "reply-end" else None)
+        try:
+            shell.ok("%%subchat root --each qs --compare echo,echo:b\nsay {item}")
+        finally:
+            unsubscribe()
+        v.refresh()
+        wait_until(lambda: labels(v)[-1] == "└─ qs · [6/6 done]")
+        assert labels(v) == ["root · 2 msgs · echo", "└─ qs · [6/6 done]"]
+        assert seen and max(len(ls) for ls in seen) == 2, seen
+    finally:
+        v.close()
+
+
+def test_a_view_follows_a_vote_and_a_comparison_streaming_as_exchanges(shell, echo_session,
+                                                                        comms, slow_echo):
+    """A vote's samples and a comparison's models stream as exchanges (not a cell's turn):
+    the view draws them as any reply instead of failing on what a turn has."""
+    shell.ok("%%subchat root\nhello")
+    v = TreeView(echo_session.tree, session=echo_session)
+    try:
+        shell.ok("%%subchat root/v --vote 2\nsay it")
+        v.refresh()
+        shell.ok("%%subchat root/c --compare echo,echo:b\nsay it")
+        v.refresh()
+        wait_until(lambda: any(label.endswith("b · 2 msgs · echo") for label in labels(v)))
+    finally:
+        v.close()
