@@ -10,7 +10,7 @@ from typing import Any, Callable
 from IPython.core.error import UsageError
 
 from .errors import SubchatError
-from .secrets import redact
+from .secrets import redact, steady
 
 
 def split_words(line: str) -> list[tuple[str, str]]:
@@ -113,7 +113,11 @@ def usage_errors(magic: str) -> Callable:
         @functools.wraps(fn)
         def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             try:
-                return fn(self, *args, **kwargs)
+                # the keys to mask are read once for the command (a cell masks each text
+                # it stores or shows: a .env look-up each); a key entered meanwhile is
+                # still masked at once (see secrets.steady)
+                with steady():
+                    return fn(self, *args, **kwargs)
             except SubchatError as exc:
                 msg = redact(str(exc))
                 raise UsageError(msg if msg.startswith(magic) else f"{magic}: {msg}") from None

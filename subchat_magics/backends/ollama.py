@@ -141,6 +141,26 @@ def _sdk() -> Any:
     return ollama
 
 
+def ndjson_lines(response: Any) -> Iterator[str]:
+    """The lines of a streamed NDJSON body (``response``: an ``httpx`` response), each as
+    text without its end; blank lines skipped, the last line kept without its end. Split
+    from the body's bytes here, not by httpx's text and line decoders: they are two more
+    generators a chunk, and a streamed token is one chunk (one line) of Ollama's body."""
+    rest = b""
+    for chunk in response.iter_bytes():
+        if rest:
+            chunk, rest = rest + chunk, b""
+        if b"\n" not in chunk:
+            rest = chunk
+            continue
+        *lines, rest = chunk.split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield line.decode(errors="replace")
+    if rest.strip():
+        yield rest.decode(errors="replace")
+
+
 class OllamaBackend(_remote.RemoteBackend):
     """Streams ``/api/chat`` from an Ollama server."""
 
@@ -312,7 +332,7 @@ class OllamaBackend(_remote.RemoteBackend):
         loads = json.loads
         calls: list = []  # Ollama sends each call whole, in a message of its own
         try:
-            for line in response.iter_lines():
+            for line in ndjson_lines(response):
                 part = loads(line)
                 msg = part.get("message", _NO_MESSAGE) if part.__class__ is dict else None
                 if msg.__class__ is not dict:

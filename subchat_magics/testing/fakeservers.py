@@ -59,6 +59,9 @@ class Script:
     #: SSE servers: each event with a comment line and an ``id:`` before it and its JSON
     #: over two ``data:`` lines (as the SSE rules allow and some proxies send)
     sse_split: bool = False
+    #: every chunk of the body written in pieces of this many bytes (a line, even a
+    #: character, cut between reads); Ollama's lines then end in CRLF with a blank line
+    split_bytes: int | None = None
 
     def deltas(self) -> list[str]:
         if self.chunks is not None:
@@ -391,7 +394,13 @@ class FakeServer:
                 self._pause()
                 if i == len(items) - 1:
                     self._last_item_out(h, owed)
-                h.write_chunk(encode_delta(i, kind, text))
+                data = encode_delta(i, kind, text)
+                if s.split_bytes:
+                    for at in range(0, len(data), s.split_bytes):
+                        h.write_chunk(data[at:at + s.split_bytes])
+                        h.wfile.flush()
+                else:
+                    h.write_chunk(data)
                 self._count_sent()
             if s.cut_after is not None and s.cut_after >= len(items):
                 h.cut()
@@ -515,7 +524,8 @@ class FakeOllama(FakeServer):
             return
 
         def line(payload: dict) -> bytes:
-            return json.dumps(payload).encode() + b"\n"
+            return json.dumps(payload, ensure_ascii=False).encode() + (
+                b"\r\n\n" if s.split_bytes else b"\n")
 
         def chunk(i: int, kind: str, text: str) -> bytes:
             message: dict[str, Any] = {"role": "assistant",

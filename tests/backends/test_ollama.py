@@ -206,3 +206,15 @@ def test_think_asks_for_thinking_and_shows_it_in_a_think_block(shell, ollama):
     assert out.strip() == "<think>\nTwo and two.\n</think>\n\nFour."
     assert ollama.chat_requests()[-1].body["think"] is True
     assert last_reply().content == "<think>\nTwo and two.\n</think>\n\nFour."
+
+
+def test_lines_and_characters_cut_between_reads_stream_whole(shell, ollama):
+    """Our NDJSON reader splits the body's bytes itself: a line cut between reads, a
+    character's bytes cut apart, CRLF ends and blank lines all give the server's text."""
+    words = ["héllo ", "wörld ", "✓ ", "😀 ", "naïve ", "end"]
+    ollama.configure(chunks=words, usage=(5, 6), split_bytes=3)
+    out = shell.ok("%%subchat root --backend ollama --model llama3.2\nSay it.")
+    assert out.strip() == "".join(words)
+    reply = last_reply()
+    assert reply.content == "".join(words) and reply.status == "complete"
+    assert (reply.provenance["prompt_tokens"], reply.provenance["completion_tokens"]) == (5, 6)
