@@ -383,11 +383,8 @@ def test_fanout_with_tools_gives_each_subchat_its_own_loop(shell, workdir):
             "user", "assistant", "tool", "assistant", "tool", "assistant"]
 
 
-def test_ctrl_c_in_a_fanout_tool_loop_names_every_subchat_in_its_one_line(shell, workdir):
-    """--fanout with --tools runs each subchat's loop in turn: Ctrl-C in the second one's
-    tool says in one line what each subchat holds (answered, cut, not sent), not only the
-    cut one's calls; --var holds the answers that came."""
-    shell.ok('''
+#: a tool whose second call is cut by a Ctrl-C (the SIGINT Jupyter sends) while it runs
+SLOW_SECOND_CALL = '''
 import _thread, time
 seen = []
 def slow(x: int) -> int:
@@ -397,7 +394,14 @@ def slow(x: int) -> int:
         _thread.interrupt_main()
         time.sleep(5)
     return x
-''')
+'''
+
+
+def test_ctrl_c_in_a_fanout_tool_loop_names_every_subchat_in_its_one_line(shell, workdir):
+    """--fanout with --tools runs each subchat's loop in turn: Ctrl-C in the second one's
+    tool says in one line what each subchat holds (answered, cut, not sent), not only the
+    cut one's calls; --var holds the answers that came."""
+    shell.ok(SLOW_SECOND_CALL)
     result, cap = shell.run("%%subchat root/f --fanout 3 --tools slow --yes --var v\nhi")
     msg = str(result.error_in_exec)
     assert msg == ("%%subchat: interrupted: 0 finished tool calls kept in root/f/2; "
@@ -567,18 +571,7 @@ def test_a_batch_row_cut_in_its_tool_loop_is_counted_not_done_in_the_cell_tree_a
     """Ctrl-C while a row's tool runs: the row's first reply (the call) is complete but
     the row has no answer: the cell counts it interrupted, and the tree and show count it
     not done (they read a tool row by its loop's last message, as a rerun does)."""
-    shell.ok('''
-import _thread, time
-seen = []
-def slow(x: int) -> int:
-    """Slow."""
-    seen.append(x)
-    if len(seen) == 2:
-        _thread.interrupt_main()
-        time.sleep(5)
-    return x
-qs = ["a", "b", "c", "d"]
-''')
+    shell.ok(SLOW_SECOND_CALL + 'qs = ["a", "b", "c", "d"]')
     result, cap = shell.run("%%subchat root --each qs --tools slow --yes --concurrency 1\n{item}")
     assert "interrupted: 3 row(s) not done" in str(result.error_in_exec)
     assert "4 items, 1 done, 0 failed, 1 interrupted" in cap.stdout, cap.stdout

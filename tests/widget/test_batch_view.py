@@ -3,29 +3,36 @@ counts, not a line per row; what the view sends stays the same size as rows are 
 
 from __future__ import annotations
 
+import pytest
+
 from subchat_magics.widget import TreeView
 
 from .test_widget import labels, wait_until
 
 
+@pytest.mark.parametrize("rows, flags", [(12, "--concurrency 4"), (6, "--compare echo,echo:b")])
 def test_a_batch_is_one_line_with_its_counts_while_it_runs_and_after(shell, echo_session, comms,
-                                                                      slow_echo):
+                                                                      slow_echo, rows, flags):
+    """A plain batch, and a comparison (its rows hold nothing; its models' subchats carry
+    the batch mark naming the row): the view folds the batch chat, not each row, into one
+    line, live and after."""
     shell.ok("%%subchat root\nhello")
     v = TreeView(echo_session.tree, session=echo_session)
     try:
-        shell.ns["qs"] = [f"q{i}" for i in range(12)]
+        shell.ns["qs"] = [f"q{i}" for i in range(rows)]
         seen: list[list[str]] = []
         unsubscribe = echo_session.subscribe(
             lambda event, data: seen.append(labels(v)) if event == "reply-end" else None)
         try:
-            shell.ok("%%subchat root --each qs --concurrency 4\nsay {item}")
+            shell.ok(f"%%subchat root --each qs {flags}\nsay {{item}}")
         finally:
             unsubscribe()
         v.refresh()
-        wait_until(lambda: labels(v)[-1] == "└─ qs · [12/12 done]")
-        assert labels(v) == ["root · 2 msgs · echo", "└─ qs · [12/12 done]"]
+        done = f"└─ qs · [{rows}/{rows} done]"
+        wait_until(lambda: labels(v)[-1] == done)
+        assert labels(v) == ["root · 2 msgs · echo", done]
         # while it ran: never a line per row
-        assert seen and max(len(ls) for ls in seen) == 2
+        assert seen and max(len(ls) for ls in seen) == 2, seen
     finally:
         v.close()
 
@@ -86,29 +93,6 @@ def test_compare_on_a_batch_row_shows_one_page_of_its_siblings(shell, echo_sessi
         grid = [w for w in v.transcript.children if "subchat-compare" in w._dom_classes][0]
         assert len(grid.children) == 8
         assert grid.children[0].outputs[0]["data"]["text/markdown"].startswith("**root/xs/0**")
-    finally:
-        v.close()
-
-
-def test_a_comparison_batch_is_one_line_while_it_runs_and_after(shell, echo_session, comms,
-                                                                  slow_echo):
-    """A comparison's rows hold nothing; its models' subchats carry the batch mark naming
-    the row: the view folds the batch chat (not each row) into one line, live and after."""
-    shell.ok("%%subchat root\nhello")
-    v = TreeView(echo_session.tree, session=echo_session)
-    try:
-        shell.ns["qs"] = [f"q{i}" for i in range(6)]
-        seen: list[list[str]] = []
-        unsubscribe = echo_session.subscribe(
-            lambda event, data: seen.append(labels(v)) if event == "reply-end" else None)
-        try:
-            shell.ok("%%subchat root --each qs --compare echo,echo:b\nsay {item}")
-        finally:
-            unsubscribe()
-        v.refresh()
-        wait_until(lambda: labels(v)[-1] == "└─ qs · [6/6 done]")
-        assert labels(v) == ["root · 2 msgs · echo", "└─ qs · [6/6 done]"]
-        assert seen and max(len(ls) for ls in seen) == 2, seen
     finally:
         v.close()
 
