@@ -721,18 +721,21 @@ class Batch:
         if self._kids is None:
             self._kids = {c.name: c for c in tree.children(self.chat)}
         kids = self._kids
-        made: list[ChatRow] = []
-        with tree.store.transaction():
-            for r in rows:
-                if r.target is not None:
-                    continue
-                if r.attempt == 1:
-                    if r.name not in kids:
-                        made.append(tree.store.insert_chat(self.chat.id, r.name, None, 0))
-                else:
-                    made.append(tree.store.insert_chat(r.row_chat, f"attempt-{r.attempt}",
-                                                       None, 0))
-                    r.target = made[-1].id
+        wanted: list[tuple[int | None, str, None, int]] = []
+        attempts: list[Row] = []
+        for r in rows:
+            if r.target is not None:
+                continue
+            if r.attempt == 1:
+                if r.name not in kids:
+                    wanted.append((self.chat.id, r.name, None, 0))
+            else:
+                wanted.append((r.row_chat, f"attempt-{r.attempt}", None, 0))
+                attempts.append(r)
+        made: list[ChatRow] = tree.store.insert_chats(wanted)  # (one transaction)
+        by_key = {(m.parent_id, m.name): m for m in made}
+        for r in attempts:
+            r.target = by_key[(r.row_chat, f"attempt-{r.attempt}")].id
         if made:
             tree.added(made)  # into the index as they are: no reload of every chat
             for chat in tree.find_many([row.id for row in made]):

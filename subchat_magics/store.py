@@ -616,6 +616,44 @@ class Store:
             self._seen_chat = max(self._seen_chat, cur.lastrowid)
             return ChatRow(cur.lastrowid, parent_id, name, system_prompt, fork_seq, now)
 
+    def insert_chats(self, chats: list[tuple[int | None, str, str | None, int]]) -> list[ChatRow]:
+        """:meth:`insert_chat` for many ``(parent_id, name, system_prompt, fork_seq)`` at
+        once (a batch's row chats): one read of the next id and one insert a few hundred
+        chats, in one transaction. Where one of them exists already (another kernel made
+        it), they are inserted one by one, as :meth:`insert_chat` does (theirs is used)."""
+        if not chats:
+            return []
+        now = time.time()
+        rows = [(pid, name, redact(sp) if sp else sp, fork) for pid, name, sp, fork in chats]
+        with self.transaction() as c:
+            c.execute("SAVEPOINT insert_chats")  # (all or none, then one by one)
+            try:
+                (last,) = c.execute("SELECT COALESCE(MAX(id), 0) FROM chats").fetchone()
+                first = max(last, self._seen_chat) + 1
+                out = [ChatRow(first + i, *row, now) for i, row in enumerate(rows)]
+                step = 6 * 500  # values of 500 chats a statement (SQLite's limit is 32,766)
+                values = [v for r in out for v in (r.id, r.parent_id, r.name, r.system_prompt,
+                                                    r.fork_seq, r.created_at)]
+                for i in range(0, len(values), step):
+                    part = values[i:i + step]
+                    c.execute("INSERT INTO chats (id, parent_id, name, system_prompt, fork_seq, "
+                              "created_at) VALUES " + ",".join(["(?,?,?,?,?,?)"] * (len(part) // 6)),
+                              part)
+            except sqlite3.IntegrityError:
+                c.execute("ROLLBACK TO insert_chats")
+                c.execute("RELEASE insert_chats")
+                return [self.insert_chat(*chat) for chat in chats]
+            except sqlite3.DatabaseError as exc:
+                try:
+                    c.execute("ROLLBACK TO insert_chats")
+                    c.execute("RELEASE insert_chats")
+                except sqlite3.Error:
+                    pass
+                raise self._wrap(exc) from None
+            c.execute("RELEASE insert_chats")
+            self._seen_chat = max(self._seen_chat, out[-1].id)
+        return out
+
     def update_chat(self, chat_id: int, **fields: Any) -> None:
         if fields.get("system_prompt"):
             fields["system_prompt"] = redact(fields["system_prompt"])
