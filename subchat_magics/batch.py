@@ -790,6 +790,7 @@ class Batch:
                 and row.request is not None and row.request.get("backend") != ex.backend.id):
             self._moved(row, ex.backend, ex)  # in flight when auto fell back: fix its mark
             mark["request"], mark["digest"] = row.request, request_digest(row.request)
+            self.tree.flush_replies()  # (its reply is written first, then this over it)
             prov = dict(ex.reply.provenance, **{MARK: mark})
             self.tree.store.update_reply(ex.reply.id, ex.reply.content, ex.reply.status, prov)
             for r in self.rows:  # the rows not begun yet follow
@@ -1352,11 +1353,21 @@ class _Writes:
         except BaseException:
             self.batch._group = None
             raise
+        self.batch.tree.defer_replies()  # the rows' replies: one executemany at the end
 
     def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
         b = self.batch
         try:
             try:
+                if kind is None:
+                    try:
+                        b.tree.flush_replies(stop=True)
+                    except BaseException as err:  # (cut while writing: rolled back below)
+                        kind, exc, tb = type(err), err, err.__traceback__
+                        self.tx.__exit__(kind, exc, tb)
+                        raise
+                else:
+                    b.tree.defer_replies(False)  # (rolled back: every row is written below)
                 self.tx.__exit__(kind, exc, tb)
             except BaseException:
                 if kind is None:

@@ -786,6 +786,30 @@ class Store:
                     (content, status, redact_json(provenance)[0], *key))
             return cur.rowcount > 0
 
+    def update_replies(self, replies: list[tuple[int, str, str, dict[str, Any], float | None]]
+                       ) -> list[bool]:
+        """The final :meth:`update_reply` of many replies ``(id, content, status,
+        provenance, created_at)``: one ``executemany`` (in one transaction), not one call
+        a reply. For each, whether its row was found (False: its chat was deleted
+        meanwhile, and nothing of it was written)."""
+        rows = []
+        for message_id, content, status, provenance, created_at in replies:
+            born = self._replies.pop(message_id, None)
+            born = created_at if created_at is not None else born
+            rows.append((redact(content), status, redact_json(provenance)[0], message_id, born))
+        sql = "UPDATE messages SET content = ?, status = ?, provenance = ? WHERE id = ?"
+        with self.transaction() as c:
+            plain = [r[:4] for r in rows if r[4] is None]
+            timed = [r for r in rows if r[4] is not None]
+            n = (c.executemany(sql, plain).rowcount if plain else 0) + (
+                c.executemany(sql + " AND created_at = ?", timed).rowcount if timed else 0)
+            if n == len(rows):
+                return [True] * n
+            # some row is gone (its chat deleted meanwhile): which
+            return [c.execute("SELECT 1 FROM messages WHERE id = ?" + (
+                "" if r[4] is None else " AND created_at = ?"),
+                r[3:4] if r[4] is None else r[3:]).fetchone() is not None for r in rows]
+
     def messages(self, chat_id: int, limit: int | None = None) -> list[MessageRow]:
         sql = ("SELECT id, chat_id, seq, role, content, status, provenance, created_at FROM messages "
                "WHERE chat_id = ? ")
