@@ -45,6 +45,7 @@ DEFAULT_CONCURRENCY = 4  # remote backends: requests in flight
 ENGINE_IN_FLIGHT = 1024  # vLLM: requests in the engine at once (its scheduler takes what fits)
 CREATE_CHUNK = 256  # row chats made ahead at least (one index reload a round; rounds double)
 SUBMIT_EVERY = 16  # rows handed to the pool together while the next ones are prepared
+SUBMIT_MOST = 128  # ... growing with the rows sent (a group: one claim transaction)
 PROGRESS_EVERY_S = 0.1  # progress callbacks at most this often
 RATE_LIMIT_PAUSE_S = 600.0  # the most a batch pauses, in all, for rate limits (429)
 MARK = "batch"  # the provenance key of a row's reply
@@ -647,8 +648,11 @@ class Batch:
                 chunk = [pending[i] for i in range(min(size, len(pending)))]
                 self._ready.extend(zip(chunk, self._row_chats(chunk)))
             group = []
+            # the first groups small (the engine starts at once), then larger: a group's
+            # claim is one transaction, and each SQLite call hands the GIL to the engine
+            most = max(SUBMIT_EVERY, min(SUBMIT_MOST, self.progress.sent // 4))
             while (pending and self._ready and runner.in_flight + len(group) < self.in_flight
-                   and len(group) < SUBMIT_EVERY):
+                   and len(group) < most):
                 row, chat = self._ready.popleft()
                 pending.popleft()
                 with contexts_known(self.tree, self._bases(chat)):
