@@ -799,10 +799,23 @@ class Store:
             rows.append((redact(content), status, redact_json(provenance)[0], message_id, born))
         sql = "UPDATE messages SET content = ?, status = ?, provenance = ? WHERE id = ?"
         with self.transaction() as c:
-            plain = [r[:4] for r in rows if r[4] is None]
-            timed = [r for r in rows if r[4] is not None]
-            n = (c.executemany(sql, plain).rowcount if plain else 0) + (
-                c.executemany(sql + " AND created_at = ?", timed).rowcount if timed else 0)
+            if sqlite3.sqlite_version_info >= (3, 33):  # UPDATE FROM: one statement, one
+                # call (an executemany steps each row apart, taking the GIL back each time)
+                n = 0
+                for i in range(0, len(rows), 1000):
+                    part = rows[i:i + 1000]
+                    n += c.execute(
+                        "UPDATE messages SET content = v.column2, status = v.column3, "
+                        "provenance = v.column4 FROM (VALUES "
+                        + ",".join(["(?,?,?,?,?)"] * len(part)) + ") AS v "
+                        "WHERE messages.id = v.column1 "
+                        "AND (v.column5 IS NULL OR messages.created_at = v.column5)",
+                        [x for r in part for x in (r[3], r[0], r[1], r[2], r[4])]).rowcount
+            else:
+                plain = [r[:4] for r in rows if r[4] is None]
+                timed = [r for r in rows if r[4] is not None]
+                n = (c.executemany(sql, plain).rowcount if plain else 0) + (
+                    c.executemany(sql + " AND created_at = ?", timed).rowcount if timed else 0)
             if n == len(rows):
                 return [True] * n
             # some row is gone (its chat deleted meanwhile): which

@@ -3,6 +3,10 @@ all or none when one chat of the group is gone, and their replies found by id.""
 
 from __future__ import annotations
 
+import sqlite3
+
+import pytest
+
 from subchat_magics.tree import ChatTree
 
 
@@ -48,10 +52,14 @@ def test_a_gone_chat_writes_nothing_of_the_group_then_one_by_one(tmp_path):
     assert rows(tree) == before  # all or none: the two live chats got nothing either
 
 
-def test_replies_deferred_in_a_write_block_are_written_as_one_by_one(tmp_path):
-    """A batch's write block writes the replies ended in it with one executemany: the
-    rows are what finish_reply writes one by one, and a reply whose chat another
-    connection deleted meanwhile is recovered, as without deferring."""
+@pytest.mark.parametrize("sqlite", [None, (3, 32, 0)], ids=["update-from", "old-sqlite"])
+def test_replies_deferred_in_a_write_block_are_written_as_one_by_one(tmp_path, monkeypatch, sqlite):
+    """A batch's write block writes the replies ended in it together (one UPDATE FROM;
+    an executemany on an SQLite before 3.33): the rows are what finish_reply writes one
+    by one, and a reply whose chat another connection deleted meanwhile is recovered,
+    as without deferring."""
+    if sqlite is not None:
+        monkeypatch.setattr(sqlite3, "sqlite_version_info", sqlite)
     one, many = ChatTree(tmp_path / "one.db"), ChatTree(tmp_path / "many.db")
     for tree in (one, many):
         tree.create("b")
