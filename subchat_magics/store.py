@@ -786,17 +786,19 @@ class Store:
                     (content, status, redact_json(provenance)[0], *key))
             return cur.rowcount > 0
 
-    def update_replies(self, replies: list[tuple[int, str, str, dict[str, Any], float | None]]
-                       ) -> list[bool]:
+    def update_replies(self, replies: list[tuple[int, str, str, "dict[str, Any] | str",
+                                                float | None]]) -> list[bool]:
         """The final :meth:`update_reply` of many replies ``(id, content, status,
-        provenance, created_at)``: one ``executemany`` (in one transaction), not one call
-        a reply. For each, whether its row was found (False: its chat was deleted
-        meanwhile, and nothing of it was written)."""
+        provenance, created_at)`` in one statement (one transaction), not one call a
+        reply; ``provenance`` is a dict, or the JSON text :func:`redact_json` made of it.
+        For each, whether its row was found (False: its chat was deleted meanwhile, and
+        nothing of it was written)."""
         rows = []
         for message_id, content, status, provenance, created_at in replies:
             born = self._replies.pop(message_id, None)
             born = created_at if created_at is not None else born
-            rows.append((redact(content), status, redact_json(provenance)[0], message_id, born))
+            prov = provenance if isinstance(provenance, str) else redact_json(provenance)[0]
+            rows.append((redact(content), status, prov, message_id, born))
         sql = "UPDATE messages SET content = ?, status = ?, provenance = ? WHERE id = ?"
         with self.transaction() as c:
             if sqlite3.sqlite_version_info >= (3, 33):  # UPDATE FROM: one statement, one

@@ -642,9 +642,9 @@ class ChatTree:
         self._deferred = None if stop else (held[0], [])
         if not items:
             return
-        found = self.store.update_replies([(msg.id, msg.content, msg.status, msg.provenance,
-                                            msg.created_at) for msg, _ in items])
-        for (msg, began), ok in zip(items, found):
+        found = self.store.update_replies([(msg.id, msg.content, msg.status, as_json,
+                                            msg.created_at) for msg, _, as_json in items])
+        for (msg, began, _), ok in zip(items, found):
             if not ok:
                 user, began_id, began_path = began
                 got = self._recover(began_id, began_path, user, msg.content, msg.status,
@@ -663,13 +663,14 @@ class ChatTree:
         opened = self._open_turns.pop(reply.id, None) if reply.id is not None else None
         user, began_id, began_path = opened or (None, chat.id, chat.path)
         content = redact(content)
-        provenance = redact_json(provenance)[1]  # (a key in a tool call's arguments)
+        as_json, provenance = redact_json(provenance)  # (a key in a tool call's arguments)
         held = self._deferred
         if (held is not None and reply.id is not None and held[0] == threading.get_ident()
                 and (reply.chat_id is None or reply.chat_id == chat.id)):
             msg = Message("assistant", content, status, provenance, reply.seq, reply.id,
                           reply.created_at, chat.id)
-            held[1].append((msg, (user, began_id, began_path)))  # written by flush_replies()
+            # written by flush_replies(), its provenance as the JSON text made here
+            held[1].append((msg, (user, began_id, began_path), as_json))
             self.emit("message", id=chat.id, path=chat.path, message=msg)
             return msg
         if reply.id is not None and self.store.update_reply(reply.id, content, status, provenance,
