@@ -1357,7 +1357,7 @@ class _Writes:
         except BaseException:
             self.batch._group = None
             raise
-        self.batch.tree.defer_replies()  # the rows' replies: one executemany at the end
+        self.batch.tree.defer_replies()  # the rows' replies: one statement at the end
 
     def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
         b = self.batch

@@ -625,7 +625,7 @@ class ChatTree:
     def defer_replies(self, on: bool = True) -> None:
         """Inside a store transaction held by this thread (a batch's write block): the
         replies :meth:`finish_reply` writes from this thread are written together by
-        :meth:`flush_replies` (one ``executemany``, not one UPDATE a row: each SQLite call
+        :meth:`flush_replies` (one statement, not one UPDATE a row: each SQLite call
         handed the GIL to the engine's thread). They are never written without it: the
         block flushes before it commits, or writes every row again if it is cut.
         ``on=False``: defer no more, and drop what was deferred (rolled back anyway)."""
