@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         from subchat_magics import batch
         from subchat_magics.tree import ChatTree
 
-        batch.CREATE_CHUNK = batch.SUBMIT_EVERY = 1
+        batch.CREATE_CHUNK = batch.SUBMIT_EVERY = batch.SUBMIT_MOST = 1
         ChatTree.added = lambda self, rows: self.refresh(force=True)  # the old whole reload
     if "vllm" not in args.skip or "scale" not in args.skip:
         model = tiny_model.build()

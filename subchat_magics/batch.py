@@ -45,6 +45,7 @@ DEFAULT_CONCURRENCY = 4  # remote backends: requests in flight
 ENGINE_IN_FLIGHT = 1024  # vLLM: requests in the engine at once (its scheduler takes what fits)
 CREATE_CHUNK = 256  # row chats made ahead at least (one index reload a round; rounds double)
 SUBMIT_EVERY = 16  # rows handed to the pool together while the next ones are prepared
+SUBMIT_MOST = 128  # ... growing with the rows sent (a group: one claim transaction)
 PROGRESS_EVERY_S = 0.1  # progress callbacks at most this often
 RATE_LIMIT_PAUSE_S = 600.0  # the most a batch pauses, in all, for rate limits (429)
 MARK = "batch"  # the provenance key of a row's reply
@@ -647,8 +648,11 @@ class Batch:
                 chunk = [pending[i] for i in range(min(size, len(pending)))]
                 self._ready.extend(zip(chunk, self._row_chats(chunk)))
             group = []
+            # the first groups small (the engine starts at once), then larger: a group's
+            # claim is one transaction, and each SQLite call hands the GIL to the engine
+            most = max(SUBMIT_EVERY, min(SUBMIT_MOST, self.progress.sent // 4))
             while (pending and self._ready and runner.in_flight + len(group) < self.in_flight
-                   and len(group) < SUBMIT_EVERY):
+                   and len(group) < most):
                 row, chat = self._ready.popleft()
                 pending.popleft()
                 with contexts_known(self.tree, self._bases(chat)):
@@ -721,18 +725,21 @@ class Batch:
         if self._kids is None:
             self._kids = {c.name: c for c in tree.children(self.chat)}
         kids = self._kids
-        made: list[ChatRow] = []
-        with tree.store.transaction():
-            for r in rows:
-                if r.target is not None:
-                    continue
-                if r.attempt == 1:
-                    if r.name not in kids:
-                        made.append(tree.store.insert_chat(self.chat.id, r.name, None, 0))
-                else:
-                    made.append(tree.store.insert_chat(r.row_chat, f"attempt-{r.attempt}",
-                                                       None, 0))
-                    r.target = made[-1].id
+        wanted: list[tuple[int | None, str, None, int]] = []
+        attempts: list[Row] = []
+        for r in rows:
+            if r.target is not None:
+                continue
+            if r.attempt == 1:
+                if r.name not in kids:
+                    wanted.append((self.chat.id, r.name, None, 0))
+            else:
+                wanted.append((r.row_chat, f"attempt-{r.attempt}", None, 0))
+                attempts.append(r)
+        made: list[ChatRow] = tree.store.insert_chats(wanted)  # (one transaction)
+        by_key = {(m.parent_id, m.name): m for m in made}
+        for r in attempts:
+            r.target = by_key[(r.row_chat, f"attempt-{r.attempt}")].id
         if made:
             tree.added(made)  # into the index as they are: no reload of every chat
             for chat in tree.find_many([row.id for row in made]):
@@ -787,6 +794,7 @@ class Batch:
                 and row.request is not None and row.request.get("backend") != ex.backend.id):
             self._moved(row, ex.backend, ex)  # in flight when auto fell back: fix its mark
             mark["request"], mark["digest"] = row.request, request_digest(row.request)
+            self.tree.flush_replies()  # (its reply is written first, then this over it)
             prov = dict(ex.reply.provenance, **{MARK: mark})
             self.tree.store.update_reply(ex.reply.id, ex.reply.content, ex.reply.status, prov)
             for r in self.rows:  # the rows not begun yet follow
@@ -1349,11 +1357,21 @@ class _Writes:
         except BaseException:
             self.batch._group = None
             raise
+        self.batch.tree.defer_replies()  # the rows' replies: one statement at the end
 
     def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
         b = self.batch
         try:
             try:
+                if kind is None:
+                    try:
+                        b.tree.flush_replies(stop=True)
+                    except BaseException as err:  # (cut while writing: rolled back below)
+                        kind, exc, tb = type(err), err, err.__traceback__
+                        self.tx.__exit__(kind, exc, tb)
+                        raise
+                else:
+                    b.tree.defer_replies(False)  # (rolled back: every row is written below)
                 self.tx.__exit__(kind, exc, tb)
             except BaseException:
                 if kind is None:

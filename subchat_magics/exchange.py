@@ -418,7 +418,9 @@ class Exchange:
         tree = self.tree
         if tree.has_listeners:  # build the event only for someone listening (an open view)
             tree.emit("reply-delta", id=self.chat.id, path=self.chat.path, turn=self, delta=item)
-        if now - self._saved_at >= SAVE_EVERY_S:  # a killed kernel keeps most of the reply
+        # a killed kernel keeps most of the reply; one that came back whole is stored by
+        # its Finish, handed over right after it (an UPDATE a row before it was wasted)
+        if now - self._saved_at >= SAVE_EVERY_S and not self.whole:
             self._saved_at = now
             tree.store.update_reply(self.reply_row.id, self.text, "interrupted")  # type: ignore[union-attr]
         return item

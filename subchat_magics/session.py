@@ -13,12 +13,13 @@ IPython or ipywidgets.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from . import batch as batch_mod
 from . import compare as compare_mod
@@ -31,6 +32,7 @@ from .errors import ChatNotFound, InvalidInput, SubchatError
 from .events import Listener, Listeners
 from .exchange import check_backend_name, check_prompt, check_text
 from .multibatch import run_plain
+from .secrets import steady
 from .settings import getenv, where
 from .toolrun import MAX_ROUNDS, Approver, ToolRun, run_calls
 from .tools import Toolset
@@ -129,6 +131,20 @@ class BackendInfo:
     description: str
     key_env: str | None = None  # the variable holding its key (%subchat key NAME), if any
     own_options: tuple[str, ...] = ()  # the flags of its own options (--num-ctx)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _keys_read_once(fn: _F) -> _F:
+    """Plan with the keys to mask read once (:func:`~subchat_magics.secrets.steady`): a
+    batch's plan masks each row's values and name, and each read of the keys looked
+    ``.env`` up again (three a row, ahead of the first row sent)."""
+    @functools.wraps(fn)
+    def planned(*args: Any, **kwargs: Any) -> Any:
+        with steady():
+            return fn(*args, **kwargs)
+    return planned  # type: ignore[return-value]
 
 
 class Session:
@@ -674,6 +690,7 @@ class Session:
             [exchange.Exchange(self.tree, c, text, p.options[0], default_system=system_)
              for c, p in zip(kids, plans)], [p.selection for p in plans], names)
 
+    @_keys_read_once
     def batch(self, path: "str | int | Chat | None", items: Any,
               prompt: Callable[[Any, Any], str], *, name: str = "items", fresh: bool = False,
               redo: bool = False, limit: int | None = None, concurrency: int | None = None,

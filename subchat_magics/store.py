@@ -616,6 +616,44 @@ class Store:
             self._seen_chat = max(self._seen_chat, cur.lastrowid)
             return ChatRow(cur.lastrowid, parent_id, name, system_prompt, fork_seq, now)
 
+    def insert_chats(self, chats: list[tuple[int | None, str, str | None, int]]) -> list[ChatRow]:
+        """:meth:`insert_chat` for many ``(parent_id, name, system_prompt, fork_seq)`` at
+        once (a batch's row chats): one read of the next id and one insert a few hundred
+        chats, in one transaction. Where one of them exists already (another kernel made
+        it), they are inserted one by one, as :meth:`insert_chat` does (theirs is used)."""
+        if not chats:
+            return []
+        now = time.time()
+        rows = [(pid, name, redact(sp) if sp else sp, fork) for pid, name, sp, fork in chats]
+        with self.transaction() as c:
+            c.execute("SAVEPOINT insert_chats")  # (all or none, then one by one)
+            try:
+                (last,) = c.execute("SELECT COALESCE(MAX(id), 0) FROM chats").fetchone()
+                first = max(last, self._seen_chat) + 1
+                out = [ChatRow(first + i, *row, now) for i, row in enumerate(rows)]
+                step = 6 * 500  # values of 500 chats a statement (SQLite's limit is 32,766)
+                values = [v for r in out for v in (r.id, r.parent_id, r.name, r.system_prompt,
+                                                    r.fork_seq, r.created_at)]
+                for i in range(0, len(values), step):
+                    part = values[i:i + step]
+                    c.execute("INSERT INTO chats (id, parent_id, name, system_prompt, fork_seq, "
+                              "created_at) VALUES " + ",".join(["(?,?,?,?,?,?)"] * (len(part) // 6)),
+                              part)
+            except sqlite3.IntegrityError:
+                c.execute("ROLLBACK TO insert_chats")
+                c.execute("RELEASE insert_chats")
+                return [self.insert_chat(*chat) for chat in chats]
+            except sqlite3.DatabaseError as exc:
+                try:
+                    c.execute("ROLLBACK TO insert_chats")
+                    c.execute("RELEASE insert_chats")
+                except sqlite3.Error:
+                    pass
+                raise self._wrap(exc) from None
+            c.execute("RELEASE insert_chats")
+            self._seen_chat = max(self._seen_chat, out[-1].id)
+        return out
+
     def update_chat(self, chat_id: int, **fields: Any) -> None:
         if fields.get("system_prompt"):
             fields["system_prompt"] = redact(fields["system_prompt"])
@@ -747,6 +785,45 @@ class Store:
                     f"UPDATE messages SET content = ?, status = ?, provenance = ? WHERE {where}",
                     (content, status, redact_json(provenance)[0], *key))
             return cur.rowcount > 0
+
+    def update_replies(self, replies: list[tuple[int, str, str, "dict[str, Any] | str",
+                                                float | None]]) -> list[bool]:
+        """The final :meth:`update_reply` of many replies ``(id, content, status,
+        provenance, created_at)`` in one statement (one transaction), not one call a
+        reply; ``provenance`` is a dict, or the JSON text :func:`redact_json` made of it.
+        For each, whether its row was found (False: its chat was deleted meanwhile, and
+        nothing of it was written)."""
+        rows = []
+        for message_id, content, status, provenance, created_at in replies:
+            born = self._replies.pop(message_id, None)
+            born = created_at if created_at is not None else born
+            prov = provenance if isinstance(provenance, str) else redact_json(provenance)[0]
+            rows.append((redact(content), status, prov, message_id, born))
+        sql = "UPDATE messages SET content = ?, status = ?, provenance = ? WHERE id = ?"
+        with self.transaction() as c:
+            if sqlite3.sqlite_version_info >= (3, 33):  # UPDATE FROM: one statement, one
+                # call (an executemany steps each row apart, taking the GIL back each time)
+                n = 0
+                for i in range(0, len(rows), 1000):
+                    part = rows[i:i + 1000]
+                    n += c.execute(
+                        "UPDATE messages SET content = v.column2, status = v.column3, "
+                        "provenance = v.column4 FROM (VALUES "
+                        + ",".join(["(?,?,?,?,?)"] * len(part)) + ") AS v "
+                        "WHERE messages.id = v.column1 "
+                        "AND (v.column5 IS NULL OR messages.created_at = v.column5)",
+                        [x for r in part for x in (r[3], r[0], r[1], r[2], r[4])]).rowcount
+            else:
+                plain = [r[:4] for r in rows if r[4] is None]
+                timed = [r for r in rows if r[4] is not None]
+                n = (c.executemany(sql, plain).rowcount if plain else 0) + (
+                    c.executemany(sql + " AND created_at = ?", timed).rowcount if timed else 0)
+            if n == len(rows):
+                return [True] * n
+            # some row is gone (its chat deleted meanwhile): which
+            return [c.execute("SELECT 1 FROM messages WHERE id = ?" + (
+                "" if r[4] is None else " AND created_at = ?"),
+                r[3:4] if r[4] is None else r[3:]).fetchone() is not None for r in rows]
 
     def messages(self, chat_id: int, limit: int | None = None) -> list[MessageRow]:
         sql = ("SELECT id, chat_id, seq, role, content, status, provenance, created_at FROM messages "

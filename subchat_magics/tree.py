@@ -213,6 +213,7 @@ class ChatTree:
         # recovery needs once the chat is gone (its id may then name a new chat)
         self._open_turns: dict[int, tuple[Message, int, str]] = {}
         self._held: tuple[int, list[tuple[str, dict[str, Any]]]] | None = None  # see atomic()
+        self._deferred: tuple[int, list[tuple]] | None = None  # see defer_replies()
         self.refresh(force=True)
         if ROOT not in self._by_path:
             self.store.insert_chat(None, ROOT, None, 0)
@@ -621,6 +622,36 @@ class ChatTree:
             prov["backend"] = backend
         return Message.from_row(self.store.append_message(chat.id, "assistant", "", "interrupted", prov))
 
+    def defer_replies(self, on: bool = True) -> None:
+        """Inside a store transaction held by this thread (a batch's write block): the
+        replies :meth:`finish_reply` writes from this thread are written together by
+        :meth:`flush_replies` (one statement, not one UPDATE a row: each SQLite call
+        handed the GIL to the engine's thread). They are never written without it: the
+        block flushes before it commits, or writes every row again if it is cut.
+        ``on=False``: defer no more, and drop what was deferred (rolled back anyway)."""
+        self._deferred = (threading.get_ident(), []) if on else None
+
+    def flush_replies(self, stop: bool = False) -> None:
+        """Write the replies deferred so far (``stop``: and defer no more). A reply whose
+        row is gone (its chat deleted meanwhile) is recovered as :meth:`finish_reply` does:
+        its message is then the recovery chat's, changed in place."""
+        held = self._deferred
+        if held is None:
+            return
+        items = held[1]
+        self._deferred = None if stop else (held[0], [])
+        if not items:
+            return
+        found = self.store.update_replies([(msg.id, msg.content, msg.status, as_json,
+                                            msg.created_at) for msg, _, as_json in items])
+        for (msg, began, _), ok in zip(items, found):
+            if not ok:
+                user, began_id, began_path = began
+                got = self._recover(began_id, began_path, user, msg.content, msg.status,
+                                    msg.provenance)
+                msg.provenance, msg.seq, msg.id = got.provenance, got.seq, got.id
+                msg.created_at, msg.chat_id = got.created_at, got.chat_id
+
     def finish_reply(self, chat: "str | Chat", reply: Message, content: str, status: str,
                      provenance: dict[str, Any]) -> Message:
         """Write a reply's final text, status and provenance. A reply whose chat was
@@ -632,7 +663,16 @@ class ChatTree:
         opened = self._open_turns.pop(reply.id, None) if reply.id is not None else None
         user, began_id, began_path = opened or (None, chat.id, chat.path)
         content = redact(content)
-        provenance = redact_json(provenance)[1]  # (a key in a tool call's arguments)
+        as_json, provenance = redact_json(provenance)  # (a key in a tool call's arguments)
+        held = self._deferred
+        if (held is not None and reply.id is not None and held[0] == threading.get_ident()
+                and (reply.chat_id is None or reply.chat_id == chat.id)):
+            msg = Message("assistant", content, status, provenance, reply.seq, reply.id,
+                          reply.created_at, chat.id)
+            # written by flush_replies(), its provenance as the JSON text made here
+            held[1].append((msg, (user, began_id, began_path), as_json))
+            self.emit("message", id=chat.id, path=chat.path, message=msg)
+            return msg
         if reply.id is not None and self.store.update_reply(reply.id, content, status, provenance,
                                                             created_at=reply.created_at):
             where = chat  # (found only when begin_turn put it elsewhere: rare, and locks)

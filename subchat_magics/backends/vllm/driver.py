@@ -22,6 +22,15 @@ from .plan import first_line
 POLL_S = 0.05  # how often a waiting consumer wakes, so that an interrupt lands promptly
 
 
+MANY = object()  # (MANY, [(tag, Delta), ...]): a step's outputs for one batch sink
+
+
+class BatchSink(queue.SimpleQueue):
+    """A sink that takes a step's outputs in one item ``(MANY, [(tag, delta), ...])``:
+    one wake-up of its reader a step, not one a finished row (each wake-up took the GIL
+    from the engine's thread for a moment)."""
+
+
 @dataclass
 class _Request:
     rid: str
@@ -75,14 +84,24 @@ class Driver:
                     if self._requests:  # the engine let go of them without a final output
                         self._fail(BackendError("the vLLM engine dropped the request", reason="model"))
                     continue
+                held: dict[int, tuple[BatchSink, list]] = {}
                 for out in eng.step():
                     req = self._requests.get(out.request_id)
                     if req is None:
                         continue  # aborted meanwhile
                     if out.finished:
                         del self._requests[out.request_id]
+                    sink = req.sink
+                    if sink.__class__ is BatchSink:
+                        box = held.get(id(sink))
+                        if box is None:
+                            box = held[id(sink)] = (sink, [])
+                        box[1].extend((req.tag, delta) for delta in deltas_of(out, req.samples))
+                        continue
                     for delta in deltas_of(out, req.samples):
-                        req.sink.put((req.tag, delta))
+                        sink.put((req.tag, delta))
+                for sink, items in held.values():
+                    sink.put((MANY, items))
         except Exception as exc:  # noqa: BLE001 - the engine failed: every consumer is told
             self._dead = exc
             self._abort_all(eng, BackendError(

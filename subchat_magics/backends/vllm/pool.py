@@ -11,11 +11,13 @@ keeps no partial text and is sent again by the next run.
 Closing the pool aborts every request the engine still holds at once, and keeps the
 counts of each cut reply (:meth:`EnginePool.cut_finish`).
 
-Imports the pool protocol, :mod:`.slot` and :mod:`.requests`; never vLLM itself."""
+Imports the pool protocol, :mod:`.slot`, :mod:`.driver` (its batch sink) and :mod:`.requests`;
+never vLLM itself."""
 
 from __future__ import annotations
 
 import queue
+from collections import deque
 from typing import Sequence
 
 from ...errors import SubchatError
@@ -23,6 +25,7 @@ from ..base import BatchEvent, Finish, GenerationOptions, Message
 from ..pool import END, Pool
 from . import slot
 from .compat import final_only
+from .driver import MANY, BatchSink
 from .requests import Reply, as_error
 
 
@@ -34,7 +37,8 @@ class EnginePool(Pool):
         self.size = max(1, int(size))
         self.deltas = deltas  # a delta a step (a reply read as it comes), else one output
         self.whole = not deltas
-        self._sink: queue.SimpleQueue = queue.SimpleQueue()
+        self._sink: queue.SimpleQueue = BatchSink()
+        self._inbox: deque = deque()  # (tag, event) of a step's outputs not handled yet
         self._replies: dict[int, Reply] = {}
         self._cut: dict[int, Finish] = {}
         self._ready: list[BatchEvent] = []  # events to hand out before the engine's
@@ -90,11 +94,17 @@ class EnginePool(Pool):
     def next_event(self, timeout: float = 0.05) -> BatchEvent | None:
         if self._ready:
             return self._ready.pop(0)
-        try:
-            tag, ev = self._sink.get(timeout=timeout)
-        except queue.Empty:
-            self.engine.driver.check()  # an engine that failed or was unloaded says so
-            return None
+        if not self._inbox:
+            try:
+                tag, ev = self._sink.get(timeout=timeout)
+            except queue.Empty:
+                self.engine.driver.check()  # an engine that failed or was unloaded says so
+                return None
+            if tag is not MANY:
+                self._inbox.append((tag, ev))
+            else:
+                self._inbox.extend(ev)
+        tag, ev = self._inbox.popleft()
         if isinstance(tag, tuple):  # a request of several samples
             if isinstance(ev, BaseException):
                 live = [i for i in tag if i in self._replies]
@@ -137,10 +147,14 @@ class EnginePool(Pool):
         held = list(dict.fromkeys(r.rid for r in self._replies.values() if r.in_engine))
         counts = self.engine.abort(held) or {}  # all at once; returns when the engine let go
         while True:  # outputs that arrived but were not read (rows that ended meanwhile)
-            try:
-                tag, ev = self._sink.get_nowait()
-            except queue.Empty:
-                break
+            if not self._inbox:
+                try:
+                    tag, ev = self._sink.get_nowait()
+                except queue.Empty:
+                    break
+                self._inbox.extend(ev if tag is MANY else [(tag, ev)])
+                continue
+            tag, ev = self._inbox.popleft()
             reply = self._replies.get(tag) if not isinstance(tag, tuple) else None
             if reply is not None and not isinstance(ev, BaseException):
                 reply.ids.extend(ev.token_ids)
