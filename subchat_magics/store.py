@@ -178,6 +178,27 @@ def _checkpoint_all() -> None:
 _NEXT_MESSAGE = "MAX((SELECT COALESCE(MAX(id), 0) FROM messages), ?) + 1"
 
 
+def _insert_many(c: sqlite3.Connection, into: str, values: list, width: int, rows_each: int) -> None:
+    """INSERT ``values`` (``width`` a row, flat) into ``into`` ("table (columns)"),
+    ``rows_each`` rows a statement (SQLite allows 32,766 values a statement)."""
+    step = width * rows_each
+    row = "(" + ",".join("?" * width) + ")"
+    for i in range(0, len(values), step):
+        part = values[i:i + step]
+        c.execute(f"INSERT INTO {into} VALUES " + ",".join([row] * (len(part) // width)), part)
+
+
+def _undo_savepoint(c: sqlite3.Connection, name: str, exc: BaseException) -> BaseException:
+    """Roll the savepoint ``name`` back and release it (if the connection still can);
+    returns ``exc``, to be wrapped and raised."""
+    try:
+        c.execute(f"ROLLBACK TO {name}")
+        c.execute(f"RELEASE {name}")
+    except sqlite3.Error:
+        pass
+    return exc
+
+
 class Store:
     """A connection to one store file. Not shared across threads: use one per thread
     (``Store(path)`` is cheap once the file exists)."""
@@ -631,25 +652,16 @@ class Store:
                 (last,) = c.execute("SELECT COALESCE(MAX(id), 0) FROM chats").fetchone()
                 first = max(last, self._seen_chat) + 1
                 out = [ChatRow(first + i, *row, now) for i, row in enumerate(rows)]
-                step = 6 * 500  # values of 500 chats a statement (SQLite's limit is 32,766)
                 values = [v for r in out for v in (r.id, r.parent_id, r.name, r.system_prompt,
                                                     r.fork_seq, r.created_at)]
-                for i in range(0, len(values), step):
-                    part = values[i:i + step]
-                    c.execute("INSERT INTO chats (id, parent_id, name, system_prompt, fork_seq, "
-                              "created_at) VALUES " + ",".join(["(?,?,?,?,?,?)"] * (len(part) // 6)),
-                              part)
+                _insert_many(c, "chats (id, parent_id, name, system_prompt, fork_seq, created_at)",
+                             values, 6, 500)
             except sqlite3.IntegrityError:
                 c.execute("ROLLBACK TO insert_chats")
                 c.execute("RELEASE insert_chats")
                 return [self.insert_chat(*chat) for chat in chats]
             except sqlite3.DatabaseError as exc:
-                try:
-                    c.execute("ROLLBACK TO insert_chats")
-                    c.execute("RELEASE insert_chats")
-                except sqlite3.Error:
-                    pass
-                raise self._wrap(exc) from None
+                raise self._wrap(_undo_savepoint(c, "insert_chats", exc)) from None
             c.execute("RELEASE insert_chats")
             self._seen_chat = max(self._seen_chat, out[-1].id)
         return out
@@ -743,19 +755,10 @@ class Store:
                                 MessageRow(next_id + 1, cid, seq + 1, "assistant", "", "interrupted",
                                            dict(provenance), now)))
                     next_id += 2
-                step = 16 * 200  # values of 200 turns a statement (SQLite's limit is 32,766)
-                for i in range(0, len(values), step):
-                    part = values[i:i + step]
-                    c.execute("INSERT INTO messages (id, chat_id, seq, role, content, status, "
-                              "provenance, created_at) VALUES "
-                              + ",".join(["(?,?,?,?,?,?,?,?)"] * (len(part) // 8)), part)
+                _insert_many(c, "messages (id, chat_id, seq, role, content, status, provenance, "
+                             "created_at)", values, 8, 400)  # 200 turns a statement
             except sqlite3.DatabaseError as exc:
-                try:
-                    c.execute("ROLLBACK TO begin_turns")
-                    c.execute("RELEASE begin_turns")
-                except sqlite3.Error:
-                    pass
-                raise self._wrap(exc) from None
+                raise self._wrap(_undo_savepoint(c, "begin_turns", exc)) from None
             c.execute("RELEASE begin_turns")
             self._seen_message = max(self._seen_message, next_id - 1)
         for _, reply in out:
