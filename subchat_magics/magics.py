@@ -774,7 +774,7 @@ class SubchatMagics(Magics):
         failed = [r for r in result.rows if r.status == "failed"]
         if failed:
             r = failed[0]
-            print(f"failed: {len(failed)} row(s), e.g. {result.path}/{r.name}: "
+            print(f"failed: {counted(len(failed), 'row')}, e.g. {result.path}/{r.name}: "
                   f"{redact(str(r.reason))[:200]}")
         for note in result.notes:
             print(f"note: {note}")

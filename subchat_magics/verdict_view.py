@@ -194,11 +194,11 @@ def run_each(m: Any, args: Any, template: str, opts: dict[str, Any]) -> None:
     view.close()
     result = batch.result()
     print(result.summary())
-    if k:
-        print(f"no majority: {run.no_majority()} row(s) (a tie, or half of the samples or fewer)")
+    if k and run.no_majority():
+        print(f"no majority: {counted(run.no_majority(), 'row')} (a tie, or half of the samples or fewer)")
     failed = [r for r in result.rows if r.status == "failed"]
     if failed:
-        print(f"failed: {len(failed)} row(s), e.g. {result.path}/{failed[0].name}: "
+        print(f"failed: {counted(len(failed), 'row')}, e.g. {result.path}/{failed[0].name}: "
               f"{redact(str(failed[0].reason))[:200]}")
     for note in result.notes:
         print(f"note: {note}")

@@ -30,7 +30,7 @@ def test_a_long_choice_row_keeps_the_instructions_and_a_too_long_one_fails_sayin
     out = shell.ok("%%subchat root/task --each docs --choice yes,no --best-effort --as labels "
                    "--backend ollama\n{item}")
     assert "3 items, 2 done, 1 failed" in out
-    assert "failed: 1 row(s), e.g. root/task/docs/2: too long to answer with its context" in out
+    assert "failed: 1 row, e.g. root/task/docs/2: too long to answer with its context" in out
     assert "1 row(s) failed as too long to answer with its context" in out
     assert shell.ns["labels"] == ["yes", "yes", None]
     sent = bodies(ollama)

@@ -72,7 +72,7 @@ def test_a_failing_row_is_marked_with_its_reason_and_the_batch_goes_on(shell, op
     out = shell.ok("%%subchat root --each qs --concurrency 1 --as out --backend openai\n"
                    "say {item}")
     assert "4 items, 3 done, 1 failed" in out
-    assert "failed: 1 row(s), e.g. root/qs/0:" in out
+    assert "failed: 1 row, e.g. root/qs/0:" in out
     assert shell.ns["out"] == [None, "fine", "fine", "fine"]
     tree = default_session().tree
     reply = tree.get("root/qs/0").messages[-1]
