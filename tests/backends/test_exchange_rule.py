@@ -170,7 +170,15 @@ def test_a_cell_into_a_chat_with_a_reply_streaming_is_refused(shell, workdir, sl
     shell.ok("%%subchat root/x --backend echo\nfirst")
     session = default_session()
     turn = session.send("root/x", " ".join(["word"] * 100), backend="echo")  # as the view does
-    worker = threading.Thread(target=turn.run)
+    stopped: list[BaseException] = []
+
+    def run() -> None:  # as the view's thread: its Stop ends the stream with an interrupt
+        try:
+            turn.run()
+        except KeyboardInterrupt as exc:
+            stopped.append(exc)
+
+    worker = threading.Thread(target=run)
     worker.start()
     try:
         deadline = time.monotonic() + 10
@@ -188,6 +196,7 @@ def test_a_cell_into_a_chat_with_a_reply_streaming_is_refused(shell, workdir, sl
     finally:
         turn.cancel()
         worker.join(10)
+    assert len(stopped) == 1 and turn.reply.status == "interrupted"  # stopped, what came kept
     shell.ok("%%subchat root/x --backend echo\nafter it ended")  # free again
 
 
