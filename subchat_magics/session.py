@@ -647,6 +647,13 @@ class Session:
         for e in entries:
             opts = self.options(**{**options, "model": e.model or options.get("model")})
             plans.append(exchange.plan(e.backend, opts))
+        seen: dict[tuple[str, str | None], str] = {}
+        for e, p in zip(entries, plans):  # two entries that name one model as it is sent
+            model = p.options[0].model or p.backend.default_model()
+            first = seen.setdefault((p.backend.id, model), e.spec)
+            if first != e.spec:
+                raise InvalidInput(f"--compare {first} and {e.spec} are the same model "
+                                   f"({model or p.backend.id}); name each model once")
         for e, p in zip(entries, plans):  # (every entry set up before any server is asked)
             exchange.check_model(p.backend, e.model, f"--compare {e.spec}")
         return entries, plans

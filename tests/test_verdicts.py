@@ -206,6 +206,8 @@ def test_bad_input_is_one_line_and_stores_nothing(shell):
         ("root/q --compare echo", "two or more"),
         ("root/q --compare echo,nope", "unknown backend"),
         ("root/q --compare echo,groq", "GROQ_API_KEY"),
+        ("root/q --compare echo,echo:echo", "are the same model (echo)"),  # echo's default model
+        ("root --each df --compare echo:m,echo -m m", "are the same model (m)"),
         ("root/q -b echo --vote 3 -t 0", "temperature"),
         ("root -b echo --each df --labels nope", "--labels nope"),
         ("root -b echo --each df --labels short", "labels for"),
