@@ -72,9 +72,10 @@ class Approver:
         scope = " (for all of them)" if self.per_tool else ""  # a fan-out, a batch
         try:
             answer = str(ask(f"run {call.signature()}? [y]es / [n]o / [a]lways {call.name}{scope}: "))
-        except (KeyboardInterrupt, EOFError):
-            raise KeyboardInterrupt from None  # no answer: stop, as Ctrl-C does
-        except Exception as exc:  # noqa: BLE001 - a front end that cannot ask (no stdin)
+        except KeyboardInterrupt:
+            raise  # no answer: stop
+        except Exception as exc:  # noqa: BLE001 - a front end that cannot ask: no stdin, or
+            # a closed one (EOFError: a terminal IPython fed by a pipe, a script's stdin)
             raise CannotAsk(f"cannot ask before running {call.name} here (no stdin: "
                             f"{type(exc).__name__}); add --yes to run the calls without "
                             "asking, or approve=... in Python") from None

@@ -444,6 +444,18 @@ def test_a_front_end_that_cannot_ask_says_to_add_yes_in_one_line(shell, workdir)
     assert "interrupted" not in msgs[2].content and msgs[2].provenance["tool_status"] == "refused"
 
 
+def test_a_closed_stdin_says_to_add_yes_not_interrupted(shell, workdir, monkeypatch):
+    """input() at the end of its stdin (a terminal IPython fed by a pipe) raises EOFError:
+    no one can answer, so the cell says to add --yes, as where there is no stdin at all."""
+    import io
+
+    shell.ok(DEFS)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # the process's stdin, at its end
+    msg = shell.fails("%%subchat root --backend echo --tools lookup\nhi")
+    assert "cannot ask before running lookup here (no stdin: EOFError)" in msg, msg
+    assert "add --yes" in msg and "interrupted" not in msg and shell.ns["calls"] == []
+
+
 def test_a_tool_interrupted_by_ctrl_c_keeps_every_finished_step(shell, workdir):
     shell.ok(DEFS + '''
 def slow(x: int) -> int:
