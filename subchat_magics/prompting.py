@@ -268,6 +268,17 @@ class PromptBuilder:
         return self.tokenizer.decode(ids, skip_special_tokens=False,
                                      clean_up_tokenization_spaces=False)
 
+    def _decode_text(self, ids: list[int]) -> str | None:
+        """``ids`` as text without special tokens, by the Rust tokenizer (a batch's every
+        row is remembered: transformers' call costs several times more); None without it."""
+        fast = self._fast if self._fast is not None else self._find_fast()
+        if fast:
+            try:
+                return fast.decode(ids, skip_special_tokens=True)
+            except Exception:  # noqa: BLE001 - (busy elsewhere: transformers' way)
+                pass
+        return None
+
     def _find_fast(self) -> Any:
         """The Rust tokenizer under a fast transformers tokenizer, to encode with directly
         (transformers' own call costs more than the encoding, and hands the GIL to the
@@ -408,7 +419,8 @@ class PromptBuilder:
         gen = list(generated_ids)
         if not gen:
             return
-        if self.tokenizer.decode(gen, skip_special_tokens=True) != text:
+        if self._decode_text(gen) != text and self.tokenizer.decode(
+                gen, skip_special_tokens=True) != text:
             return
         self._generated.put(_digest(_ids_digest(prompt_ids), text), array("I", gen))  # 4 bytes a token
 
