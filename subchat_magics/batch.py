@@ -33,7 +33,7 @@ from typing import Any, Callable
 from .backends.base import Backend, GenerationOptions
 from .backends.registry import Selection
 from .errors import InvalidInput, SubchatError
-from .exchange import Exchange, Runner, contexts_known
+from .exchange import Exchange, Runner, contexts_known, system_in_force
 from .prompting import TOO_LONG
 from .secrets import redact, steady
 from .settings import getenv
@@ -515,6 +515,7 @@ class Batch:
         self._group: list[Exchange] | None = None  # the rows stored in the open _writes block
         self._kids: dict[str, Chat] | None = None
         self._base: list[dict[str, str]] | None = None  # the batch chat's context, read once
+        self._system: tuple[str | None, str] = (None, "none")  # ... and its system prompt
         self._rows: dict[int, Row] = {}  # id(exchange) -> its row
         # with tools: ``run_tools(chat, calls)`` runs a row's calls and stores the results
         # (the session's tool loop); the row then goes on with a follow-up exchange
@@ -655,7 +656,7 @@ class Batch:
                    and len(group) < most):
                 row, chat = self._ready.popleft()
                 pending.popleft()
-                with contexts_known(self.tree, self._bases(chat)):
+                with contexts_known(self.tree, *self._bases(chat)):
                     ex = self.make_exchange(chat, row.text)
                 if row.request is not None and row.request.get("backend") != runner.backend.id:
                     self._moved(row, runner.backend, ex)  # (auto passed over the first)
@@ -670,22 +671,27 @@ class Batch:
                 runner.submit(group)  # the engine starts on these while we make the next
             self._unsent = []
 
-    def _bases(self, chat: Chat) -> dict[int, list[dict[str, str]]]:
-        """``{chat.id: the batch chat's context}`` where a row's chat shares it (the row's
-        own chat, or its ``attempt-K`` forked before the row's first message, neither
-        setting a system prompt of its own): read from the store once a batch, not once a
-        row. A row chat is empty when its message is made (the claim skips one that got a
-        message meanwhile); any other chat reads its own context."""
+    def _bases(self, chat: Chat) -> tuple[dict[int, list[dict[str, str]]],
+                                          dict[int, tuple[str | None, str]]]:
+        """``({chat.id: the batch chat's context}, {chat.id: the system prompt in force
+        and its source})`` where a row's chat shares them (the row's own chat, or its
+        ``attempt-K`` forked before the row's first message, neither setting a system
+        prompt of its own): read from the store once a batch, not once a row. A row chat
+        is empty when its message is made (the claim skips one that got a message
+        meanwhile); any other chat reads its own context."""
         parent = chat.parent
         if chat.system_prompt is not None or parent is None:
-            return {}
+            return {}, {}
         if parent.id != self.chat.id:
             if (chat.fork_seq != 0 or parent.system_prompt is not None or parent.parent is None
                     or parent.parent.id != self.chat.id):
-                return {}
+                return {}, {}
         if self._base is None:
             self._base = self.tree.context(self.chat, None)
-        return {chat.id: self._base}
+            system, source = system_in_force(self.tree, self.chat)
+            # (the batch chat's own prompt is, for a row below it, its path's)
+            self._system = (system, self.chat.path if source == "own" else source)
+        return {chat.id: self._base}, {chat.id: self._system}
 
     def _claim(self, group: list[Exchange], runner: Runner) -> list[Exchange]:
         """Store the group's messages, claiming each row, in one transaction: a row whose
