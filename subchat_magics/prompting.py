@@ -159,6 +159,17 @@ def _prefix_digests(msgs: Sequence[dict[str, str]]) -> list[bytes]:
     return out
 
 
+def _prefix_hasher(msgs: Sequence[dict[str, str]]) -> Any:
+    """The hasher of :func:`_prefix_digests` after ``msgs`` (``.copy()`` it to go on)."""
+    h = hashlib.blake2b(digest_size=16)
+    for m in msgs:
+        for part in (m["role"], m["content"]):
+            b = part.encode("utf-8", "surrogatepass")
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+    return h
+
+
 def _ids_digest(ids: Sequence[int]) -> bytes:
     return hashlib.blake2b(array("I", ids).tobytes(), digest_size=16).digest()
 
@@ -183,6 +194,10 @@ class PromptBuilder:
         # (digest of the messages up to a turn's end, thinking) -> (ids, text) so far: a
         # chat's next prompt renders only its new turns
         self._states = _LRU(256)
+        # (thinking, the roles and contents of a chat but its last message) -> what every
+        # chat that differs only in that last (user) message shares: a batch's rows
+        # (see _row_ids); False where it cannot be shared
+        self._lasts = _LRU(64)
         self._special: set[int] | None = None
         self._thinking_switch: bool | None = None
 
@@ -356,6 +371,17 @@ class PromptBuilder:
         turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
         if not turns or turns[0] == 0:
             return self.encode(self.render_text(msgs, think=think)), not turns
+        last = turns[-1] == len(msgs) - 2 and msgs[-1]["role"] == "user" \
+            and _opaque(msgs[-1]["content"])
+        lkey: Any = None
+        if last:  # a batch's row: only its own message is rendered and encoded
+            lkey = (think, tuple(x for m in msgs[:-1] for x in (m["role"], m["content"])))
+            shared = self._lasts.get(lkey)
+            if shared:
+                got = self._row_ids(shared, msgs[-1], think)
+                if got is not None:
+                    return got
+            last = shared is None  # (decided once: below, what the rows share is kept)
         prefix = _prefix_digests(msgs)
 
         def boundary(k: int) -> tuple[int, bool]:
@@ -382,14 +408,18 @@ class PromptBuilder:
                 ids = self.encode(text)
                 self._states.put((prefix[first], fthink, "head"), (array("I", ids), text))
         fresh: list[tuple[bytes, bool, int, int]] = []
+        share = None
         for k in range(start, len(turns)):
             i = turns[k]
             nxt, nthink = boundary(k)
             tail = self._tail(msgs[:nxt], i, nthink)
             if tail is None:
+                if last:
+                    self._lasts.put(lkey, False)
                 return self.encode(self.render_text(msgs, think=think)), False
             content = msgs[i]["content"]
             text += content + tail
+            whole = tail  # (as the text has it)
             gen = self._generated.get(_digest(_ids_digest(ids), content))
             if gen is not None:
                 gen = list(gen)
@@ -402,14 +432,61 @@ class PromptBuilder:
             else:
                 gen = self.encode(content)
             ids += gen
+            if last and k == len(turns) - 1:  # the part every row of this chat shares
+                share = (array("I", ids), text[:len(text) - len(whole)], whole, len(whole) - len(tail))
             ids += self.encode(tail)
             fresh.append((prefix[nxt], nthink, len(ids), len(text)))
         # Segments encoded apart must read as the whole (not so for tokenizers that add
         # a prefix space to every piece): otherwise encode the as-it-ran text whole.
         if self._decode_all(ids) != text:
+            if last:
+                self._lasts.put(lkey, False)
             return self.encode(text), False
+        if share is not None:
+            self._keep_share(lkey, msgs, turns[-1], think, share)
         for key, nthink, n_ids, n_text in fresh:
             self._states.put((key, nthink), (array("I", ids[:n_ids]), text[:n_text]))
+        return ids, True
+
+    def _keep_share(self, lkey: Any, msgs: list[dict[str, str]], i: int, think: bool,
+                    share: tuple[Any, str, str, int]) -> None:
+        """Keep what the chats that differ from ``msgs`` only in their last (user)
+        message share, for :meth:`_row_ids`: the ids and text up to the end of the last
+        reply (turn ``i``), and the template's text after that reply around the message
+        (from the render with a sentinel in the reply's place and markers in the
+        message's, made once). Kept only where that text, with this chat's message,
+        is the tail the whole render gave (else False: every such chat goes the long way)."""
+        ids, text, whole, cut = share
+        probe = [dict(m) for m in msgs]
+        probe[i]["content"] = _SENTINEL
+        frame = self._frame(probe, think)
+        kept: Any = False
+        if frame:
+            before, after = frame
+            _, sep, head = before.partition(_SENTINEL)
+            if (sep and _SENTINEL not in head and _SENTINEL not in after
+                    and head + msgs[-1]["content"] + after == whole):
+                kept = (ids, text, head, cut, after, _prefix_hasher(msgs[:-1]))
+        self._lasts.put(lkey, kept)
+
+    def _row_ids(self, shared: tuple, message: dict[str, str], think: bool
+                 ) -> tuple[list[int], bool] | None:
+        """:meth:`token_ids` of a chat whose all but last message are ``shared``'s (see
+        :meth:`_keep_share`): the shared ids, then the template's text after the last
+        reply with this message, encoded; None where they do not read as the whole."""
+        base, text0, head, cut, foot, hasher = shared
+        tail = head + message["content"] + foot
+        ids = list(base)
+        ids += self.encode(tail[cut:])
+        text = text0 + tail
+        if self._decode_all(ids) != text:
+            return None
+        h = hasher.copy()  # (the state a later prompt of this chat starts from, as ever)
+        for part in (message["role"], message["content"]):
+            b = part.encode("utf-8", "surrogatepass")
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+        self._states.put((h.digest(), think), (array("I", ids), text))
         return ids, True
 
     def remember(self, prompt_ids: Sequence[int], text: str, generated_ids: Sequence[int]) -> None:
