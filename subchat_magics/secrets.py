@@ -121,7 +121,7 @@ def _keys_now() -> frozenset[str]:
     if held is not None:
         from .settings import _secrets
 
-        if frozenset(_known) | frozenset(_secrets.values()) <= held[1]:
+        if (not _known and not _secrets) or frozenset(_known) | frozenset(_secrets.values()) <= held[1]:
             return held[0]
     return frozenset(known_keys())
 
