@@ -283,18 +283,28 @@ def options_part(opts: GenerationOptions) -> str:
 
 
 def request_parts(text: str, system: str | None, opts: GenerationOptions, backend: str,
-                  model: str | None, options: str | None = None) -> dict[str, str]:
+                  model: str | None, options: str | None = None,
+                  system_part: str | None = None) -> dict[str, str]:
     """What identifies a row's request: the message, the system prompt in force, the
-    options, the constraint (kind and content), the backend and the model."""
+    options, the constraint (kind and content), the backend and the model. ``options``
+    and ``system_part``: the options' and the system prompt's parts, made once a batch."""
     c = opts.constraint
-    return {"message": _h(text), "system": _h(system or ""),
+    return {"message": _h(text), "system": system_part if system_part is not None else _h(system or ""),
             "options": options if options is not None else options_part(opts),
             "constraint": f"{c.kind}:{c.digest()}" if c is not None else "",
             "backend": backend, "model": model or ""}
 
 
+_SORTED_PARTS = sorted(PARTS)
+_encode_str = json.encoder.encode_basestring_ascii  # (json.dumps' own, for a str)
+
+
 def request_digest(parts: dict[str, str]) -> str:
     """The digest kept in a row's provenance (``batch.digest``) of its request's parts."""
+    values = [parts.get(k, "") for k in _SORTED_PARTS]
+    if all(v.__class__ is str for v in values):  # json.dumps' very text, without its machinery
+        return _h("{" + ", ".join(f'"{k}": {_encode_str(v)}' for k, v in zip(_SORTED_PARTS, values))
+                  + "}")
     return _h(json.dumps({k: parts.get(k, "") for k in PARTS}, sort_keys=True))
 
 
