@@ -39,8 +39,9 @@ import json
 import threading
 from array import array
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .errors import InvalidInput
 
@@ -198,6 +199,7 @@ class PromptBuilder:
         # chat that differs only in that last (user) message shares: a batch's rows
         # (see _row_ids); False where it cannot be shared
         self._lasts = _LRU(64)
+        self._tails: dict[str, list[int]] = {}  # rows' tails encoded ahead (rows_encoded)
         self._special: set[int] | None = None
         self._thinking_switch: bool | None = None
 
@@ -477,7 +479,8 @@ class PromptBuilder:
         base, text0, head, cut, foot, hasher = shared
         tail = head + message["content"] + foot
         ids = list(base)
-        ids += self.encode(tail[cut:])
+        ahead = self._tails.get(tail[cut:]) if self._tails else None
+        ids += ahead if ahead is not None else self.encode(tail[cut:])
         text = text0 + tail
         if self._decode_all(ids) != text:
             return None
@@ -488,6 +491,44 @@ class PromptBuilder:
             h.update(b)
         self._states.put((h.digest(), think), (array("I", ids), text))
         return ids, True
+
+    @contextmanager
+    def rows_encoded(self, chats: Sequence[Sequence[dict[str, str]]], think: bool) -> Iterator[None]:
+        """While inside, the prompts of ``chats`` that share all but their last message
+        with a chat seen before (a batch's rows: see :meth:`_keep_share`) find their own
+        part encoded already: encoded here together, by one call of the Rust tokenizer,
+        which lets go of the GIL while it works (the engine's thread runs meanwhile; one
+        call a row held it)."""
+        fast = self._fast if self._fast is not None else self._find_fast()
+        many = getattr(fast, "encode_batch_fast", None) or getattr(fast, "encode_batch", None) \
+            if fast else None
+        texts = []
+        if many is not None and len(chats) > 1:
+            for msgs in chats:
+                if len(msgs) < 2 or msgs[-1]["role"] != "user" or msgs[-2]["role"] != "assistant":
+                    continue
+                content = msgs[-1]["content"]
+                shared = self._lasts.get(
+                    (think, tuple(x for m in msgs[:-1] for x in (m["role"], m["content"]))))
+                if shared and _opaque(content):
+                    head, cut, foot = shared[2], shared[3], shared[4]
+                    texts.append((head + content + foot)[cut:])
+        mine: list[str] = []
+        if texts:
+            try:
+                encoded = many(texts, add_special_tokens=False)
+            except Exception:  # noqa: BLE001 - (each row encodes its own, as ever)
+                encoded = None
+            if encoded is not None:
+                for text, enc in zip(texts, encoded):
+                    if text not in self._tails:
+                        self._tails[text] = enc.ids
+                        mine.append(text)
+        try:
+            yield
+        finally:
+            for text in mine:
+                self._tails.pop(text, None)
 
     def remember(self, prompt_ids: Sequence[int], text: str, generated_ids: Sequence[int]) -> None:
         """Record that a request with ``prompt_ids`` generated ``generated_ids``, whose
