@@ -199,7 +199,8 @@ class PromptBuilder:
         # chat that differs only in that last (user) message shares: a batch's rows
         # (see _row_ids); False where it cannot be shared
         self._lasts = _LRU(64)
-        self._tails: dict[str, list[int]] = {}  # rows' tails encoded ahead (rows_encoded)
+        # rows' tails encoded ahead (rows_encoded): (ids, the base they follow, read as whole)
+        self._tails: dict[str, tuple[list[int], Any, bool]] = {}
         self._special: set[int] | None = None
         self._thinking_switch: bool | None = None
 
@@ -480,9 +481,10 @@ class PromptBuilder:
         tail = head + message["content"] + foot
         ids = list(base)
         ahead = self._tails.get(tail[cut:]) if self._tails else None
-        ids += ahead if ahead is not None else self.encode(tail[cut:])
+        ids += ahead[0] if ahead is not None else self.encode(tail[cut:])
         text = text0 + tail
-        if self._decode_all(ids) != text:
+        # (read as the whole already where it was encoded ahead with this base)
+        if not (ahead is not None and ahead[1] is base and ahead[2]) and self._decode_all(ids) != text:
             return None
         h = hasher.copy()  # (the state a later prompt of this chat starts from, as ever)
         for part in (message["role"], message["content"]):
@@ -502,7 +504,7 @@ class PromptBuilder:
         fast = self._fast if self._fast is not None else self._find_fast()
         many = getattr(fast, "encode_batch_fast", None) or getattr(fast, "encode_batch", None) \
             if fast else None
-        texts = []
+        texts, rows = [], []
         if many is not None and len(chats) > 1:
             for msgs in chats:
                 if len(msgs) < 2 or msgs[-1]["role"] != "user" or msgs[-2]["role"] != "assistant":
@@ -511,18 +513,22 @@ class PromptBuilder:
                 shared = self._lasts.get(
                     (think, tuple(x for m in msgs[:-1] for x in (m["role"], m["content"]))))
                 if shared and _opaque(content):
-                    head, cut, foot = shared[2], shared[3], shared[4]
-                    texts.append((head + content + foot)[cut:])
+                    tail = shared[2] + content + shared[4]
+                    texts.append(tail[shared[3]:])
+                    rows.append((shared, shared[1] + tail))
         mine: list[str] = []
         if texts:
             try:
-                encoded = many(texts, add_special_tokens=False)
+                encoded = [enc.ids for enc in many(texts, add_special_tokens=False)]
+                # each row's ids read as its whole text? (decoded together, the GIL let go)
+                whole = [list(shared[0]) + ids for (shared, _), ids in zip(rows, encoded)]
+                read = fast.decode_batch(whole, skip_special_tokens=False)
             except Exception:  # noqa: BLE001 - (each row encodes its own, as ever)
-                encoded = None
-            if encoded is not None:
-                for text, enc in zip(texts, encoded):
+                encoded = read = None
+            if encoded is not None and read is not None:
+                for text, ids, (shared, full), got in zip(texts, encoded, rows, read):
                     if text not in self._tails:
-                        self._tails[text] = enc.ids
+                        self._tails[text] = (ids, shared[0], got == full)
                         mine.append(text)
         try:
             yield
