@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from array import array
 from collections import OrderedDict
@@ -56,6 +57,7 @@ CHATML_TEMPLATE = (
 #: how a batch row that cannot fit with its context fails (the batch counts these)
 TOO_LONG = "too long to answer with its context"
 _SENTINEL = "SubChat-Sentinel-7f3a9c"  # mixed case: a template that changes case is caught
+_MARKUP = re.compile(r"[<>{}\[\]%#|/\\]")  # what makes a message's content not opaque
 
 
 def template_message(m: dict[str, Any]) -> dict[str, Any]:
@@ -135,7 +137,7 @@ def _opaque(content: Any) -> bool:
     outer whitespace it might trim. (A template that tests a user message for a plain
     word would not be caught: none of the common ones does.)"""
     return (isinstance(content, str) and bool(content) and content == content.strip()
-            and not any(c in content for c in "<>{}[]%#|/\\") and _SENTINEL not in content)
+            and _MARKUP.search(content) is None and _SENTINEL not in content)
 
 
 def _digest(*parts: Any) -> bytes:
