@@ -33,7 +33,7 @@ from typing import Any, Callable
 from .backends.base import Backend, GenerationOptions
 from .backends.registry import Selection
 from .errors import InvalidInput, SubchatError
-from .exchange import Exchange, Runner, contexts_known
+from .exchange import Exchange, Runner, contexts_known, system_in_force
 from .prompting import TOO_LONG
 from .secrets import redact, steady
 from .settings import getenv
@@ -283,18 +283,28 @@ def options_part(opts: GenerationOptions) -> str:
 
 
 def request_parts(text: str, system: str | None, opts: GenerationOptions, backend: str,
-                  model: str | None, options: str | None = None) -> dict[str, str]:
+                  model: str | None, options: str | None = None,
+                  system_part: str | None = None) -> dict[str, str]:
     """What identifies a row's request: the message, the system prompt in force, the
-    options, the constraint (kind and content), the backend and the model."""
+    options, the constraint (kind and content), the backend and the model. ``options``
+    and ``system_part``: the options' and the system prompt's parts, made once a batch."""
     c = opts.constraint
-    return {"message": _h(text), "system": _h(system or ""),
+    return {"message": _h(text), "system": system_part if system_part is not None else _h(system or ""),
             "options": options if options is not None else options_part(opts),
             "constraint": f"{c.kind}:{c.digest()}" if c is not None else "",
             "backend": backend, "model": model or ""}
 
 
+_SORTED_PARTS = sorted(PARTS)
+_encode_str = json.encoder.encode_basestring_ascii  # (json.dumps' own, for a str)
+
+
 def request_digest(parts: dict[str, str]) -> str:
     """The digest kept in a row's provenance (``batch.digest``) of its request's parts."""
+    values = [parts.get(k, "") for k in _SORTED_PARTS]
+    if all(v.__class__ is str for v in values):  # json.dumps' very text, without its machinery
+        return _h("{" + ", ".join(f'"{k}": {_encode_str(v)}' for k, v in zip(_SORTED_PARTS, values))
+                  + "}")
     return _h(json.dumps({k: parts.get(k, "") for k in PARTS}, sort_keys=True))
 
 
@@ -515,6 +525,7 @@ class Batch:
         self._group: list[Exchange] | None = None  # the rows stored in the open _writes block
         self._kids: dict[str, Chat] | None = None
         self._base: list[dict[str, str]] | None = None  # the batch chat's context, read once
+        self._system: tuple[str | None, str] = (None, "none")  # ... and its system prompt
         self._rows: dict[int, Row] = {}  # id(exchange) -> its row
         # with tools: ``run_tools(chat, calls)`` runs a row's calls and stores the results
         # (the session's tool loop); the row then goes on with a follow-up exchange
@@ -655,7 +666,7 @@ class Batch:
                    and len(group) < most):
                 row, chat = self._ready.popleft()
                 pending.popleft()
-                with contexts_known(self.tree, self._bases(chat)):
+                with contexts_known(self.tree, *self._bases(chat)):
                     ex = self.make_exchange(chat, row.text)
                 if row.request is not None and row.request.get("backend") != runner.backend.id:
                     self._moved(row, runner.backend, ex)  # (auto passed over the first)
@@ -670,22 +681,27 @@ class Batch:
                 runner.submit(group)  # the engine starts on these while we make the next
             self._unsent = []
 
-    def _bases(self, chat: Chat) -> dict[int, list[dict[str, str]]]:
-        """``{chat.id: the batch chat's context}`` where a row's chat shares it (the row's
-        own chat, or its ``attempt-K`` forked before the row's first message, neither
-        setting a system prompt of its own): read from the store once a batch, not once a
-        row. A row chat is empty when its message is made (the claim skips one that got a
-        message meanwhile); any other chat reads its own context."""
+    def _bases(self, chat: Chat) -> tuple[dict[int, list[dict[str, str]]],
+                                          dict[int, tuple[str | None, str]]]:
+        """``({chat.id: the batch chat's context}, {chat.id: the system prompt in force
+        and its source})`` where a row's chat shares them (the row's own chat, or its
+        ``attempt-K`` forked before the row's first message, neither setting a system
+        prompt of its own): read from the store once a batch, not once a row. A row chat
+        is empty when its message is made (the claim skips one that got a message
+        meanwhile); any other chat reads its own context."""
         parent = chat.parent
         if chat.system_prompt is not None or parent is None:
-            return {}
+            return {}, {}
         if parent.id != self.chat.id:
             if (chat.fork_seq != 0 or parent.system_prompt is not None or parent.parent is None
                     or parent.parent.id != self.chat.id):
-                return {}
+                return {}, {}
         if self._base is None:
             self._base = self.tree.context(self.chat, None)
-        return {chat.id: self._base}
+            system, source = system_in_force(self.tree, self.chat)
+            # (the batch chat's own prompt is, for a row below it, its path's)
+            self._system = (system, self.chat.path if source == "own" else source)
+        return {chat.id: self._base}, {chat.id: self._system}
 
     def _claim(self, group: list[Exchange], runner: Runner) -> list[Exchange]:
         """Store the group's messages, claiming each row, in one transaction: a row whose

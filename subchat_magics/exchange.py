@@ -78,17 +78,22 @@ def context(tree: "ChatTree", chat: "Chat", text: str | None,
 
 
 @contextmanager
-def contexts_known(tree: "ChatTree", bases: dict[int, list[dict[str, str]]]) -> Iterator[None]:
+def contexts_known(tree: "ChatTree", bases: dict[int, list[dict[str, str]]],
+                   systems: dict[int, tuple[str | None, str]] | None = None) -> Iterator[None]:
     """While inside, :func:`context` of a chat in ``bases`` is that base and the message,
     without reading the store: a batch's row chats, which the batch knows hold no
     message yet (it claims each in the transaction that stores its message, and skips one
-    that got a message meanwhile), share their batch chat's context, read once."""
-    held = tree.__dict__.get("_context_bases")
+    that got a message meanwhile), share their batch chat's context, read once.
+    ``systems``: ``{chat.id: (system prompt, source)}`` of those chats as
+    :func:`system_in_force` gives it without the configured prompt (``(None, "none")``
+    where no chat sets one), found once for the batch, not by walking each row's lineage."""
+    held = tree.__dict__.get("_context_bases"), tree.__dict__.get("_context_systems")
     tree.__dict__["_context_bases"] = bases
+    tree.__dict__["_context_systems"] = systems
     try:
         yield
     finally:
-        tree.__dict__["_context_bases"] = held
+        tree.__dict__["_context_bases"], tree.__dict__["_context_systems"] = held
 
 
 # -- checks ----------------------------------------------------------------------------------------
@@ -305,7 +310,14 @@ class Exchange:
         self.follow_up = follow_up
         self.messages = context(tree, chat, None if follow_up else text, default_system)
         self.provenance: dict[str, Any] = {}
-        system, source = system_in_force(tree, chat, default_system)
+        known = tree.__dict__.get("_context_systems")  # (a batch's rows: see contexts_known)
+        pair = known.get(chat.id) if known else None
+        if pair is None:
+            system, source = system_in_force(tree, chat, default_system)
+        elif pair[0] or not default_system:
+            system, source = pair
+        else:
+            system, source = default_system, CONFIG_SYSTEM
         if system:  # what was sent, in the reply's provenance
             self.provenance["system_from"] = source
             if source == CONFIG_SYSTEM:  # not in the tree: keep the text itself

@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from array import array
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .errors import InvalidInput
 
@@ -55,6 +57,7 @@ CHATML_TEMPLATE = (
 #: how a batch row that cannot fit with its context fails (the batch counts these)
 TOO_LONG = "too long to answer with its context"
 _SENTINEL = "SubChat-Sentinel-7f3a9c"  # mixed case: a template that changes case is caught
+_MARKUP = re.compile(r"[<>{}\[\]%#|/\\]")  # what makes a message's content not opaque
 
 
 def template_message(m: dict[str, Any]) -> dict[str, Any]:
@@ -134,7 +137,7 @@ def _opaque(content: Any) -> bool:
     outer whitespace it might trim. (A template that tests a user message for a plain
     word would not be caught: none of the common ones does.)"""
     return (isinstance(content, str) and bool(content) and content == content.strip()
-            and not any(c in content for c in "<>{}[]%#|/\\") and _SENTINEL not in content)
+            and _MARKUP.search(content) is None and _SENTINEL not in content)
 
 
 def _digest(*parts: Any) -> bytes:
@@ -157,6 +160,17 @@ def _prefix_digests(msgs: Sequence[dict[str, str]]) -> list[bytes]:
             h.update(b)
         out.append(h.digest())
     return out
+
+
+def _prefix_hasher(msgs: Sequence[dict[str, str]]) -> Any:
+    """The hasher of :func:`_prefix_digests` after ``msgs`` (``.copy()`` it to go on)."""
+    h = hashlib.blake2b(digest_size=16)
+    for m in msgs:
+        for part in (m["role"], m["content"]):
+            b = part.encode("utf-8", "surrogatepass")
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+    return h
 
 
 def _ids_digest(ids: Sequence[int]) -> bytes:
@@ -183,6 +197,12 @@ class PromptBuilder:
         # (digest of the messages up to a turn's end, thinking) -> (ids, text) so far: a
         # chat's next prompt renders only its new turns
         self._states = _LRU(256)
+        # (thinking, the roles and contents of a chat but its last message) -> what every
+        # chat that differs only in that last (user) message shares: a batch's rows
+        # (see _row_ids); False where it cannot be shared
+        self._lasts = _LRU(64)
+        # rows' tails encoded ahead (rows_encoded): (ids, the base they follow, read as whole)
+        self._tails: dict[str, tuple[list[int], Any, bool]] = {}
         self._special: set[int] | None = None
         self._thinking_switch: bool | None = None
 
@@ -268,6 +288,17 @@ class PromptBuilder:
         return self.tokenizer.decode(ids, skip_special_tokens=False,
                                      clean_up_tokenization_spaces=False)
 
+    def _decode_text(self, ids: list[int]) -> str | None:
+        """``ids`` as text without special tokens, by the Rust tokenizer (a batch's every
+        row is remembered: transformers' call costs several times more); None without it."""
+        fast = self._fast if self._fast is not None else self._find_fast()
+        if fast:
+            try:
+                return fast.decode(ids, skip_special_tokens=True)
+            except Exception:  # noqa: BLE001 - (busy elsewhere: transformers' way)
+                pass
+        return None
+
     def _find_fast(self) -> Any:
         """The Rust tokenizer under a fast transformers tokenizer, to encode with directly
         (transformers' own call costs more than the encoding, and hands the GIL to the
@@ -345,6 +376,17 @@ class PromptBuilder:
         turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
         if not turns or turns[0] == 0:
             return self.encode(self.render_text(msgs, think=think)), not turns
+        last = turns[-1] == len(msgs) - 2 and msgs[-1]["role"] == "user" \
+            and _opaque(msgs[-1]["content"])
+        lkey: Any = None
+        if last:  # a batch's row: only its own message is rendered and encoded
+            lkey = (think, tuple(x for m in msgs[:-1] for x in (m["role"], m["content"])))
+            shared = self._lasts.get(lkey)
+            if shared:
+                got = self._row_ids(shared, msgs[-1], think)
+                if got is not None:
+                    return got
+            last = shared is None  # (decided once: below, what the rows share is kept)
         prefix = _prefix_digests(msgs)
 
         def boundary(k: int) -> tuple[int, bool]:
@@ -371,14 +413,18 @@ class PromptBuilder:
                 ids = self.encode(text)
                 self._states.put((prefix[first], fthink, "head"), (array("I", ids), text))
         fresh: list[tuple[bytes, bool, int, int]] = []
+        share = None
         for k in range(start, len(turns)):
             i = turns[k]
             nxt, nthink = boundary(k)
             tail = self._tail(msgs[:nxt], i, nthink)
             if tail is None:
+                if last:
+                    self._lasts.put(lkey, False)
                 return self.encode(self.render_text(msgs, think=think)), False
             content = msgs[i]["content"]
             text += content + tail
+            whole = tail  # (as the text has it)
             gen = self._generated.get(_digest(_ids_digest(ids), content))
             if gen is not None:
                 gen = list(gen)
@@ -391,15 +437,106 @@ class PromptBuilder:
             else:
                 gen = self.encode(content)
             ids += gen
+            if last and k == len(turns) - 1:  # the part every row of this chat shares
+                share = (array("I", ids), text[:len(text) - len(whole)], whole, len(whole) - len(tail))
             ids += self.encode(tail)
             fresh.append((prefix[nxt], nthink, len(ids), len(text)))
         # Segments encoded apart must read as the whole (not so for tokenizers that add
         # a prefix space to every piece): otherwise encode the as-it-ran text whole.
         if self._decode_all(ids) != text:
+            if last:
+                self._lasts.put(lkey, False)
             return self.encode(text), False
+        if share is not None:
+            self._keep_share(lkey, msgs, turns[-1], think, share)
         for key, nthink, n_ids, n_text in fresh:
             self._states.put((key, nthink), (array("I", ids[:n_ids]), text[:n_text]))
         return ids, True
+
+    def _keep_share(self, lkey: Any, msgs: list[dict[str, str]], i: int, think: bool,
+                    share: tuple[Any, str, str, int]) -> None:
+        """Keep what the chats that differ from ``msgs`` only in their last (user)
+        message share, for :meth:`_row_ids`: the ids and text up to the end of the last
+        reply (turn ``i``), and the template's text after that reply around the message
+        (from the render with a sentinel in the reply's place and markers in the
+        message's, made once). Kept only where that text, with this chat's message,
+        is the tail the whole render gave (else False: every such chat goes the long way)."""
+        ids, text, whole, cut = share
+        probe = [dict(m) for m in msgs]
+        probe[i]["content"] = _SENTINEL
+        frame = self._frame(probe, think)
+        kept: Any = False
+        if frame:
+            before, after = frame
+            _, sep, head = before.partition(_SENTINEL)
+            if (sep and _SENTINEL not in head and _SENTINEL not in after
+                    and head + msgs[-1]["content"] + after == whole):
+                kept = (ids, text, head, cut, after, _prefix_hasher(msgs[:-1]))
+        self._lasts.put(lkey, kept)
+
+    def _row_ids(self, shared: tuple, message: dict[str, str], think: bool
+                 ) -> tuple[list[int], bool] | None:
+        """:meth:`token_ids` of a chat whose all but last message are ``shared``'s (see
+        :meth:`_keep_share`): the shared ids, then the template's text after the last
+        reply with this message, encoded; None where they do not read as the whole."""
+        base, text0, head, cut, foot, hasher = shared
+        tail = head + message["content"] + foot
+        ids = list(base)
+        ahead = self._tails.get(tail[cut:]) if self._tails else None
+        ids += ahead[0] if ahead is not None else self.encode(tail[cut:])
+        text = text0 + tail
+        # (read as the whole already where it was encoded ahead with this base)
+        if not (ahead is not None and ahead[1] is base and ahead[2]) and self._decode_all(ids) != text:
+            return None
+        h = hasher.copy()  # (the state a later prompt of this chat starts from, as ever)
+        for part in (message["role"], message["content"]):
+            b = part.encode("utf-8", "surrogatepass")
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+        self._states.put((h.digest(), think), (array("I", ids), text))
+        return ids, True
+
+    @contextmanager
+    def rows_encoded(self, chats: Sequence[Sequence[dict[str, str]]], think: bool) -> Iterator[None]:
+        """While inside, the prompts of ``chats`` that share all but their last message
+        with a chat seen before (a batch's rows: see :meth:`_keep_share`) find their own
+        part encoded already: encoded here together, by one call of the Rust tokenizer,
+        which lets go of the GIL while it works (the engine's thread runs meanwhile; one
+        call a row held it)."""
+        fast = self._fast if self._fast is not None else self._find_fast()
+        many = getattr(fast, "encode_batch_fast", None) or getattr(fast, "encode_batch", None) \
+            if fast else None
+        texts, rows = [], []
+        if many is not None and len(chats) > 1:
+            for msgs in chats:
+                if len(msgs) < 2 or msgs[-1]["role"] != "user" or msgs[-2]["role"] != "assistant":
+                    continue
+                content = msgs[-1]["content"]
+                shared = self._lasts.get(
+                    (think, tuple(x for m in msgs[:-1] for x in (m["role"], m["content"]))))
+                if shared and _opaque(content):
+                    tail = shared[2] + content + shared[4]
+                    texts.append(tail[shared[3]:])
+                    rows.append((shared, shared[1] + tail))
+        mine: list[str] = []
+        if texts:
+            try:
+                encoded = [enc.ids for enc in many(texts, add_special_tokens=False)]
+                # each row's ids read as its whole text? (decoded together, the GIL let go)
+                whole = [list(shared[0]) + ids for (shared, _), ids in zip(rows, encoded)]
+                read = fast.decode_batch(whole, skip_special_tokens=False)
+            except Exception:  # noqa: BLE001 - (each row encodes its own, as ever)
+                encoded = read = None
+            if encoded is not None and read is not None:
+                for text, ids, (shared, full), got in zip(texts, encoded, rows, read):
+                    if text not in self._tails:
+                        self._tails[text] = (ids, shared[0], got == full)
+                        mine.append(text)
+        try:
+            yield
+        finally:
+            for text in mine:
+                self._tails.pop(text, None)
 
     def remember(self, prompt_ids: Sequence[int], text: str, generated_ids: Sequence[int]) -> None:
         """Record that a request with ``prompt_ids`` generated ``generated_ids``, whose
@@ -408,7 +545,8 @@ class PromptBuilder:
         gen = list(generated_ids)
         if not gen:
             return
-        if self.tokenizer.decode(gen, skip_special_tokens=True) != text:
+        if self._decode_text(gen) != text and self.tokenizer.decode(
+                gen, skip_special_tokens=True) != text:
             return
         self._generated.put(_digest(_ids_digest(prompt_ids), text), array("I", gen))  # 4 bytes a token
 

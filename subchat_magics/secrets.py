@@ -93,8 +93,9 @@ def _key_parts(keys: frozenset[str]) -> tuple[list[str], list[str]]:
     return short, grams
 
 
-#: the keys read once for a batch (see :func:`steady`), and the keys registered then
-_steady: tuple[frozenset[str], frozenset[str]] | None = None
+#: the keys read once for a batch (see :func:`steady`), the keys registered then, and
+#: where keys entered with ``%subchat key`` are kept
+_steady: tuple[frozenset[str], frozenset[str], dict[str, str]] | None = None
 
 
 @contextmanager
@@ -109,7 +110,7 @@ def steady() -> Iterator[None]:
         return
     from .settings import _secrets
 
-    _steady = (frozenset(known_keys()), frozenset(_known) | frozenset(_secrets.values()))
+    _steady = (frozenset(known_keys()), frozenset(_known) | frozenset(_secrets.values()), _secrets)
     try:
         yield
     finally:
@@ -119,9 +120,8 @@ def steady() -> Iterator[None]:
 def _keys_now() -> frozenset[str]:
     held = _steady
     if held is not None:
-        from .settings import _secrets
-
-        if frozenset(_known) | frozenset(_secrets.values()) <= held[1]:
+        entered = held[2]  # (%subchat key's keys: settings._secrets, one dict changed in place)
+        if (not _known and not entered) or frozenset(_known) | frozenset(entered.values()) <= held[1]:
             return held[0]
     return frozenset(known_keys())
 

@@ -785,6 +785,7 @@ class Session:
             in_force = exchange.system_in_force(tree, above, default_system)[0]
         model = opts.model or first.default_model()
         options_part = batch_mod.options_part(opts)
+        system_part = batch_mod._h(in_force or "")  # (one prompt for every row: digested once)
         req_backend, req_model = first.id, model
         if shape is not None:
             req_backend, req_model = shape.backend or first.id, shape.model or model
@@ -822,7 +823,7 @@ class Session:
                     row.status, row.reason = "skipped", "empty message"
                 row.text = text
                 row.request = batch_mod.request_parts(text, in_force, opts, req_backend,
-                                                      req_model, options_part)
+                                                      req_model, options_part, system_part)
             rows.append(row)
         notes: list[str] = []
         if existing is not None:

@@ -47,9 +47,17 @@ class Constraint:
         return {"json": self.schema, "choice": list(self.choices), "regex": self.pattern}[self.kind]
 
     def digest(self) -> str:
-        """A short digest of the content (for provenance and cache keys)."""
+        """A short digest of the content (for provenance and cache keys); a choice's or a
+        pattern's made once (a batch asks for each row), a schema's each time (a dict
+        can change)."""
+        held = self.__dict__.get("_digest")
+        if held is not None:
+            return held
         blob = json.dumps(self.spec(), sort_keys=True, ensure_ascii=False)
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
+        out = hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
+        if self.kind != "json":
+            self.__dict__["_digest"] = out  # (frozen: its choices and pattern never change)
+        return out
 
     def longest_regex_match(self) -> int | None:
         """The most characters a ``--regex`` answer can have (None: no bound, or not a

@@ -223,3 +223,24 @@ def test_the_builder_encodes_as_transformers_does(tok, text):
     assert b._decode_all(ids) == tok.decode(ids, skip_special_tokens=False,
                                             clean_up_tokenization_spaces=False)
     assert b._fast  # (the fast way is the one in use for this tokenizer)
+
+
+def test_a_batchs_rows_get_the_ids_each_chat_gets_alone(tok):
+    # the rows share all but their last message: what they share is found once, each
+    # row's own part encoded (one by one, or a group together ahead); every prompt is the
+    # one a fresh builder gives that chat on its own
+    base = [SYSTEM, user("Answer each question with one word."), assistant("Sure.")]
+    messages = ["Q0: Is 0 even?", "Q1: 日本語 ✓ 3.14", "Q2: a  b\tc", "Q3: Is 3 odd? Why.", "Q2: a  b\tc"]
+    for think in (False, True):
+        b = PromptBuilder(tok, 4096)
+        ids, _ = b.token_ids(base[:2], think=think)
+        b.remember(ids, "Sure.", generated(tok, "Sure."))
+        alone = []
+        for m in messages:
+            fresh = PromptBuilder(tok, 4096)
+            fresh._generated = b._generated  # (the same memory of what ran)
+            alone.append(fresh.token_ids(base + [user(m)], think=think))
+        assert [b.token_ids(base + [user(m)], think=think) for m in messages] == alone
+        with b.rows_encoded([base + [user(m)] for m in messages], think):
+            assert [b.token_ids(base + [user(m)], think=think) for m in messages] == alone
+        assert all(exact for _, exact in alone)

@@ -53,15 +53,17 @@ class EnginePool(Pool):
         adds them all before its next step (no step runs with only the first few)."""
         engine = self.engine
         items = []
-        for index, messages, options in requests:
-            try:
-                # a chat that cannot fit raises
-                reply, params = engine.prepare(messages, options, params_memo=self._params)
-            except SubchatError as exc:
-                self._ready += [(index, exc), (index, END)]
-                continue
-            self._replies[index] = reply
-            items.append((reply.prompt.token_ids, params if self.deltas else final_only(params), index))
+        with engine.encoded(requests):  # (the rows' own parts: one call of the tokenizer)
+            for index, messages, options in requests:
+                try:
+                    # a chat that cannot fit raises
+                    reply, params = engine.prepare(messages, options, params_memo=self._params)
+                except SubchatError as exc:
+                    self._ready += [(index, exc), (index, END)]
+                    continue
+                self._replies[index] = reply
+                items.append((reply.prompt.token_ids, params if self.deltas else final_only(params),
+                              index))
         if items:
             for (_, _, index), rid in zip(items, engine.submit(items, self._sink)):
                 self._replies[index].rid, self._replies[index].in_engine = rid, True

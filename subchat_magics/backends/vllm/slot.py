@@ -137,6 +137,20 @@ class Engine:
                 seeds=self.seeds))
         return Reply(prompt, options, thinking), held[1]
 
+    def encoded(self, requests: Sequence[tuple[Any, Sequence[Message], GenerationOptions]]
+                ) -> contextlib.AbstractContextManager:
+        """While inside, the rows among ``requests`` (one options object: a batch's group)
+        find their own part of the prompt encoded already, all together
+        (:meth:`PromptBuilder.rows_encoded`)."""
+        if len(requests) < 2:
+            return contextlib.nullcontext()
+        options = requests[0][2]
+        if options.tools or options.extra.get("_prefill") or any(
+                r[2] is not options for r in requests):
+            return contextlib.nullcontext()
+        think = self.think if options.think is None else bool(options.think)
+        return self.builder.rows_encoded([r[1] for r in requests], think)
+
     @property
     def rows_in_flight(self) -> int | None:
         """Sequences of ``max_model_len`` tokens the KV cache holds at once (capped by
