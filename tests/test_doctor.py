@@ -202,7 +202,14 @@ def test_the_hub_check_connects_with_a_short_timeout():
     finally:
         srv.close()
     assert up and what.startswith("127.0.0.1 answered in")
-    down, why = hub_reachable(f"http://127.0.0.1:{port}", timeout=0.5)
+    # a port held bound and not listening refuses: a closed one may be taken meanwhile by
+    # another process's listener (it was, once, in a CI-like run beside other tests)
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    try:
+        down, why = hub_reachable(f"http://127.0.0.1:{held.getsockname()[1]}", timeout=0.5)
+    finally:
+        held.close()
     assert not down and "127.0.0.1" in why
 
 
