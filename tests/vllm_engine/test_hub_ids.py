@@ -162,13 +162,13 @@ def test_an_unreachable_hub_with_nothing_cached_says_to_turn_internet_on(shell, 
     import socket
 
     pytest.importorskip("huggingface_hub")
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
+    with socket.socket() as s:  # a port held bound, not listening: it refuses (and no
+        s.bind(("127.0.0.1", 0))  # other process can take it meanwhile)
         port = s.getsockname()[1]
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    err = shell.fails("%load_vllm Qwen/Qwen3-14B-AWQ")
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        err = shell.fails("%load_vllm Qwen/Qwen3-14B-AWQ")
     assert "\n" not in err
     assert "cannot reach the Hugging Face Hub" in err and "turn internet on" in err
 
