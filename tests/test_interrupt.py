@@ -2,43 +2,16 @@
 
 from __future__ import annotations
 
-import _thread
-import threading
-
 import pytest
 from IPython.core.error import UsageError
 
 from subchat_magics.testing import store_rows
 
 
-def run_cut(shell, source: str, after: int):
-    """Run a cell with a Ctrl-C landing after its ``after``-th streamed delta:
-    interrupt_main is the SIGINT Jupyter sends, and the listener waits until it is raised
-    (no clock decides where the reply is cut). Returns (result, captured, deltas seen)."""
-    from subchat_magics.session import default_session
-
-    seen: list[str] = []
-    never = threading.Event()
-
-    def listener(event, data):
-        if event == "reply-delta":
-            seen.append(data["delta"])
-            if len(seen) == after:
-                _thread.interrupt_main()
-                never.wait(60)
-
-    unsubscribe = default_session().tree.subscribe(listener)
-    try:
-        result, cap = shell.run(source)
-    finally:
-        unsubscribe()
-    return result, cap, seen
-
-
 def test_interrupt_keeps_the_partial_reply_marked(shell, workdir):
     shell.ok("%subchat status")
     words = " ".join(f"w{i}" for i in range(200))
-    result, cap, seen = run_cut(shell, f"%%subchat root\n{words}", after=5)
+    result, cap, seen = shell.run_cut(f"%%subchat root\n{words}", after=5)
     # one line that says what was kept (as a batch's Ctrl-C), no traceback of our frames
     assert isinstance(result.error_in_exec, UsageError)
     assert str(result.error_in_exec) == "%%subchat: interrupted: the partial reply is kept in root"
@@ -60,7 +33,7 @@ def test_interrupted_under_a_constraint_var_is_none_not_a_partial_string(shell, 
         k: {"type": "string"} for k in ("label", "reason", "source", "detail")},
         "required": ["label", "reason", "source", "detail"]}
     shell.ns["v"] = "before"
-    result, _, seen = run_cut(shell, "%%subchat root --backend echo --json=schema --var v\nLabel it.",
+    result, _, seen = shell.run_cut("%%subchat root --backend echo --json=schema --var v\nLabel it.",
                               after=2)
     assert isinstance(result.error_in_exec, UsageError)
     assert "interrupted: the partial reply is kept in root" in str(result.error_in_exec)
@@ -72,7 +45,7 @@ def test_interrupted_under_a_constraint_var_is_none_not_a_partial_string(shell, 
 def test_ctrl_c_in_a_fanout_says_one_line_naming_where_the_replies_are_kept(shell, workdir):
     shell.ok("%%subchat root -b echo\nseed")
     words = " ".join(f"w{i}" for i in range(200))
-    result, cap, _ = run_cut(shell, f"%%subchat root -b echo --fanout 2 --var rs\n{words}", after=6)
+    result, cap, _ = shell.run_cut(f"%%subchat root -b echo --fanout 2 --var rs\n{words}", after=6)
     msg = str(result.error_in_exec)
     assert msg.startswith("%%subchat: interrupted: ") and msg.endswith("kept in root/1, root/2")
     assert "Traceback" not in cap.stdout + cap.stderr
@@ -92,7 +65,7 @@ def test_ctrl_c_in_a_vote_or_comparison_says_one_line_naming_where_the_replies_a
     verdict under a vote; under --compare each model's partial reply)."""
     shell.ok("%%subchat root -b echo\nseed")
     words = " ".join(f"w{i}" for i in range(200))
-    result, cap, _ = run_cut(shell, f"%%subchat root/q {flags} --var got\n{words}", after=6)
+    result, cap, _ = shell.run_cut(f"%%subchat root/q {flags} --var got\n{words}", after=6)
     msg = str(result.error_in_exec)
     assert msg.startswith("%%subchat: interrupted: ") and msg.endswith(f"kept in {kept_in}"), msg
     assert "Traceback" not in cap.stdout + cap.stderr
@@ -113,7 +86,7 @@ def test_ctrl_c_while_an_estimate_times_its_sample_says_one_line(shell, workdir,
     KeyboardInterrupt's traceback), the rows that finished are kept, and the batch then
     runs, reusing them."""
     shell.ns["qs"] = [" ".join(f"w{i}-{j}" for j in range(40)) for i in range(8)]
-    result, cap, _ = run_cut(shell, f"%%subchat root -b echo --each qs {flags} --estimate "
+    result, cap, _ = shell.run_cut(f"%%subchat root -b echo --each qs {flags} --estimate "
                              "--sample 4 --concurrency 2\n{item}", after=30)
     msg = str(result.error_in_exec)
     assert isinstance(result.error_in_exec, UsageError), result.error_in_exec

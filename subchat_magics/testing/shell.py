@@ -4,7 +4,8 @@ another process would.
 :class:`Shell` wraps a real :class:`~IPython.core.interactiveshell.InteractiveShell`: run
 a cell and get its captured output (``run``), run one that must succeed and get its
 stdout (``ok``), or one that must fail with a ``UsageError`` and get the message
-(``fails``). Nothing is patched: the magics, the tree and the backend are the real ones.
+(``fails``), or one cut by a real Ctrl-C after its N-th streamed delta (``run_cut``).
+Nothing is patched: the magics, the tree and the backend are the real ones.
 
     from IPython.core.interactiveshell import InteractiveShell
     from subchat_magics.testing import Shell
@@ -18,8 +19,10 @@ stdout (``ok``), or one that must fail with a ``UsageError`` and get the message
 
 from __future__ import annotations
 
+import _thread
 import os
 import sqlite3
+import threading
 
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
@@ -49,6 +52,30 @@ class Shell:
         with capture_output(display=True) as cap:
             result = self.ip.run_cell(source, store_history=False)
         return result, cap
+
+    def run_cut(self, source: str, after: int):
+        """Run a cell with a Ctrl-C landing after its ``after``-th streamed delta:
+        ``interrupt_main`` is the SIGINT Jupyter sends, and the listener waits until it is
+        raised (no clock decides where the reply is cut). Returns (result, captured
+        output, the deltas seen)."""
+        from subchat_magics.session import default_session
+
+        seen: list[str] = []
+        never = threading.Event()
+
+        def listener(event: str, data: dict) -> None:
+            if event == "reply-delta":
+                seen.append(data["delta"])
+                if len(seen) == after:
+                    _thread.interrupt_main()
+                    never.wait(60)
+
+        unsubscribe = default_session().tree.subscribe(listener)
+        try:
+            result, cap = self.run(source)
+        finally:
+            unsubscribe()
+        return result, cap, seen
 
     def ok(self, source: str) -> str:
         """Run a cell that must succeed; return its stdout."""

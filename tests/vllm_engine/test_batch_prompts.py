@@ -7,10 +7,8 @@ sends, and with a fresh builder's render of the row's stored chat."""
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import random
-import threading
 
 import pytest
 
@@ -75,28 +73,10 @@ def batch_and_singles(sh, engine, parent, items, flags=""):
     return sorted(batch), sorted(reference(engine, p) for p in rows), sorted(singles)
 
 
-def cut_reply(sh, source, after):
-    """Run a cell with a real Ctrl-C after its ``after``-th streamed delta."""
-    seen, never = [], threading.Event()
-
-    def listener(event, data):
-        if event == "reply-delta":
-            seen.append(data["delta"])
-            if len(seen) == after:
-                _thread.interrupt_main()
-                never.wait(60)
-
-    unsubscribe = default_session().tree.subscribe(listener)
-    try:
-        return sh.run(source)
-    finally:
-        unsubscribe()
-
-
 def test_odd_rows_under_earlier_turns_and_a_cut_reply(vshell, engine):
     vshell.ok("%%subchat root/p -n 6\nTell me about rivers.")
     vshell.ok("%%subchat root/p -n 6 --think\nAnd lakes?")
-    result, _ = cut_reply(vshell, "%%subchat root/p -n 40 -t 0.9 --seed 1\nAnd seas, at length?", 3)
+    result, _, _ = vshell.run_cut("%%subchat root/p -n 40 -t 0.9 --seed 1\nAnd seas, at length?", 3)
     assert not result.success
     batch, ref, singles = batch_and_singles(vshell, engine, "root/p", ODD)
     assert len(batch) == len(ODD) - 1  # ("  " is skipped: an empty message)
