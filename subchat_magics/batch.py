@@ -17,6 +17,7 @@ is a pandas one only if pandas is already imported).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import keyword
@@ -26,9 +27,10 @@ import socket
 import sys
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .backends.base import Backend, GenerationOptions
 from .backends.registry import Selection
@@ -46,12 +48,41 @@ ENGINE_IN_FLIGHT = 1024  # vLLM: requests in the engine at once (its scheduler t
 CREATE_CHUNK = 256  # row chats made ahead at least (one index reload a round; rounds double)
 SUBMIT_EVERY = 16  # rows handed to the pool together while the next ones are prepared
 SUBMIT_MOST = 128  # ... growing with the rows sent (a group: one claim transaction)
+# while a batch runs, the collector's youngest generation is collected every this many
+# allocations, not every 700 (Python's default): see few_collections()
+GC_YOUNG_DURING_RUN = 50_000
 PROGRESS_EVERY_S = 0.1  # progress callbacks at most this often
 RATE_LIMIT_PAUSE_S = 600.0  # the most a batch pauses, in all, for rate limits (429)
 MARK = "batch"  # the provenance key of a row's reply
 VOTE = "vote"  # the provenance key of a vote's samples and verdict (subchat_magics.vote)
 _NAME_TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _UNSAFE = re.compile(r"[^\w.\-]")
+
+
+@contextmanager
+def few_collections(young: int = GC_YOUNG_DURING_RUN) -> Iterator[None]:
+    """While inside, the cyclic garbage collector collects its youngest generation every
+    ``young`` allocations instead of Python's default 700, and its older ones as rarely in
+    proportion; the thresholds in force before are put back on the way out.
+
+    A batch allocates a few dozen short-lived objects a row, in our thread and the
+    engine's; with the default thresholds the collector ran some 100 times a second and
+    scanned the whole heap (the tree's index of every chat, the notebook's data) about
+    once every 1,200 rows: 0.4-0.5 s of a 5,000-row ``--choice`` run on the tiny model,
+    against 0.2 s in the same rows through ``llm.generate`` (measured with gc.callbacks).
+    Garbage that is not a cycle is freed at once as ever; a cycle waits at most
+    ``young`` allocations. A threshold raised already (a batch inside a batch, another
+    thread's batch) or a collector that is off is left as it is."""
+    old = gc.get_threshold()
+    if not gc.isenabled() or old[0] >= young:
+        yield
+        return
+    gc.set_threshold(young, *old[1:])
+    try:
+        yield
+    finally:
+        if gc.get_threshold()[0] == young:  # (unless someone set their own meanwhile)
+            gc.set_threshold(*old)
 
 
 # -- the items -----------------------------------------------------------------------------------
@@ -521,6 +552,7 @@ class Batch:
             elif r.status == "claimed":
                 self.progress.claimed += 1
         self._started = False
+        self._first_send: float | None = None  # when the first row went to the backend
         self._ready: deque = deque()  # (row, chat) made ahead of sending
         self._group: list[Exchange] | None = None  # the rows stored in the open _writes block
         self._kids: dict[str, Chat] | None = None
@@ -555,7 +587,7 @@ class Batch:
         ``KeyboardInterrupt`` from ``progress``) stops every request in flight at once,
         keeps what completed, marks the cut rows ``interrupted`` and re-raises; the rows
         stay in :attr:`rows` and :meth:`result` gives what there is."""
-        with steady():  # the keys to mask read once, not for each stored message
+        with steady(), few_collections():  # (the keys to mask read once, not once a row)
             return self._run(progress, every)
 
     def _run(self, progress: Callable[[Progress], None] | None, every: float) -> BatchResult:
@@ -592,10 +624,10 @@ class Batch:
                 p.paused = runner.paused  # (a rate limit: nothing new is sent meanwhile)
                 if pending and runner.in_flight < self.in_flight and not p.paused:
                     self._start(pending, runner)
-                    if not started and runner.in_flight:
+                    if not started and self._first_send is not None:
                         started = True  # generation time counts from the first send
-                        p.planning_s += time.perf_counter() - t_plan
-                        t0[0] = time.perf_counter()
+                        p.planning_s += self._first_send - t_plan
+                        t0[0] = self._first_send
                     p.in_flight = runner.in_flight
                     if not runner.flying:
                         continue  # (every row of the group was claimed elsewhere)
@@ -679,6 +711,8 @@ class Batch:
             if group:
                 self.progress.sent += len(group)
                 runner.submit(group)  # the engine starts on these while we make the next
+                if self._first_send is None:
+                    self._first_send = time.perf_counter()
             self._unsent = []
 
     def _bases(self, chat: Chat) -> tuple[dict[int, list[dict[str, str]]],

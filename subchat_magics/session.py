@@ -139,10 +139,12 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 def _keys_read_once(fn: _F) -> _F:
     """Plan with the keys to mask read once (:func:`~subchat_magics.secrets.steady`): a
     batch's plan masks each row's values and name, and each read of the keys looked
-    ``.env`` up again (three a row, ahead of the first row sent)."""
+    ``.env`` up again (three a row, ahead of the first row sent); and with the garbage
+    collector's rounds as few as while the batch runs (:func:`batch.few_collections
+    <subchat_magics.batch.few_collections>`: a plan makes thousands of rows at once)."""
     @functools.wraps(fn)
     def planned(*args: Any, **kwargs: Any) -> Any:
-        with steady():
+        with steady(), batch_mod.few_collections():
             return fn(*args, **kwargs)
     return planned  # type: ignore[return-value]
 

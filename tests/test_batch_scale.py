@@ -174,3 +174,60 @@ def test_a_batch_masks_keys_read_once_and_keys_given_meanwhile(shell, workdir, m
     tree = default_session().tree
     later = [m.content for i in range(4, 12) for m in tree.get(f"root/k/{i}").messages]
     assert len(later) == 16 and all("9876543210" not in t and "***" in t for t in later)
+
+
+def test_the_collector_runs_rarely_while_a_batch_plans_and_runs_and_as_before_after(shell,
+                                                                                      workdir):
+    """While a batch plans and runs, the garbage collector's youngest generation is
+    collected every GC_YOUNG_DURING_RUN allocations (not 700: it rescanned the tree's index
+    every ~1,200 rows); the thresholds in force before are back after a run, after a run
+    cut by Ctrl-C, and a threshold of one's own (higher already, or the collector off) is
+    left as it is."""
+    import gc
+
+    from subchat_magics.batch import GC_YOUNG_DURING_RUN
+
+    before = gc.get_threshold()
+    assert before[0] < GC_YOUNG_DURING_RUN
+    seen = []
+    plan = default_session().batch(
+        "root", list(range(30)), lambda x, i: seen.append(gc.get_threshold()) or f"n {x}",
+        name="gcrun", backend="echo")
+    assert seen and all(t[0] == GC_YOUNG_DURING_RUN for t in seen)  # (planning)
+    assert gc.get_threshold() == before
+    during = []
+    plan.run(lambda p: during.append(gc.get_threshold()), every=0)
+    assert during and all(t == (GC_YOUNG_DURING_RUN, *before[1:]) for t in during)
+    assert gc.get_threshold() == before
+
+    def cut(p):
+        if p.ended >= 3:
+            raise KeyboardInterrupt
+    cut_plan = default_session().batch("root", list(range(30)), lambda x, i: f"m {x}",
+                                       name="gccut", backend="echo", concurrency=1)
+    try:
+        cut_plan.run(cut, every=0)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the run was not cut")
+    assert gc.get_threshold() == before
+
+    try:
+        gc.set_threshold(GC_YOUNG_DURING_RUN * 2, 5, 5)  # one's own, higher
+        during.clear()
+        default_session().batch("root", list(range(5)), lambda x, i: f"o {x}", name="gcown",
+                                backend="echo").run(lambda p: during.append(gc.get_threshold()),
+                                                    every=0)
+        assert during and all(t == (GC_YOUNG_DURING_RUN * 2, 5, 5) for t in during)
+        assert gc.get_threshold() == (GC_YOUNG_DURING_RUN * 2, 5, 5)
+        gc.set_threshold(*before)
+        gc.disable()
+        during.clear()
+        default_session().batch("root", list(range(5)), lambda x, i: f"p {x}", name="gcoff",
+                                backend="echo").run(lambda p: during.append(gc.get_threshold()),
+                                                    every=0)
+        assert during and all(t == before for t in during) and not gc.isenabled()
+    finally:
+        gc.enable()
+        gc.set_threshold(*before)
