@@ -666,6 +666,10 @@ class Batch:
             notes.append(f"{cut} row(s) had a value cut at max_value_chars (see %config "
                          "SubchatMagics.max_value_chars); show -p of a row names it")
         notes += fit_notes(self.rows)
+        claimed = sum(1 for r in self.rows if r.status == "claimed")
+        if claimed:  # (at planning, or claimed by the other kernel since: one note for all)
+            notes = [n for n in notes if "answered by another kernel now" not in n]
+            notes.append(claimed_note(claimed))
         r = self._runner
         if r is not None and r.pauses:
             notes.append(f"rate-limited: the batch paused {r.pauses} time(s), {r.paused_s:.0f} s "
@@ -1225,9 +1229,15 @@ def match_rows(tree: ChatTree, chat: Chat, rows: list[Row], *, redo: bool = Fals
         notes.append(f"{kept} row(s) without a complete reply to this request were continued "
                      "by hand; they are kept as they are (not sent again)")
     if taken:
-        notes.append(f"{taken} row(s) are being answered by another kernel now; run the cell "
-                     "again once it ends to collect them")
+        notes.append(claimed_note(taken))
     return notes
+
+
+def claimed_note(n: int) -> str:
+    """The note of ``n`` rows another kernel answers (found claimed when planned, or
+    claimed by it between planning and sending): ``--as`` holds None for them."""
+    return (f"{n} row(s) are being answered by another kernel now; run the cell again once "
+            "it ends to collect them (--as holds None for them until then)")
 
 
 def _changed_message(chat: Chat, rows: list[Row], changed: dict[str, list[Row]],
