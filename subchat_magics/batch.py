@@ -72,9 +72,10 @@ def few_collections(young: int = GC_YOUNG_DURING_RUN) -> Iterator[None]:
     against 0.2 s in the same rows through ``llm.generate`` (measured with gc.callbacks).
     Garbage that is not a cycle is freed at once as ever; a cycle waits at most
     ``young`` allocations. A threshold raised already (a batch inside a batch, another
-    thread's batch) or a collector that is off is left as it is."""
+    thread's batch) or a collector that is off (``gc.disable()``, or a threshold of 0,
+    which Python reads as off) is left as it is."""
     old = gc.get_threshold()
-    if not gc.isenabled() or old[0] >= young:
+    if not gc.isenabled() or old[0] == 0 or old[0] >= young:
         yield
         return
     gc.set_threshold(young, *old[1:])
