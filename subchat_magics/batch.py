@@ -72,9 +72,10 @@ def few_collections(young: int = GC_YOUNG_DURING_RUN) -> Iterator[None]:
     against 0.2 s in the same rows through ``llm.generate`` (measured with gc.callbacks).
     Garbage that is not a cycle is freed at once as ever; a cycle waits at most
     ``young`` allocations. A threshold raised already (a batch inside a batch, another
-    thread's batch) or a collector that is off is left as it is."""
+    thread's batch) or a collector that is off (``gc.disable()``, or a threshold of 0,
+    which Python reads as off) is left as it is."""
     old = gc.get_threshold()
-    if not gc.isenabled() or old[0] >= young:
+    if not gc.isenabled() or old[0] == 0 or old[0] >= young:
         yield
         return
     gc.set_threshold(young, *old[1:])
@@ -666,6 +667,10 @@ class Batch:
             notes.append(f"{cut} row(s) had a value cut at max_value_chars (see %config "
                          "SubchatMagics.max_value_chars); show -p of a row names it")
         notes += fit_notes(self.rows)
+        claimed = sum(1 for r in self.rows if r.status == "claimed")
+        if claimed:  # (at planning, or claimed by the other kernel since: one note for all)
+            notes = [n for n in notes if "answered by another kernel now" not in n]
+            notes.append(claimed_note(claimed))
         r = self._runner
         if r is not None and r.pauses:
             notes.append(f"rate-limited: the batch paused {r.pauses} time(s), {r.paused_s:.0f} s "
@@ -1225,9 +1230,15 @@ def match_rows(tree: ChatTree, chat: Chat, rows: list[Row], *, redo: bool = Fals
         notes.append(f"{kept} row(s) without a complete reply to this request were continued "
                      "by hand; they are kept as they are (not sent again)")
     if taken:
-        notes.append(f"{taken} row(s) are being answered by another kernel now; run the cell "
-                     "again once it ends to collect them")
+        notes.append(claimed_note(taken))
     return notes
+
+
+def claimed_note(n: int) -> str:
+    """The note of ``n`` rows another kernel answers (found claimed when planned, or
+    claimed by it between planning and sending): ``--as`` holds None for them."""
+    return (f"{n} row(s) are being answered by another kernel now; run the cell again once "
+            "it ends to collect them (--as holds None for them until then)")
 
 
 def _changed_message(chat: Chat, rows: list[Row], changed: dict[str, list[Row]],

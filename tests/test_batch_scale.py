@@ -231,3 +231,25 @@ def test_the_collector_runs_rarely_while_a_batch_plans_and_runs_and_as_before_af
     finally:
         gc.enable()
         gc.set_threshold(*before)
+
+
+def test_a_collector_turned_off_by_a_threshold_of_0_stays_off_through_a_batch(shell, workdir):
+    """``gc.set_threshold(0)`` is Python's other way to turn the automatic collector off
+    (gc.isenabled() stays True): a batch raised it to GC_YOUNG_DURING_RUN while it planned
+    and ran, turning collections on for a notebook that had turned them off."""
+    import gc
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(0, 10, 10)
+        shell.ok("xs = [f'x{i}' for i in range(40)]\nimport gc\nseen = []")
+        shell.ok("def watch(event, data):\n    seen.append(gc.get_threshold())\n"
+                 "from subchat_magics.session import default_session\n"
+                 "unsub = default_session().subscribe(watch)")
+        out = shell.ok("%%subchat root --each xs --as out --backend echo\nsay {item}")
+        shell.ok("unsub()")
+        assert "40 done" in out
+        assert shell.ns["seen"] and set(shell.ns["seen"]) == {(0, 10, 10)}
+        assert gc.get_threshold() == (0, 10, 10)
+    finally:
+        gc.set_threshold(*before)

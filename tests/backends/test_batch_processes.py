@@ -128,3 +128,48 @@ def test_two_kernels_running_one_vote_or_compare_batch_never_send_a_row_twice(tm
                                   "GROUP BY content")
         # a vote's row: its verdict exchange and K samples; a comparison's: each model's
         assert len(users) == 30 and {n for _, n in users} == {per_row + (kind == "vote")}, users
+
+
+OTHER_KERNEL = (
+    "import sys\n"
+    "from IPython.core.interactiveshell import InteractiveShell\n"
+    "ip = InteractiveShell.instance()\n"
+    "ip.run_cell('%load_ext subchat_magics')\n"
+    "ip.user_ns['qs'] = [f'q{i}' for i in range(int(sys.argv[1]))]\n"
+    "sys.exit(0 if ip.run_cell(sys.argv[2]).success else 1)\n")
+
+
+def test_rows_another_kernel_claims_during_the_run_are_named_with_the_way_to_collect_them(
+        shell, workdir):
+    """Two kernels on one batch: the rows the other kernel claimed between this one's
+    planning and its sending are counted 'sent by another kernel' and are None in --as;
+    the summary said nothing of how to get them (only rows found claimed at planning had
+    the note): the note now names them all and says to run the cell again."""
+    from subchat_magics.session import default_session
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, LLM_BACKEND="echo",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cell = "%%subchat root --each qs --as out\nsay {item}"
+    shell.ok("qs = [f'q{i}' for i in range(20)]")
+
+    def other_kernel(event, data):  # planned here, nothing sent yet: the other one runs it all
+        if event == "batch-start":
+            subprocess.run([sys.executable, "-c", OTHER_KERNEL, "20", cell], env=env,
+                           cwd=workdir, check=True, capture_output=True, timeout=120)
+
+    unsubscribe = default_session().subscribe(other_kernel)
+    try:
+        out = shell.ok(cell)
+    finally:
+        unsubscribe()
+    assert "0 done, 0 failed, 20 sent by another kernel" in out, out
+    assert shell.ns["out"] == [None] * 20
+    assert "note: 20 row(s) are being answered by another kernel now; run the cell again" in out
+    assert "--as holds None for them until then" in out
+    users = store_rows(workdir / "subchats.db", "SELECT COUNT(*) FROM messages WHERE role = "
+                                                 "'user'")
+    assert users == [(20,)]  # every row sent once, by the other kernel
+    again = shell.ok(cell)  # ... and collected by running the cell again
+    assert "20 done (20 reused)" in again and "another kernel" not in again
+    assert shell.ns["out"] == [f"echo (1 messages): say q{i}" for i in range(20)]
