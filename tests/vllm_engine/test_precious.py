@@ -295,3 +295,25 @@ def test_a_too_long_message_is_ours_to_report_and_says_which_part(vshell, engine
     err = vshell.fails('%%subchat root/sys --system "' + "the sea " * 3000 + '"\nHi')
     assert "the system prompt is too long for the model" in err and "--system" in err
     still_answers(vshell, engine)
+
+
+def test_a_row_that_ended_just_before_ctrl_c_keeps_its_counts(vshell, engine):
+    """A request whose last output was read but whose Finish was not handed out yet when
+    the batch was closed (a Ctrl-C between the two) keeps its counts like any cut
+    request: they were lost, and the row was stored cut with no token counts."""
+    backend = registry().get("vllm")
+    batch = backend.stream_batch([([{"role": "user", "content": f"Count {i}"}],
+                                   GenerationOptions(max_tokens=2, temperature=0.0,
+                                                     extra={"ignore_eos": True}))
+                                  for i in range(4)])
+    texts: dict[int, int] = {}
+    for index, item in batch:
+        if isinstance(item, str):
+            texts[index] = texts.get(index, 0) + 1
+            if texts[index] == 2:  # its second and last token: its Finish comes next
+                break
+    else:
+        raise AssertionError("no request gave two pieces of text")
+    batch.close()
+    f = cut_finish(batch, index)
+    assert f is not None and f.prompt_tokens > 3 and f.completion_tokens == 2

@@ -148,6 +148,9 @@ class EnginePool(Pool):
     def close(self) -> None:
         held = list(dict.fromkeys(r.rid for r in self._replies.values() if r.in_engine))
         counts = self.engine.abort(held) or {}  # all at once; returns when the engine let go
+        for index, ev in self._ready:  # rows that ended, their end not handed out yet: a
+            if isinstance(ev, Finish):  # cut row keeps what the engine said it cost
+                self._cut.setdefault(index, ev)
         while True:  # outputs that arrived but were not read (rows that ended meanwhile)
             if not self._inbox:
                 try:
