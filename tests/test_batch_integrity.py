@@ -72,6 +72,11 @@ def test_a_changed_system_prompt_or_options_is_refused_and_redo_keeps_the_old_re
     assert new[0].content == "say a" and new[1].provenance["batch"]["attempt"] == 2
     # the context of the new attempt is the row's (not the old attempt's): 2 messages
     assert new[1].content == "echo (2 messages): say a"
+    # the row's own chat says where its newest answer is
+    shown = shell.ok("%subchat show root/qs/0")
+    assert shown.rstrip().endswith("--- sent again: the latest attempt is root/qs/0/attempt-2 "
+                                   "(complete) ---")
+    assert "sent again" not in shell.ok("%subchat show root/qs/0/attempt-2")
     # a rerun under the German prompt now reuses the new attempts
     out = shell.ok("%%subchat root --each qs --as a --backend echo\nsay {item}")
     assert "2 done (2 reused)" in out and shell.ns["a"] == ["echo (2 messages): say a",
