@@ -302,6 +302,14 @@ PART_NAMES = {"message": "the message (the data or the template)",
 ATTEMPT = re.compile(r"attempt-(\d+)")
 
 
+def latest_attempt(tree: ChatTree, chat: Chat) -> Chat | None:
+    """The newest ``attempt-K`` subchat of a batch row that was sent again (cut, or
+    ``--redo``): where its latest answer is; None for a chat without one."""
+    found = [(int(m.group(1)), kid) for kid in tree.children(chat)
+             if (m := ATTEMPT.fullmatch(kid.name)) is not None]
+    return max(found, key=lambda a: a[0])[1] if found else None
+
+
 def _h(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
@@ -505,6 +513,14 @@ class BatchResult:
         return (f"batch {self.path}: {', '.join(bits)} · tokens {s.prompt_tokens:,} in / "
                 f"{s.completion_tokens:,} out · {s.elapsed_s:.2f} s{plan} · {rate}")
 
+    def failed_line(self) -> str | None:
+        """How many rows failed and the first one's reason (keys masked); None if none."""
+        failed = [r for r in self.rows if r.status == "failed"]
+        if not failed:
+            return None
+        return (f"failed: {counted(len(failed), 'row')}, e.g. {self.path}/{failed[0].name}: "
+                f"{redact(str(failed[0].reason))[:200]}")
+
     def failures(self) -> list[Row]:
         return [r for r in self.rows if r.status in ("failed", "interrupted")]
 
@@ -668,9 +684,10 @@ class Batch:
                          "SubchatMagics.max_value_chars); show -p of a row names it")
         notes += fit_notes(self.rows)
         claimed = sum(1 for r in self.rows if r.status == "claimed")
-        if claimed:  # (at planning, or claimed by the other kernel since: one note for all)
-            notes = [n for n in notes if "answered by another kernel now" not in n]
-            notes.append(claimed_note(claimed))
+        if claimed:  # found claimed at planning, or claimed by the other kernel since
+            notes.append(f"{claimed} row(s) are being answered by another kernel now; run the "
+                         "cell again once it ends to collect them (--as holds None for them "
+                         "until then)")
         r = self._runner
         if r is not None and r.pauses:
             notes.append(f"rate-limited: the batch paused {r.pauses} time(s), {r.paused_s:.0f} s "
@@ -1155,7 +1172,7 @@ def match_rows(tree: ChatTree, chat: Chat, rows: list[Row], *, redo: bool = Fals
     notes: list[str] = []
     changed: dict[str, list[Row]] = {}
     examples: dict[str, tuple[Row, Attempt, dict[str, str]]] = {}
-    kept = taken = 0
+    kept = 0
     resend: list[tuple[Row, Stored, Attempt | None]] = []
     for r in rows:
         if r.status != "pending":
@@ -1194,7 +1211,6 @@ def match_rows(tree: ChatTree, chat: Chat, rows: list[Row], *, redo: bool = Fals
         if (last.status == "interrupted" and (owner_alive(last.provenance.get("owner"))
                                               or busy_chat(last.chat_id))):
             r.status, r.reason = "claimed", "answered by another kernel"
-            taken += 1
             continue
         old = stored_parts(last)
         diff = [k for k in PARTS if k in old and old[k] != (r.request or {}).get(k)]
@@ -1229,16 +1245,7 @@ def match_rows(tree: ChatTree, chat: Chat, rows: list[Row], *, redo: bool = Fals
     if kept:
         notes.append(f"{kept} row(s) without a complete reply to this request were continued "
                      "by hand; they are kept as they are (not sent again)")
-    if taken:
-        notes.append(claimed_note(taken))
-    return notes
-
-
-def claimed_note(n: int) -> str:
-    """The note of ``n`` rows another kernel answers (found claimed when planned, or
-    claimed by it between planning and sending): ``--as`` holds None for them."""
-    return (f"{n} row(s) are being answered by another kernel now; run the cell again once "
-            "it ends to collect them (--as holds None for them until then)")
+    return notes  # (rows another kernel answers: status "claimed", noted by Batch.result)
 
 
 def _changed_message(chat: Chat, rows: list[Row], changed: dict[str, list[Row]],

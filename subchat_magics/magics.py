@@ -771,11 +771,9 @@ class SubchatMagics(Magics):
         """The summary line, the first failure, the notes; ``var`` gets the results. After
         Ctrl-C: the same, then one line (a UsageError, so a queue of cells stops there)."""
         print(result.summary())
-        failed = [r for r in result.rows if r.status == "failed"]
-        if failed:
-            r = failed[0]
-            print(f"failed: {counted(len(failed), 'row')}, e.g. {result.path}/{r.name}: "
-                  f"{redact(str(r.reason))[:200]}")
+        line = result.failed_line()
+        if line:
+            print(line)
         for note in result.notes:
             print(f"note: {note}")
         if var:

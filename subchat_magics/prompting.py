@@ -173,6 +173,12 @@ def _prefix_hasher(msgs: Sequence[dict[str, str]]) -> Any:
     return h
 
 
+def _shared_key(msgs: Sequence[dict[str, str]], think: bool) -> tuple:
+    """The key of what chats differing only in their last message share (a batch's rows:
+    :meth:`PromptBuilder._keep_share`)."""
+    return (think, tuple(x for m in msgs[:-1] for x in (m["role"], m["content"])))
+
+
 def _ids_digest(ids: Sequence[int]) -> bytes:
     return hashlib.blake2b(array("I", ids).tobytes(), digest_size=16).digest()
 
@@ -380,7 +386,7 @@ class PromptBuilder:
             and _opaque(msgs[-1]["content"])
         lkey: Any = None
         if last:  # a batch's row: only its own message is rendered and encoded
-            lkey = (think, tuple(x for m in msgs[:-1] for x in (m["role"], m["content"])))
+            lkey = _shared_key(msgs, think)
             shared = self._lasts.get(lkey)
             if shared:
                 got = self._row_ids(shared, msgs[-1], think)
@@ -512,8 +518,7 @@ class PromptBuilder:
                 if len(msgs) < 2 or msgs[-1]["role"] != "user" or msgs[-2]["role"] != "assistant":
                     continue
                 content = msgs[-1]["content"]
-                shared = self._lasts.get(
-                    (think, tuple(x for m in msgs[:-1] for x in (m["role"], m["content"]))))
+                shared = self._lasts.get(_shared_key(msgs, think))
                 if shared and _opaque(content):
                     tail = shared[2] + content + shared[4]
                     texts.append(tail[shared[3]:])

@@ -264,28 +264,13 @@ def transcript(tree: ChatTree, chat: Chat, provenance: bool = False, inherited: 
     if not own:
         out.append("(no messages yet)")
     out.extend(_message_lines(own, provenance, markdown))
-    again = _latest_attempt(tree, chat)
+    again = batch.latest_attempt(tree, chat)
     if again is not None:  # a batch row sent again: its newest answer is not here
-        line = f"sent again: the latest attempt is {again[0]} ({again[1]})"
+        replies = [m for m in again.messages if m.role == "assistant"]
+        line = (f"sent again: the latest attempt is {again.path} "
+                f"({replies[-1].status if replies else 'not answered yet'})")
         out.append(f"*{line}*" if markdown else f"--- {line} ---")
     return "\n\n".join(out) if markdown else "\n".join(out)
-
-
-_ATTEMPT = re.compile(r"attempt-(\d+)")
-
-
-def _latest_attempt(tree: ChatTree, chat: Chat) -> tuple[str, str] | None:
-    """``(path, status of its reply)`` of the newest ``attempt-K`` subchat of a batch row
-    that was sent again (cut, or ``--redo``); None for any other chat."""
-    best: tuple[int, Chat] | None = None
-    for kid in tree.children(chat):
-        got = _ATTEMPT.fullmatch(kid.name)
-        if got and (best is None or int(got.group(1)) > best[0]):
-            best = (int(got.group(1)), kid)
-    if best is None:
-        return None
-    replies = [m for m in best[1].messages if m.role == "assistant"]
-    return best[1].path, (replies[-1].status if replies else "not answered yet")
 
 
 def _message_lines(msgs: list[Message], provenance: bool, markdown: bool) -> list[str]:

@@ -196,10 +196,9 @@ def run_each(m: Any, args: Any, template: str, opts: dict[str, Any]) -> None:
     print(result.summary())
     if k and run.no_majority():
         print(f"no majority: {counted(run.no_majority(), 'row')} (a tie, or half of the samples or fewer)")
-    failed = [r for r in result.rows if r.status == "failed"]
-    if failed:
-        print(f"failed: {counted(len(failed), 'row')}, e.g. {result.path}/{failed[0].name}: "
-              f"{redact(str(failed[0].reason))[:200]}")
+    line = result.failed_line()
+    if line:
+        print(line)
     for note in result.notes:
         print(f"note: {note}")
     if labels is not None:
